@@ -1,0 +1,66 @@
+"""The engine interface both sides implement: "k document streams of one request".
+
+This module only declares the shape (typing Protocols); it imports no engine. The device
+(llama.cpp, transformers) and the cloud (vLLM streaming-input sessions) implement it, and the
+drivers that execute a session's actions call only these methods, so the session code does not
+care which engine it drives.
+
+Stream semantics: stream ``i`` holds ``prompt_i + generated`` where ``generated`` is the same
+token list for all streams of the group (lockstep). ``length`` counts generated tokens only.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from dragon_core.dist import Dist
+
+
+@runtime_checkable
+class StreamGroup(Protocol):
+    """The k per-document streams of one request, advanced together."""
+
+    @property
+    def num_streams(self) -> int: ...
+
+    @property
+    def length(self) -> int:
+        """Number of generated tokens currently appended to every stream."""
+        ...
+
+    async def next_dists(self) -> list[Dist]:
+        """Each stream's next-token distribution at temperature T (full vector where the engine
+        can, top-K otherwise), for the position after the current ``length`` tokens."""
+        ...
+
+    async def append(self, tokens: Sequence[int]) -> None:
+        """Append the same tokens to every stream."""
+        ...
+
+    async def rollback(self, length: int) -> None:
+        """Truncate every stream to ``length`` generated tokens (exactly, no drift)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Opens stream groups on one model."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    async def open_group(self, prompts: Sequence[Sequence[int]], temperature: float = 1.0) -> StreamGroup:
+        """Start one stream per prompt (token ids, already laid out by ``dragon_core.prompt``)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def stack_logprobs(dists: Sequence[Dist]) -> np.ndarray:
+    """(k, V) float64 log-prob matrix of per-stream distributions (dense)."""
+    with np.errstate(divide="ignore"):
+        return np.log(np.stack([d.probs() for d in dists]))

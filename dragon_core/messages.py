@@ -1,0 +1,142 @@
+"""Every message the two sides exchange, as typed msgspec structs.
+
+What may cross the link (ALGORITHMS.md §1): the query text, draft token ids, each side's
+*mixed* next-token distribution, the scalar ``log h``, step numbers, target tokens with accept
+flags, and control messages. Nothing here can carry a private passage, its embedding, its KV
+or a per-document distribution: there is no field for them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+Side = Literal["device", "cloud"]
+Mode = Literal["dragon", "vdrag", "sw"]
+
+
+def other_side(side: Side) -> Side:
+    return "cloud" if side == "device" else "device"
+
+
+class Sampling(msgspec.Struct, frozen=True):
+    """How the target token is chosen from the aggregated distribution."""
+
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+
+
+class WireDist(msgspec.Struct, frozen=True):
+    """A ``Dist`` on the wire: raw little-endian arrays (int32 ids, f16/f32 log-probs)."""
+
+    vocab_size: int
+    logprobs: bytes
+    ids: bytes | None = None  # None: full vector (exact mode), logprobs are float32
+    tail_mass: float = 0.0
+
+
+# ------------------------------------------------------------------ connection level
+class Hello(msgspec.Struct, tag="hello", frozen=True):
+    """First frame from the device. The cloud refuses on any mismatch."""
+
+    protocol_version: int
+    model: str
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    retriever_fingerprint: str
+    score_function: str
+    auth_token: str
+    client: str = ""
+
+
+class Welcome(msgspec.Struct, tag="welcome", frozen=True):
+    protocol_version: int
+    server: str
+    max_k: int
+    max_tokens: int
+    max_frame_bytes: int
+
+
+class Ping(msgspec.Struct, tag="ping", frozen=True):
+    nonce: int
+    sent_at: float
+
+
+class Pong(msgspec.Struct, tag="pong", frozen=True):
+    nonce: int
+    sent_at: float
+
+
+class Error(msgspec.Struct, tag="error", frozen=True):
+    """A typed error; ``request_id`` is None for connection-level errors."""
+
+    code: str
+    message: str
+    request_id: int | None = None
+
+
+# ------------------------------------------------------------------ request level
+class Open(msgspec.Struct, tag="open", frozen=True):
+    """Device asks the cloud to join one request."""
+
+    request_id: int
+    query: str
+    k: int
+    max_tokens: int
+    seed: int
+    sampling: Sampling = Sampling()
+    mode: Mode = "dragon"
+    aggregator: Side = "device"
+    scheduling: bool = True
+    max_depth: int = 8
+    dist_top_k: int = 0  # 0: send full distributions (exact mode)
+    retrieval: bool = True
+
+
+class Opened(msgspec.Struct, tag="opened", frozen=True):
+    """Cloud accepted the request; ``sources`` names its public passages (for attribution)."""
+
+    request_id: int
+    sources: list[str] = []
+
+
+class Draft(msgspec.Struct, tag="draft", frozen=True):
+    """Side's speculative token for ``step``, built on its own epoch-``epoch`` prefix."""
+
+    request_id: int
+    epoch: int
+    step: int
+    token: int
+    dist: WireDist
+    log_h: float
+    decode_ms: float = 0.0
+
+
+class Target(msgspec.Struct, tag="target", frozen=True):
+    """The aggregator's decision for ``step``.
+
+    ``accepted`` is the recipient's draft fate. ``recipient_epoch`` is the epoch the aggregator
+    now expects from the recipient (bumped on rejection); ``sender_epoch`` the aggregator's own.
+    ``handover`` moves the aggregator role to the recipient (Greedy Scheduling, §4).
+    """
+
+    request_id: int
+    step: int
+    token: int
+    accepted: bool
+    recipient_epoch: int
+    sender_epoch: int
+    handover: bool = False
+
+
+class Cancel(msgspec.Struct, tag="cancel", frozen=True):
+    request_id: int
+    reason: str = ""
+
+
+Message = Hello | Welcome | Ping | Pong | Error | Open | Opened | Draft | Target | Cancel
