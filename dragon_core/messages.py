@@ -132,6 +132,7 @@ class Target(msgspec.Struct, tag="target", frozen=True):
     recipient_epoch: int
     sender_epoch: int
     handover: bool = False
+    sender_decode_ms: float = 0.0  # the aggregator's own draft latency, for the scheduler
 
 
 class Cancel(msgspec.Struct, tag="cancel", frozen=True):

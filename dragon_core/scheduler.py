@@ -1,0 +1,92 @@
+"""Greedy Scheduling (ALGORITHMS.md §4): which side aggregates.
+
+``l`` is the current aggregator, ``r`` the other side. ``c`` = per-draft decode latency,
+``rtt`` = round trip, ``α`` = acceptance rate of that side's drafts. The aggregator moves to
+``r`` iff ``ΔZ = Z^l - Z^r > 0`` — in words: aggregate on the side slower by more than an RTT;
+in between, on the side whose drafts are rejected more often. Hysteresis [ours]: the move also
+needs ``ΔZ`` above a margin and a minimum number of steps since the last move.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def steady_wait(c_l: float, c_r: float, rtt: float, alpha_r: float) -> float:
+    """``Z^l``: expected wait per target token with the aggregator on ``l``."""
+    return alpha_r * max(c_l, c_r) + (1.0 - alpha_r) * max(c_l, c_r + rtt)
+
+
+def delta_z(c_l: float, c_r: float, rtt: float, alpha_l: float, alpha_r: float) -> float:
+    """``ΔZ = Z^l - Z^r`` by the four-case formula (``j = c^r - c^l``)."""
+    j = c_r - c_l
+    if j >= rtt:
+        return (1.0 - alpha_r) * rtt
+    if j >= 0:
+        return (1.0 - alpha_l) * j + (alpha_l - alpha_r) * rtt
+    if j >= -rtt:
+        return (1.0 - alpha_r) * j + (alpha_l - alpha_r) * rtt
+    return (alpha_l - 1.0) * rtt
+
+
+@dataclass
+class Ewma:
+    """Exponentially weighted moving average; ``None`` until the first sample."""
+
+    weight: float = 0.2
+    value: float | None = None
+    count: int = 0
+
+    def update(self, x: float) -> None:
+        self.value = x if self.value is None else (1 - self.weight) * self.value + self.weight * x
+        self.count += 1
+
+
+@dataclass
+class SchedulerConfig:
+    margin_ms: float = 1.0  # ΔZ must exceed this ...
+    margin_frac: float = 0.05  # ... and this fraction of Z^l
+    min_dwell_steps: int = 4  # steps on one side before it may move again
+    min_samples: int = 2  # observations of each estimate before any move
+
+
+@dataclass
+class Estimates:
+    """Online estimates, seen from one side: ``local`` is this side, ``remote`` the other."""
+
+    c_local: Ewma = field(default_factory=Ewma)
+    c_remote: Ewma = field(default_factory=Ewma)
+    rtt: Ewma = field(default_factory=Ewma)
+    alpha_local: Ewma = field(default_factory=lambda: Ewma(weight=0.1))
+    alpha_remote: Ewma = field(default_factory=lambda: Ewma(weight=0.1))
+
+    def ready(self, n: int) -> bool:
+        return all(e.count >= n for e in (self.c_local, self.c_remote, self.rtt))
+
+
+class GreedyScheduler:
+    """Decides, after each target token on the aggregating side, whether to hand over."""
+
+    def __init__(self, config: SchedulerConfig | None = None) -> None:
+        self.config = config or SchedulerConfig()
+        self.estimates = Estimates()
+        self._steps_since_move = 0
+        self.last_delta_z: float | None = None
+
+    def on_target(self) -> None:
+        self._steps_since_move += 1
+
+    def on_moved(self) -> None:
+        self._steps_since_move = 0
+
+    def should_hand_over(self) -> bool:
+        """Called by the aggregator (``l`` = this side)."""
+        e, cfg = self.estimates, self.config
+        if not e.ready(cfg.min_samples) or self._steps_since_move < cfg.min_dwell_steps:
+            return False
+        c_l, c_r, rtt = e.c_local.value, e.c_remote.value, e.rtt.value
+        a_l = 1.0 if e.alpha_local.value is None else e.alpha_local.value
+        a_r = 1.0 if e.alpha_remote.value is None else e.alpha_remote.value
+        dz = delta_z(c_l, c_r, rtt, a_l, a_r)
+        self.last_delta_z = dz
+        return dz > max(cfg.margin_ms, cfg.margin_frac * steady_wait(c_l, c_r, rtt, a_r))

@@ -1,0 +1,448 @@
+"""The per-request, per-side DRAGON session: a sans-I/O state machine (in the style of h11).
+
+Feed it events (``handle(event)``); it returns actions for its driver to carry out, in order.
+It never blocks and never touches a socket or an engine. The driver owns the engine's k
+document streams and executes ``Rollback`` / ``Append`` / ``ComputeDist`` on them *in order*;
+it answers each ``ComputeDist`` with a ``LocalDist`` event carrying this side's canonical mixed
+distribution (``dragon_core.dist.Dist``). Results that arrive after a rollback carry an old
+epoch and are dropped, so the driver never has to cancel anything.
+
+One class serves both sides, the aggregating role that moves between them (Greedy Scheduling),
+and the baselines: ``mode="vdrag"`` (token-wise synchronous) and ``mode="sw"`` (sequence-wise).
+A session whose peer is gone continues alone (``solo``): its drafts *are* samples of its own
+distribution, so every draft is committed as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+from dragon_core import messages as m
+from dragon_core.aggregate import cross_side_weights
+from dragon_core.codec import dist_from_wire, dist_to_wire
+from dragon_core.dist import Dist
+from dragon_core.errors import ProtocolError
+from dragon_core.scheduler import GreedyScheduler, SchedulerConfig
+from dragon_core.speculative import DRAFT_CLOUD, DRAFT_DEVICE, VERIFY, draft, step_rng, synchronous_target, verify
+
+FinishReason = Literal["eos", "length", "cancelled", "peer_lost", "error"]
+
+
+# ---------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class SessionConfig:
+    """Everything both sides must agree on; the device sends it in ``Open``."""
+
+    request_id: int
+    max_tokens: int
+    seed: int
+    eos_ids: frozenset[int]
+    sampling: m.Sampling = m.Sampling()
+    mode: m.Mode = "dragon"
+    aggregator: m.Side = "device"
+    scheduling: bool = True
+    max_depth: int = 8
+    dist_top_k: int = 0
+    # "epoch" drops stale drafts; "step" mimics the reference code (tests show it is inexact)
+    tagging: Literal["epoch", "step"] = "epoch"
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @property
+    def depth(self) -> int:
+        if self.mode == "vdrag":
+            return 1
+        if self.mode == "sw":
+            return self.max_tokens
+        return max(1, self.max_depth)
+
+    @staticmethod
+    def from_open(msg: m.Open, eos_ids: Sequence[int], **overrides) -> "SessionConfig":
+        return SessionConfig(
+            request_id=msg.request_id, max_tokens=msg.max_tokens, seed=msg.seed,
+            eos_ids=frozenset(eos_ids), sampling=msg.sampling, mode=msg.mode,
+            aggregator=msg.aggregator, scheduling=msg.scheduling, max_depth=msg.max_depth,
+            dist_top_k=msg.dist_top_k, **overrides,
+        )
+
+
+# ---------------------------------------------------------------------------- events (inputs)
+@dataclass(frozen=True)
+class Start:
+    """Begin decoding (the local streams hold the prompts, no generated tokens)."""
+
+
+@dataclass(frozen=True)
+class LocalDist:
+    """Answer to ``ComputeDist``: this side's canonical mixture at ``step``."""
+
+    epoch: int
+    step: int
+    dist: Dist
+    decode_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class PeerMessage:
+    msg: m.Draft | m.Target | m.Cancel | m.Error
+
+
+@dataclass(frozen=True)
+class RttSample:
+    rtt_ms: float
+
+
+@dataclass(frozen=True)
+class PeerLost:
+    reason: str = "peer lost"
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    reason: str = "cancelled by the application"
+
+
+Event = Start | LocalDist | PeerMessage | RttSample | PeerLost | CancelRequest
+
+
+# ---------------------------------------------------------------------------- actions (outputs)
+@dataclass(frozen=True)
+class Send:
+    msg: m.Message
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """Truncate every local stream to ``length`` generated tokens."""
+
+    length: int
+
+
+@dataclass(frozen=True)
+class Append:
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ComputeDist:
+    """Compute the local mixture at the end of the streams (which hold ``step`` tokens)."""
+
+    epoch: int
+    step: int
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Target tokens decided: stream them to the user."""
+
+    step: int
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: FinishReason
+    degraded: bool = False
+    detail: str = ""
+
+
+Action = Send | Rollback | Append | ComputeDist | Commit | Finish
+
+
+# ---------------------------------------------------------------------------- bookkeeping
+@dataclass(frozen=True)
+class _Draft:
+    step: int
+    token: int
+    dist: Dist
+
+
+@dataclass(frozen=True)
+class _RemoteDraft:
+    token: int
+    dist: Dist
+    log_h: float
+
+
+@dataclass
+class SessionStats:
+    drafts: int = 0
+    accepted_local: int = 0
+    accepted_remote: int = 0
+    decided_here: int = 0
+    rollbacks: int = 0
+    stale_dropped: int = 0
+    handovers: int = 0
+    aggregator_by_step: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- the session
+class Session:
+    def __init__(self, side: m.Side, config: SessionConfig, log_h: float, *, solo: bool = False) -> None:
+        self.side = side
+        self.peer = m.other_side(side)
+        self.config = config
+        self.log_h = log_h
+        self.aggregator: m.Side = side if solo else config.aggregator
+        self.solo = solo
+        self.degraded = False
+        self.finished: Finish | None = None
+        self.committed: list[int] = []
+        self.epoch = 0
+        self.remote_epoch = 0
+        self.stats = SessionStats()
+        self.scheduler = GreedyScheduler(config.scheduler)
+        self._drafts: list[_Draft] = []  # undecided local drafts, steps committed..
+        self._stream: list[int] = []  # generated tokens currently in the local streams
+        self._computing: tuple[int, int] | None = None
+        self._remote: dict[int, _RemoteDraft] = {}
+        self._unsent: list[m.Draft] = []  # sequence-wise mode sends its drafts in one batch
+        self._draft_purpose = DRAFT_DEVICE if side == "device" else DRAFT_CLOUD
+        self._out: list[Action] = []
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def is_aggregator(self) -> bool:
+        return self.aggregator == self.side
+
+    def handle(self, event: Event) -> list[Action]:
+        """Process one event; return the actions it causes (in the order to execute them)."""
+        self._out = []
+        if self.finished is None:
+            try:
+                self._dispatch(event)
+                self._pump()
+            except ProtocolError as exc:
+                self._on_protocol_error(exc)
+                self._pump()
+        out, self._out = self._out, []
+        return out
+
+    def _on_protocol_error(self, exc: ProtocolError) -> None:
+        """A peer broke the protocol: tell it, then the device goes on alone, the cloud stops."""
+        self._emit(Send(m.Error(exc.code, str(exc), self.config.request_id)))
+        if self.side == "cloud":
+            self._finish("error", str(exc))
+            return
+        self.epoch += 1  # invalidates any draft in flight; streams resync to the committed text
+        self._drafts.clear()
+        self._on_peer_gone(f"protocol error: {exc}")
+
+    # ------------------------------------------------------------------ dispatch
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, Start):
+            return
+        if isinstance(event, LocalDist):
+            self._on_local_dist(event)
+        elif isinstance(event, PeerMessage):
+            self._on_peer(event.msg)
+        elif isinstance(event, RttSample):
+            self.scheduler.estimates.rtt.update(event.rtt_ms)
+        elif isinstance(event, PeerLost):
+            self._on_peer_lost(event.reason)
+        elif isinstance(event, CancelRequest):
+            if not self.solo:
+                self._emit(Send(m.Cancel(self.config.request_id, event.reason)))
+            self._finish("cancelled", event.reason)
+        else:
+            raise TypeError(f"unknown event {event!r}")
+
+    def _on_peer(self, msg: m.Message) -> None:
+        if self.solo:
+            return  # late frames from a peer we already gave up on
+        if isinstance(msg, m.Draft):
+            self._on_remote_draft(msg)
+        elif isinstance(msg, m.Target):
+            self._on_target(msg)
+        elif isinstance(msg, m.Cancel):
+            self._on_peer_gone(f"peer cancelled: {msg.reason}")
+        elif isinstance(msg, m.Error):
+            self._on_peer_gone(f"peer error {msg.code}: {msg.message}")
+        else:
+            raise ProtocolError(f"unexpected message {type(msg).__name__} in a session")
+
+    # ------------------------------------------------------------------ local drafting
+    def _on_local_dist(self, ev: LocalDist) -> None:
+        if self._computing != (ev.epoch, ev.step):
+            self.stats.stale_dropped += 1  # built on a prefix that was rolled back
+            return
+        self._computing = None
+        self.scheduler.estimates.c_local.update(ev.decode_ms)
+        token = draft(ev.dist, self.config.sampling, step_rng(self.config.seed, self._draft_purpose, ev.step, ev.epoch))
+        self._drafts.append(_Draft(ev.step, token, ev.dist))
+        self.stats.drafts += 1
+        if not self.is_aggregator:
+            wire = m.Draft(self.config.request_id, self.epoch, ev.step, token, dist_to_wire(ev.dist), self.log_h, ev.decode_ms)
+            self._unsent.append(wire)
+
+    def _can_draft_at(self, step: int) -> bool:
+        if step >= self.config.max_tokens or len(self._drafts) >= self.config.depth:
+            return False
+        return not (self._drafts and self._drafts[-1].token in self.config.eos_ids)
+
+    def _pump(self) -> None:
+        """Move forward as far as the current state allows: decide, send, draft."""
+        if self.finished is None and self.is_aggregator:
+            self._decide_ready_steps()
+        if self.finished is not None:
+            return
+        self._flush_drafts()
+        next_step = len(self.committed) + len(self._drafts)
+        if self._computing is None and self._can_draft_at(next_step):
+            self._sync_streams(self.committed + [d.token for d in self._drafts])
+            self._computing = (self.epoch, next_step)
+            self._emit(ComputeDist(self.epoch, next_step))
+
+    def _flush_drafts(self) -> None:
+        if not self._unsent or self.is_aggregator:
+            return
+        if self.config.mode == "sw" and self._can_draft_at(len(self.committed) + len(self._drafts)):
+            return  # sequence-wise: send only the whole sequence
+        for msg in self._unsent:
+            self._emit(Send(msg))
+        self._unsent = []
+
+    def _sync_streams(self, want: list[int]) -> None:
+        keep = 0
+        limit = min(len(want), len(self._stream))
+        while keep < limit and want[keep] == self._stream[keep]:
+            keep += 1
+        if keep < len(self._stream):
+            self._emit(Rollback(keep))
+            self.stats.rollbacks += 1
+        if keep < len(want):
+            self._emit(Append(tuple(want[keep:])))
+        self._stream = list(want)
+
+    # ------------------------------------------------------------------ aggregation
+    def _on_remote_draft(self, msg: m.Draft) -> None:
+        if not self.is_aggregator:
+            return  # crossed a handover in flight; the new aggregator holds it already
+        stale = msg.step < len(self.committed) or (self.config.tagging == "epoch" and msg.epoch != self.remote_epoch)
+        if stale:
+            if msg.epoch > self.remote_epoch:
+                raise ProtocolError(f"draft from epoch {msg.epoch}, expected {self.remote_epoch}")
+            self.stats.stale_dropped += 1
+            return
+        if self.config.tagging == "step" and msg.step in self._remote:
+            return  # the reference keeps the first draft it got for a step
+        self.scheduler.estimates.c_remote.update(msg.decode_ms)
+        self._remote[msg.step] = _RemoteDraft(msg.token, dist_from_wire(msg.dist), msg.log_h)
+
+    def _decide_ready_steps(self) -> None:
+        while self.finished is None and self.is_aggregator:
+            step = len(self.committed)
+            local = self._drafts[0] if self._drafts else None
+            if local is None:
+                return
+            if self.solo:
+                self._commit(local.token, accepted_local=True)
+                continue
+            remote = self._remote.get(step)
+            if remote is None:
+                return
+            if remote.dist.vocab_size != local.dist.vocab_size or not 0 <= remote.token < local.dist.vocab_size:
+                raise ProtocolError("peer draft does not match this side's vocabulary")
+            self._decide(step, local, remote)
+
+    def _decide(self, step: int, local: _Draft, remote: _RemoteDraft) -> None:
+        cfg = self.config
+        _, eta_remote = cross_side_weights(self.log_h, remote.log_h)
+        rng = step_rng(cfg.seed, VERIFY, step)
+        if cfg.mode == "vdrag":
+            token = synchronous_target(local.dist, remote.dist, eta_remote, cfg.sampling, rng)
+        else:
+            token = verify(local.token, local.dist, remote.token, remote.dist, eta_remote, cfg.sampling, rng).token
+        acc_local, acc_remote = local.token == token, remote.token == token
+        self.stats.decided_here += 1
+        self.stats.accepted_remote += int(acc_remote)
+        est = self.scheduler.estimates
+        est.alpha_local.update(float(acc_local))
+        est.alpha_remote.update(float(acc_remote))
+        self.scheduler.on_target()
+        if acc_remote:
+            del self._remote[step]
+        else:
+            self.remote_epoch += 1
+            self._remote.clear()
+        self._commit(token, accepted_local=acc_local)
+        handover = bool(cfg.scheduling and self.finished is None and self.scheduler.should_hand_over())
+        self._emit(Send(m.Target(cfg.request_id, step, token, acc_remote, self.remote_epoch, self.epoch,
+                                 handover, est.c_local.value or 0.0)))
+        if handover:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Give the aggregator role to the peer: it gets our pending drafts after the Target."""
+        self.aggregator = self.peer
+        self.stats.handovers += 1
+        self.scheduler.on_moved()
+        self._remote.clear()
+        for d in self._drafts:
+            self._unsent.append(m.Draft(self.config.request_id, self.epoch, d.step, d.token,
+                                        dist_to_wire(d.dist), self.log_h, self.scheduler.estimates.c_local.value or 0.0))
+
+    # ------------------------------------------------------------------ following the aggregator
+    def _on_target(self, msg: m.Target) -> None:
+        if self.is_aggregator:
+            raise ProtocolError("received a Target while aggregating")
+        step = len(self.committed)
+        if msg.step != step or not self._drafts or self._drafts[0].step != step:
+            raise ProtocolError(f"target for step {msg.step}, expected {step} with a pending draft")
+        accepted = self._drafts[0].token == msg.token
+        if self.config.tagging == "epoch" and accepted != msg.accepted:
+            raise ProtocolError(f"target step {step}: accept flag disagrees with our draft")
+        est = self.scheduler.estimates
+        est.alpha_local.update(float(accepted))
+        est.alpha_remote.update(float(msg.sender_epoch == self.remote_epoch))
+        if msg.sender_decode_ms:
+            est.c_remote.update(msg.sender_decode_ms)
+        self.remote_epoch = msg.sender_epoch
+        self._commit(msg.token, accepted_local=accepted)
+        if self.config.tagging == "epoch" and msg.recipient_epoch != self.epoch:
+            raise ProtocolError(f"epoch mismatch: peer expects {msg.recipient_epoch}, we are at {self.epoch}")
+        if msg.handover and self.finished is None:
+            self.aggregator = self.side
+            self.scheduler.on_moved()
+            self._unsent.clear()
+            self._remote.clear()
+
+    # ------------------------------------------------------------------ committing and ending
+    def _commit(self, token: int, *, accepted_local: bool) -> None:
+        step = len(self.committed)
+        self.committed.append(token)
+        self.stats.aggregator_by_step.append(self.aggregator)
+        if accepted_local:
+            self._drafts.pop(0)
+            self.stats.accepted_local += 1
+        else:
+            self.epoch += 1
+            self._drafts.clear()
+            self._unsent.clear()
+        self._emit(Commit(step, (token,)))
+        if token in self.config.eos_ids:
+            self._finish("eos")
+        elif len(self.committed) >= self.config.max_tokens:
+            self._finish("length")
+
+    def _on_peer_lost(self, reason: str) -> None:
+        self._on_peer_gone(reason)
+
+    def _on_peer_gone(self, reason: str) -> None:
+        """The device continues alone from the last committed token; the cloud stops."""
+        if self.side == "cloud":
+            self._finish("peer_lost", reason)
+            return
+        self.solo = True
+        self.degraded = True
+        self.aggregator = self.side
+        self._remote.clear()
+        self._unsent.clear()
+
+    def _finish(self, reason: FinishReason, detail: str = "") -> None:
+        if self.finished is None:
+            self.finished = Finish(reason, self.degraded, detail)
+            self._emit(self.finished)
+
+    def _emit(self, action: Action) -> None:
+        self._out.append(action)

@@ -1,0 +1,125 @@
+"""Exactness of aggregation and of Speculative Aggregation (ALGORITHMS.md §2–3)."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from dragon_core.aggregate import cross_side_weights, side_mixture, target_probs, transform
+from dragon_core.dist import Dist
+from dragon_core.messages import Sampling
+from dragon_core.speculative import draft, verify
+
+GREEDY = Sampling(greedy=True)
+
+
+def random_logprobs(rng: np.random.Generator, v: int, sharpness: float = 2.0) -> np.ndarray:
+    z = rng.normal(0, sharpness, v)
+    return z - np.log(np.exp(z).sum())
+
+
+# ------------------------------------------------------------------ aggregation
+def test_side_mixture_matches_direct_weighted_sum():
+    rng = np.random.default_rng(0)
+    rows = np.stack([random_logprobs(rng, 30) for _ in range(4)])
+    scores = rng.normal(0, 3, 4)
+    mixed, log_h = side_mixture(rows, scores)
+    w = np.exp(scores) / np.exp(scores).sum()
+    np.testing.assert_allclose(np.exp(mixed), (w[:, None] * np.exp(rows)).sum(0), rtol=1e-12)
+    assert log_h == pytest.approx(np.log(np.exp(scores).sum()), rel=1e-12)
+
+
+def test_distributed_equals_centralized_mixture_over_all_documents():
+    """η-weighted side mixtures == one softmax-weighted mixture over the union (§2)."""
+    rng = np.random.default_rng(1)
+    dev_rows, cloud_rows = (np.stack([random_logprobs(rng, 40) for _ in range(k)]) for k in (3, 5))
+    dev_r, cloud_r = rng.normal(0, 2, 3), rng.normal(0, 2, 5)
+    p_dev, h_dev = side_mixture(dev_rows, dev_r)
+    p_cloud, h_cloud = side_mixture(cloud_rows, cloud_r)
+    _, eta_cloud = cross_side_weights(h_dev, h_cloud)
+    distributed = target_probs(Dist.full(p_dev), Dist.full(p_cloud), eta_cloud)
+    central, _ = side_mixture(np.vstack([dev_rows, cloud_rows]), np.concatenate([dev_r, cloud_r]))
+    np.testing.assert_allclose(distributed, np.exp(central), rtol=1e-5, atol=1e-9)
+
+
+def test_top_k_dist_follows_the_unseen_id_rule():
+    rng = np.random.default_rng(2)
+    lp = random_logprobs(rng, 100)
+    d = Dist.top_k(lp, 10)
+    p = d.probs()
+    assert p.sum() == pytest.approx(1.0, abs=1e-12)
+    unseen = np.setdiff1d(np.arange(100), d.ids)
+    assert np.allclose(p[unseen], d.tail_mass / 90)  # tail spread uniformly over unseen ids
+    assert set(d.ids.tolist()) == set(np.argsort(-lp)[:10].tolist())
+    assert d.argmax() == int(np.argmax(lp))
+
+
+# ------------------------------------------------------------------ greedy: 100% argmax
+def test_greedy_counterexample_argmax_is_neither_sides_top_token():
+    p_l = Dist.full(np.log([0.50, 0.45, 0.05]))
+    p_r = Dist.full(np.log([0.05, 0.45, 0.50]))
+    x_l, x_r = draft(p_l, GREEDY, None), draft(p_r, GREEDY, None)
+    assert (x_l, x_r) == (0, 2)
+    v = verify(x_l, p_l, x_r, p_r, 0.5, GREEDY, np.random.default_rng(0))
+    assert v.token == 1 and not v.accept_local and not v.accept_remote
+
+
+@pytest.mark.parametrize("top_k", [0, 16])
+def test_greedy_equals_argmax_of_centralized_mixture_always(top_k):
+    rng = np.random.default_rng(3)
+    neither = 0
+    for case in range(3000):
+        v = int(rng.integers(3, 200))
+        make = (lambda lp: Dist.top_k(lp, top_k)) if top_k else Dist.full
+        p_l, p_r = make(random_logprobs(rng, v, 1.0)), make(random_logprobs(rng, v, 1.0))
+        eta_r = float(rng.uniform(0.05, 0.95))
+        mixture = (1 - eta_r) * p_l.probs() + eta_r * p_r.probs()
+        want = int(np.argmax(mixture))
+        got = verify(p_l.argmax(), p_l, p_r.argmax(), p_r, eta_r, GREEDY, np.random.default_rng(case)).token
+        assert got == want, f"case {case}"
+        neither += want not in (p_l.argmax(), p_r.argmax())
+    assert neither > 20  # the hard case (argmax is neither side's top) was exercised
+
+
+# ------------------------------------------------------------------ sampling: goodness of fit
+N_DRAWS = 100_000
+ALPHA = 1e-3
+
+
+def _power_for_tv(v: int, n: int, tv: float) -> float:
+    """Power of the χ² test against any alternative at total-variation distance ``tv``:
+    χ²-divergence >= (2·tv)², so the noncentrality is at least n·4·tv²."""
+    crit = stats.chi2.ppf(1 - ALPHA, v - 1)
+    return float(stats.ncx2.sf(crit, v - 1, n * 4 * tv * tv))
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [Sampling(greedy=False), Sampling(greedy=False, top_k=4), Sampling(greedy=False, top_p=0.7)],
+    ids=["plain", "top_k=4", "top_p=0.7"],
+)
+def test_sampling_reproduces_the_target_distribution(sampling):
+    """Goodness of fit over 1e5 draws per case. Test size α = 1e-3 per case; power >= 0.99
+    against any deviation of total variation >= 0.015 (computed below, asserted)."""
+    v = 10
+    assert _power_for_tv(v, N_DRAWS, 0.015) >= 0.99
+    rng = np.random.default_rng(zlib.crc32(repr(sampling).encode()))
+    p_l = Dist.full(random_logprobs(rng, v, 1.0))
+    p_r = Dist.full(random_logprobs(rng, v, 1.0))
+    eta_r = 0.35
+    q = transform(target_probs(p_l, p_r, eta_r), sampling)
+    counts = np.zeros(v)
+    accepted = 0
+    for _ in range(N_DRAWS):
+        x_l, x_r = draft(p_l, sampling, rng), draft(p_r, sampling, rng)
+        res = verify(x_l, p_l, x_r, p_r, eta_r, sampling, rng)
+        counts[res.token] += 1
+        accepted += res.accept_local
+    support = q > 0
+    assert counts[~support].sum() == 0, "drew a token outside the target's support"
+    chi2, pval = stats.chisquare(counts[support], q[support] * N_DRAWS)
+    assert pval > ALPHA, f"χ²={chi2:.1f}, p={pval:.2e}"
+    assert 0 < accepted < N_DRAWS  # both accept and reject paths ran
