@@ -1,0 +1,67 @@
+"""Greedy Scheduling's ΔZ rule (ALGORITHMS.md §4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dragon_core.scheduler import Ewma, GreedyScheduler, SchedulerConfig, delta_z, steady_wait
+
+
+def test_four_case_formula_equals_difference_of_steady_state_waits():
+    rng = np.random.default_rng(0)
+    seen_cases = set()
+    for _ in range(20_000):
+        c_l, c_r = rng.uniform(0, 500, 2)
+        rtt = rng.uniform(0, 400)
+        a_l, a_r = rng.uniform(0, 1, 2)
+        want = steady_wait(c_l, c_r, rtt, a_r) - steady_wait(c_r, c_l, rtt, a_l)
+        assert delta_z(c_l, c_r, rtt, a_l, a_r) == pytest.approx(want, abs=1e-9)
+        j = c_r - c_l
+        seen_cases.add((j >= rtt) * 3 or (j >= 0) * 2 or (j >= -rtt) * 1)
+    assert seen_cases == {0, 1, 2, 3}  # all four branches were checked
+
+
+@pytest.mark.parametrize(
+    "c_l, c_r, rtt, a_l, a_r, move",
+    [
+        (10, 400, 100, 0.9, 0.8, True),  # remote slower by more than an RTT -> move there
+        (400, 10, 100, 0.8, 0.9, False),  # we are the slow side -> stay
+        (10, 20, 100, 0.95, 0.6, True),  # within an RTT: the remote's drafts fail more -> move
+        (10, 20, 100, 0.6, 0.95, False),  # within an RTT: our drafts fail more -> stay
+    ],
+)
+def test_rule_in_words(c_l, c_r, rtt, a_l, a_r, move):
+    assert (delta_z(c_l, c_r, rtt, a_l, a_r) > 0) is move
+
+
+def test_hysteresis_needs_margin_dwell_and_samples():
+    sched = GreedyScheduler(SchedulerConfig(margin_ms=5.0, margin_frac=0.0, min_dwell_steps=3, min_samples=2))
+    est = sched.estimates
+    assert not sched.should_hand_over()  # no estimates yet
+    for _ in range(2):
+        est.c_local.update(10)
+        est.c_remote.update(400)
+        est.rtt.update(100)
+        est.alpha_local.update(1.0)
+        est.alpha_remote.update(0.0)
+    assert not sched.should_hand_over()  # dwell not reached
+    for _ in range(3):
+        sched.on_target()
+    assert sched.should_hand_over()
+    sched.on_moved()
+    assert not sched.should_hand_over()
+    # a ΔZ below the margin does not move
+    quiet = GreedyScheduler(SchedulerConfig(margin_ms=50.0, margin_frac=0.0, min_dwell_steps=0, min_samples=1))
+    quiet.estimates.c_local.update(10)
+    quiet.estimates.c_remote.update(400)
+    quiet.estimates.rtt.update(100)
+    quiet.estimates.alpha_remote.update(0.9)  # ΔZ = 0.1 * 100 = 10 ms < 50
+    assert not quiet.should_hand_over()
+
+
+def test_ewma():
+    e = Ewma(weight=0.5)
+    e.update(10)
+    e.update(20)
+    assert e.value == 15 and e.count == 2

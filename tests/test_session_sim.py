@@ -1,0 +1,184 @@
+"""Two sessions over the deterministic network simulator, against centralized aggregation."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from dragon_core import session as s
+from dragon_core.aggregate import cross_side_weights, target_probs, transform
+from dragon_core.dist import Dist
+from dragon_core.messages import Sampling
+from dragon_core.netsim import LinkSpec, SideSpec, SimulatedPair, centralized_decode
+from dragon_core.scheduler import SchedulerConfig
+
+EOS = 0
+
+
+def fake_side(side_id: int, vocab: int, world: int, disagreement: float, top_k: int = 0, temperature: float = 1.0):
+    """A deterministic fake engine: logits = shared part + side-specific part, both a pure
+    function of the generated prefix (so the two sides agree on most, not all, tokens)."""
+
+    def dist_fn(prefix: tuple[int, ...]) -> Dist:
+        shared = np.random.default_rng([world, 7, *prefix]).normal(0, 2.5, vocab)
+        own = np.random.default_rng([world, side_id, *prefix]).normal(0, disagreement, vocab)
+        z = (shared + own) / temperature
+        z[EOS] -= 3.0 if len(prefix) < 12 else -1.0  # EOS becomes likely late
+        return Dist.top_k(z, top_k) if top_k else Dist.full(z)
+
+    return dist_fn
+
+
+def make_config(**kw) -> s.SessionConfig:
+    base = dict(request_id=1, max_tokens=24, seed=5, eos_ids=frozenset({EOS}))
+    base.update(kw)
+    return s.SessionConfig(**base)
+
+
+def sides(world: int, *, top_k=0, disagreement=1.5, c_dev=30.0, c_cloud=10.0, temperature=1.0, vocab=40):
+    dev = SideSpec(0.3, fake_side(1, vocab, world, disagreement, top_k, temperature), lambda now, step: c_dev)
+    cloud = SideSpec(1.1, fake_side(2, vocab, world, disagreement, top_k, temperature), lambda now, step: c_cloud)
+    return dev, cloud
+
+
+def links(rtt_ms: float, seed: int) -> tuple[LinkSpec, LinkSpec]:
+    one_way = rtt_ms / 2
+    return (LinkSpec(one_way, one_way / 5, seed=seed), LinkSpec(one_way, one_way / 5, seed=seed + 1))
+
+
+CASES = {
+    "dragon/device": dict(mode="dragon", aggregator="device", scheduling=False),
+    "dragon/cloud": dict(mode="dragon", aggregator="cloud", scheduling=False),
+    "dragon/scheduled": dict(mode="dragon", aggregator="device", scheduling=True,
+                             scheduler=SchedulerConfig(min_dwell_steps=1, margin_ms=0.0, margin_frac=0.0)),
+    "vdrag": dict(mode="vdrag", scheduling=False),
+    "sw": dict(mode="sw", scheduling=False),
+}
+
+
+@pytest.mark.parametrize("rtt", [0.0, 50.0, 300.0])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("top_k", [0, 8])
+def test_greedy_equals_centralized_token_for_token(case, rtt, top_k):
+    for world in range(4):
+        config = make_config(**CASES[case])
+        dev, cloud = sides(world, top_k=top_k)
+        pair = SimulatedPair(config, dev, cloud, *links(rtt, seed=world * 10)).run()
+        want = centralized_decode(config, dev, cloud)
+        assert pair.device.record.tokens == want, f"world {world}"
+        assert pair.cloud.record.tokens == want, f"world {world}"
+        assert pair.device.record.finish.reason in ("eos", "length")
+        assert not pair.device.record.finish.degraded
+
+
+def test_speculation_actually_happened_and_rejections_were_rolled_back():
+    config = make_config(mode="dragon", scheduling=False, max_depth=6)
+    dev, cloud = sides(0, disagreement=2.0)
+    pair = SimulatedPair(config, dev, cloud, *links(100, seed=3)).run()
+    assert pair.device.record.tokens == centralized_decode(config, dev, cloud)
+    st_dev, st_cloud = pair.device.session.stats, pair.cloud.session.stats
+    assert st_dev.accepted_remote > 0 and st_dev.decided_here == len(pair.device.record.tokens)
+    assert st_cloud.rollbacks > 0  # the cloud ran ahead, got rejected, rolled back
+    assert st_dev.stale_dropped + st_cloud.stale_dropped > 0  # in-flight stale drafts were dropped
+
+
+def test_step_only_tagging_of_the_reference_code_is_inexact():
+    """The reference tags drafts with the step only: a draft built on a rejected token that is
+    already in flight is then consumed as valid. With (epoch, step) tags the output is exact."""
+    mismatches = 0
+    for world in range(12):
+        dev, cloud = sides(world, disagreement=2.5, c_dev=40.0, c_cloud=5.0)
+        want = centralized_decode(make_config(), dev, cloud)
+        for tagging in ("epoch", "step"):
+            config = make_config(scheduling=False, max_depth=8, tagging=tagging)
+            pair = SimulatedPair(config, dev, cloud, *links(200, seed=world)).run()
+            if tagging == "epoch":
+                assert pair.device.record.tokens == want
+            else:
+                mismatches += pair.device.record.tokens != want
+    assert mismatches >= 3, f"step-only tagging diverged in only {mismatches}/12 runs"
+
+
+def test_sampling_over_the_simulator_has_the_centralized_distribution():
+    """Joint law of the first two tokens at a fixed prompt, DRAGON over a 100 ms link vs the
+    exact centralized probabilities; χ² at α = 1e-3 over 3000 runs (36 cells, power >= 0.9
+    against a total-variation deviation of 0.05)."""
+    vocab, runs = 6, 3000
+    sampling = Sampling(greedy=False, temperature=1.0)
+    dev, cloud = sides(0, disagreement=1.0, vocab=vocab)
+    _, eta = cross_side_weights(dev.log_h, cloud.log_h)
+
+    def law(prefix):
+        return transform(target_probs(dev.dist_fn(prefix), cloud.dist_fn(prefix), eta), sampling)
+
+    p1 = law(())
+    expected = np.array([p1[a] * law((a,))[b] for a, b in itertools.product(range(vocab), repeat=2)])
+    counts = np.zeros(vocab * vocab)
+    eos_free = make_config(eos_ids=frozenset(), max_tokens=2, sampling=sampling, scheduling=False)
+    for seed in range(runs):
+        config = s.SessionConfig(**{**eos_free.__dict__, "seed": seed})
+        pair = SimulatedPair(config, dev, cloud, *links(100, seed=seed)).run()
+        a, b = pair.device.record.tokens
+        counts[a * vocab + b] += 1
+    crit = stats.chi2.ppf(1 - 1e-3, 35)
+    assert stats.ncx2.sf(crit, 35, runs * 4 * 0.05**2) >= 0.9
+    assert counts[expected == 0].sum() == 0
+    exp_counts = expected * runs
+    rare = exp_counts < 5  # pool rare cells so the χ² approximation holds
+    f_obs = np.append(counts[~rare], counts[rare].sum())
+    f_exp = np.append(exp_counts[~rare], exp_counts[rare].sum())
+    _, pval = stats.chisquare(f_obs[f_exp > 0], f_exp[f_exp > 0])
+    assert pval > 1e-3
+
+
+def test_cloud_lost_mid_answer_device_continues_alone_flagged_degraded():
+    config = make_config(scheduling=False, max_tokens=30, eos_ids=frozenset())
+    dev, cloud = sides(1)
+    up, down = links(60, seed=4)
+    down.cut_at_ms = up.cut_at_ms = 250.0
+    pair = SimulatedPair(config, dev, cloud, up, down).run()
+    rec = pair.device.record
+    assert rec.finish.reason == "length" and rec.finish.degraded
+    assert len(rec.tokens) == 30
+    want = centralized_decode(config, dev, cloud)
+    cut = next(i for i, (t, _) in enumerate(rec.commits) if t >= 250.0)
+    assert rec.tokens[:cut] == want[:cut]  # everything before the cut is exact DRAGON
+
+
+def test_peer_protocol_violation_is_typed_and_contained():
+    config = make_config(scheduling=False)
+    dev, _ = sides(0)
+    sess = s.Session("device", config, dev.log_h)
+    sess.handle(s.Start())
+    from dragon_core import messages as m
+
+    actions = sess.handle(s.PeerMessage(m.Target(1, 5, 3, True, 0, 0)))  # device aggregates: no Target
+    errors = [a.msg for a in actions if isinstance(a, s.Send) and isinstance(a.msg, m.Error)]
+    assert errors and errors[0].code == "protocol_error"
+    assert sess.degraded and sess.finished is None  # continues device-only
+
+
+def test_scheduler_moves_aggregator_to_the_side_the_rule_predicts():
+    """The rule: aggregate on the side slower by more than an RTT. The cloud becomes slow at
+    step 20 -> the aggregator moves to the cloud; the device becomes slower still at step 45 ->
+    it moves back to the device. Output stays exact throughout."""
+
+    def c_cloud(now, step):
+        return 5.0 if step < 20 else 300.0
+
+    def c_dev(now, step):
+        return 10.0 if step < 45 else 900.0
+
+    config = make_config(max_tokens=80, eos_ids=frozenset(), scheduling=True, max_depth=4,
+                         scheduler=SchedulerConfig(min_dwell_steps=3))
+    dev, cloud = sides(2, disagreement=2.0)
+    dev.decode_ms, cloud.decode_ms = c_dev, c_cloud
+    pair = SimulatedPair(config, dev, cloud, *links(200.0, seed=9)).run()
+    assert pair.device.record.tokens == centralized_decode(config, dev, cloud)
+    by_step = pair.device.session.stats.aggregator_by_step
+    assert by_step[38:45] == ["cloud"] * 7, by_step
+    assert by_step[-8:] == ["device"] * 8, by_step
+    assert pair.device.session.stats.handovers + pair.cloud.session.stats.handovers >= 2
