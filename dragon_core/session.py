@@ -264,9 +264,11 @@ class Session:
     # ------------------------------------------------------------------ local drafting
     def _on_local_dist(self, ev: LocalDist) -> None:
         if self._computing != (ev.epoch, ev.step):
-            self.stats.stale_dropped += 1  # built on a prefix that was rolled back
-            return
+            raise RuntimeError(f"driver answered {ev.epoch, ev.step}, expected {self._computing}")
         self._computing = None
+        if ev.epoch != self.epoch:
+            self.stats.stale_dropped += 1  # built on a prefix that was rolled back meanwhile
+            return
         self.scheduler.estimates.c_local.update(ev.decode_ms)
         token = draft(ev.dist, self.config.sampling, step_rng(self.config.seed, self._draft_purpose, ev.step, ev.epoch))
         self._drafts.append(_Draft(ev.step, token, ev.dist))
@@ -365,10 +367,12 @@ class Session:
         else:
             self.remote_epoch += 1
             self._remote.clear()
-        self._commit(token, accepted_local=acc_local)
-        handover = bool(cfg.scheduling and self.finished is None and self.scheduler.should_hand_over())
-        self._emit(Send(m.Target(cfg.request_id, step, token, acc_remote, self.remote_epoch, self.epoch,
+        ends = token in cfg.eos_ids or step + 1 >= cfg.max_tokens
+        handover = bool(cfg.scheduling and not ends and self.scheduler.should_hand_over())
+        my_epoch = self.epoch if acc_local else self.epoch + 1  # _commit bumps it on rejection
+        self._emit(Send(m.Target(cfg.request_id, step, token, acc_remote, self.remote_epoch, my_epoch,
                                  handover, est.c_local.value or 0.0)))
+        self._commit(token, accepted_local=acc_local)
         if handover:
             self._hand_over()
 
