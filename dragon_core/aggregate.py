@@ -73,3 +73,9 @@ def _logsumexp_rows(x: np.ndarray) -> np.ndarray:
     m_safe = np.where(np.isfinite(m), m, 0.0)
     with np.errstate(divide="ignore"):
         return m_safe + np.log(np.exp(x - m_safe).sum(axis=0))
+
+
+def canonical_side_dist(doc_logprobs: np.ndarray, scores: Sequence[float], top_k: int = 0) -> Dist:
+    """The ``Dist`` a side drafts from and sends: its mixture, full or top-K (see dist.py)."""
+    mixed, _ = side_mixture(doc_logprobs, scores)
+    return Dist.top_k(mixed, top_k) if top_k else Dist.full(mixed)

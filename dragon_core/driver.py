@@ -1,0 +1,109 @@
+"""The asyncio adapter that runs one ``Session`` against one engine ``StreamGroup``.
+
+This is the only place where the protocol meets an event loop; it does no network I/O itself
+(the caller supplies ``send``) and knows engines only through ``dragon_core.engine``. Both the
+device and the cloud use it, so the two sides execute actions identically.
+
+Two tasks per request: the *event* task feeds events to the session and carries out its
+non-engine actions at once (send, commit, finish); the *engine* task executes engine actions
+strictly in order (rollback, append, compute) so the engine's streams always match what the
+session believes, while peer messages keep being processed during a long decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Sequence
+
+import numpy as np
+
+from dragon_core import messages as m
+from dragon_core import session as s
+from dragon_core.aggregate import canonical_side_dist
+from dragon_core.engine import StreamGroup, stack_logprobs
+
+SendFn = Callable[[m.Message], Awaitable[None]]
+CommitFn = Callable[[Sequence[int]], Awaitable[None] | None]
+
+
+@dataclass
+class DriverStats:
+    decode_ms: list[float] = field(default_factory=list)
+    commit_times: list[float] = field(default_factory=list)  # monotonic seconds, one per token
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class SessionDriver:
+    def __init__(self, session: s.Session, group: StreamGroup, scores: Sequence[float], send: SendFn,
+                 on_commit: CommitFn | None = None) -> None:
+        self.session = session
+        self.group = group
+        self.scores = np.asarray(scores, dtype=np.float64)
+        self._send = send
+        self._on_commit = on_commit
+        self._events: asyncio.Queue[s.Event] = asyncio.Queue()
+        self._engine_ops: asyncio.Queue[s.Action | None] = asyncio.Queue()
+        self.stats = DriverStats()
+        self._op_ms = 0.0
+        self.finished = asyncio.Event()
+
+    # -------------------------------------------------------------- inputs from outside
+    def feed(self, event: s.Event) -> None:
+        """Queue an event (peer message, RTT sample, peer lost, cancel). Never blocks."""
+        self._events.put_nowait(event)
+
+    async def run(self) -> s.Finish:
+        """Decode until the session finishes; returns its ``Finish``."""
+        engine_task = asyncio.create_task(self._engine_loop())
+        try:
+            self.feed(s.Start())
+            while self.session.finished is None:
+                event = await self._events.get()
+                await self._apply(self.session.handle(event))
+            return self.session.finished
+        finally:
+            self._engine_ops.put_nowait(None)
+            engine_task.cancel()
+            await asyncio.gather(engine_task, return_exceptions=True)
+            self.finished.set()
+
+    # -------------------------------------------------------------- actions
+    async def _apply(self, actions: list[s.Action]) -> None:
+        for a in actions:
+            if isinstance(a, (s.Rollback, s.Append, s.ComputeDist)):
+                self._engine_ops.put_nowait(a)
+            elif isinstance(a, s.Send):
+                await self._send(a.msg)
+            elif isinstance(a, s.Commit):
+                now = time.monotonic()
+                self.stats.commit_times.extend(now for _ in a.tokens)
+                if self._on_commit is not None:
+                    res = self._on_commit(a.tokens)
+                    if asyncio.iscoroutine(res):
+                        await res
+
+    async def _engine_loop(self) -> None:
+        while (op := await self._engine_ops.get()) is not None:
+            try:
+                await self._execute(op)
+            except Exception as exc:  # an engine failure ends this request, visibly
+                self.feed(s.CancelRequest(f"engine error: {exc!r}"))
+                raise
+
+    async def _execute(self, op: s.Action) -> None:
+        t0 = time.perf_counter()
+        if isinstance(op, s.Rollback):
+            await self.group.rollback(op.length)
+        elif isinstance(op, s.Append):
+            await self.group.append(op.tokens)
+        elif isinstance(op, s.ComputeDist):
+            dists = await self.group.next_dists()
+            dist = canonical_side_dist(stack_logprobs(dists), self.scores, self.session.config.dist_top_k)
+        # a draft's latency includes the rollback/append work that prepared it
+        self._op_ms += (time.perf_counter() - t0) * 1000
+        if isinstance(op, s.ComputeDist):
+            ms, self._op_ms = self._op_ms, 0.0
+            self.stats.decode_ms.append(ms)
+            self.feed(s.LocalDist(op.epoch, op.step, dist, ms))
