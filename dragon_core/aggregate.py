@@ -31,6 +31,11 @@ def side_mixture(doc_logprobs: np.ndarray, scores: Sequence[float]) -> tuple[np.
     return mixed, log_h
 
 
+def log_mass(scores: Sequence[float]) -> float:
+    """``log h = logsumexp(R)``: a side's retrieval mass, the only score that leaves the side."""
+    return _logsumexp(np.asarray(scores, dtype=np.float64))
+
+
 def cross_side_weights(log_h_local: float, log_h_remote: float) -> tuple[float, float]:
     """``(η^local, η^remote)``, computed stably from the two ``log h``."""
     m = max(log_h_local, log_h_remote)

@@ -178,14 +178,16 @@ class SessionStats:
 
 # ---------------------------------------------------------------------------- the session
 class Session:
-    def __init__(self, side: m.Side, config: SessionConfig, log_h: float, *, solo: bool = False) -> None:
+    def __init__(self, side: m.Side, config: SessionConfig, log_h: float, *, solo: bool = False,
+                 degraded: bool = False) -> None:
+        """``solo``: decode alone (device-only); ``degraded``: alone because the cloud failed."""
         self.side = side
         self.peer = m.other_side(side)
         self.config = config
         self.log_h = log_h
         self.aggregator: m.Side = side if solo else config.aggregator
         self.solo = solo
-        self.degraded = False
+        self.degraded = degraded
         self.finished: Finish | None = None
         self.committed: list[int] = []
         self.epoch = 0

@@ -1,0 +1,61 @@
+"""The link handshake: what both sides must share before any request crosses (sans-I/O).
+
+The device's first frame is a ``Hello``; the cloud answers ``Welcome`` or an ``Error`` and
+closes. The two sides must run the same protocol version, the same model and tokenizer
+(ALGORITHMS.md §1: same vocabulary) and the same retriever and score function (§2: the
+retrieval scores are compared across sides); the auth token is compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from dragon_core import messages as m
+from dragon_core.errors import HandshakeError
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What one side runs; both sides build it from the model registry and the retriever."""
+
+    model: str
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    retriever_fingerprint: str
+    score_function: str
+
+    def hello(self, auth_token: str, client: str = "") -> m.Hello:
+        return m.Hello(m.PROTOCOL_VERSION, self.model, self.model_fingerprint, self.tokenizer_fingerprint,
+                       self.retriever_fingerprint, self.score_function, auth_token, client)
+
+
+class AuthFailed(HandshakeError):
+    code = "auth_failed"
+
+
+class VersionMismatch(HandshakeError):
+    code = "unsupported_version"
+
+
+class FingerprintMismatch(HandshakeError):
+    code = "fingerprint_mismatch"
+
+
+def check_hello(hello: m.Hello, ours: Identity, auth_token: str | None) -> None:
+    """Raise a typed ``HandshakeError`` saying exactly what differs; return if all agree."""
+    if hello.protocol_version != m.PROTOCOL_VERSION:
+        raise VersionMismatch(f"protocol version {hello.protocol_version} is not supported "
+                              f"(this server speaks {m.PROTOCOL_VERSION})")
+    if auth_token is not None and not hmac.compare_digest(hello.auth_token.encode(), auth_token.encode()):
+        raise AuthFailed("invalid auth token")
+    pairs = [
+        ("model", hello.model, ours.model),
+        ("model fingerprint", hello.model_fingerprint, ours.model_fingerprint),
+        ("tokenizer fingerprint", hello.tokenizer_fingerprint, ours.tokenizer_fingerprint),
+        ("retriever fingerprint", hello.retriever_fingerprint, ours.retriever_fingerprint),
+        ("score function", hello.score_function, ours.score_function),
+    ]
+    for what, theirs, mine in pairs:
+        if theirs != mine:
+            raise FingerprintMismatch(f"{what} differs: device has {theirs!r}, cloud has {mine!r}")

@@ -1,0 +1,229 @@
+"""The device's end of the cloud link: one aiohttp WebSocket carrying many concurrent requests.
+
+``CloudLink`` connects (with timeouts and exponential backoff), does the handshake, pings for
+RTT samples (fed to every running session's scheduler) and routes frames to sessions by
+``request_id``. When the connection dies, every running session gets ``PeerLost`` and goes on
+device-only from its last committed token; the link reconnects in the background for later
+requests. Nothing here raises into the application once a request runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+from dragon_core import codec
+from dragon_core import messages as m
+from dragon_core import session as s
+from dragon_core.driver import SessionDriver
+from dragon_core.errors import CodecError, DragonError, HandshakeError
+from dragon_core.handshake import Identity
+
+log = logging.getLogger("dragon.edge.link")
+
+LINK_PATH = "/v1/dragon/link"
+
+
+class LinkUnavailable(DragonError):
+    code = "cloud_unavailable"
+
+
+@dataclass(frozen=True)
+class LinkOptions:
+    connect_timeout_s: float = 5.0
+    ping_interval_s: float = 0.5
+    max_frame_bytes: int = 4 << 20
+    backoff_initial_s: float = 0.2
+    backoff_max_s: float = 10.0
+    connect_attempts: int = 3
+
+
+class CloudLink:
+    def __init__(self, url: str, identity: Identity, auth_token: str = "", options: LinkOptions | None = None,
+                 client_name: str = "dragon-edge") -> None:
+        self.url = url.rstrip("/") + LINK_PATH if not url.rstrip("/").endswith(LINK_PATH) else url
+        self.identity, self.auth_token = identity, auth_token
+        self.options = options or LinkOptions()
+        self.client_name = client_name
+        self.welcome: m.Welcome | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.rtt_ms: float | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._drivers: dict[int, SessionDriver] = {}
+        self._opened: dict[int, asyncio.Future[m.Opened]] = {}
+        self._ids = itertools.count(1)
+        self._nonce = itertools.count()
+        self._tasks: list[asyncio.Task] = []
+        self._send_lock = asyncio.Lock()
+        self._connect_lock = asyncio.Lock()
+        self._closed = False
+
+    # ------------------------------------------------------------------ connection
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None and not self._ws.closed
+
+    async def connect(self) -> None:
+        """Connect and handshake, retrying with backoff; ``LinkUnavailable`` if all attempts fail.
+        A handshake refusal (wrong token, fingerprint, version) is not retried."""
+        async with self._connect_lock:
+            if self.connected:
+                return
+            delay = self.options.backoff_initial_s
+            for attempt in range(1, self.options.connect_attempts + 1):
+                try:
+                    await self._connect_once()
+                    return
+                except HandshakeError:
+                    raise
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, LinkUnavailable) as exc:
+                    log.info("cloud link attempt %d/%d failed: %s", attempt, self.options.connect_attempts, exc)
+                    if attempt == self.options.connect_attempts:
+                        raise LinkUnavailable(f"cannot reach the cloud at {self.url}: {exc}") from exc
+                    await asyncio.sleep(delay * (1 + random.random() / 2))
+                    delay = min(delay * 2, self.options.backoff_max_s)
+
+    async def _connect_once(self) -> None:
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        timeout = aiohttp.ClientWSTimeout(ws_close=self.options.connect_timeout_s)
+        ws = await asyncio.wait_for(
+            self._http.ws_connect(self.url, max_msg_size=self.options.max_frame_bytes, timeout=timeout,
+                                  autoping=True, heartbeat=None),
+            self.options.connect_timeout_s)
+        await ws.send_bytes(codec.encode(self.identity.hello(self.auth_token, self.client_name)))
+        raw = await ws.receive(timeout=self.options.connect_timeout_s)
+        if raw.type != aiohttp.WSMsgType.BINARY:
+            await ws.close()
+            raise LinkUnavailable(f"cloud closed the link during the handshake ({raw.type.name})")
+        reply = codec.decode(raw.data, self.options.max_frame_bytes)
+        if isinstance(reply, m.Error):
+            await ws.close()
+            raise HandshakeError(f"cloud refused the link: {reply.code}: {reply.message}")
+        if not isinstance(reply, m.Welcome):
+            await ws.close()
+            raise LinkUnavailable(f"unexpected handshake reply {type(reply).__name__}")
+        self._ws, self.welcome = ws, reply
+        self._tasks = [asyncio.create_task(self._read_loop(ws)), asyncio.create_task(self._ping_loop(ws))]
+        log.info("connected to %s (%s)", self.url, reply.server)
+
+    async def close(self) -> None:
+        self._closed = True
+        for t in self._tasks:
+            t.cancel()
+        if self._ws is not None:
+            await self._ws.close()
+        if self._http is not None:
+            await self._http.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> "CloudLink":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ requests
+    def new_request_id(self) -> int:
+        return next(self._ids)
+
+    async def open(self, req: m.Open, driver: SessionDriver) -> None:
+        """Register the request's driver, then ask the cloud to join. Failures reach the session
+        as ``PeerLost`` (it continues device-only), never as an exception."""
+        self._drivers[req.request_id] = driver
+        self._opened[req.request_id] = asyncio.get_running_loop().create_future()
+        if not await self.send(req):
+            driver.feed(s.PeerLost("cloud link unavailable"))
+
+    async def opened(self, request_id: int, timeout: float) -> m.Opened | None:
+        fut = self._opened.get(request_id)
+        if fut is None:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            return None
+
+    def release(self, request_id: int) -> None:
+        self._drivers.pop(request_id, None)
+        fut = self._opened.pop(request_id, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+
+    async def send(self, msg: m.Message) -> bool:
+        ws = self._ws
+        if ws is None or ws.closed:
+            return False
+        frame = codec.encode(msg)
+        async with self._send_lock:
+            try:
+                await ws.send_bytes(frame)
+            except (ConnectionError, RuntimeError, aiohttp.ClientError):
+                return False
+        self.bytes_sent += len(frame)
+        return True
+
+    # ------------------------------------------------------------------ frames in
+    async def _read_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        try:
+            async for raw in ws:
+                if raw.type == aiohttp.WSMsgType.BINARY:
+                    self.bytes_received += len(raw.data)
+                    self._on_frame(raw.data)
+                elif raw.type == aiohttp.WSMsgType.ERROR:
+                    break
+        finally:
+            self._on_lost("cloud connection lost")
+
+    def _on_frame(self, data: bytes) -> None:
+        try:
+            msg = codec.decode(data, self.options.max_frame_bytes)
+        except CodecError as exc:
+            log.warning("dropping a malformed frame from the cloud: %s", exc)
+            return
+        if isinstance(msg, m.Opened):
+            fut = self._opened.get(msg.request_id)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif isinstance(msg, (m.Draft, m.Target, m.Cancel)):
+            self._feed(msg.request_id, s.PeerMessage(msg))
+        elif isinstance(msg, m.Error):
+            if msg.request_id is None:
+                log.warning("cloud error: %s: %s", msg.code, msg.message)
+            else:
+                self._feed(msg.request_id, s.PeerMessage(msg))
+        elif isinstance(msg, m.Ping):
+            asyncio.get_running_loop().create_task(self.send(m.Pong(msg.nonce, msg.sent_at)))
+        elif isinstance(msg, m.Pong):
+            self.rtt_ms = (time.monotonic() - msg.sent_at) * 1000
+            for driver in self._drivers.values():
+                driver.feed(s.RttSample(self.rtt_ms))
+
+    def _feed(self, request_id: int, event: s.Event) -> None:
+        driver = self._drivers.get(request_id)
+        if driver is not None:
+            driver.feed(event)
+
+    def _on_lost(self, reason: str) -> None:
+        self._ws = None
+        for driver in self._drivers.values():
+            driver.feed(s.PeerLost(reason))
+        for fut in self._opened.values():
+            if not fut.done():
+                fut.cancel()
+        if not self._closed:
+            log.warning("%s; running answers continue on the device", reason)
+
+    async def _ping_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        while not ws.closed:
+            await self.send(m.Ping(next(self._nonce), time.monotonic()))
+            await asyncio.sleep(self.options.ping_interval_s)

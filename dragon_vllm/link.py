@@ -1,0 +1,281 @@
+"""The cloud's end of the device link: one aiohttp WebSocket per device, many requests on it.
+
+Frame flow: the device sends ``Hello`` (checked by ``dragon_core.handshake``), then any number of
+``Open`` requests; each runs a cloud ``Session`` through a ``SessionDriver`` on the shared
+engine. ``Draft`` / ``Target`` / ``Cancel`` frames are routed by ``request_id``. A malformed
+frame gets a typed ``Error`` (the connection survives); a broken handshake closes it. When the
+device goes away every request of that connection is finished and its streams closed, so the
+engine's KV blocks return at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from aiohttp import WSMsgType, web
+
+from dragon_core import codec
+from dragon_core import messages as m
+from dragon_core import session as s
+from dragon_core.aggregate import log_mass
+from dragon_core.driver import SessionDriver
+from dragon_core.engine import StreamGroup
+from dragon_core.errors import CodecError, DragonError, HandshakeError
+from dragon_core.handshake import Identity, check_hello
+
+log = logging.getLogger("dragon.cloud.link")
+
+LINK_PATH = "/v1/dragon/link"
+
+
+@dataclass(frozen=True)
+class LinkLimits:
+    max_frame_bytes: int = 4 << 20
+    max_k: int = 16
+    max_tokens: int = 1024
+    max_requests_per_connection: int = 64
+    handshake_timeout_s: float = 10.0
+    ping_interval_s: float = 0.5
+
+
+@dataclass
+class OpenedRequest:
+    group: StreamGroup
+    scores: Sequence[float]
+    sources: list[str]
+
+
+class CloudBackend(Protocol):
+    """What the link needs from the cloud: its identity and a way to open a request's streams
+    (public retrieval + prompt layout + engine admission)."""
+
+    identity: Identity
+    eos_ids: frozenset[int]
+
+    async def open_request(self, req: m.Open) -> OpenedRequest: ...
+
+
+class LinkStats(Protocol):
+    def on_request(self, event: str) -> None: ...
+
+    def on_bytes(self, sent: int, received: int) -> None: ...
+
+
+class RequestRejected(DragonError):
+    code = "request_rejected"
+
+
+class LinkServer:
+    """aiohttp handler for ``GET /v1/dragon/link`` (WebSocket upgrade)."""
+
+    def __init__(self, backend: CloudBackend, auth_token: str | None, limits: LinkLimits | None = None,
+                 stats: LinkStats | None = None) -> None:
+        self.backend = backend
+        self.auth_token = auth_token
+        self.limits = limits or LinkLimits()
+        self.stats = stats
+        self.connections: set["_Connection"] = set()
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get(LINK_PATH, self.handle)
+
+    async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=self.limits.max_frame_bytes, autoping=True)
+        await ws.prepare(request)
+        conn = _Connection(self, ws, request.remote or "?")
+        self.connections.add(conn)
+        try:
+            await conn.serve()
+        finally:
+            self.connections.discard(conn)
+        return ws
+
+    async def close_all(self) -> None:
+        await asyncio.gather(*(c.ws.close(code=1001, message=b"server shutdown") for c in list(self.connections)),
+                             return_exceptions=True)
+
+    @property
+    def active_requests(self) -> int:
+        return sum(len(c.drivers) for c in self.connections)
+
+
+class _Connection:
+    def __init__(self, server: LinkServer, ws: web.WebSocketResponse, peer: str) -> None:
+        self.server, self.ws, self.peer = server, ws, peer
+        self.limits = server.limits
+        self.drivers: dict[int, SessionDriver] = {}
+        self.pending: dict[int, list[s.Event]] = {}  # events that arrived while a request was opening
+        self.tasks: dict[int, asyncio.Task] = {}
+        self._send_lock = asyncio.Lock()
+        self._nonce = itertools.count()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def serve(self) -> None:
+        try:
+            if not await self._handshake():
+                return
+            pinger = asyncio.create_task(self._ping_loop())
+            try:
+                await self._read_loop()
+            finally:
+                pinger.cancel()
+        finally:
+            await self._peer_gone()
+
+    async def _handshake(self) -> bool:
+        try:
+            raw = await self.ws.receive(timeout=self.limits.handshake_timeout_s)
+        except asyncio.TimeoutError:
+            await self._fail(HandshakeError("no Hello within the handshake timeout"))
+            return False
+        try:
+            if raw.type != WSMsgType.BINARY:
+                raise HandshakeError("expected a binary Hello frame")
+            hello = codec.decode(raw.data, self.limits.max_frame_bytes)
+            if not isinstance(hello, m.Hello):
+                raise HandshakeError(f"expected Hello, got {type(hello).__name__}")
+            check_hello(hello, self.server.backend.identity, self.server.auth_token)
+        except DragonError as exc:
+            await self._fail(exc)
+            return False
+        b = self.server.backend.identity
+        await self.send(m.Welcome(m.PROTOCOL_VERSION, f"dragon-cloud/{b.model}", self.limits.max_k,
+                                  self.limits.max_tokens, self.limits.max_frame_bytes))
+        log.info("device %s connected (%s)", self.peer, hello.client or "unnamed client")
+        return True
+
+    async def _fail(self, exc: DragonError) -> None:
+        log.warning("refusing device %s: %s", self.peer, exc)
+        await self.send(m.Error(exc.code, str(exc)))
+        await self.ws.close(code=1008, message=exc.code.encode())
+
+    async def _peer_gone(self) -> None:
+        """Running requests finish through their session (PeerLost); opening ones are cancelled."""
+        for rid, task in list(self.tasks.items()):
+            if rid in self.drivers:
+                self.drivers[rid].feed(s.PeerLost("device disconnected"))
+            else:
+                task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+    # ------------------------------------------------------------------ frames in
+    async def _read_loop(self) -> None:
+        async for raw in self.ws:
+            if raw.type == WSMsgType.BINARY:
+                if self.server.stats:
+                    self.server.stats.on_bytes(0, len(raw.data))
+                await self._on_frame(raw.data)
+            elif raw.type == WSMsgType.TEXT:
+                await self.send(m.Error("malformed_frame", "text frames are not part of the protocol"))
+            elif raw.type == WSMsgType.ERROR:
+                log.warning("link to %s failed: %s", self.peer, self.ws.exception())
+                return
+
+    async def _on_frame(self, data: bytes) -> None:
+        try:
+            msg = codec.decode(data, self.limits.max_frame_bytes)
+        except CodecError as exc:
+            await self.send(m.Error(exc.code, str(exc)))
+            return
+        if isinstance(msg, m.Open):
+            await self._on_open(msg)
+        elif isinstance(msg, (m.Draft, m.Target, m.Cancel, m.Error)):
+            rid = msg.request_id
+            if rid is not None:
+                self._route(rid, s.PeerMessage(msg))
+        elif isinstance(msg, m.Ping):
+            await self.send(m.Pong(msg.nonce, msg.sent_at))
+        elif isinstance(msg, m.Pong):
+            rtt_ms = (time.monotonic() - msg.sent_at) * 1000
+            for driver in self.drivers.values():
+                driver.feed(s.RttSample(rtt_ms))
+        else:
+            await self.send(m.Error("protocol_error", f"unexpected {type(msg).__name__} after the handshake"))
+
+    def _route(self, rid: int, event: s.Event) -> None:
+        if rid in self.drivers:
+            self.drivers[rid].feed(event)
+        elif rid in self.pending:
+            self.pending[rid].append(event)
+        # else: a request that already ended; late frames are harmless
+
+    # ------------------------------------------------------------------ requests
+    async def _on_open(self, req: m.Open) -> None:
+        problem = self._check_open(req)
+        if problem:
+            await self.send(m.Error(RequestRejected.code, problem, req.request_id))
+            return
+        self.pending[req.request_id] = []
+        task = asyncio.create_task(self._run_request(req))
+        self.tasks[req.request_id] = task
+        task.add_done_callback(lambda _: self.tasks.pop(req.request_id, None))
+
+    def _check_open(self, req: m.Open) -> str | None:
+        lim = self.limits
+        if req.request_id in self.drivers or req.request_id in self.pending:
+            return f"request id {req.request_id} is already in use on this connection"
+        if len(self.drivers) + len(self.pending) >= lim.max_requests_per_connection:
+            return f"too many concurrent requests on this connection (limit {lim.max_requests_per_connection})"
+        if not 1 <= req.k <= lim.max_k:
+            return f"k={req.k} is outside 1..{lim.max_k}"
+        if not 1 <= req.max_tokens <= lim.max_tokens:
+            return f"max_tokens={req.max_tokens} is outside 1..{lim.max_tokens}"
+        if req.dist_top_k < 0 or req.max_depth < 1:
+            return "dist_top_k must be >= 0 and max_depth >= 1"
+        return None
+
+    async def _run_request(self, req: m.Open) -> None:
+        rid = req.request_id
+        group = None
+        try:
+            opened = await self.server.backend.open_request(req)
+            group = opened.group
+            if self.ws.closed:
+                return
+            config = s.SessionConfig.from_open(req, self.server.backend.eos_ids)
+            session = s.Session("cloud", config, log_mass(opened.scores))
+            driver = SessionDriver(session, group, opened.scores, self.send)
+            self.drivers[rid] = driver
+            for event in self.pending.pop(rid, []):
+                driver.feed(event)
+            if self.server.stats:
+                self.server.stats.on_request("started")
+            await self.send(m.Opened(rid, opened.sources))
+            finish = await driver.run()
+            log.info("request %d finished: %s (%d tokens)", rid, finish.reason, len(session.committed))
+            if self.server.stats:
+                self.server.stats.on_request(finish.reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # one request failing must not take the connection down
+            log.exception("request %d failed", rid)
+            await self.send(m.Error(getattr(exc, "code", "internal_error"), str(exc) or repr(exc), rid))
+        finally:
+            self.pending.pop(rid, None)
+            self.drivers.pop(rid, None)
+            if group is not None:
+                await group.close()
+
+    # ------------------------------------------------------------------ frames out
+    async def send(self, msg: m.Message) -> None:
+        if self.ws.closed:
+            return
+        frame = codec.encode(msg)
+        async with self._send_lock:  # one writer at a time; awaiting the write is the backpressure
+            try:
+                await self.ws.send_bytes(frame)
+            except (ConnectionError, RuntimeError):
+                return
+        if self.server.stats:
+            self.server.stats.on_bytes(len(frame), 0)
+
+    async def _ping_loop(self) -> None:
+        while not self.ws.closed:
+            await self.send(m.Ping(next(self._nonce), time.monotonic()))
+            await asyncio.sleep(self.limits.ping_interval_s)
+

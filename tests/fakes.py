@@ -1,0 +1,62 @@
+"""In-memory stand-ins for engines, for unit tests of the protocol machinery around them
+(drivers, links). The real engines have their own tests."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Sequence
+
+import numpy as np
+
+from dragon_core.aggregate import side_mixture
+from dragon_core.dist import Dist
+from dragon_core.netsim import SideSpec
+
+VOCAB, EOS = 30, 0
+
+
+class ListStreams:
+    """k fake document streams: each stream's distribution is a pure function of (doc, prefix).
+    It really keeps the appended tokens, so a driver that appends or rolls back wrongly is caught."""
+
+    def __init__(self, docs: Sequence[int], world: int, delay_s: float) -> None:
+        self.docs, self.world, self.delay_s = list(docs), world, delay_s
+        self.tokens: list[int] = []
+        self.closed = False
+
+    @property
+    def num_streams(self) -> int:
+        return len(self.docs)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    async def next_dists(self) -> list[Dist]:
+        await asyncio.sleep(self.delay_s)
+        return [doc_dist(d, self.world, tuple(self.tokens)) for d in self.docs]
+
+    async def append(self, tokens: Sequence[int]) -> None:
+        self.tokens.extend(tokens)
+
+    async def rollback(self, length: int) -> None:
+        assert 0 <= length <= len(self.tokens)
+        del self.tokens[length:]
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def doc_dist(doc: int, world: int, prefix: tuple[int, ...]) -> Dist:
+    z = np.random.default_rng([world, 99, *prefix]).normal(0, 2.0, VOCAB)
+    z += np.random.default_rng([world, doc, *prefix]).normal(0, 2.0, VOCAB)
+    z[EOS] -= 4.0 if len(prefix) < 10 else -2.0
+    return Dist.full(z)
+
+
+def side_spec(docs: Sequence[int], scores: Sequence[float], world: int) -> SideSpec:
+    def dist_fn(prefix):
+        rows = np.log(np.stack([doc_dist(d, world, prefix).probs() for d in docs]))
+        return Dist.full(side_mixture(rows, scores)[0])
+
+    return SideSpec(side_mixture(np.zeros((len(docs), 1)), scores)[1], dist_fn)

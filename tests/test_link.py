@@ -1,0 +1,240 @@
+"""The device link over real sockets on loopback (aiohttp server + client), with in-memory
+engines standing in for vLLM / llama.cpp (those have their own tests and the e2e tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from dragon_core import codec
+from dragon_core import messages as m
+from dragon_core import session as s
+from dragon_core.aggregate import log_mass
+from dragon_core.driver import SessionDriver
+from dragon_core.errors import HandshakeError
+from dragon_core.handshake import Identity
+from dragon_core.netsim import centralized_decode
+from dragon_edge.link import CloudLink, LinkOptions, LinkUnavailable
+from dragon_vllm.link import LINK_PATH, LinkLimits, LinkServer, OpenedRequest
+
+from fakes import EOS, ListStreams, side_spec
+
+IDENTITY = Identity("fake-model", "mfp", "tfp", "rfp", "cosine*10")
+TOKEN = "s3cret"
+DEV_DOCS, DEV_SCORES = [1, 2], [3.0, 2.5]
+CLOUD_DOCS, CLOUD_SCORES = [3, 4, 5], [2.8, 2.0, 1.0]
+
+
+class FakeBackend:
+    identity = IDENTITY
+    eos_ids = frozenset({EOS})
+
+    def __init__(self, world: int = 0, delay_s: float = 0.002) -> None:
+        self.world, self.delay_s = world, delay_s
+        self.groups: list[ListStreams] = []
+
+    async def open_request(self, req: m.Open) -> OpenedRequest:
+        group = ListStreams(CLOUD_DOCS, self.world, self.delay_s)
+        self.groups.append(group)
+        return OpenedRequest(group, CLOUD_SCORES, [f"public-{d}" for d in CLOUD_DOCS])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def cloud_server(backend: FakeBackend, limits: LinkLimits | None = None):
+    server = LinkServer(backend, TOKEN, limits or LinkLimits(ping_interval_s=0.05))
+    app = web.Application()
+    server.add_routes(app)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield server, f"http://127.0.0.1:{port}"
+    finally:
+        await server.close_all()
+        await runner.cleanup()
+
+
+async def ask(link: CloudLink | None, config_kw: dict, world: int = 0, delay_s: float = 0.004):
+    """One device request over the link; returns (tokens, finish, session)."""
+    rid = link.new_request_id() if link else 1
+    open_msg = m.Open(rid, "what?", k=len(CLOUD_DOCS), seed=world, **{"scheduling": False, **config_kw})
+    config = s.SessionConfig.from_open(open_msg, [EOS])
+    session = s.Session("device", config, log_mass(DEV_SCORES), solo=link is None)
+    tokens: list[int] = []
+
+    async def send(msg):
+        if link is not None:
+            await link.send(msg)
+
+    driver = SessionDriver(session, ListStreams(DEV_DOCS, world, delay_s), DEV_SCORES, send, tokens.extend)
+    if link is not None:
+        await link.open(open_msg, driver)
+    try:
+        finish = await asyncio.wait_for(driver.run(), 30)
+    finally:
+        if link is not None:
+            link.release(rid)
+    return tokens, finish, session
+
+
+def central(world: int, max_tokens: int) -> list[int]:
+    config = s.SessionConfig(request_id=0, max_tokens=max_tokens, seed=world, eos_ids=frozenset({EOS}))
+    return centralized_decode(config, side_spec(DEV_DOCS, DEV_SCORES, world), side_spec(CLOUD_DOCS, CLOUD_SCORES, world))
+
+
+def test_many_concurrent_requests_on_one_connection_are_exact():
+    async def main():
+        backend = FakeBackend()
+        async with cloud_server(backend) as (server, url):
+            async with CloudLink(url, IDENTITY, TOKEN) as link:
+                results = await asyncio.gather(*(ask(link, dict(max_tokens=18)) for _ in range(6)))
+            for tokens, finish, session in results:
+                assert tokens == central(0, 18)
+                assert not finish.degraded
+                assert session.stats.decided_here == len(tokens)
+            await asyncio.sleep(0.05)
+            assert all(g.closed for g in backend.groups) and len(backend.groups) == 6
+            assert server.active_requests == 0
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("what", ["token", "fingerprint", "score_function"])
+def test_handshake_refusals_are_typed(what):
+    async def main():
+        async with cloud_server(FakeBackend()) as (_, url):
+            ident, token = IDENTITY, TOKEN
+            if what == "token":
+                token = "wrong"
+            elif what == "fingerprint":
+                ident = Identity("fake-model", "other", "tfp", "rfp", "cosine*10")
+            else:
+                ident = Identity("fake-model", "mfp", "tfp", "rfp", "dot")
+            link = CloudLink(url, ident, token)
+            with pytest.raises(HandshakeError) as err:
+                await link.connect()
+            await link.close()
+            return str(err.value)
+
+    message = asyncio.run(main())
+    assert {"token": "auth", "fingerprint": "model fingerprint", "score_function": "score function"}[what] in message
+
+
+def test_wrong_protocol_version_and_garbage_get_typed_errors_and_server_keeps_serving():
+    async def main():
+        async with cloud_server(FakeBackend()) as (_, url):
+            async with aiohttp.ClientSession() as http:
+                # 1. a frame of another protocol version
+                ws = await http.ws_connect(url + LINK_PATH)
+                frame = bytearray(codec.encode(IDENTITY.hello(TOKEN)))
+                frame[2] = 99
+                await ws.send_bytes(bytes(frame))
+                reply = codec.decode((await ws.receive()).data)
+                assert isinstance(reply, m.Error) and reply.code == "unsupported_version"
+                await ws.close()
+                # 2. after a good handshake: garbage, an oversized request, then a good request
+                ws = await http.ws_connect(url + LINK_PATH)
+                await ws.send_bytes(codec.encode(IDENTITY.hello(TOKEN)))
+                assert isinstance(codec.decode((await ws.receive()).data), m.Welcome)
+                await ws.send_bytes(b"\x00garbage\xff")
+                await ws.send_bytes(codec.encode(m.Open(1, "q", k=1000, max_tokens=5, seed=0)))
+                errors = []
+                while len(errors) < 2:
+                    msg = codec.decode((await ws.receive()).data)
+                    if isinstance(msg, m.Error):
+                        errors.append(msg)
+                assert errors[0].code == "malformed_frame"
+                assert errors[1].code == "request_rejected" and errors[1].request_id == 1
+                await ws.close()
+            # 3. a regular device is served normally afterwards
+            async with CloudLink(url, IDENTITY, TOKEN) as link:
+                tokens, finish, _ = await ask(link, dict(max_tokens=10))
+            assert tokens == central(0, 10) and not finish.degraded
+
+    asyncio.run(main())
+
+
+def test_oversized_frame_closes_only_that_connection():
+    async def main():
+        limits = LinkLimits(max_frame_bytes=64 << 10, ping_interval_s=0.05)
+        async with cloud_server(FakeBackend(), limits) as (_, url):
+            async with CloudLink(url, IDENTITY, TOKEN) as good:
+                async with aiohttp.ClientSession() as http:
+                    ws = await http.ws_connect(url + LINK_PATH)
+                    await ws.send_bytes(codec.encode(IDENTITY.hello(TOKEN)))
+                    await ws.receive()
+                    await ws.send_bytes(b"DG\x01" + b"\x00" * (128 << 10))
+                    msg = await ws.receive()
+                    while msg.type == aiohttp.WSMsgType.BINARY:  # pings sent before the close
+                        msg = await ws.receive()
+                    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+                    assert ws.close_code == 1009  # message too big
+                tokens, finish, _ = await ask(good, dict(max_tokens=10))
+                assert tokens == central(0, 10) and not finish.degraded
+
+    asyncio.run(main())
+
+
+def test_cloud_unreachable_at_start_raises_typed_error_quickly():
+    async def main():
+        link = CloudLink(f"http://127.0.0.1:{free_port()}", IDENTITY, TOKEN,
+                         LinkOptions(connect_attempts=2, backoff_initial_s=0.01))
+        with pytest.raises(LinkUnavailable):
+            await link.connect()
+        await link.close()
+
+    asyncio.run(main())
+
+
+def test_cloud_lost_mid_answer_device_finishes_degraded():
+    async def main():
+        backend = FakeBackend(delay_s=0.01)
+        async with cloud_server(backend) as (server, url):
+            async with CloudLink(url, IDENTITY, TOKEN) as link:
+                task = asyncio.create_task(ask(link, dict(max_tokens=40), delay_s=0.01))
+                await asyncio.sleep(0.15)
+                await server.close_all()  # the cloud goes away mid-answer
+                tokens, finish, session = await task
+        assert finish.reason in ("eos", "length") and finish.degraded
+        want = central(0, 40)
+        assert 0 < len(session.stats.aggregator_by_step)
+        assert tokens[0] == want[0]
+
+    asyncio.run(main())
+
+
+def test_device_disconnect_frees_the_cloud_streams():
+    async def main():
+        backend = FakeBackend(delay_s=0.01)
+        async with cloud_server(backend) as (server, url):
+            link = CloudLink(url, IDENTITY, TOKEN)
+            await link.connect()
+            task = asyncio.create_task(ask(link, dict(max_tokens=200), delay_s=0.01))
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if backend.groups:
+                    break
+            assert backend.groups and not backend.groups[0].closed
+            await link.close()  # the device disappears
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if backend.groups[0].closed:
+                    break
+            assert backend.groups[0].closed and server.active_requests == 0
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
