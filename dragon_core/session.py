@@ -167,6 +167,7 @@ class _RemoteDraft:
 @dataclass
 class SessionStats:
     drafts: int = 0
+    verified: int = 0  # steps decided with both sides' drafts (not solo)
     accepted_local: int = 0
     accepted_remote: int = 0
     decided_here: int = 0
@@ -359,6 +360,7 @@ class Session:
             token = verify(local.token, local.dist, remote.token, remote.dist, eta_remote, cfg.sampling, rng).token
         acc_local, acc_remote = local.token == token, remote.token == token
         self.stats.decided_here += 1
+        self.stats.verified += 1
         self.stats.accepted_remote += int(acc_remote)
         est = self.scheduler.estimates
         est.alpha_local.update(float(acc_local))
@@ -400,7 +402,10 @@ class Session:
             raise ProtocolError(f"target step {step}: accept flag disagrees with our draft")
         est = self.scheduler.estimates
         est.alpha_local.update(float(accepted))
-        est.alpha_remote.update(float(msg.sender_epoch == self.remote_epoch))
+        peer_accepted = msg.sender_epoch == self.remote_epoch  # the aggregator bumps it on rejection
+        est.alpha_remote.update(float(peer_accepted))
+        self.stats.verified += 1
+        self.stats.accepted_remote += int(peer_accepted)
         if msg.sender_decode_ms:
             est.c_remote.update(msg.sender_decode_ms)
         self.remote_epoch = msg.sender_epoch
@@ -420,7 +425,7 @@ class Session:
         self.stats.aggregator_by_step.append(self.aggregator)
         if accepted_local:
             self._drafts.pop(0)
-            self.stats.accepted_local += 1
+            self.stats.accepted_local += int(not self.solo)  # acceptance counts verified steps only
         else:
             self.epoch += 1
             self._drafts.clear()
