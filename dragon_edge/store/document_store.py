@@ -1,0 +1,444 @@
+"""The device's private document store: folder/text ingest, exact search with DRAGON scores.
+
+Layout of a store directory::
+
+    store.sqlite3   source of truth: sources, passages (text, ordinal, vector BLOB), meta
+    index.faiss     cache of the vectors for search; rebuilt/repaired from SQLite when stale
+
+Scores returned by :meth:`DocumentStore.search` are exactly ``R(d)`` of
+:mod:`dragon_core.retrieval`, the logits the aggregation mixes documents with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from dragon_core.retrieval import (
+    DEFAULT_PASSAGE_WORDS,
+    Embedder,
+    chunk_words,
+    default_embedder,
+)
+from dragon_edge.store import db, index as ix, readers
+from dragon_edge.store.errors import (
+    DocumentError,
+    EmptyDocument,
+    EmptyFolder,
+    FolderNotFound,
+    RetrieverMismatch,
+    StoreCorrupt,
+    StoreError,
+    StoreNotFound,
+    UnknownSource,
+)
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "store.sqlite3"
+INDEX_NAME = "index.faiss"
+CHECKPOINT_S = 30.0  # during long ingests, refresh the faiss cache this often
+PAUSE_ENV = "DRAGON_STORE_TEST_PAUSE"  # test hook "point:nth:seconds" (see _pause)
+
+
+@dataclass(frozen=True)
+class Passage:
+    id: int
+    text: str
+    source: str
+    score: float  # R(d) = scale * cosine(query, passage)
+    ordinal: int = 0
+
+
+@dataclass
+class IngestReport:
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    passages_added: int = 0
+    passages_removed: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    path: str
+    sources: int
+    passages: int
+    index_vectors: int
+    dim: int
+    passage_words: int
+    model_fingerprint: str
+    retriever_fingerprint: str
+    score_function: str
+    db_bytes: int
+    index_bytes: int
+    pdf_supported: bool
+
+
+class DocumentStore:
+    """Open (creating if needed) the store in directory ``path``. Not thread-safe; several
+    processes may open one store (SQLite serialises writers; readers see new commits)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        embedder: Embedder | None = None,
+        *,
+        create: bool = True,
+        passage_words: int | None = None,
+        reembed_on_mismatch: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self._embedder = embedder
+        self._pause_counts: dict[str, int] = {}
+        self._db_path, self._index_path = self.path / DB_NAME, self.path / INDEX_NAME
+        self._open_dir(create)
+        self._db = db.connect(self._db_path)
+        self.recovered: str | None = None  # what open had to repair, if anything
+        self.passage_words = self._init_meta(passage_words)
+        self._dim = int(db.get_meta(self._db, "dim"))
+        self._check_model(reembed_on_mismatch)
+        self._index = self._open_index()
+        self._data_version = self._db_version()
+
+    # -------------------------------------------------------------- opening
+    def _open_dir(self, create: bool) -> None:
+        if not self._db_path.exists():
+            if self._index_path.exists():
+                raise StoreCorrupt(f"{self._db_path} is missing (index.faiss alone cannot be recovered)")
+            if not create:
+                raise StoreNotFound(f"no document store at {self.path}")
+            if self.path.exists() and not self.path.is_dir():
+                raise StoreError(f"{self.path} exists and is not a directory")
+            self.path.mkdir(parents=True, exist_ok=True)
+        elif not os.access(self._db_path, os.R_OK | os.W_OK):
+            raise StoreError(f"{self._db_path}: no read/write permission")
+
+    def _init_meta(self, passage_words: int | None) -> int:
+        stored = db.get_meta(self._db, "passage_words")
+        if stored is None:
+            words = passage_words or DEFAULT_PASSAGE_WORDS
+            with db.transaction(self._db):
+                db.set_meta(self._db, "passage_words", str(words))
+                db.set_meta(self._db, "dim", str(self.embedder.dim))
+                db.set_meta(self._db, "model_fingerprint", self.embedder.model_fingerprint)
+            return words
+        if passage_words is not None and passage_words != int(stored):
+            raise StoreError(f"store was built with {stored}-word passages, not {passage_words}")
+        return int(stored)
+
+    def _check_model(self, reembed: bool) -> None:
+        want, have = db.get_meta(self._db, "model_fingerprint"), self.embedder.model_fingerprint
+        if self._dim != self.embedder.dim or want != have:
+            if not reembed:
+                raise RetrieverMismatch(
+                    f"{self.path} was embedded with model {want} (dim {self._dim}); loaded model is "
+                    f"{have} (dim {self.embedder.dim}). Open with reembed_on_mismatch=True to re-embed."
+                )
+            self._reembed_all()
+
+    def _open_index(self):
+        ix.remove_stale_tmp(self._index_path)
+        try:
+            index = ix.load_index(self._index_path, self._dim)
+        except ix.IndexFileInvalid as e:
+            index = self._rebuild_index()
+            if index.ntotal or self._index_path.exists():  # a new, empty store needs no repair
+                self.recovered = f"index rebuilt from SQLite ({e})"
+        else:
+            changed = self._sync(index)
+            if changed:
+                self.recovered = f"index repaired from SQLite ({changed})"
+        if self.recovered:
+            log.warning("%s: %s", self.path, self.recovered)
+            ix.save_index(index, self._index_path)
+        return index
+
+    def _rebuild_index(self):
+        index = ix.new_index(self._dim)
+        for ids, vecs in db.iter_vectors(self._db, self._dim):
+            index.add_with_ids(vecs, ids)
+        return index
+
+    def _sync(self, index) -> str:
+        """Make ``index`` hold exactly SQLite's passages; say what changed ("" if nothing)."""
+        in_db, in_ix = db.passage_ids(self._db), ix.index_ids(index)
+        if np.unique(in_ix).size != in_ix.size:
+            index.reset()
+            in_ix = in_ix[:0]
+        extra, missing = np.setdiff1d(in_ix, in_db), np.setdiff1d(in_db, in_ix)
+        if extra.size:
+            index.remove_ids(extra)
+        for ids, vecs in db.iter_vectors(self._db, self._dim, missing):
+            index.add_with_ids(vecs, ids)
+        return f"-{extra.size} +{missing.size} vectors" if extra.size or missing.size else ""
+
+    def _db_version(self) -> int:
+        return self._db.execute("PRAGMA data_version").fetchone()[0]
+
+    def _refresh(self) -> None:
+        """Pick up commits made by other processes since we last looked."""
+        v = self._db_version()
+        if v != self._data_version:
+            self._sync(self._index)
+            self._data_version = v
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = default_embedder()
+        return self._embedder
+
+    # -------------------------------------------------------------- writing
+    def ingest(
+        self,
+        folder: str | os.PathLike,
+        *,
+        progress: bool | None = None,
+        prune: bool = False,
+        strict: bool = False,
+    ) -> IngestReport:
+        """Ingest every supported file under ``folder`` (recursively). Unchanged files (same
+        bytes) are skipped, changed ones replaced. Unreadable files are skipped and listed in
+        the report (``strict=True`` raises instead). ``prune=True`` also deletes sources under
+        ``folder`` whose files are gone. ``progress=None`` shows a bar on a terminal."""
+        t0, report = time.perf_counter(), IngestReport()
+        root = Path(folder)
+        if not root.is_dir():
+            raise FolderNotFound(f"{root}: no such folder")
+        files, others = readers.list_folder(root)
+        report.skipped += [(str(p), "unsupported file type") for p in others]
+        if not files:
+            kinds = ", ".join(sorted(readers.supported_suffixes()))
+            raise EmptyFolder(f"{root}: no documents to ingest ({kinds}); {len(others)} other files")
+        self._refresh()
+        last_save = time.monotonic()
+        for path in tqdm(files, desc="ingest", unit="file", disable=None if progress is None else not progress):
+            try:
+                self._ingest_file(path, report)
+            except DocumentError as e:
+                if strict:
+                    raise
+                report.skipped.append((e.path, e.reason))
+            if time.monotonic() - last_save > CHECKPOINT_S:
+                self._save()
+                last_save = time.monotonic()
+        if prune:
+            self._prune(root, files, report)
+        self._save()
+        if not (report.added or report.updated or report.unchanged):
+            raise EmptyFolder(f"{root}: none of {len(files)} documents could be read: {report.skipped[:3]}")
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def add_file(self, path: str | os.PathLike) -> IngestReport:
+        """Ingest one file; errors raise."""
+        report = IngestReport()
+        self._refresh()
+        self._ingest_file(Path(path), report)
+        self._save()
+        return report
+
+    def add_texts(self, texts: str | Sequence[str], source: str | None = None) -> int:
+        """Add texts as one source (name defaults to a content hash). Re-adding a source name
+        replaces its passages; identical content is a no-op. Returns passages added."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        sha = hashlib.sha256("\0".join(texts).encode()).hexdigest()
+        source = source or f"text:{sha[:16]}"
+        passages = [p for t in texts for p in chunk_words(t, self.passage_words)]
+        if not passages:
+            raise EmptyDocument(source, "no words to index")
+        self._refresh()
+        if self._source_sha(source) == sha:
+            return 0
+        size = sum(len(t.encode()) for t in texts)
+        self._replace_source(source, "text", sha, size, None, passages)
+        self._save()
+        return len(passages)
+
+    def _ingest_file(self, path: Path, report: IngestReport) -> None:
+        doc = readers.read_document(path)
+        key = str(path.resolve())
+        old_sha = self._source_sha(key)
+        if old_sha == doc.sha256:
+            report.unchanged.append(key)
+            return
+        passages = chunk_words(doc.text, self.passage_words)
+        if not passages:
+            raise EmptyDocument(key, "no text")
+        removed = self._replace_source(key, "file", doc.sha256, doc.size, doc.mtime, passages)
+        (report.added if old_sha is None else report.updated).append(key)
+        report.passages_added += len(passages)
+        report.passages_removed += removed
+
+    def _replace_source(
+        self, key: str, kind: str, sha: str, size: int, mtime: float | None, passages: list[str]
+    ) -> int:
+        """Swap a source's passages in one transaction; returns how many were removed."""
+        vecs = self.embedder.embed(passages)  # before the transaction: keep the write lock short
+        with db.transaction(self._db) as c:
+            old = [r[0] for r in c.execute(
+                "SELECT p.id FROM passages p JOIN sources s ON p.source_id = s.id WHERE s.source = ?", (key,))]
+            c.execute("DELETE FROM sources WHERE source = ?", (key,))
+            sid = c.execute(
+                "INSERT INTO sources (source, kind, sha256, size, mtime, added_at) VALUES (?,?,?,?,?,?)",
+                (key, kind, sha, size, mtime, time.time()),
+            ).lastrowid
+            new = [
+                c.execute(
+                    "INSERT INTO passages (source_id, ordinal, text, vector) VALUES (?,?,?,?)",
+                    (sid, i, text, db.vector_blob(v)),
+                ).lastrowid
+                for i, (text, v) in enumerate(zip(passages, vecs))
+            ]
+            self._pause("in_txn")
+        if old:
+            self._index.remove_ids(np.array(old, np.int64))
+        self._index.add_with_ids(vecs, np.array(new, np.int64))
+        self._pause("after_commit")
+        return len(old)
+
+    def delete(self, source: str | os.PathLike) -> int:
+        """Delete a source (a text source's name, a file path, or a folder path: every file
+        under it). Returns passages removed; raises UnknownSource if nothing matched."""
+        self._refresh()
+        keys = self._match_sources(source)
+        if not keys:
+            raise UnknownSource(f"no source {source!s} in {self.path}")
+        with db.transaction(self._db) as c:
+            marks = ",".join("?" * len(keys))
+            ids = [r[0] for r in c.execute(
+                f"SELECT p.id FROM passages p JOIN sources s ON p.source_id = s.id WHERE s.source IN ({marks})", keys)]
+            c.execute(f"DELETE FROM sources WHERE source IN ({marks})", keys)
+        if ids:
+            self._index.remove_ids(np.array(ids, np.int64))
+        self._save()
+        return len(ids)
+
+    def _match_sources(self, source: str | os.PathLike) -> list[str]:
+        name = os.fspath(source)
+        if self._source_sha(name) is not None:
+            return [name]
+        p = Path(name).resolve()
+        if self._source_sha(str(p)) is not None:
+            return [str(p)]
+        prefix = str(p).rstrip(os.sep) + os.sep
+        rows = self._db.execute("SELECT source FROM sources WHERE kind = 'file'").fetchall()
+        return [r[0] for r in rows if r[0].startswith(prefix)]
+
+    def _prune(self, root: Path, files: Iterable[Path], report: IngestReport) -> None:
+        present = {str(p.resolve()) for p in files}
+        gone = [k for k in self._match_sources(root) if k not in present]
+        if gone:
+            report.passages_removed += self.delete_many(gone)
+            report.removed += gone
+
+    def delete_many(self, sources: Sequence[str]) -> int:
+        return sum(self.delete(s) for s in sources)
+
+    def _reembed_all(self) -> None:
+        """Re-embed every passage with the loaded model (after a model change)."""
+        rows = self._db.execute("SELECT id, text FROM passages ORDER BY id").fetchall()
+        vecs = self.embedder.embed([r[1] for r in rows]) if rows else []
+        with db.transaction(self._db) as c:
+            c.executemany("UPDATE passages SET vector = ? WHERE id = ?",
+                          [(db.vector_blob(v), r[0]) for r, v in zip(rows, vecs)])
+            db.set_meta(c, "dim", str(self.embedder.dim))
+            db.set_meta(c, "model_fingerprint", self.embedder.model_fingerprint)
+        self._dim = self.embedder.dim
+        self._index_path.unlink(missing_ok=True)  # vectors changed under the same ids
+
+    def _source_sha(self, key: str) -> str | None:
+        row = self._db.execute("SELECT sha256 FROM sources WHERE source = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _save(self) -> None:
+        ix.save_index(self._index, self._index_path, self._pause)
+
+    def _pause(self, point: str) -> None:
+        """Test hook: with DRAGON_STORE_TEST_PAUSE="point:nth:seconds", announce on stderr and
+        sleep at the nth time ``point`` is reached, so a test can kill -9 the process there."""
+        spec = os.environ.get(PAUSE_ENV)
+        if not spec or not spec.startswith(point + ":"):
+            return
+        _, nth, seconds = spec.split(":")
+        self._pause_counts[point] = self._pause_counts.get(point, 0) + 1
+        if self._pause_counts[point] == int(nth):
+            print(f"DRAGON_STORE_PAUSED {point} {nth}", file=sys.stderr, flush=True)
+            time.sleep(float(seconds))
+
+    # -------------------------------------------------------------- reading
+    def search(self, query: str, k: int = 4) -> list[Passage]:
+        """Top-``k`` passages by ``R(d)``, best first."""
+        self._refresh()
+        n = min(k, self._index.ntotal)
+        if n <= 0:
+            return []
+        q = self.embedder.embed_query(query)[None, :]
+        ip, ids = self._index.search(q, n)
+        scores = self.embedder.score.from_inner_product(ip[0])
+        rows = self._passages_by_id([int(i) for i in ids[0] if i >= 0])
+        hits = []
+        for i, score in zip(ids[0].tolist(), scores.tolist()):
+            if i in rows:  # -1 (fewer hits) or deleted by another process since the last refresh
+                text, source, ordinal = rows[i]
+                hits.append(Passage(i, text, source, score, ordinal))
+        return hits
+
+    def _passages_by_id(self, ids: list[int]) -> dict[int, tuple[str, str, int]]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        q = (f"SELECT p.id, p.text, s.source, p.ordinal FROM passages p JOIN sources s "
+             f"ON p.source_id = s.id WHERE p.id IN ({marks})")
+        return {r[0]: (r[1], r[2], r[3]) for r in self._db.execute(q, ids)}
+
+    def sources(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT source FROM sources ORDER BY source")]
+
+    def stats(self) -> StoreStats:
+        self._refresh()
+        count = lambda table: self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]  # noqa: E731
+        size = lambda p: p.stat().st_size if p.exists() else 0  # noqa: E731
+        wal = self._db_path.with_name(DB_NAME + "-wal")
+        return StoreStats(
+            path=str(self.path),
+            sources=count("sources"),
+            passages=count("passages"),
+            index_vectors=int(self._index.ntotal),
+            dim=self._dim,
+            passage_words=self.passage_words,
+            model_fingerprint=db.get_meta(self._db, "model_fingerprint") or "",
+            retriever_fingerprint=self.embedder.fingerprint,
+            score_function=self.embedder.score.id(),
+            db_bytes=size(self._db_path) + size(wal),
+            index_bytes=size(self._index_path),
+            pdf_supported=readers.pdf_supported(),
+        )
+
+    # -------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def __enter__(self) -> DocumentStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["DocumentStore", "Passage", "IngestReport", "StoreStats"]
