@@ -65,6 +65,8 @@ class LinkStats(Protocol):
 
     def on_bytes(self, sent: int, received: int) -> None: ...
 
+    def on_session(self, session: s.Session) -> None: ...
+
 
 class RequestRejected(DragonError):
     code = "request_rejected"
@@ -250,6 +252,7 @@ class _Connection:
             log.info("request %d finished: %s (%d tokens)", rid, finish.reason, len(session.committed))
             if self.server.stats:
                 self.server.stats.on_request(finish.reason)
+                self.server.stats.on_session(session)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # one request failing must not take the connection down

@@ -1,0 +1,196 @@
+"""The device runtime: everything one answer needs, wired together.
+
+Per question: retrieve from the private store, lay out one prompt per passage, open the k
+local streams, ask the cloud to join over the link (if there is one), and run the device
+``Session`` through a ``SessionDriver``. Committed tokens are detokenised incrementally and
+streamed out. The cloud sees the query text and the protocol frames, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+from dragon_core import messages as m
+from dragon_core import session as s
+from dragon_core.aggregate import log_mass
+from dragon_core.driver import SessionDriver
+from dragon_core.engine import Engine
+from dragon_core.errors import DragonError
+from dragon_core.handshake import Identity
+from dragon_core.prompt import passage_prompts
+
+log = logging.getLogger("dragon.edge")
+
+@dataclass
+class AnswerOptions:
+    max_tokens: int = 128
+    k: int = 2  # private passages
+    cloud_k: int = 2  # public passages the cloud retrieves
+    greedy: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    mode: m.Mode = "dragon"
+    aggregator: m.Side = "device"
+    scheduling: bool = True
+    max_depth: int = 8
+    dist_top_k: int = 0  # 0: exact full distributions on the wire
+    use_cloud: bool = True
+    cloud_open_timeout_s: float = 30.0
+
+
+@dataclass
+class Source:
+    side: str  # "device" (private) or "cloud" (public)
+    name: str
+    score: float | None = None
+    text: str | None = None  # private passages stay local: only shown to the app itself
+
+
+@dataclass
+class AnswerStats:
+    tokens: int = 0
+    degraded: bool = False
+    finish_reason: str = ""
+    device_only: bool = False
+    ttft_s: float | None = None
+    per_token_latency_ms: list[float] = field(default_factory=list)
+    acceptance_device: float | None = None
+    acceptance_cloud: float | None = None
+    rollbacks: int = 0
+    handovers: int = 0
+    aggregator_steps: dict[str, int] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    sources: list[Source] = field(default_factory=list)
+
+    @property
+    def bytes_per_token(self) -> float:
+        return (self.bytes_sent + self.bytes_received) / max(1, self.tokens)
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "sources"}
+        d["bytes_per_token"] = self.bytes_per_token
+        d["sources"] = [{k: v for k, v in src.__dict__.items() if v is not None} for src in self.sources]
+        return d
+
+
+@dataclass
+class Piece:
+    """One streamed text delta (``text`` may be empty on the final piece)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finished: AnswerStats | None = None
+
+
+class EdgeRuntime:
+    def __init__(self, engine: Engine, tokenizer, identity: Identity, eos_ids: Sequence[int], store=None,
+                 link=None) -> None:
+        self.engine, self.tokenizer, self.identity = engine, tokenizer, identity
+        self.eos_ids = frozenset(eos_ids)
+        self.store = store
+        self.link = link
+        self._local_ids = 0
+
+    # ------------------------------------------------------------------ retrieval + prompts
+    def private_passages(self, query: str, k: int):
+        if self.store is None or k <= 0:
+            return []
+        return self.store.search(query, k)
+
+    # ------------------------------------------------------------------ answering
+    async def answer(self, query: str, opts: AnswerOptions) -> AsyncIterator[Piece]:
+        t0 = time.monotonic()
+        passages = self.private_passages(query, opts.k)
+        prompts, scores = passage_prompts(self.tokenizer, query, [p.text for p in passages],
+                                          [p.score for p in passages])
+        stats = AnswerStats(sources=[Source("device", p.source, float(p.score), p.text) for p in passages])
+        link = self.link if opts.use_cloud else None
+        degraded = False
+        if link is not None:
+            try:
+                await link.connect()
+            except DragonError as exc:
+                log.warning("answering device-only: %s", exc)
+                link, degraded = None, True
+        rid = link.new_request_id() if link is not None else self._next_local_id()
+        open_msg = m.Open(rid, query, k=opts.cloud_k, max_tokens=opts.max_tokens, seed=opts.seed,
+                          sampling=m.Sampling(opts.greedy, opts.temperature, opts.top_k, opts.top_p),
+                          mode=opts.mode, aggregator=opts.aggregator, scheduling=opts.scheduling,
+                          max_depth=opts.max_depth, dist_top_k=opts.dist_top_k)
+        config = s.SessionConfig.from_open(open_msg, self.eos_ids)
+        session = s.Session("device", config, log_mass(scores), solo=link is None, degraded=degraded)
+        stats.device_only = link is None
+        group = await self.engine.open_group(prompts, opts.temperature if not opts.greedy else 1.0)
+        queue: asyncio.Queue[tuple[int, ...] | None] = asyncio.Queue()
+        sent0 = (link.bytes_sent, link.bytes_received) if link is not None else (0, 0)
+
+        async def send(msg: m.Message) -> None:
+            if link is not None:
+                await link.send(msg)
+
+        driver = SessionDriver(session, group, scores, send, on_commit=lambda toks: queue.put_nowait(tuple(toks)))
+        if link is not None:
+            await link.open(open_msg, driver)
+        run = asyncio.create_task(driver.run())
+        run.add_done_callback(lambda _: queue.put_nowait(None))
+        generated: list[int] = []
+        emitted = ""
+        last = t0
+        try:
+            while (toks := await queue.get()) is not None:
+                now = time.monotonic()
+                stats.ttft_s = stats.ttft_s if stats.ttft_s is not None else now - t0
+                stats.per_token_latency_ms.append((now - last) * 1000)
+                last = now
+                generated.extend(t for t in toks if t not in self.eos_ids)
+                text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                if text.endswith("\ufffd"):
+                    continue  # half a UTF-8 character: wait for the rest
+                delta, emitted = text[len(emitted):], text
+                yield Piece(delta, toks)
+            finish = await run
+        finally:
+            if not run.done():
+                driver.feed(s.CancelRequest("the application stopped reading"))
+                await asyncio.gather(run, return_exceptions=True)
+            if link is not None:
+                link.release(rid)
+            await group.close()
+        if link is not None:
+            opened = await link.opened(rid, timeout=0.0)
+            if opened is not None:
+                stats.sources += [Source("cloud", name) for name in opened.sources]
+            stats.bytes_sent = link.bytes_sent - sent0[0]
+            stats.bytes_received = link.bytes_received - sent0[1]
+        self._fill_stats(stats, session, finish, len(generated))
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        yield Piece(text[len(emitted):], (), finished=stats)
+
+    def _fill_stats(self, stats: AnswerStats, session: s.Session, finish: s.Finish, n: int) -> None:
+        st = session.stats
+        stats.tokens = len(session.committed)
+        stats.degraded = finish.degraded or session.degraded
+        stats.finish_reason = finish.reason
+        stats.rollbacks = st.rollbacks
+        stats.handovers = st.handovers
+        for side in st.aggregator_by_step:
+            stats.aggregator_steps[side] = stats.aggregator_steps.get(side, 0) + 1
+        if st.verified:
+            stats.acceptance_device = st.accepted_local / st.verified
+            stats.acceptance_cloud = st.accepted_remote / st.verified
+
+    def _next_local_id(self) -> int:
+        self._local_ids += 1
+        return self._local_ids
+
+    async def close(self) -> None:
+        if self.link is not None:
+            await self.link.close()
+        await self.engine.close()

@@ -1,0 +1,249 @@
+"""A Python SDK shaped like the OpenAI client, so an app switches with one line:
+
+    from dragon_edge import DragonClient
+    client = DragonClient(cloud_url="http://127.0.0.1:8000", store="~/.dragon/store")
+    reply = client.chat.completions.create(messages=[{"role": "user", "content": "..."}])
+    print(reply.choices[0].message.content, reply.dragon["acceptance_cloud"])
+
+``AsyncDragonClient`` is the async twin. Answers are real ``openai`` response objects
+(``ChatCompletion`` / ``ChatCompletionChunk``) with one extra field, ``dragon``: per-answer stats
+(acceptance rates, rollbacks, bytes, per-token latency, which side aggregated, degraded or not,
+sources). Without ``cloud_url`` the client answers device-only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterable, Iterator
+
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from dragon_edge.runtime import AnswerOptions, EdgeRuntime, Piece
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def last_user_message(messages: Iterable[dict]) -> str:
+    """The query DRAGON retrieves with and sends to the cloud: the last user turn's text."""
+    for msg in reversed(list(messages)):
+        if msg.get("role") == "user":
+            content = msg.get("content")
+            if isinstance(content, list):  # OpenAI content parts
+                content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if content:
+                return str(content)
+    raise ValueError("messages must contain a non-empty user message")
+
+
+def _options(max_tokens: int | None, temperature: float | None, top_p: float | None, seed: int | None,
+             extra: dict[str, Any]) -> AnswerOptions:
+    opts = AnswerOptions()
+    if max_tokens is not None:
+        opts.max_tokens = max_tokens
+    # temperature 0 (or unset) is greedy decoding, as in the OpenAI API's deterministic use
+    if temperature:
+        opts.greedy, opts.temperature = False, float(temperature)
+    if top_p is not None:
+        opts.top_p = float(top_p)
+    if seed is not None:
+        opts.seed = int(seed)
+    for key, value in extra.items():
+        if not hasattr(opts, key):
+            raise TypeError(f"unknown option {key!r}; DRAGON options: {sorted(AnswerOptions.__dataclass_fields__)}")
+        setattr(opts, key, value)
+    return opts
+
+
+class _AsyncCompletions:
+    def __init__(self, client: "AsyncDragonClient") -> None:
+        self._client = client
+
+    async def create(self, *, messages: list[dict], model: str | None = None, stream: bool = False,
+                     max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                     seed: int | None = None, **dragon_options: Any):
+        query = last_user_message(messages)
+        opts = _options(max_tokens, temperature, top_p, seed, dragon_options)
+        runtime = await self._client.runtime()
+        pieces = runtime.answer(query, opts)
+        model = model or self._client.model
+        if stream:
+            return _chunks(pieces, model)
+        return await _collect(pieces, model)
+
+
+async def _collect(pieces: AsyncIterator[Piece], model: str) -> ChatCompletion:
+    text, stats = [], None
+    async for piece in pieces:
+        text.append(piece.text)
+        stats = piece.finished or stats
+    return ChatCompletion.model_validate(dict(
+        id=f"chatcmpl-dragon-{uuid.uuid4().hex[:12]}", object="chat.completion", created=int(time.time()),
+        model=model, choices=[dict(index=0, finish_reason=_finish(stats.finish_reason),
+                                   message=dict(role="assistant", content="".join(text)))],
+        usage=dict(prompt_tokens=0, completion_tokens=stats.tokens, total_tokens=stats.tokens),
+        dragon=stats.as_dict()))
+
+
+async def _chunks(pieces: AsyncIterator[Piece], model: str) -> AsyncIterator[ChatCompletionChunk]:
+    cid, created = f"chatcmpl-dragon-{uuid.uuid4().hex[:12]}", int(time.time())
+    first = True
+    async for piece in pieces:
+        delta: dict[str, Any] = {"content": piece.text}
+        if first:
+            delta["role"], first = "assistant", False
+        extra = {"dragon": piece.finished.as_dict()} if piece.finished else {}
+        finish = _finish(piece.finished.finish_reason) if piece.finished else None
+        yield ChatCompletionChunk.model_validate(dict(
+            id=cid, object="chat.completion.chunk", created=created, model=model,
+            choices=[dict(index=0, delta=delta, finish_reason=finish)], **extra))
+
+
+def _finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+class _AsyncChat:
+    def __init__(self, client: "AsyncDragonClient") -> None:
+        self.completions = _AsyncCompletions(client)
+
+
+class _AsyncDocuments:
+    def __init__(self, client: "AsyncDragonClient") -> None:
+        self._client = client
+
+    async def add(self, texts: list[str] | None = None, *, path: str | Path | None = None, source: str = "sdk"):
+        store = self._client.store()
+        if path is not None:
+            return await asyncio.to_thread(store.ingest_folder, Path(path))
+        return await asyncio.to_thread(store.add_texts, list(texts or []), source=source)
+
+    async def delete(self, source: str):
+        return await asyncio.to_thread(self._client.store().delete, source)
+
+    async def search(self, query: str, k: int = 4):
+        return await asyncio.to_thread(self._client.store().search, query, k)
+
+
+class AsyncDragonClient:
+    """The async SDK. ``cloud_url=None`` answers device-only."""
+
+    def __init__(self, cloud_url: str | None = None, store: str | Path | Any | None = None, *,
+                 model: str = DEFAULT_MODEL, engine: str = "llamacpp", auth_token: str = "",
+                 runtime: EdgeRuntime | None = None) -> None:
+        self.cloud_url, self.model, self.engine_kind, self.auth_token = cloud_url, model, engine, auth_token
+        self._store_arg = store
+        self._store = None
+        self._runtime = runtime
+        self._lock = asyncio.Lock()
+        self.chat = _AsyncChat(self)
+        self.documents = _AsyncDocuments(self)
+
+    def store(self):
+        if self._store is None:
+            if self._store_arg is None:
+                raise ValueError("this client has no document store (pass store=PATH)")
+            if isinstance(self._store_arg, (str, Path)):
+                from dragon_edge.store import DocumentStore
+
+                self._store = DocumentStore(Path(self._store_arg).expanduser())
+            else:
+                self._store = self._store_arg
+        return self._store
+
+    async def runtime(self) -> EdgeRuntime:
+        async with self._lock:
+            if self._runtime is None:
+                from dragon_edge.loader import load_runtime
+
+                store = self.store() if self._store_arg is not None else None
+                self._runtime = await asyncio.to_thread(
+                    load_runtime, self.model, self.engine_kind, store, self.cloud_url, self.auth_token)
+            return self._runtime
+
+    async def close(self) -> None:
+        if self._runtime is not None:
+            await self._runtime.close()
+
+    async def __aenter__(self) -> "AsyncDragonClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+# ---------------------------------------------------------------------------- the sync twin
+class _LoopThread:
+    """A private event loop in a daemon thread, so sync callers can use the async core."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="dragon-sdk", daemon=True)
+        self.thread.start()
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def iterate(self, agen: AsyncIterator) -> Iterator:
+        while True:
+            try:
+                yield self.run(agen.__anext__())
+            except StopAsyncIteration:
+                return
+
+
+class _Completions:
+    def __init__(self, client: "DragonClient") -> None:
+        self._client = client
+
+    def create(self, **kwargs: Any):
+        result = self._client._loop.run(self._client._async.chat.completions.create(**kwargs))
+        if kwargs.get("stream"):
+            return self._client._loop.iterate(result)
+        return result
+
+
+class _Chat:
+    def __init__(self, client: "DragonClient") -> None:
+        self.completions = _Completions(client)
+
+
+class _Documents:
+    def __init__(self, client: "DragonClient") -> None:
+        self._client = client
+
+    def add(self, texts: list[str] | None = None, **kw):
+        return self._client._loop.run(self._client._async.documents.add(texts, **kw))
+
+    def delete(self, source: str):
+        return self._client._loop.run(self._client._async.documents.delete(source))
+
+    def search(self, query: str, k: int = 4):
+        return self._client._loop.run(self._client._async.documents.search(query, k))
+
+
+class DragonClient:
+    """The sync SDK (same arguments as ``AsyncDragonClient``)."""
+
+    def __init__(self, cloud_url: str | None = None, store: str | Path | Any | None = None, **kwargs: Any) -> None:
+        self._loop = _LoopThread()
+        self._async = self._loop.run(_make_async(cloud_url, store, kwargs))
+        self.chat = _Chat(self)
+        self.documents = _Documents(self)
+
+    def close(self) -> None:
+        self._loop.run(self._async.close())
+        self._loop.loop.call_soon_threadsafe(self._loop.loop.stop)
+
+    def __enter__(self) -> "DragonClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+async def _make_async(cloud_url, store, kwargs) -> AsyncDragonClient:
+    return AsyncDragonClient(cloud_url, store, **kwargs)  # its asyncio.Lock belongs to the SDK loop

@@ -1,0 +1,180 @@
+"""The cloud: public retrieval + prompt layout + the shared vLLM engine, for both front doors.
+
+* ``open_request`` serves the device link (``dragon_vllm.link``): the cloud's half of DRAGON.
+* ``answer_chat`` / ``answer_text`` serve the OpenAI-compatible API: cloud-side RAG with output
+  aggregation over the top-k public passages, run as a *solo* cloud ``Session`` — the same code
+  path as DRAGON without a device, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import AsyncIterator, Sequence
+
+from dragon_core import messages as m
+from dragon_core import session as s
+from dragon_core.aggregate import log_mass
+from dragon_core.driver import SessionDriver
+from dragon_core.engine import Engine
+from dragon_core.handshake import Identity
+from dragon_core.prompt import passage_prompts
+from dragon_vllm.link import OpenedRequest
+
+
+class DragonCloud:
+    def __init__(self, engine: Engine, tokenizer, identity: Identity, eos_ids: Sequence[int], index=None, *,
+                 default_k: int = 2, max_model_len: int = 2048, metrics=None) -> None:
+        self.engine, self.tokenizer, self.identity, self.index = engine, tokenizer, identity, index
+        self.eos_ids = frozenset(eos_ids)
+        self.default_k, self.max_model_len, self.metrics = default_k, max_model_len, metrics
+        self._ids = 0
+
+    # ------------------------------------------------------------------ retrieval
+    async def retrieve(self, query: str, k: int):
+        if self.index is None or k <= 0:
+            return []
+        return await asyncio.to_thread(self.index.search, query, k)
+
+    # ------------------------------------------------------------------ device link
+    async def open_request(self, req: m.Open) -> OpenedRequest:
+        passages = await self.retrieve(req.query, req.k) if req.retrieval else []
+        prompts, scores = passage_prompts(self.tokenizer, req.query, [p.text for p in passages],
+                                          [p.score for p in passages])
+        self._check_length(prompts, req.max_tokens)
+        temperature = 1.0 if req.sampling.greedy else req.sampling.temperature
+        group = await self.engine.open_group(prompts, temperature)
+        return OpenedRequest(group, scores, [_source_name(p) for p in passages])
+
+    # ------------------------------------------------------------------ OpenAI API
+    async def answer_chat(self, messages: list[dict], **opts) -> "CloudAnswer":
+        query = _last_user_text(messages)
+        if opts.get("retrieval", True):
+            passages = await self.retrieve(query, opts.get("k") or self.default_k)
+            prompts, scores = passage_prompts(self.tokenizer, query, [p.text for p in passages],
+                                              [p.score for p in passages])
+        else:  # a plain model server: the whole conversation through the chat template
+            passages = []
+            prompts = [list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))]
+            scores = [0.0]
+        return await self._answer(prompts, scores, passages, **opts)
+
+    async def answer_text(self, prompt: str, **opts) -> "CloudAnswer":
+        passages = await self.retrieve(prompt, opts.get("k") or self.default_k) if opts.get("retrieval", True) else []
+        if passages:
+            prompts = [self.tokenizer.encode(p.text + "\n\n" + prompt) for p in passages]
+            scores = [float(p.score) for p in passages]
+        else:
+            prompts, scores = [self.tokenizer.encode(prompt)], [0.0]
+        return await self._answer(prompts, scores, passages, **opts)
+
+    async def _answer(self, prompts, scores, passages, *, max_tokens: int, temperature: float | None,
+                      top_p: float | None, top_k: int | None, seed: int | None, stop: list[str], **_) -> "CloudAnswer":
+        self._check_length(prompts, max_tokens)
+        greedy = not temperature
+        sampling = m.Sampling(greedy=greedy, temperature=float(temperature or 1.0),
+                              top_k=int(top_k or 0) if (top_k or 0) > 0 else 0, top_p=float(top_p or 1.0))
+        self._ids += 1
+        config = s.SessionConfig(request_id=self._ids, max_tokens=max_tokens, seed=seed if seed is not None else self._ids,
+                                 eos_ids=self.eos_ids, sampling=sampling, aggregator="cloud", scheduling=False)
+        session = s.Session("cloud", config, log_mass(scores), solo=True)
+        group = await self.engine.open_group(prompts, 1.0 if greedy else sampling.temperature)
+        answer = CloudAnswer(self, session, group, scores, stop, [_source_name(p) for p in passages],
+                             sum(len(p) for p in prompts))
+        answer.start()
+        return answer
+
+    def _check_length(self, prompts, max_tokens: int) -> None:
+        longest = max(len(p) for p in prompts)
+        if longest + max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                             f"context of {self.max_model_len} tokens")
+
+
+class CloudAnswer:
+    """One running API answer: text deltas as tokens commit; honours stop strings."""
+
+    def __init__(self, cloud: DragonCloud, session: s.Session, group, scores, stop: list[str], sources: list[str],
+                 prompt_tokens: int) -> None:
+        self.cloud, self.session, self.group, self.stop = cloud, session, group, [x for x in stop if x]
+        self.sources, self.prompt_tokens = sources, prompt_tokens
+        self.created = int(time.time())
+        self._uid = uuid.uuid4().hex[:16]
+        self._queue: asyncio.Queue[tuple[int, ...] | None] = asyncio.Queue()
+        self.driver = SessionDriver(session, group, scores, _no_send, on_commit=lambda t: self._queue.put_nowait(tuple(t)))
+        self._task: asyncio.Task | None = None
+        self.finish_reason = "stop"
+        self._t0 = time.monotonic()
+        self._tokens: list[int] = []
+        self._closed = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.driver.run())
+        self._task.add_done_callback(lambda _: self._queue.put_nowait(None))
+
+    def id(self, prefix: str) -> str:
+        return f"{prefix}-{self._uid}"
+
+    async def deltas(self) -> AsyncIterator[str]:
+        tok, emitted = self.cloud.tokenizer, ""
+        while (toks := await self._queue.get()) is not None:
+            self._tokens.extend(t for t in toks if t not in self.cloud.eos_ids)
+            text = tok.decode(self._tokens, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue
+            cut = _first_stop(text, self.stop)
+            if cut is not None:
+                text = text[:cut]
+                if len(text) > len(emitted):
+                    yield text[len(emitted):]
+                self.finish_reason = "stop"
+                await self.aclose()
+                return
+            if len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
+        finish = await self._task
+        self.finish_reason = "length" if finish.reason == "length" else "stop"
+        await self.aclose()
+
+    async def text(self) -> str:
+        return "".join([d async for d in self.deltas()])
+
+    def usage(self) -> dict:
+        n = len(self.session.committed)
+        return dict(prompt_tokens=self.prompt_tokens, completion_tokens=n, total_tokens=self.prompt_tokens + n)
+
+    def stats(self) -> dict:
+        return dict(sources=self.sources, streams=len(self.sources) or 1,
+                    seconds=round(time.monotonic() - self._t0, 4))
+
+    async def aclose(self) -> None:
+        """Stop decoding (if still running) and free the streams; safe to call twice."""
+        if self._task is not None and not self._task.done():
+            self.driver.feed(s.CancelRequest("client closed"))
+            await asyncio.gather(self._task, return_exceptions=True)
+        if not self._closed:
+            self._closed = True
+            await self.group.close()
+
+
+async def _no_send(msg: m.Message) -> None:  # a solo session has no peer
+    return None
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [i for i in (text.find(x) for x in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _last_user_text(messages: list[dict]) -> str:
+    for msg in reversed(messages):
+        if msg.get("role") == "user" and isinstance(msg.get("content"), str) and msg["content"]:
+            return msg["content"]
+    raise ValueError("messages must contain a non-empty user message")
+
+
+def _source_name(passage) -> str:
+    title = getattr(passage, "title", None)
+    return f"{title}#{passage.id}" if title else str(passage.id)
