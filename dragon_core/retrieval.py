@@ -124,12 +124,19 @@ def _model_files_digest(model_dir: str, stamp: tuple) -> str:
 def model_files_fingerprint(model_dir: str | Path | None = None) -> str:
     """Identity of the embedding model's files alone (what stored vectors depend on)."""
     root = Path(model_dir) if model_dir is not None else locate_model_dir()
-    weights = root / _WEIGHTS_FILE
-    if not weights.is_file():
+    if not (root / _WEIGHTS_FILE).is_file():
         raise ModelNotInstalled(f"no {_WEIGHTS_FILE} in {root}")
-    st = weights.stat()
-    # (size, mtime) only keys the cache; the digest itself depends on content, not paths.
-    return _model_files_digest(str(root.resolve()), (st.st_size, st.st_mtime_ns))[:32]
+    # Every file's (size, mtime) only keys the cache; the digest depends on content, not paths.
+    stamp = tuple(_stat_key(root / name) for name in (*_IDENTITY_FILES, _WEIGHTS_FILE))
+    return _model_files_digest(str(root.resolve()), stamp)[:32]
+
+
+def _stat_key(p: Path) -> tuple[int, int] | None:
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def retriever_fingerprint(
