@@ -1,0 +1,153 @@
+"""Versioned binary frames for every DRAGON message.
+
+A frame is ``b"DG"`` + one protocol-version byte + the msgpack body of a ``messages.Message``
+(a tagged union, so the body says which struct it is). ``decode`` is the trust boundary: for any
+input bytes it returns a well-formed ``Message`` or raises a ``CodecError`` subclass, never
+anything else, and it never evaluates code (no pickle). A decoded ``Draft`` always carries a
+``WireDist`` that ``dist_from_wire`` accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from dragon_core import messages as m
+from dragon_core.dist import Dist
+from dragon_core.errors import FrameTooLarge, InvalidDistribution, MalformedFrame, UnsupportedVersion
+
+MAGIC = b"DG"
+HEADER = MAGIC + bytes([m.PROTOCOL_VERSION])
+SUPPORTED_VERSIONS = (m.PROTOCOL_VERSION,)
+# A full float32 vector of a 262,144-token vocabulary is 1 MiB; leave room for larger vocabularies.
+DEFAULT_MAX_FRAME = 4 << 20
+MAX_VOCAB = 1 << 22
+# Sender and receiver may round exp() differently by an ulp; anything further is a broken peer.
+_TAIL_TOLERANCE = 1e-6
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(m.Message)
+_MESSAGE_TYPES = m.Message.__args__
+
+
+def encode(msg: m.Message) -> bytes:
+    """One frame for ``msg``."""
+    if not isinstance(msg, _MESSAGE_TYPES):
+        raise TypeError(f"not a DRAGON message: {type(msg).__name__}")
+    buf = bytearray(HEADER)
+    _encoder.encode_into(msg, buf, len(HEADER))
+    return bytes(buf)
+
+
+def decode(data: bytes, max_size: int = DEFAULT_MAX_FRAME) -> m.Message:
+    """The message in one frame; raises only ``CodecError`` subclasses."""
+    try:
+        view = memoryview(data).cast("B")
+    except (TypeError, ValueError) as e:
+        raise MalformedFrame(f"frame must be bytes, got {type(data).__name__}") from e
+    if view.nbytes > max_size:  # before any parsing: a big frame costs nothing but its length
+        raise FrameTooLarge(f"frame of {view.nbytes} bytes exceeds the limit of {max_size}")
+    if view.nbytes < len(HEADER) or view[:2] != MAGIC:
+        raise MalformedFrame("not a DRAGON frame (bad magic or truncated header)")
+    if view[2] not in SUPPORTED_VERSIONS:
+        raise UnsupportedVersion(
+            f"frame has protocol version {view[2]}; supported: {', '.join(map(str, SUPPORTED_VERSIONS))}")
+    try:
+        msg = _decoder.decode(view[len(HEADER):])
+    except msgspec.DecodeError as e:
+        raise MalformedFrame(f"bad message body: {e}") from e
+    except Exception as e:  # e.g. UnicodeDecodeError on a bad str: a hostile frame must not crash a peer
+        raise MalformedFrame(f"bad message body: {type(e).__name__}: {e}") from e
+    _check(msg)
+    return msg
+
+
+# ---------------------------------------------------------------- distributions
+def dist_to_wire(d: Dist) -> m.WireDist:
+    """Raw little-endian arrays of a canonical ``Dist`` (nothing is rounded here)."""
+    if d.ids is None:
+        _require_dtype(d.logprobs, np.float32, "full log-probs")
+        return m.WireDist(d.vocab_size, d.logprobs.astype("<f4", copy=False).tobytes())
+    _require_dtype(d.logprobs, np.float16, "top-K log-probs")
+    _require_dtype(d.ids, np.int32, "top-K ids")
+    return m.WireDist(d.vocab_size, d.logprobs.astype("<f2", copy=False).tobytes(),
+                      d.ids.astype("<i4", copy=False).tobytes(), float(d.tail_mass))
+
+
+def dist_from_wire(w: m.WireDist) -> Dist:
+    """The sender's ``Dist``, bit for bit (so both sides compute identical ``probs()``)."""
+    _check_wire_shape(w)
+    try:
+        if w.ids is None:
+            return Dist.from_full_wire(np.frombuffer(w.logprobs, dtype="<f4"))
+        d = Dist.from_top_k(w.vocab_size, np.frombuffer(w.ids, dtype="<i4"), np.frombuffer(w.logprobs, dtype="<f2"))
+    except InvalidDistribution as e:
+        raise MalformedFrame(f"invalid distribution: {e}") from e
+    if abs(w.tail_mass - d.tail_mass) > _TAIL_TOLERANCE:
+        raise MalformedFrame(f"tail mass {w.tail_mass} breaks the unseen-id rule (expected {d.tail_mass})")
+    # keep the sender's own tail so both sides hold the very same numbers
+    return dataclasses.replace(d, tail_mass=w.tail_mass)
+
+
+def _require_dtype(a: np.ndarray, dtype: type, what: str) -> None:
+    if a.dtype != dtype:
+        raise InvalidDistribution(f"{what} must be {np.dtype(dtype).name}, got {a.dtype}")
+
+
+def _check_wire_shape(w: m.WireDist) -> None:
+    """Sizes and scalars only: cheap, and it bounds the memory ``probs()`` may allocate."""
+    if not 1 <= w.vocab_size <= MAX_VOCAB:
+        raise MalformedFrame(f"vocab_size {w.vocab_size} outside [1, {MAX_VOCAB}]")
+    if not (math.isfinite(w.tail_mass) and 0.0 <= w.tail_mass <= 1.0):
+        raise MalformedFrame(f"tail_mass {w.tail_mass} outside [0, 1]")
+    if w.ids is None:
+        if len(w.logprobs) != 4 * w.vocab_size:
+            raise MalformedFrame(f"full distribution needs {4 * w.vocab_size} bytes, got {len(w.logprobs)}")
+        return
+    k, rest = divmod(len(w.ids), 4)
+    if rest or not 1 <= k <= w.vocab_size:
+        raise MalformedFrame(f"{len(w.ids)} id bytes is not 1..{w.vocab_size} int32 ids")
+    if len(w.logprobs) != 2 * k:
+        raise MalformedFrame(f"{k} ids need {2 * k} float16 log-prob bytes, got {len(w.logprobs)}")
+
+
+# ---------------------------------------------------------------- semantic bounds
+# Checked by field name, so every message gets the same rule for the same concept.
+_NON_NEGATIVE = frozenset({"request_id", "epoch", "step", "token", "recipient_epoch", "sender_epoch",
+                           "nonce", "protocol_version", "max_depth", "dist_top_k", "top_k"})
+_POSITIVE = frozenset({"k", "max_tokens", "max_k", "max_frame_bytes"})
+_FINITE = frozenset({"log_h", "sent_at"})
+_FINITE_NON_NEGATIVE = frozenset({"decode_ms", "sender_decode_ms"})
+
+
+def _check(msg: m.Message) -> None:
+    for name in msg.__struct_fields__:
+        _check_field(type(msg).__name__, name, getattr(msg, name))
+    if isinstance(msg, m.Open):
+        s = msg.sampling
+        if not (math.isfinite(s.temperature) and s.temperature > 0):
+            raise MalformedFrame(f"open: temperature {s.temperature} must be finite and > 0")
+        if not 0.0 < s.top_p <= 1.0:
+            raise MalformedFrame(f"open: top_p {s.top_p} outside (0, 1]")
+        _check_field("sampling", "top_k", s.top_k)
+    elif isinstance(msg, m.Draft):
+        dist_from_wire(msg.dist)  # a decoded Draft must always convert
+        if msg.token >= msg.dist.vocab_size:
+            raise MalformedFrame(f"draft: token {msg.token} outside vocabulary of {msg.dist.vocab_size}")
+
+
+def _check_field(where: str, name: str, value: Any) -> None:
+    if value is None:  # only optional fields (Error.request_id) can be None after schema validation
+        return
+    if name in _NON_NEGATIVE and value < 0:
+        raise MalformedFrame(f"{where}.{name} = {value} must be >= 0")
+    if name in _POSITIVE and value < 1:
+        raise MalformedFrame(f"{where}.{name} = {value} must be >= 1")
+    if name in _FINITE and not math.isfinite(value):
+        raise MalformedFrame(f"{where}.{name} = {value} must be finite")
+    if name in _FINITE_NON_NEGATIVE and not (math.isfinite(value) and value >= 0):
+        raise MalformedFrame(f"{where}.{name} = {value} must be finite and >= 0")

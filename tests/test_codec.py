@@ -1,0 +1,362 @@
+"""Wire codec: round trips, bit-identical distributions, and decode as a trust boundary.
+
+The fuzz tests (>= 10,000 frames in all) check one property: for any bytes, ``decode`` returns a
+``Message`` or raises a ``CodecError`` — never another exception. A frame that does decode must
+re-encode to an equal message (so no NaN or out-of-range value slipped through).
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import msgspec
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from dragon_core import codec
+from dragon_core import messages as m
+from dragon_core.dist import Dist
+from dragon_core.errors import CodecError, FrameTooLarge, InvalidDistribution, MalformedFrame, UnsupportedVersion
+
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+# ------------------------------------------------------------------ strategies
+u63 = st.integers(0, 2**63 - 1)
+small_nat = st.integers(0, 1 << 20)
+finite = st.floats(allow_nan=False, allow_infinity=False)
+text = st.text(max_size=40)
+
+
+@st.composite
+def dists(draw, max_vocab: int = 600) -> Dist:
+    """Random canonical Dists: full or top-K, flat to near one-hot, some ids impossible (-inf)."""
+    v = draw(st.integers(1, max_vocab))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    lp = rng.normal(0, draw(st.sampled_from([0.01, 1.0, 5.0, 40.0])), v)
+    if v > 1 and draw(st.booleans()):
+        lp[rng.random(v) < 0.3] = -np.inf
+        lp[rng.integers(v)] = 0.0  # keep one finite entry
+    if draw(st.booleans()):
+        return Dist.full(lp)
+    return Dist.top_k(lp, draw(st.integers(1, v)))
+
+
+wire_dists = dists().map(codec.dist_to_wire)
+sampling = st.builds(m.Sampling, greedy=st.booleans(), temperature=st.floats(1e-3, 10.0),
+                     top_k=small_nat, top_p=st.floats(1e-3, 1.0))
+
+
+@st.composite
+def drafts(draw) -> m.Draft:
+    w = draw(wire_dists)
+    return m.Draft(draw(u63), draw(small_nat), draw(small_nat), draw(st.integers(0, w.vocab_size - 1)), w,
+                   draw(finite), draw(st.floats(0, 1e6)))
+
+
+messages = st.one_of(
+    st.builds(m.Hello, protocol_version=small_nat, model=text, model_fingerprint=text, tokenizer_fingerprint=text,
+              retriever_fingerprint=text, score_function=text, auth_token=text, client=text),
+    st.builds(m.Welcome, protocol_version=small_nat, server=text, max_k=st.integers(1, 1000),
+              max_tokens=st.integers(1, 1 << 20), max_frame_bytes=st.integers(1, 1 << 30)),
+    st.builds(m.Ping, nonce=u63, sent_at=finite),
+    st.builds(m.Pong, nonce=u63, sent_at=finite),
+    st.builds(m.Error, code=text, message=text, request_id=st.none() | u63),
+    st.builds(m.Open, request_id=u63, query=st.text(max_size=200), k=st.integers(1, 1000),
+              max_tokens=st.integers(1, 1 << 20), seed=st.integers(-(2**63), 2**63 - 1), sampling=sampling,
+              mode=st.sampled_from(["dragon", "vdrag", "sw"]), aggregator=st.sampled_from(["device", "cloud"]),
+              scheduling=st.booleans(), max_depth=st.integers(0, 64), dist_top_k=st.integers(0, 1000),
+              retrieval=st.booleans()),
+    st.builds(m.Opened, request_id=u63, sources=st.lists(text, max_size=5)),
+    drafts(),
+    st.builds(m.Target, request_id=u63, step=small_nat, token=small_nat, accepted=st.booleans(),
+              recipient_epoch=small_nat, sender_epoch=small_nat, handover=st.booleans(),
+              sender_decode_ms=st.floats(0, 1e6)),
+    st.builds(m.Cancel, request_id=u63, reason=text),
+)
+frames = messages.map(codec.encode)
+
+# any msgpack-encodable value (ints within msgpack's range, floats incl. NaN/inf)
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
+    | st.binary(max_size=40),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=20,
+)
+TAGS = ["hello", "welcome", "ping", "pong", "error", "open", "opened", "draft", "target", "cancel"]
+FIELDS = sorted({f for t in m.Message.__args__ + (m.WireDist, m.Sampling) for f in t.__struct_fields__})
+# dicts that look like messages: a real tag and real field names with arbitrary values
+tagged_dicts = st.builds(lambda tag, fields: {**fields, "type": tag}, st.sampled_from(TAGS),
+                         st.dictionaries(st.sampled_from(FIELDS), msgpack_values, max_size=10))
+
+
+def decode_checked(frame) -> m.Message | None:
+    """The fuzz property: a Message (that survives re-encoding) or a CodecError, nothing else."""
+    try:
+        msg = codec.decode(frame)
+    except CodecError as e:
+        event(type(e).__name__)  # --hypothesis-show-statistics shows how deep the fuzzing gets
+        return None
+    event(f"decoded {type(msg).__name__}")
+    assert isinstance(msg, m.Message.__args__)
+    assert codec.decode(codec.encode(msg)) == msg
+    if isinstance(msg, m.Draft):
+        codec.dist_from_wire(msg.dist)
+    return msg
+
+
+def same_probs(a: Dist, b: Dist) -> bool:
+    return a.probs().tobytes() == b.probs().tobytes()
+
+
+# ------------------------------------------------------------------ round trips
+@settings(FUZZ, max_examples=600)
+@given(messages)
+def test_every_message_round_trips(msg):
+    frame = codec.encode(msg)
+    assert frame[:3] == b"DG" + bytes([m.PROTOCOL_VERSION])
+    assert codec.decode(frame) == msg
+    assert codec.decode(bytearray(frame)) == msg and codec.decode(memoryview(frame)) == msg
+
+
+@settings(FUZZ, max_examples=400)
+@given(dists(max_vocab=3000))
+def test_dist_round_trip_is_bit_identical(d):
+    w = codec.dist_to_wire(d)
+    back = codec.dist_from_wire(codec.decode(codec.encode(m.Draft(0, 0, 0, 0, w, 0.0))).dist)
+    assert back.vocab_size == d.vocab_size and back.is_full == d.is_full
+    assert back.logprobs.dtype == d.logprobs.dtype and back.logprobs.tobytes() == d.logprobs.tobytes()
+    if not d.is_full:
+        assert back.ids.tobytes() == d.ids.tobytes() and back.tail_mass == d.tail_mass
+    assert same_probs(back, d)
+    assert back.argmax() == d.argmax()
+
+
+def test_full_vocabulary_of_262144_fits_default_frame():
+    rng = np.random.default_rng(1)
+    d = Dist.full(rng.normal(0, 3, 262_144))
+    frame = codec.encode(m.Draft(1, 0, 0, 5, codec.dist_to_wire(d), -0.5))
+    assert len(frame) < codec.DEFAULT_MAX_FRAME
+    assert same_probs(codec.dist_from_wire(codec.decode(frame).dist), d)
+
+
+def test_top20_draft_bytes_per_token():
+    rng = np.random.default_rng(2)
+    d = Dist.top_k(rng.normal(0, 3, 151_936), 20)
+    frame = codec.encode(m.Draft(123_456, 7, 1_024, int(d.ids[0]), codec.dist_to_wire(d), -3.25, 41.7))
+    print(f"\ntop-20 Draft frame: {len(frame)} bytes per token (distribution payload {d.nbytes()} bytes)")
+    assert len(frame) < 300
+
+
+# ------------------------------------------------------------------ framing errors
+def test_oversized_frame_is_refused_before_parsing():
+    frame = codec.encode(m.Cancel(1, "x" * 100))
+    with pytest.raises(FrameTooLarge):
+        codec.decode(frame, max_size=len(frame) - 1)
+    assert codec.decode(frame, max_size=len(frame)) == m.Cancel(1, "x" * 100)
+    # garbage of any kind is still "too large", i.e. the size is checked first
+    for junk in (b"DG\x01" + b"\xc1" * (1 << 20), b"XX" + bytes(1 << 20), b"DG\x63" + bytes(1 << 20)):
+        with pytest.raises(FrameTooLarge):
+            codec.decode(junk, max_size=1 << 10)
+
+
+@pytest.mark.parametrize("version", [0, 2, 99, 255])
+def test_other_protocol_version_is_unsupported(version):
+    frame = bytearray(codec.encode(m.Ping(1, 0.0)))
+    frame[2] = version
+    with pytest.raises(UnsupportedVersion, match=f"version {version}.*supported: {m.PROTOCOL_VERSION}"):
+        codec.decode(bytes(frame))
+
+
+@pytest.mark.parametrize("data", [b"", b"D", b"DG", b"GD\x01\x80", b"\x00garbage\xff", b"DG\x01",
+                                  b"DG\x01\xc1", b"DG\x01\x80", b"DG\x01\x81\xa4type\xa5bogus",
+                                  b"DG\x01" + msgspec.msgpack.encode({"type": "ping", "nonce": "1", "sent_at": 0.0}),
+                                  b"DG\x01" + msgspec.msgpack.encode({"type": "ping", "nonce": 1}),
+                                  b"DG\x01" + msgspec.msgpack.encode([1, 2, 3])])
+def test_malformed_frames(data):
+    with pytest.raises(MalformedFrame):
+        codec.decode(data)
+
+
+def test_trailing_bytes_and_pickles_are_malformed():
+    frame = codec.encode(m.Ping(1, 0.0))
+    with pytest.raises(MalformedFrame):
+        codec.decode(frame + b"\x00")
+    with pytest.raises(MalformedFrame):
+        codec.decode(pickle.dumps(m.Ping(1, 0.0)))
+    with pytest.raises(MalformedFrame):
+        codec.decode(frame[:3] + pickle.dumps(m.Ping(1, 0.0)))
+
+
+@pytest.mark.parametrize("data", [None, "DG\x01", 12, 1.5, [1, 2], object()])
+def test_non_bytes_input_is_malformed(data):
+    with pytest.raises(MalformedFrame):
+        codec.decode(data)
+
+
+def test_encode_refuses_non_messages():
+    with pytest.raises(TypeError):
+        codec.encode(m.Sampling())
+    with pytest.raises(TypeError):
+        codec.encode({"type": "ping", "nonce": 1, "sent_at": 0.0})
+
+
+# ------------------------------------------------------------------ semantic bounds
+def body(msg: m.Message, **changes) -> bytes:
+    """A frame of ``msg`` with fields overwritten at the msgpack level (bypassing the structs)."""
+    d = msgspec.to_builtins(msg, builtin_types=(bytes,))
+    d.update(changes)
+    return codec.HEADER + msgspec.msgpack.encode(d)
+
+
+GOOD_OPEN = m.Open(1, "q", k=3, max_tokens=8, seed=0)
+GOOD_DRAFT = m.Draft(1, 0, 0, 0, codec.dist_to_wire(Dist.top_k(np.log([0.5, 0.3, 0.2]), 2)), -1.0, 2.0)
+GOOD_TARGET = m.Target(1, 0, 0, True, 0, 0)
+
+
+@pytest.mark.parametrize("frame", [
+    body(GOOD_OPEN, request_id=-1), body(GOOD_OPEN, k=0), body(GOOD_OPEN, max_tokens=0),
+    body(GOOD_OPEN, max_depth=-1), body(GOOD_OPEN, dist_top_k=-5), body(GOOD_OPEN, mode="other"),
+    body(GOOD_OPEN, sampling={"temperature": 0.0}), body(GOOD_OPEN, sampling={"temperature": math.inf}),
+    body(GOOD_OPEN, sampling={"top_p": 0.0}), body(GOOD_OPEN, sampling={"top_p": math.nan}),
+    body(GOOD_OPEN, sampling={"top_k": -1}),
+    body(GOOD_DRAFT, step=-1), body(GOOD_DRAFT, epoch=-1), body(GOOD_DRAFT, token=-1), body(GOOD_DRAFT, token=3),
+    body(GOOD_DRAFT, log_h=math.nan), body(GOOD_DRAFT, log_h=-math.inf), body(GOOD_DRAFT, decode_ms=-1.0),
+    body(GOOD_DRAFT, request_id=None), body(GOOD_TARGET, recipient_epoch=-1), body(GOOD_TARGET, sender_epoch=-2),
+    body(GOOD_TARGET, sender_decode_ms=math.inf), body(GOOD_TARGET, token=-1),
+    body(m.Ping(1, 0.0), sent_at=math.nan), body(m.Pong(1, 0.0), nonce=-1),
+    body(m.Welcome(1, "s", 1, 1, 1), max_frame_bytes=0), body(m.Error("c", "m", 3), request_id=-3),
+])
+def test_semantic_bounds_are_enforced(frame):
+    with pytest.raises(MalformedFrame):
+        codec.decode(frame)
+
+
+def test_good_bodies_built_the_same_way_decode():
+    for msg in (GOOD_OPEN, GOOD_DRAFT, GOOD_TARGET):
+        assert codec.decode(body(msg)) == msg
+
+
+# ------------------------------------------------------------------ malformed distributions
+def f16(*x) -> bytes:
+    return np.array(x, dtype="<f2").tobytes()
+
+
+def i32(*x) -> bytes:
+    return np.array(x, dtype="<i4").tobytes()
+
+
+BAD_WIRE = {
+    "odd logprob bytes": m.WireDist(4, f16(-1.0, -2.0)[:-1], i32(0, 1)),
+    "odd id bytes": m.WireDist(4, f16(-1.0, -2.0), i32(0, 1)[:-1]),
+    "no ids": m.WireDist(4, b"", b""),
+    "length mismatch": m.WireDist(4, f16(-1.0, -2.0, -3.0), i32(0, 1)),
+    "id out of range": m.WireDist(4, f16(-1.0, -2.0), i32(0, 4)),
+    "negative id": m.WireDist(4, f16(-1.0, -2.0), i32(-1, 1)),
+    "duplicate ids": m.WireDist(4, f16(-1.0, -2.0), i32(1, 1)),
+    "NaN log-prob": m.WireDist(4, f16(-1.0, np.nan), i32(0, 1)),
+    "positive log-prob": m.WireDist(4, f16(0.5, -2.0), i32(0, 1)),
+    "more ids than vocab": m.WireDist(1, f16(-1.0, -2.0), i32(0, 1)),
+    "tail mass off": m.WireDist(4, f16(-1.0, -2.0), i32(0, 1), tail_mass=0.9),
+    "tail mass NaN": m.WireDist(4, f16(-1.0, -2.0), i32(0, 1), tail_mass=math.nan),
+    "tail mass negative": m.WireDist(4, f16(-1.0, -2.0), i32(0, 1), tail_mass=-0.1),
+    "zero vocab": m.WireDist(0, b""),
+    "negative vocab": m.WireDist(-4, f16(-1.0), i32(0)),
+    "absurd vocab": m.WireDist(1 << 40, f16(-1.0), i32(0), tail_mass=1 - math.exp(-1.0)),
+    "full length mismatch": m.WireDist(3, np.zeros(2, "<f4").tobytes()),
+    "full odd bytes": m.WireDist(1, b"\x00\x00\x00"),
+    "full NaN": m.WireDist(2, np.array([0.0, np.nan], "<f4").tobytes()),
+    "full all -inf": m.WireDist(2, np.array([-np.inf, -np.inf], "<f4").tobytes()),
+    "full positive": m.WireDist(2, np.array([0.1, -1.0], "<f4").tobytes()),
+}
+VALUE_LEVEL = {"id out of range", "negative id", "duplicate ids", "NaN log-prob", "positive log-prob",
+               "full NaN", "full all -inf", "full positive"}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_WIRE))
+def test_malformed_wire_dist_is_malformed_frame(name):
+    w = BAD_WIRE[name]
+    with pytest.raises(MalformedFrame) as err:
+        codec.dist_from_wire(w)
+    if name in VALUE_LEVEL:  # the distribution's own validation is kept as the cause
+        assert isinstance(err.value.__cause__, InvalidDistribution)
+    with pytest.raises(MalformedFrame):  # and a Draft carrying it never gets past decode
+        codec.decode(body(m.Draft(1, 0, 0, 0, w, 0.0)))
+
+
+def test_dist_to_wire_refuses_non_canonical_dtypes():
+    d = Dist.top_k(np.log([0.5, 0.3, 0.2]), 2)
+    with pytest.raises(InvalidDistribution):
+        codec.dist_to_wire(Dist(3, d.logprobs.astype(np.float32), d.ids, d.tail_mass))
+    with pytest.raises(InvalidDistribution):
+        codec.dist_to_wire(Dist(3, np.log([0.5, 0.3, 0.2])))  # float64 full vector
+
+
+# ------------------------------------------------------------------ fuzzing (>= 10,000 frames)
+@settings(FUZZ, max_examples=2500)
+@given(st.binary(max_size=400) | st.binary(max_size=400).map(lambda b: codec.HEADER + b))
+def test_fuzz_random_bytes(data):
+    decode_checked(data)
+
+
+@st.composite
+def mutated_frames(draw) -> bytes:
+    frame = bytearray(draw(frames))
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["flip", "byte", "truncate", "splice", "insert", "delete"]))
+        i = draw(st.integers(0, max(0, len(frame) - 1)))
+        if op == "flip" and frame:
+            frame[i] ^= 1 << draw(st.integers(0, 7))
+        elif op == "byte" and frame:
+            frame[i] = draw(st.integers(0, 255))
+        elif op == "truncate":
+            del frame[i:]
+        elif op == "splice":
+            other = draw(frames)
+            j = draw(st.integers(0, len(other)))
+            frame[i:] = other[j:]
+        elif op == "insert":
+            frame[i:i] = draw(st.binary(min_size=1, max_size=8))
+        elif op == "delete":
+            del frame[i:i + draw(st.integers(1, 8))]
+    return bytes(frame)
+
+
+@settings(FUZZ, max_examples=4000)
+@given(mutated_frames())
+def test_fuzz_mutated_valid_frames(data):
+    decode_checked(data)
+
+
+@settings(FUZZ, max_examples=1500)
+@given(msgpack_values | tagged_dicts)
+def test_fuzz_valid_msgpack_wrong_schema(value):
+    decode_checked(codec.HEADER + msgspec.msgpack.encode(value))
+
+
+@st.composite
+def schema_mutations(draw) -> bytes:
+    """Valid message dicts with fields deleted, retyped or given hostile values, or a wrong tag."""
+    d = msgspec.to_builtins(draw(messages), builtin_types=(bytes,))
+    target = d["dist"] if "dist" in d and draw(st.booleans()) else d
+    for _ in range(draw(st.integers(1, 3))):
+        key = draw(st.sampled_from(sorted(target)))
+        op = draw(st.sampled_from(["delete", "random", "hostile", "retag"]))
+        if op == "delete":
+            target.pop(key, None)
+        elif op == "random":
+            target[key] = draw(msgpack_values)
+        elif op == "hostile":
+            target[key] = draw(st.sampled_from([-1, 0, 2**64 - 1, -(2**63), math.nan, math.inf, -math.inf,
+                                                1e308, b"", b"\xff" * 7, "", None, [], {}]))
+        else:
+            d["type"] = draw(st.sampled_from(TAGS) | st.text(max_size=8))
+    return codec.HEADER + msgspec.msgpack.encode(d)
+
+
+@settings(FUZZ, max_examples=2500)
+@given(schema_mutations())
+def test_fuzz_schema_mutations(data):
+    decode_checked(data)
