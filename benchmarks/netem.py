@@ -47,6 +47,7 @@ log = logging.getLogger("netem")
 CHUNK = 64 * 1024  # bytes per read: one timestamp per chunk
 MSS = 1448  # an Ethernet-sized TCP segment: the unit of loss (loopback's own MSS is ~64 KiB)
 SLICE_S = 0.005  # a bandwidth-limited chunk is released in pieces of at most this much line time
+RCVBUF = 64 * 1024  # kernel receive buffer of a socket carrying a bandwidth-limited direction
 CutMode = Literal["reset", "close", "blackhole"]
 CUT_MODES: tuple[str, ...] = ("reset", "close", "blackhole")
 
@@ -152,6 +153,11 @@ class _Conn:
             t.cancel()
 
 
+def _cap_rcvbuf(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+
+
 def _abort(writer: asyncio.StreamWriter, rst: bool) -> None:
     """Close now, dropping what is buffered; ``rst``: the peer sees a reset instead of a FIN."""
     if rst:
@@ -164,7 +170,7 @@ def _abort(writer: asyncio.StreamWriter, rst: bool) -> None:
 
 
 class NetemProxy:
-    """``async with NetemProxy(listen, upstream, up=Shape(...), down=Shape(...)) as p: p.port``."""
+    """``async with NetemProxy(upstream=(host, port), up=Shape(...), down=Shape(...)) as p: p.port``."""
 
     def __init__(
         self,
@@ -278,6 +284,13 @@ class NetemProxy:
             log.info("refused %s: upstream %s:%d unreachable (%s)", peer, *self.upstream, e)
             _abort(cwriter, rst=True)
             return
+        # A bandwidth-limited direction is a bottleneck: cap the kernel buffer the proxy reads it
+        # from, or loopback autotuning (up to tcp_rmem's max, 32 MiB here) would hide seconds of
+        # queue inside the "link" and the sender would never feel the limit.
+        if self.up.bandwidth_mbps:
+            _cap_rcvbuf(cwriter)
+        if self.down.bandwidth_mbps:
+            _cap_rcvbuf(uwriter)
         cid, self._next_id = self._next_id, self._next_id + 1
         conn = _Conn(cid, cwriter, uwriter)
         self._conns[cid] = conn
