@@ -22,7 +22,7 @@ def other_side(side: Side) -> Side:
     return "cloud" if side == "device" else "device"
 
 
-class Sampling(msgspec.Struct, frozen=True):
+class Sampling(msgspec.Struct, frozen=True, array_like=True):
     """How the target token is chosen from the aggregated distribution."""
 
     greedy: bool = True
@@ -31,7 +31,7 @@ class Sampling(msgspec.Struct, frozen=True):
     top_p: float = 1.0  # 1.0: off
 
 
-class WireDist(msgspec.Struct, frozen=True):
+class WireDist(msgspec.Struct, frozen=True, array_like=True):
     """A ``Dist`` on the wire: raw little-endian arrays (int32 ids, f16/f32 log-probs)."""
 
     vocab_size: int
@@ -41,7 +41,7 @@ class WireDist(msgspec.Struct, frozen=True):
 
 
 # ------------------------------------------------------------------ connection level
-class Hello(msgspec.Struct, tag="hello", frozen=True):
+class Hello(msgspec.Struct, tag="hello", frozen=True, array_like=True):
     """First frame from the device. The cloud refuses on any mismatch."""
 
     protocol_version: int
@@ -54,7 +54,7 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
     client: str = ""
 
 
-class Welcome(msgspec.Struct, tag="welcome", frozen=True):
+class Welcome(msgspec.Struct, tag="welcome", frozen=True, array_like=True):
     protocol_version: int
     server: str
     max_k: int
@@ -62,17 +62,17 @@ class Welcome(msgspec.Struct, tag="welcome", frozen=True):
     max_frame_bytes: int
 
 
-class Ping(msgspec.Struct, tag="ping", frozen=True):
+class Ping(msgspec.Struct, tag="ping", frozen=True, array_like=True):
     nonce: int
     sent_at: float
 
 
-class Pong(msgspec.Struct, tag="pong", frozen=True):
+class Pong(msgspec.Struct, tag="pong", frozen=True, array_like=True):
     nonce: int
     sent_at: float
 
 
-class Error(msgspec.Struct, tag="error", frozen=True):
+class Error(msgspec.Struct, tag="error", frozen=True, array_like=True):
     """A typed error; ``request_id`` is None for connection-level errors."""
 
     code: str
@@ -81,7 +81,7 @@ class Error(msgspec.Struct, tag="error", frozen=True):
 
 
 # ------------------------------------------------------------------ request level
-class Open(msgspec.Struct, tag="open", frozen=True):
+class Open(msgspec.Struct, tag="open", frozen=True, array_like=True):
     """Device asks the cloud to join one request."""
 
     request_id: int
@@ -98,14 +98,14 @@ class Open(msgspec.Struct, tag="open", frozen=True):
     retrieval: bool = True
 
 
-class Opened(msgspec.Struct, tag="opened", frozen=True):
+class Opened(msgspec.Struct, tag="opened", frozen=True, array_like=True):
     """Cloud accepted the request; ``sources`` names its public passages (for attribution)."""
 
     request_id: int
     sources: list[str] = []
 
 
-class Draft(msgspec.Struct, tag="draft", frozen=True):
+class Draft(msgspec.Struct, tag="draft", frozen=True, array_like=True):
     """Side's speculative token for ``step``, built on its own epoch-``epoch`` prefix."""
 
     request_id: int
@@ -117,7 +117,7 @@ class Draft(msgspec.Struct, tag="draft", frozen=True):
     decode_ms: float = 0.0
 
 
-class Target(msgspec.Struct, tag="target", frozen=True):
+class Target(msgspec.Struct, tag="target", frozen=True, array_like=True):
     """The aggregator's decision for ``step``.
 
     ``accepted`` is the recipient's draft fate. ``recipient_epoch`` is the epoch the aggregator
@@ -135,7 +135,7 @@ class Target(msgspec.Struct, tag="target", frozen=True):
     sender_decode_ms: float = 0.0  # the aggregator's own draft latency, for the scheduler
 
 
-class Cancel(msgspec.Struct, tag="cancel", frozen=True):
+class Cancel(msgspec.Struct, tag="cancel", frozen=True, array_like=True):
     request_id: int
     reason: str = ""
 
