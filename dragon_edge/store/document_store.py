@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "store.sqlite3"
 INDEX_NAME = "index.faiss"
-CHECKPOINT_S = 30.0  # during long ingests, refresh the faiss cache this often
+CHECKPOINT_S = 30.0
+EMBED_BATCH = 64  # passages embedded per call during folder ingests  # during long ingests, refresh the faiss cache this often
 PAUSE_ENV = "DRAGON_STORE_TEST_PAUSE"  # test hook "point:nth:seconds" (see _pause)
 
 
@@ -85,6 +86,19 @@ class StoreStats:
     db_bytes: int
     index_bytes: int
     pdf_supported: bool
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A document read and chunked, waiting to be embedded and committed."""
+
+    key: str
+    kind: str
+    sha: str
+    size: int
+    mtime: float | None
+    passages: list[str]
+    update: bool
 
 
 class DocumentStore:
@@ -224,17 +238,22 @@ class DocumentStore:
             kinds = ", ".join(sorted(readers.supported_suffixes()))
             raise EmptyFolder(f"{root}: no documents to ingest ({kinds}); {len(others)} other files")
         self._refresh()
-        last_save = time.monotonic()
+        last_save, pending = time.monotonic(), []
         for path in tqdm(files, desc="ingest", unit="file", disable=None if progress is None else not progress):
             try:
-                self._ingest_file(path, report)
+                if item := self._prepare_file(path, report):
+                    pending.append(item)
             except DocumentError as e:
                 if strict:
                     raise
                 report.skipped.append((e.path, e.reason))
+            if sum(len(p.passages) for p in pending) >= EMBED_BATCH:
+                self._write(pending, report)
+                pending = []
             if time.monotonic() - last_save > CHECKPOINT_S:
                 self._save()
                 last_save = time.monotonic()
+        self._write(pending, report)
         if prune:
             self._prune(root, files, report)
         self._save()
@@ -247,8 +266,9 @@ class DocumentStore:
         """Ingest one file; errors raise."""
         report = IngestReport()
         self._refresh()
-        self._ingest_file(Path(path), report)
-        self._save()
+        if item := self._prepare_file(Path(path), report):
+            self._write([item], report)
+            self._save()
         return report
 
     def add_texts(self, texts: str | Sequence[str], source: str | None = None) -> int:
@@ -264,44 +284,55 @@ class DocumentStore:
         if self._source_sha(source) == sha:
             return 0
         size = sum(len(t.encode()) for t in texts)
-        self._replace_source(source, "text", sha, size, None, passages)
+        self._write([_Pending(source, "text", sha, size, None, passages, False)], IngestReport())
         self._save()
         return len(passages)
 
-    def _ingest_file(self, path: Path, report: IngestReport) -> None:
+    def _prepare_file(self, path: Path, report: IngestReport) -> _Pending | None:
+        """Read and chunk one file; None if its bytes are unchanged since the last ingest."""
         doc = readers.read_document(path)
         key = str(path.resolve())
         old_sha = self._source_sha(key)
         if old_sha == doc.sha256:
             report.unchanged.append(key)
-            return
+            return None
         passages = chunk_words(doc.text, self.passage_words)
         if not passages:
             raise EmptyDocument(key, "no text")
-        removed = self._replace_source(key, "file", doc.sha256, doc.size, doc.mtime, passages)
-        (report.added if old_sha is None else report.updated).append(key)
-        report.passages_added += len(passages)
-        report.passages_removed += removed
+        return _Pending(key, "file", doc.sha256, doc.size, doc.mtime, passages, old_sha is not None)
 
-    def _replace_source(
-        self, key: str, kind: str, sha: str, size: int, mtime: float | None, passages: list[str]
-    ) -> int:
+    def _write(self, items: list[_Pending], report: IngestReport) -> None:
+        """Embed several documents in one batch (much faster than one call per small file),
+        then commit each document in its own transaction."""
+        if not items:
+            return
+        vecs = self.embedder.embed([p for item in items for p in item.passages])
+        start = 0
+        for item in items:
+            end = start + len(item.passages)
+            report.passages_removed += self._replace_source(item, vecs[start:end])
+            report.passages_added += len(item.passages)
+            if item.kind == "file":
+                (report.updated if item.update else report.added).append(item.key)
+            start = end
+
+    def _replace_source(self, item: _Pending, vecs: np.ndarray) -> int:
         """Swap a source's passages in one transaction; returns how many were removed."""
-        vecs = self.embedder.embed(passages)  # before the transaction: keep the write lock short
+        key = item.key
         with db.transaction(self._db) as c:
             old = [r[0] for r in c.execute(
                 "SELECT p.id FROM passages p JOIN sources s ON p.source_id = s.id WHERE s.source = ?", (key,))]
             c.execute("DELETE FROM sources WHERE source = ?", (key,))
             sid = c.execute(
                 "INSERT INTO sources (source, kind, sha256, size, mtime, added_at) VALUES (?,?,?,?,?,?)",
-                (key, kind, sha, size, mtime, time.time()),
+                (key, item.kind, item.sha, item.size, item.mtime, time.time()),
             ).lastrowid
             new = [
                 c.execute(
                     "INSERT INTO passages (source_id, ordinal, text, vector) VALUES (?,?,?,?)",
                     (sid, i, text, db.vector_blob(v)),
                 ).lastrowid
-                for i, (text, v) in enumerate(zip(passages, vecs))
+                for i, (text, v) in enumerate(zip(item.passages, vecs))
             ]
             self._pause("in_txn")
         if old:
