@@ -118,7 +118,7 @@ class _AsyncDocuments:
     async def add(self, texts: list[str] | None = None, *, path: str | Path | None = None, source: str = "sdk"):
         store = self._client.store()
         if path is not None:
-            return await asyncio.to_thread(store.ingest_folder, Path(path))
+            return await asyncio.to_thread(store.ingest, Path(path))
         return await asyncio.to_thread(store.add_texts, list(texts or []), source=source)
 
     async def delete(self, source: str):
