@@ -1,0 +1,71 @@
+"""``dragon-cloud``: serve DRAGON's cloud side (device link + OpenAI API) and build public indexes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="DRAGON cloud: the same model under vLLM, over a public corpus.")
+
+
+@app.command()
+def serve(
+    model: str = typer.Option("smollm2-135m", help="Registered model name (dragon-models list)."),
+    index: Optional[Path] = typer.Option(None, help="Public index folder (dragon-cloud index ...). "
+                                                   "Without it the cloud decodes from the query alone."),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    auth_token: str = typer.Option(os.environ.get("DRAGON_TOKEN", ""), "--auth-token",
+                                   help="Token devices must present (env DRAGON_TOKEN); empty = no check."),
+    k: int = typer.Option(2, help="Default public passages per request (the OpenAI API's `k` overrides)."),
+    top_k: int = typer.Option(20, "--top-k", help="Log-probs read per stream and step (the wire's top-K)."),
+    max_num_seqs: int = typer.Option(128, help="vLLM max_num_seqs; open streams stay below it."),
+    max_model_len: int = typer.Option(2048),
+    kv_cache_gib: Optional[float] = typer.Option(None, help="CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None),
+    max_k: int = typer.Option(16, help="Largest k a device may ask for."),
+    max_tokens: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Start the cloud: WebSocket link at /v1/dragon/link, OpenAI API at /v1, /health, /metrics."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("dragon").setLevel(logging.INFO)
+    from aiohttp import web
+
+    from dragon_vllm.link import LinkLimits
+    from dragon_vllm.loader import load_cloud
+    from dragon_vllm.server import ServerConfig, build_app
+
+    async def make_app() -> web.Application:
+        cloud = await load_cloud(model, index, default_k=k, top_k=top_k, max_num_seqs=max_num_seqs,
+                                 max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+                                 gpu_memory_utilization=gpu_memory_utilization)
+        limits = LinkLimits(max_k=max_k, max_tokens=max_tokens)
+        return build_app(cloud, ServerConfig(served_model=model, auth_token=auth_token or None, limits=limits))
+
+    typer.echo(f"dragon-cloud: starting {model} on http://{host}:{port} (Ctrl-C stops)", err=True)
+    web.run_app(make_app(), host=host, port=port, print=lambda msg: typer.echo(msg, err=True),
+                shutdown_timeout=10.0)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def index(ctx: typer.Context) -> None:
+    """Build or search a public index: `dragon-cloud index build OUT INPUT...`, `... search OUT QUERY`."""
+    from dragon_vllm import corpus_cli
+
+    sys.exit(corpus_cli.main(ctx.args))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Build the cloud from names: registered model -> vLLM engine; index folder -> PublicIndex."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from dragon_core.handshake import local_identity
+from dragon_core.models import get_model
+from dragon_core.prompt import eos_token_ids
+from dragon_vllm.backend import DragonCloud
+
+log = logging.getLogger("dragon.cloud")
+
+
+async def load_cloud(model: str, index_dir: Path | None = None, *, default_k: int = 2, top_k: int = 20,
+                     max_num_seqs: int = 128, max_model_len: int = 2048, kv_cache_gib: float | None = None,
+                     gpu_memory_utilization: float | None = None, **engine_kwargs) -> DragonCloud:
+    """Start the engine inside the running event loop (vLLM's AsyncLLM binds to it)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    from dragon_vllm.engine import make_engine
+
+    spec = get_model(model)
+    hf_dir = spec.hf_dir()
+    identity = local_identity(model, "hf")
+    tokenizer = AutoTokenizer.from_pretrained(str(spec.tokenizer_dir()))
+    index = None
+    if index_dir is not None:
+        from dragon_vllm.corpus import PublicIndex
+
+        index = await asyncio.to_thread(PublicIndex.load, index_dir)
+        if index.fingerprint != identity.retriever_fingerprint:
+            raise RuntimeError(f"index {index_dir} was built with another retriever ({index.fingerprint})")
+        log.info("public index %s: %d passages", index_dir, len(index))
+    engine = make_engine(str(hf_dir), top_k=top_k, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                         kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization, **engine_kwargs)
+    return DragonCloud(engine, tokenizer, identity, eos_token_ids(tokenizer), index, default_k=default_k,
+                       max_model_len=max_model_len)
