@@ -107,3 +107,28 @@ class SessionDriver:
             ms, self._op_ms = self._op_ms, 0.0
             self.stats.decode_ms.append(ms)
             self.feed(s.LocalDist(op.epoch, op.step, dist, ms))
+
+
+async def centralized_generate(config: s.SessionConfig, groups: Sequence[tuple[StreamGroup, Sequence[float]]],
+                               ) -> list[int]:
+    """The reference DRAGON must equal: centralized output aggregation over the documents of
+    all sides, each side's streams on its own engine, mixed with the same canonical ``Dist``s
+    and η weights the protocol uses. One token per step, no speculation, no network."""
+    from dragon_core.aggregate import cross_side_weights, log_mass
+    from dragon_core.speculative import VERIFY, step_rng, synchronous_target
+
+    if len(groups) != 2:
+        raise ValueError("centralized_generate mixes exactly two sides (device, cloud)")
+    (g_dev, r_dev), (g_cloud, r_cloud) = groups
+    _, eta_cloud = cross_side_weights(log_mass(r_dev), log_mass(r_cloud))
+    tokens: list[int] = []
+    for step in range(config.max_tokens):
+        p_dev = canonical_side_dist(stack_logprobs(await g_dev.next_dists()), r_dev, config.dist_top_k)
+        p_cloud = canonical_side_dist(stack_logprobs(await g_cloud.next_dists()), r_cloud, config.dist_top_k)
+        token = synchronous_target(p_dev, p_cloud, eta_cloud, config.sampling, step_rng(config.seed, VERIFY, step))
+        tokens.append(token)
+        if token in config.eos_ids:
+            break
+        await g_dev.append([token])
+        await g_cloud.append([token])
+    return tokens

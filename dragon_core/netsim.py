@@ -23,9 +23,9 @@ import numpy as np
 from dragon_core import codec
 from dragon_core import messages as m
 from dragon_core import session as s
-from dragon_core.aggregate import cross_side_weights, target_probs, transform
+from dragon_core.aggregate import cross_side_weights
 from dragon_core.dist import Dist
-from dragon_core.speculative import VERIFY, sample_from, step_rng
+from dragon_core.speculative import VERIFY, step_rng, synchronous_target
 
 
 class EventLoop:
@@ -216,8 +216,8 @@ def centralized_decode(config: s.SessionConfig, device: SideSpec, cloud: SideSpe
     _, eta_cloud = cross_side_weights(device.log_h, cloud.log_h)
     for step in range(config.max_tokens):
         prefix = tuple(tokens)
-        q = transform(target_probs(device.dist_fn(prefix), cloud.dist_fn(prefix), eta_cloud), config.sampling)
-        token = int(np.argmax(q)) if config.sampling.greedy else sample_from(q, step_rng(config.seed, VERIFY, step))
+        token = synchronous_target(device.dist_fn(prefix), cloud.dist_fn(prefix), eta_cloud, config.sampling,
+                                   step_rng(config.seed, VERIFY, step))
         tokens.append(token)
         if token in config.eos_ids:
             break
