@@ -1,0 +1,132 @@
+"""``make demo``: DRAGON end to end on loopback with the real SmolLM2 model.
+
+Starts ``dragon-cloud serve`` (vLLM) in its own process over a small public corpus written for
+the demo, builds a private store from a few personal notes (they never leave this process),
+asks a question that needs both, and prints the answer, where each fact came from and
+DRAGON's stats. Everything is shut down cleanly at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+PUBLIC_CORPUS = {
+    "lyon.txt": "Lyon is a city in France. Lyon is the capital of the Auvergne-Rhone-Alpes region. "
+                "Lyon is famous for its food, its silk history and the Festival of Lights held every December.",
+    "paris.txt": "Paris is the capital of France. The Eiffel Tower in Paris was completed in 1889 "
+                 "for the World's Fair.",
+    "rome.txt": "Rome is the capital of Italy. The Colosseum in Rome is an ancient amphitheatre.",
+    "berlin.txt": "Berlin is the capital of Germany. The Berlin Wall fell in 1989.",
+}
+PRIVATE_NOTES = {
+    "family.md": "My sister Lena moved to Lyon last spring. She works as a nurse at a hospital there.",
+    "dentist.md": "Dentist appointment with Dr. Alvarez on Thursday at 10am. Bring the insurance card.",
+    "wifi.md": "The home wifi password is plum-tiger-42. The router is in the hallway closet.",
+}
+QUESTION = "My sister Lena lives in a city. Which festival is that city famous for?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the cloud exited during start-up (code {proc.returncode})")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"the cloud did not become healthy within {timeout_s:.0f} s")
+
+
+def start_cloud(index_dir: Path, port: int, token: str, log_path: Path) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+               DRAGON_TOKEN=token)
+    cmd = [sys.executable, "-m", "dragon_vllm.cli", "serve", "--index", str(index_dir), "--port", str(port),
+           "--max-num-seqs", "32", "--max-model-len", "1024"]
+    return subprocess.Popen(cmd, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+async def ask(cloud_url: str, store_dir: Path, token: str, question: str, max_tokens: int) -> dict:
+    from dragon_edge.sdk import AsyncDragonClient
+
+    async with AsyncDragonClient(cloud_url=cloud_url, store=store_dir, auth_token=token) as client:
+        reply = await client.chat.completions.create(
+            messages=[{"role": "user", "content": question}], max_tokens=max_tokens, k=2, cloud_k=2)
+    return {"answer": reply.choices[0].message.content, "dragon": reply.dragon}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--question", default=QUESTION)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the demo's files here (default: a temp dir)")
+    args = ap.parse_args(argv)
+    from dragon_edge.cli import format_stats
+
+    with tempfile.TemporaryDirectory(prefix="dragon-demo-") as tmp:
+        work = args.workdir or Path(tmp)
+        public, notes = work / "public", work / "notes"
+        for folder, files in ((public, PUBLIC_CORPUS), (notes, PRIVATE_NOTES)):
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, text in files.items():
+                (folder / name).write_text(text + "\n")
+        t0 = time.monotonic()
+        print("[1/4] building the cloud's public index ...", flush=True)
+        from dragon_vllm.corpus import PublicIndex
+
+        PublicIndex.build(sorted(public.glob("*.txt")), work / "index", progress=False, overwrite=True)
+        print("[2/4] ingesting the device's private notes ...", flush=True)
+        from dragon_edge.store import DocumentStore
+
+        DocumentStore(work / "store").ingest(notes, progress=False)
+        port, token = free_port(), "demo-token"
+        url = f"http://127.0.0.1:{port}"
+        print(f"[3/4] starting the cloud (vLLM) on {url} ...", flush=True)
+        cloud = start_cloud(work / "index", port, token, work / "cloud.log")
+        try:
+            wait_healthy(url, cloud, timeout_s=300)
+            print(f"[4/4] asking: {args.question}", flush=True)
+            result = asyncio.run(ask(url, work / "store", token, args.question, args.max_tokens))
+        except BaseException:
+            print((work / "cloud.log").read_text()[-3000:], file=sys.stderr)
+            raise
+        finally:
+            stop(cloud)
+        print("\nANSWER:", result["answer"].strip())
+        print(format_stats(result["dragon"]))
+        print(f"\n(demo finished in {time.monotonic() - t0:.1f} s; cloud stopped cleanly, exit "
+              f"{cloud.returncode})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
