@@ -125,8 +125,9 @@ def test_search_on_empty_store_and_large_k(store, embedder):
     assert len(store.search("tulips", k=50)) == 1
 
 
-def test_incremental_add(store, notes):
-    store.ingest(notes, progress=False)
+def test_incremental_add(store, notes, capsys):
+    store.ingest(notes, progress=True)
+    assert f"ingest: 100%" in capsys.readouterr().err  # the tqdm bar
     old_ids = set(db_ids(store.path))
     (notes / "plants.txt").write_text("Water the fiddle leaf fig every Sunday; it hates cold drafts.")
     report = store.ingest(notes, progress=False)
@@ -260,6 +261,28 @@ def test_pdf_ingest(store, tmp_path):
     assert [Path(p).name for p in report.added] == ["insurance.pdf"]
     assert [Path(p).name for p, _ in report.skipped] == ["broken.pdf"]
     assert "ZK-5521" in store.search("insurance policy number", k=1)[0].text
+
+
+def test_pdf_without_pypdf_is_skipped_with_reason(store, notes, monkeypatch):
+    from dragon_edge.store import readers
+
+    monkeypatch.setattr(readers, "pdf_supported", lambda: False)
+    (notes / "scan.pdf").write_bytes(_minimal_pdf("hidden"))
+    report = store.ingest(notes, progress=False)
+    assert [(Path(p).name, why) for p, why in report.skipped] == [("scan.pdf", "PDF needs pypdf: pip install pypdf")]
+
+
+def test_store_inside_ingested_folder_and_worker_threads(tmp_path, notes, embedder):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with DocumentStore(notes / ".." / "notes" / "mystore", embedder) as s:
+        report = s.ingest(notes, progress=False)
+        assert report.skipped == []  # its own sqlite/faiss files are not "documents"
+        with ThreadPoolExecutor(2) as pool:  # e.g. an async SDK calling through run_in_executor
+            hits = list(pool.map(lambda q: s.search(q, k=1)[0].source, ["wifi password", "dentist"]))
+        assert [Path(h).name for h in hits] == ["wifi.md", "dentist.txt"]
+    with pytest.raises(StoreError, match="closed"):
+        s.search("wifi")
 
 
 # ------------------------------------------------------------------ damaged store files

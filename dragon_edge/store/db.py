@@ -46,7 +46,8 @@ COMMIT;
 def connect(path: Path) -> sqlite3.Connection:
     """Open (or create) the database and check it is ours and intact."""
     try:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)  # explicit transactions
+        # explicit transactions; the store's lock (not sqlite3's thread check) serialises use
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA journal_mode = WAL")  # readers (search) never block the ingest
         conn.execute("PRAGMA synchronous = NORMAL")  # WAL+NORMAL: consistent after a crash

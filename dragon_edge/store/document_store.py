@@ -11,10 +11,12 @@ Scores returned by :meth:`DocumentStore.search` are exactly ``R(d)`` of
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,9 +103,20 @@ class _Pending:
     update: bool
 
 
+def _locked(method):
+    """One operation at a time per handle (so an async SDK may call from worker threads)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class DocumentStore:
-    """Open (creating if needed) the store in directory ``path``. Not thread-safe; several
-    processes may open one store (SQLite serialises writers; readers see new commits)."""
+    """Open (creating if needed) the store in directory ``path``. Several processes may open
+    one store: SQLite serialises writers and each handle picks up the others' commits."""
 
     def __init__(
         self,
@@ -116,6 +129,7 @@ class DocumentStore:
     ) -> None:
         self.path = Path(path)
         self._embedder = embedder
+        self._lock = threading.RLock()
         self._pause_counts: dict[str, int] = {}
         self._db_path, self._index_path = self.path / DB_NAME, self.path / INDEX_NAME
         self._open_dir(create)
@@ -204,6 +218,8 @@ class DocumentStore:
 
     def _refresh(self) -> None:
         """Pick up commits made by other processes since we last looked."""
+        if self._db is None:
+            raise StoreError(f"{self.path}: store is closed")
         v = self._db_version()
         if v != self._data_version:
             self._sync(self._index)
@@ -216,6 +232,7 @@ class DocumentStore:
         return self._embedder
 
     # -------------------------------------------------------------- writing
+    @_locked
     def ingest(
         self,
         folder: str | os.PathLike,
@@ -233,7 +250,9 @@ class DocumentStore:
         if not root.is_dir():
             raise FolderNotFound(f"{root}: no such folder")
         files, others = readers.list_folder(root)
-        report.skipped += [(str(p), "unsupported file type") for p in others]
+        inside = self.path.resolve()
+        others = [p for p in others if inside not in p.resolve().parents]  # the store's own files
+        report.skipped += [(str(p), readers.why_unsupported(p)) for p in others]
         if not files:
             kinds = ", ".join(sorted(readers.supported_suffixes()))
             raise EmptyFolder(f"{root}: no documents to ingest ({kinds}); {len(others)} other files")
@@ -262,6 +281,7 @@ class DocumentStore:
         report.seconds = time.perf_counter() - t0
         return report
 
+    @_locked
     def add_file(self, path: str | os.PathLike) -> IngestReport:
         """Ingest one file; errors raise."""
         report = IngestReport()
@@ -271,6 +291,7 @@ class DocumentStore:
             self._save()
         return report
 
+    @_locked
     def add_texts(self, texts: str | Sequence[str], source: str | None = None) -> int:
         """Add texts as one source (name defaults to a content hash). Re-adding a source name
         replaces its passages; identical content is a no-op. Returns passages added."""
@@ -341,6 +362,7 @@ class DocumentStore:
         self._pause("after_commit")
         return len(old)
 
+    @_locked
     def delete(self, source: str | os.PathLike) -> int:
         """Delete a source (a text source's name, a file path, or a folder path: every file
         under it). Returns passages removed; raises UnknownSource if nothing matched."""
@@ -376,6 +398,7 @@ class DocumentStore:
             report.passages_removed += self.delete_many(gone)
             report.removed += gone
 
+    @_locked
     def delete_many(self, sources: Sequence[str]) -> int:
         return sum(self.delete(s) for s in sources)
 
@@ -411,6 +434,7 @@ class DocumentStore:
             time.sleep(float(seconds))
 
     # -------------------------------------------------------------- reading
+    @_locked
     def search(self, query: str, k: int = 4) -> list[Passage]:
         """Top-``k`` passages by ``R(d)``, best first."""
         self._refresh()
@@ -436,9 +460,11 @@ class DocumentStore:
              f"ON p.source_id = s.id WHERE p.id IN ({marks})")
         return {r[0]: (r[1], r[2], r[3]) for r in self._db.execute(q, ids)}
 
+    @_locked
     def sources(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT source FROM sources ORDER BY source")]
 
+    @_locked
     def stats(self) -> StoreStats:
         self._refresh()
         count = lambda table: self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]  # noqa: E731
@@ -460,6 +486,7 @@ class DocumentStore:
         )
 
     # -------------------------------------------------------------- lifecycle
+    @_locked
     def close(self) -> None:
         if self._db is not None:
             self._db.close()

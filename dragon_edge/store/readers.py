@@ -74,6 +74,12 @@ def _pdf_text(raw: bytes, path: Path) -> str:
         raise UnreadableDocument(str(path), f"PDF parse error: {e}") from e
 
 
+def why_unsupported(path: Path) -> str:
+    if path.suffix.lower() == PDF_SUFFIX and not pdf_supported():
+        return "PDF needs pypdf: pip install pypdf"
+    return f"unsupported file type {path.suffix.lower() or '(none)'}"
+
+
 def list_folder(root: Path) -> tuple[list[Path], list[Path]]:
     """(documents to ingest, other files), sorted; hidden files and folders are skipped."""
     wanted, others = [], []
