@@ -127,7 +127,7 @@ def test_search_on_empty_store_and_large_k(store, embedder):
 
 def test_incremental_add(store, notes, capsys):
     store.ingest(notes, progress=True)
-    assert f"ingest: 100%" in capsys.readouterr().err  # the tqdm bar
+    assert "ingest: 100%" in capsys.readouterr().err  # the tqdm bar
     old_ids = set(db_ids(store.path))
     (notes / "plants.txt").write_text("Water the fiddle leaf fig every Sunday; it hates cold drafts.")
     report = store.ingest(notes, progress=False)
