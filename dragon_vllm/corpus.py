@@ -46,7 +46,7 @@ INDEX_FILE = "index.faiss"
 PASSAGES_FILE = "passages.sqlite3"
 DEFAULT_IVF_THRESHOLD = 50_000
 DEFAULT_NPROBE = 32
-EMBED_BLOCK = 1024  # passages per embed call: bounds memory, drives the progress bar
+EMBED_BLOCK = 256  # passages per embed call: bounds memory, and the progress bar moves often
 INPUT_FORMATS = ("auto", "text", "jsonl", "wikitext")
 
 
@@ -142,7 +142,11 @@ def resolve_format(path: Path, fmt: str = "auto") -> str:
 
 def read_documents(path: Path, fmt: str = "auto") -> Iterator[Document]:
     """The documents of one input file. Raises :class:`CorpusInputError` on unreadable input."""
-    path = Path(path)
+    return (d for d in _read_records(Path(path), fmt) if d is not None)
+
+
+def _read_records(path: Path, fmt: str) -> Iterator[Document | None]:
+    """Documents, and ``None`` for each JSON record without text (counted as skipped)."""
     fmt = resolve_format(path, fmt)
     try:
         if fmt == "jsonl":
@@ -174,9 +178,7 @@ def _read_jsonl(path: Path) -> Iterator[Document]:
             # DPR / lost-in-the-middle style: a question with its passages in "ctxs".
             records = rec["ctxs"] if isinstance(rec.get("ctxs"), list) else [rec]
             for r in records:
-                doc = _record_document(r)
-                if doc is not None:
-                    yield doc
+                yield _record_document(r) if isinstance(r, dict) else None
 
 
 def _record_document(rec: dict) -> Document | None:
@@ -277,8 +279,11 @@ def _write_passages(db_path: Path, inputs: Sequence[Path], fmt: str, passage_wor
         for path in inputs:
             path = Path(path)
             src = {"path": str(path.resolve()), "format": resolve_format(path, fmt), "bytes": path.stat().st_size,
-                   "documents": 0, "duplicates": 0, "passages": 0}
-            for doc in read_documents(path, src["format"]):
+                   "documents": 0, "duplicates": 0, "skipped": 0, "passages": 0}
+            for doc in _read_records(path, src["format"]):
+                if doc is None:
+                    src["skipped"] += 1
+                    continue
                 key = hashlib.sha1(f"{doc.title}\0{doc.text}".encode()).digest()
                 if key in seen:  # e.g. the same gold passage of several NQ questions
                     src["duplicates"] += 1
