@@ -38,7 +38,7 @@ def _open_store(path: str, create: bool):
 
 
 @app.command()
-def ingest(folder: Path = typer.Argument(..., help="Folder of .txt/.md files to add (re-ingests changed files)."),
+def ingest(folder: Path = typer.Argument(..., help="Folder of .txt/.md/.pdf files to add (re-ingests changed files)."),
            store: str = StoreOpt,
            prune: bool = typer.Option(False, help="Also delete sources whose files are gone."),
            verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
