@@ -164,7 +164,7 @@ def _stem(path: Path) -> str:
     return Path(path.stem).stem if path.suffix == ".gz" else path.stem
 
 
-def _read_jsonl(path: Path) -> Iterator[Document]:
+def _read_jsonl(path: Path) -> Iterator[Document | None]:
     with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -221,29 +221,10 @@ def _unescape_wikitext(text: str) -> str:
 
 
 # ------------------------------------------------------------------ building
-def _progress(iterable=None, *, enabled: bool, **kw):
-    if not enabled:
-        return _NoBar(iterable)
+def _progress(*, enabled: bool, **kw):
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, dynamic_ncols=True, **kw)
-
-
-class _NoBar:
-    def __init__(self, iterable=None) -> None:
-        self.iterable = iterable
-
-    def __iter__(self):
-        return iter(self.iterable)
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix_str(self, s: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    return tqdm(disable=not enabled, dynamic_ncols=True, **kw)
 
 
 def ivf_nlist(n: int) -> int:
