@@ -53,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--ivf-threshold", type=int, default=c.DEFAULT_IVF_THRESHOLD, metavar="N",
                    help="use an IVF index (approximate, ~4*sqrt(n) lists) from N passages on; exact flat "
                         "index below (default: %(default)s)")
-    b.add_argument("--nprobe", type=int, default=c.DEFAULT_NPROBE,
-                   help="IVF lists probed per query, stored as the index default (default: %(default)s)")
+    b.add_argument("--nprobe", type=int, default=None,
+                   help="IVF lists probed per query, stored as the index default "
+                        "(default: nlist/8, at least 32)")
     b.add_argument("--limit", type=int, default=None, metavar="N", help="stop after N passages (quick builds)")
     b.add_argument("--format", dest="input_format", choices=c.INPUT_FORMATS, default="auto",
                    help="input format of every INPUT (default: auto-detect per file)")

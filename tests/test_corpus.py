@@ -197,6 +197,7 @@ def test_ivf_agrees_with_flat_when_probing_every_list(built, inputs, embedder, t
     info = ivf.manifest["index"]
     n = len(built)
     assert info["type"] == "ivf" and info["nlist"] == c.ivf_nlist(n) > 1 and info["factory"] == f"IVF{info['nlist']},Flat"
+    assert info["nprobe"] == ivf.nprobe == c.default_nprobe(info["nlist"])
     exact = c.PublicIndex.load(ivf.path, embedder=embedder, nprobe=info["nlist"])
     assert exact.nprobe == info["nlist"] and built.nprobe is None
     queries = [*QUERIES, "what strikes the strings of a piano"]
