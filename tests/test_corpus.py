@@ -192,6 +192,17 @@ def test_search_many_equals_search(built):
     assert len(built.search("lobster", k=10_000)) == len(built)
 
 
+def test_search_from_many_threads(built):
+    """The cloud calls search via asyncio.to_thread: concurrent calls must give the sequential answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    queries = list(QUERIES) * 2
+    want = [[h.id for h in built.search(q, k=3)] for q in queries]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda q: [h.id for h in built.search(q, k=3)], queries))
+    assert got == want
+
+
 def test_ivf_agrees_with_flat_when_probing_every_list(built, inputs, embedder, tmp_path):
     ivf = c.PublicIndex.build(inputs, tmp_path / "ivf", ivf_threshold=1, embedder=embedder, progress=False)
     info = ivf.manifest["index"]
