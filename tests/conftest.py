@@ -1,0 +1,24 @@
+"""Shared fixtures. Models come from the registry; a missing model FAILS the test with the
+registry's error (which says how to install it) instead of skipping it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Never reach a model hub from a test: every model is a local file.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from dragon_core.models import ModelSpec, get_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> ModelSpec:
+    """SmolLM2-135M-Instruct, with its GGUF installed and its safetensors folder prepared
+    (raises ModelNotInstalled otherwise: run scripts/setup.sh)."""
+    spec = get_model("smollm2-135m")
+    spec.gguf_path()
+    spec.hf_dir()
+    return spec
