@@ -1,0 +1,130 @@
+"""Prompt layout: one document stream's prompt as token ids (pure functions, no I/O).
+
+Each stream reads ``[fixed system prefix][document segment, padded][query segment]``. The three
+segments are tokenized *separately* and concatenated, so the ids of ``prefix + document`` depend
+on the document alone: a prefix cache (vLLM's hashes whole blocks over the whole prefix) reuses a
+hot document's KV across users and questions. The document segment is padded so that
+``prefix + document`` ends on a block boundary (CPU vLLM's block size is a multiple of 32).
+
+Without padding, the concatenated text is exactly what the model's chat template renders for
+``system=...``, ``user="Document: {doc}\\n\\nQuestion: {query}"``, ``add_generation_prompt=True``.
+Segment boundaries are placed where a BPE pre-tokenizer splits anyway (the space before the
+document goes with the document, as it does for a word), so for SmolLM2 the unpadded ids equal
+the template's own tokenization (tested).
+
+**Padding token: the newline.** It is appended after the document, just before the query
+segment's ``"\\n\\nQuestion: "``; the model sees a few extra blank lines between document and
+question, a layout common in its training text. (Spaces would add trailing whitespace; a
+special token such as ``<|endoftext|>`` would tell the model the text ended.)
+``benchmarks``-free check in tests/test_engines.py: the padded prompt's next-token distribution
+stays close to the unpadded one.
+
+The tokenizer is duck-typed: ``encode(text, add_special_tokens=False)`` and
+``apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`` (transformers'
+tokenizers have both), so the device and the cloud build identical prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+DEFAULT_SYSTEM = "You are a helpful assistant. Answer the question using the document."
+BLOCK_SIZE = 32
+PAD_TEXT = "\n"
+# Markers that survive any chat template untouched; they only locate the segments.
+_DOC_MARK, _QUERY_MARK = "\x00DRAGON_DOC\x00", "\x00DRAGON_QUERY\x00"
+# End-of-turn tokens of common chat templates: generation stops on any of them.
+_END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "</s>")
+
+
+@dataclass(frozen=True)
+class Segments:
+    """One document stream's prompt, segment by segment (token ids)."""
+
+    prefix: tuple[int, ...]
+    document: tuple[int, ...]  # includes the padding
+    query: tuple[int, ...]
+    num_pad: int = 0
+
+    @property
+    def ids(self) -> list[int]:
+        return [*self.prefix, *self.document, *self.query]
+
+
+def user_message(document: str, query: str) -> str:
+    """The user turn of a document stream, as the chat template sees it (unpadded)."""
+    return f"Document: {document.strip()}\n\nQuestion: {query.strip()}"
+
+
+def document_segments(tokenizer: Any, document: str, query: str, *, system: str = DEFAULT_SYSTEM,
+                      block_size: int = BLOCK_SIZE, pad: bool = True) -> Segments:
+    """Lay out one document stream: prefix, document padded to ``block_size``, query."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    text = _render(tokenizer, system, user_message(_DOC_MARK, _QUERY_MARK))
+    head, rest = text.split(_DOC_MARK)
+    middle, tail = rest.split(_QUERY_MARK)
+    fixed = head.rstrip(" ")  # the space before the document belongs to the document's first word
+    prefix = _encode(tokenizer, fixed)
+    doc = _encode(tokenizer, head[len(fixed):] + document.strip())
+    num_pad = (-(len(prefix) + len(doc))) % block_size if pad else 0
+    doc += pad_ids(tokenizer) * num_pad
+    query_ids = _encode(tokenizer, middle + query.strip() + tail)
+    return Segments(tuple(prefix), tuple(doc), tuple(query_ids), num_pad)
+
+
+def document_prompt(tokenizer: Any, document: str, query: str, **layout: Any) -> list[int]:
+    """Token ids of one document stream (see :func:`document_segments` for ``layout``)."""
+    return document_segments(tokenizer, document, query, **layout).ids
+
+
+def query_only_prompt(tokenizer: Any, query: str, *, system: str = DEFAULT_SYSTEM) -> list[int]:
+    """Token ids of the no-retrieval prompt: the question alone under the same system turn."""
+    return _encode(tokenizer, _render(tokenizer, system, query.strip()))
+
+
+def passage_prompts(tokenizer: Any, query: str, passages: Sequence[str], scores: Sequence[float],
+                    **layout: Any) -> tuple[list[list[int]], list[float]]:
+    """One prompt per retrieved passage, with its score; no passage gives the query-only prompt
+    with score 0 (a side without documents still takes part, with one stream)."""
+    if len(passages) != len(scores):
+        raise ValueError(f"{len(passages)} passages but {len(scores)} scores")
+    if not passages:
+        system = layout.get("system", DEFAULT_SYSTEM)
+        return [query_only_prompt(tokenizer, query, system=system)], [0.0]
+    prompts = [document_prompt(tokenizer, p, query, **layout) for p in passages]
+    return prompts, [float(s) for s in scores]
+
+
+def pad_ids(tokenizer: Any) -> list[int]:
+    """The padding token (one id): the newline."""
+    ids = _encode(tokenizer, PAD_TEXT)
+    if len(ids) != 1:
+        raise ValueError(f"the tokenizer encodes {PAD_TEXT!r} as {len(ids)} tokens; padding needs one")
+    return ids
+
+
+def eos_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """Ids that end an answer: the tokenizer's EOS and the end-of-turn tokens it knows."""
+    ids = set()
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None:
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
+    return tuple(sorted(int(i) for i in ids))
+
+
+def _render(tokenizer: Any, system: str, user: str) -> str:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not isinstance(text, str):
+        raise TypeError("apply_chat_template(tokenize=False) must return a string")
+    return text
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    # The rendered template already holds its special tokens (BOS included where it has one).
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return [int(i) for i in ids]

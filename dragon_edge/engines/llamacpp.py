@@ -1,0 +1,191 @@
+"""llama.cpp backend (llama-cpp-python, the GGUF as shipped): the default on-device engine.
+
+One loaded model; each stream group gets a llama.cpp context with one *sequence id per
+stream* (low-level batch API), so a decode step of k streams is one ``llama_decode`` of k
+tokens that reads the weights once. The group's common prompt prefix (the system turn) is
+computed once on sequence 0 and shared with ``llama_memory_seq_cp``; rollback is
+``llama_memory_seq_rm`` of the KV tail. Logits come from ``llama_get_logits_ith`` (full vocab).
+
+Bit-exactness: with flash attention on and physical batches (``n_ubatch``) of at most 32
+tokens, a position's logits do not depend on how the tokens were batched (one by one, in
+chunks, several sequences in one batch, prefix copied from another sequence). Larger
+ubatches switch kernels and move log-probs by up to ~1 nat on rare tokens (TV ~0.05,
+measured), so append/rollback would drift from a fresh run. tests/test_engines.py checks
+equality with a fresh full-context run bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import llama_cpp
+import numpy as np
+from llama_cpp import _internals
+
+from dragon_edge.engines.common import LockstepGroup, Worker, check_prompts, check_temperature
+
+log = logging.getLogger("dragon.edge.llamacpp")
+
+UBATCH = 32  # see the module docstring: larger physical batches are not batch-invariant
+
+
+def _quiet_llama_logs() -> None:
+    # llama-cpp-python's log callback prints every INFO line of llama.cpp unless its logger
+    # is raised; keep errors.
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+
+
+class LlamaCppEngine:
+    """Opens stream groups on one GGUF model."""
+
+    def __init__(self, gguf_path: str | Path, *, n_ctx: int = 4096, n_threads: int | None = None,
+                 n_batch: int = 512, max_idle_contexts: int = 2, verbose: bool = False) -> None:
+        if not verbose:
+            _quiet_llama_logs()
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        self._model = _internals.LlamaModel(path_model=str(gguf_path), params=params, verbose=verbose)
+        self.path = Path(gguf_path)
+        self.n_ctx = min(n_ctx, self._model.n_ctx_train())
+        self.n_threads = n_threads or min(os.cpu_count() or 1, 8)
+        self.n_batch = max(n_batch, UBATCH)
+        self._vocab_size = self._model.n_vocab()
+        self._idle: dict[int, list[_internals.LlamaContext]] = {}  # k -> reusable contexts
+        self._max_idle = max_idle_contexts
+        self._worker = Worker("llamacpp")
+        self._verbose = verbose
+
+    @classmethod
+    def from_name(cls, model: str, **kwargs) -> "LlamaCppEngine":
+        from dragon_core.models import get_model
+
+        return cls(get_model(model).gguf_path(), **kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    async def open_group(self, prompts: Sequence[Sequence[int]], temperature: float = 1.0) -> "LlamaCppGroup":
+        prompts = check_prompts(prompts, self._vocab_size, self.n_ctx)
+        temperature = check_temperature(temperature)
+        ctx, logits = await self._worker.run(self._open, prompts)
+        return LlamaCppGroup(self, ctx, prompts, temperature, logits)
+
+    async def close(self) -> None:
+        await self._worker.run(self._free_all)
+        self._worker.shutdown()
+
+    # ------------------------------------------------------------------ worker thread
+    def _open(self, prompts: list[list[int]]) -> tuple[_internals.LlamaContext, np.ndarray]:
+        ctx = self._context(len(prompts))
+        try:
+            return ctx, self._prefill(ctx, prompts)
+        except BaseException:
+            self._recycle(ctx, len(prompts))
+            raise
+
+    def _context(self, k: int) -> _internals.LlamaContext:
+        idle = self._idle.get(k)
+        if idle:
+            return idle.pop()
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx = self.n_ctx * k  # split evenly: each sequence gets its own n_ctx KV stream
+        p.n_seq_max = k
+        p.kv_unified = False  # per-sequence KV: attention cost does not grow with k
+        p.n_batch, p.n_ubatch = self.n_batch, UBATCH
+        p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        p.n_threads = p.n_threads_batch = self.n_threads
+        p.no_perf = True
+        return _internals.LlamaContext(model=self._model, params=p, verbose=self._verbose)
+
+    def _recycle(self, ctx: _internals.LlamaContext, k: int) -> None:
+        idle = self._idle.setdefault(k, [])
+        if len(idle) < self._max_idle:
+            llama_cpp.llama_memory_clear(ctx.memory, True)
+            idle.append(ctx)
+        else:
+            ctx.close()
+
+    def _free_all(self) -> None:
+        for idle in self._idle.values():
+            for ctx in idle:
+                ctx.close()
+        self._idle.clear()
+        self._model.close()
+
+    def _prefill(self, ctx: _internals.LlamaContext, prompts: list[list[int]]) -> np.ndarray:
+        k = len(prompts)
+        # Shared prefix (at least the system turn): compute once, copy to the other sequences.
+        # Keep >= 1 token per stream outside it, so every stream gets its own last-position logits.
+        shared = min(_common_prefix(prompts), min(len(p) for p in prompts) - 1)
+        if k > 1 and shared > 0:
+            self._decode(ctx, [(0, 0, prompts[0][:shared])], want=False)
+            for s in range(1, k):
+                llama_cpp.llama_memory_seq_cp(ctx.memory, 0, s, -1, -1)
+        else:
+            shared = 0
+        return self._decode(ctx, [(s, shared, p[shared:]) for s, p in enumerate(prompts)])
+
+    def _decode(self, ctx: _internals.LlamaContext, items: list[tuple[int, int, list[int]]],
+                want: bool = True) -> np.ndarray:
+        """Feed ``(seq_id, first_pos, tokens)`` items; return each item's last-token logits."""
+        flat = [(s, pos + i, t, want and i == len(toks) - 1)
+                for s, pos, toks in items for i, t in enumerate(toks)]
+        out = np.empty((len(items) if want else 0, self._vocab_size), dtype=np.float32)
+        row = 0
+        batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=self._verbose)
+        try:
+            for lo in range(0, len(flat), self.n_batch):
+                chunk = flat[lo:lo + self.n_batch]
+                b = batch.batch
+                for j, (s, pos, t, logits) in enumerate(chunk):
+                    b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = t, pos, 1, logits
+                    b.seq_id[j][0] = s
+                b.n_tokens = len(chunk)
+                rc = llama_cpp.llama_decode(ctx.ctx, b)
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode failed with code {rc} (KV cache full?)")
+                for j, (*_, logits) in enumerate(chunk):
+                    if logits:
+                        ptr = llama_cpp.llama_get_logits_ith(ctx.ctx, j)
+                        out[row] = np.ctypeslib.as_array(ptr, shape=(self._vocab_size,))
+                        row += 1
+        finally:
+            batch.close()
+        return out
+
+
+class LlamaCppGroup(LockstepGroup):
+    """k streams = k sequence ids of one llama.cpp context."""
+
+    def __init__(self, engine: LlamaCppEngine, ctx: _internals.LlamaContext, prompts: list[list[int]],
+                 temperature: float, first_logits: np.ndarray) -> None:
+        super().__init__(prompts, temperature, engine.vocab_size, engine.n_ctx, engine._worker, first_logits)
+        self._engine, self._ctx = engine, ctx
+
+    def _feed(self, start: int, tails: list[list[int]]) -> np.ndarray:
+        items = [(s, len(p) + start, tail) for s, (p, tail) in enumerate(zip(self.prompts, tails))]
+        return self._engine._decode(self._ctx, items)
+
+    def _drop(self, keep: int) -> None:
+        for s, p in enumerate(self.prompts):
+            if not llama_cpp.llama_memory_seq_rm(self._ctx.memory, s, len(p) + keep, -1):
+                raise RuntimeError(f"llama.cpp refused to truncate sequence {s}")
+
+    def _release(self) -> None:
+        self._engine._recycle(self._ctx, self.num_streams)
+
+
+def _common_prefix(prompts: list[list[int]]) -> int:
+    first = prompts[0]
+    n = len(first)
+    for p in prompts[1:]:
+        n = min(n, len(p))
+        for i in range(n):
+            if p[i] != first[i]:
+                n = i
+                break
+    return n
