@@ -1,0 +1,287 @@
+"""The cloud engine: per-document streams of all requests as streaming-input sessions of ONE
+vLLM ``AsyncLLM``, so vLLM's scheduler batches every user's per-document decoding.
+
+One session per (request, document). A group advances in lockstep: the chosen token(s) go to
+all k sessions as one input chunk each (``max_tokens=1``), and each session's single output
+brings the top-K log-probs of its next position. vLLM discards the token it sampled for the
+previous chunk, so the caller alone decides what is appended (ENGINES.md §3).
+
+* Temperature: the engine runs with ``logprobs_mode="processed_logprobs"``, so the returned
+  log-probs are ``log_softmax(z / T)`` — the per-document ``p_d`` of ALGORITHMS.md — not the
+  raw ``T = 1`` values. No top-k/top-p/penalties are ever sent to vLLM, so nothing else is
+  folded in.
+* Rollback: no public truncate in vLLM, so the no-patch path: abort the sessions and reopen
+  them with ``prompt + accepted`` at the next advance; the prefix cache restores every full
+  block, only the partial tail block and the new tokens are recomputed.
+* Admission (``dragon_vllm.admission``): a group's k streams are admitted together, within
+  ``max_num_seqs`` and a KV budget, so paused sessions can never starve each other.
+
+``StreamGroup.advance`` (append + read, one engine round trip) is the seam where a later
+in-engine path (several drafted tokens per chunk, mixture inside vLLM) can replace this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import os
+from typing import AsyncIterator, Sequence
+
+import numpy as np
+
+from dragon_core.dist import Dist
+from dragon_core.errors import ProtocolError
+from dragon_vllm.admission import Admission, Ticket
+
+MIN_VLLM = (0, 26)  # streaming-input sessions, flat_logprobs, processed_logprobs, tokens_input
+
+
+def vllm_version() -> tuple[int, int]:
+    import vllm
+
+    major, minor = vllm.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+class _Session:
+    """One vLLM streaming-input session: feed a chunk of token ids, get one position's top-K."""
+
+    def __init__(self, llm, request_id: str, first: list[int], params) -> None:
+        from vllm.engine.protocol import StreamingInput
+        from vllm.inputs.engine import tokens_input
+
+        self._chunk, self._tokens_input = StreamingInput, tokens_input
+        self._inbox: asyncio.Queue[list[int] | None] = asyncio.Queue()
+        self._inbox.put_nowait(first)
+        self._outputs: AsyncIterator = llm.generate(self._chunks(), params, request_id)
+        self.prompt_len = len(first)
+        self.num_cached_tokens = 0
+
+    async def _chunks(self):
+        while (ids := await self._inbox.get()) is not None:
+            # a fresh list per chunk: vLLM's front end extends the first chunk's list in place
+            yield self._chunk(prompt=self._tokens_input(list(ids)))
+
+    def feed(self, ids: Sequence[int]) -> None:
+        self._inbox.put_nowait(list(ids))
+
+    async def read(self, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        out = await self._outputs.__anext__()
+        self.num_cached_tokens = max(self.num_cached_tokens, int(out.num_cached_tokens or 0))
+        return _top_k_of_last_position(out.outputs[0].logprobs, top_k)
+
+    async def abort(self) -> None:
+        # closing vLLM's generate() aborts the request and cancels the task reading our chunks
+        await self._outputs.aclose()
+
+
+def _top_k_of_last_position(flat, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-K (ids, log-probs) of the newest position of a ``FlatLogprobs``, without the
+    sampled token when it is outside the top-K (it is random and discarded anyway)."""
+    lo, hi = flat.start_indices[-1], flat.end_indices[-1]
+    ids = np.asarray(flat.token_ids[lo:hi], dtype=np.int64)
+    lps = np.asarray(flat.logprobs[lo:hi], dtype=np.float64)
+    ranks = np.asarray([r if r is not None else top_k + 1 for r in flat.ranks[lo:hi]])
+    keep = ranks <= top_k
+    ids, lps = ids[keep], lps[keep]
+    ids, first = np.unique(ids, return_index=True)  # the sampled token may be listed twice
+    return ids, lps[first]
+
+
+class VllmStreamGroup:
+    """The k document streams of one request (``dragon_core.engine.StreamGroup``)."""
+
+    def __init__(self, engine: "VllmEngine", gid: int, prompts: list[list[int]], temperature: float,
+                 ticket: Ticket) -> None:
+        self._engine, self._gid, self._ticket = engine, gid, ticket
+        self.prompts = prompts
+        self.temperature = temperature
+        self._tokens: list[int] = []  # generated tokens (accepted + appended)
+        self._sessions: list[_Session] | None = None
+        self._fed = 0  # generated tokens the open sessions hold
+        self._dists: list[Dist] | None = None  # distributions at position len(_tokens), if read
+        self._epoch = itertools.count()
+        self._closed = False
+        self.num_cached_tokens: list[int] = [0] * len(prompts)  # of the latest (re)opening
+        self.reopens = 0
+
+    @property
+    def num_streams(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def length(self) -> int:
+        return len(self._tokens)
+
+    async def next_dists(self) -> list[Dist]:
+        return await self.advance(())
+
+    async def append(self, tokens: Sequence[int]) -> None:
+        # lazy: the tokens travel with the next read, so append + read is one engine round trip
+        if tokens:
+            self._check_open()
+            self._tokens.extend(int(t) for t in tokens)
+            self._dists = None
+
+    async def advance(self, tokens: Sequence[int]) -> list[Dist]:
+        """Append ``tokens`` to every stream and return each stream's next distribution."""
+        await self.append(tokens)
+        self._check_open()
+        if self._dists is not None:
+            return self._dists
+        opened = self._sessions is None
+        if opened:
+            self._open_sessions()
+        else:
+            new = self._tokens[self._fed:]
+            for session in self._sessions:
+                session.feed(new)
+        self._fed = len(self._tokens)
+        results = await asyncio.gather(*(s.read(self._engine.top_k) for s in self._sessions))
+        if opened:
+            self._record_cache_hits()
+        vocab = self._engine.vocab_size
+        self._dists = [Dist.from_top_k(vocab, ids, lps) for ids, lps in results]
+        return self._dists
+
+    async def rollback(self, length: int) -> None:
+        self._check_open()
+        if not 0 <= length <= len(self._tokens):
+            raise ProtocolError(f"cannot roll back to {length}: the streams hold {len(self._tokens)} tokens")
+        if length == len(self._tokens):
+            return
+        del self._tokens[length:]
+        self._dists = None
+        if length < self._fed:  # the sessions' KV holds tokens past the accepted prefix
+            await self._abort_sessions()
+            self.reopens += 1
+            self._engine._stats["reopens"] += 1
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._abort_sessions()
+        finally:
+            self._engine._release(self._ticket)
+
+    # ------------------------------------------------------------------ internals
+    def _open_sessions(self) -> None:
+        epoch = next(self._epoch)
+        self._sessions = [
+            _Session(self._engine.llm, f"dragon-{self._gid}-{i}-{epoch}", p + self._tokens,
+                     self._engine._params(self.temperature))
+            for i, p in enumerate(self.prompts)
+        ]
+
+    def _record_cache_hits(self) -> None:
+        stats = self._engine._stats
+        for i, s in enumerate(self._sessions):
+            self.num_cached_tokens[i] = s.num_cached_tokens
+            stats["cached_tokens"] += s.num_cached_tokens
+            stats["prompt_tokens"] += s.prompt_len
+
+    async def _abort_sessions(self) -> None:
+        sessions, self._sessions, self._fed = self._sessions, None, 0
+        if sessions:
+            await asyncio.gather(*(s.abort() for s in sessions), return_exceptions=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ProtocolError("stream group is closed")
+
+
+class VllmEngine:
+    """``dragon_core.engine.Engine`` on one shared ``AsyncLLM``."""
+
+    def __init__(self, llm, *, top_k: int, max_streams: int, kv_reserve_tokens: int) -> None:
+        self.llm = llm
+        self.top_k = top_k
+        cache = llm.vllm_config.cache_config
+        self.block_size: int = cache.block_size
+        self.max_model_len: int = llm.model_config.max_model_len
+        self._vocab = int(llm.model_config.get_vocab_size())
+        self.kv_reserve_tokens = kv_reserve_tokens
+        self.admission = Admission(max_streams, int(cache.num_gpu_blocks or 1))
+        self._gids = itertools.count()
+        self._stats = dict(groups=0, reopens=0, prompt_tokens=0, cached_tokens=0)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    async def open_group(self, prompts: Sequence[Sequence[int]], temperature: float = 1.0) -> VllmStreamGroup:
+        prompts = [[int(t) for t in p] for p in prompts]
+        if not prompts or any(not p for p in prompts):
+            raise ValueError("open_group needs at least one non-empty prompt")
+        if (longest := max(map(len, prompts))) >= self.max_model_len:
+            raise ValueError(f"prompt of {longest} tokens does not fit the context of {self.max_model_len}")
+        ticket = await self.admission.acquire(len(prompts), self._blocks(prompts))
+        self._stats["groups"] += 1
+        # T <= 0 means greedy; the argmax is the same at any T, and T = 1 keeps the log-probs finite
+        return VllmStreamGroup(self, next(self._gids), prompts, float(temperature) if temperature > 0 else 1.0,
+                               ticket)
+
+    def stats(self) -> dict:
+        return dict(self._stats, open_streams=self.admission.slots, queued_groups=self.admission.queued,
+                    reserved_blocks=self.admission.blocks)
+
+    async def close(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown()
+            del llm
+            gc.collect()  # run AsyncLLM.__del__ now, not at interpreter exit (it fails there)
+
+    def _blocks(self, prompts: list[list[int]]) -> int:
+        # a conservative KV reservation (shared prefix blocks are counted once per stream)
+        per = [-(-(len(p) + self.kv_reserve_tokens) // self.block_size) for p in prompts]
+        return sum(per)
+
+    def _release(self, ticket: Ticket) -> None:
+        self.admission.release(ticket)
+
+    def _params(self, temperature: float):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(max_tokens=1, temperature=temperature, logprobs=self.top_k, flat_logprobs=True,
+                              detokenize=False, output_kind=RequestOutputKind.DELTA)
+
+
+def make_engine(model_dir: str, *, top_k: int = 20, max_num_seqs: int = 128, max_streams: int | None = None,
+                max_model_len: int = 2048, block_size: int = 32, dtype: str = "auto",
+                enforce_eager: bool | None = None, kv_cache_gib: float | None = None,
+                gpu_memory_utilization: float | None = None, kv_reserve_tokens: int = 256, seed: int = 0,
+                **engine_kwargs) -> VllmEngine:
+    """Start the shared ``AsyncLLM`` for DRAGON streams.
+
+    ``max_num_seqs`` is set explicitly (an ``AsyncLLM`` without a usage context would get 128
+    whatever the hardware); ``max_streams`` (default: ``max_num_seqs``) caps the open streams.
+    ``block_size`` must be a multiple of 32 on CPU; documents are padded to it by the prompt
+    layout so their KV blocks are shared across requests.
+    """
+    if vllm_version() < MIN_VLLM:
+        raise RuntimeError(f"vLLM >= {'.'.join(map(str, MIN_VLLM))} is required for streaming-input sessions")
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.platforms import current_platform
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    on_cpu = current_platform.is_cpu()
+    if on_cpu:
+        # the CPU worker refuses to start without a KV size; read at engine start
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib or os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 1)
+    if gpu_memory_utilization is not None:
+        engine_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    args = AsyncEngineArgs(
+        model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
+        max_model_len=max_model_len, block_size=block_size, enable_prefix_caching=True,
+        max_num_seqs=max_num_seqs, max_logprobs=max(top_k, 20), logprobs_mode="processed_logprobs",
+        enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+        disable_log_stats=True, **engine_kwargs,
+    )
+    llm = AsyncLLM.from_engine_args(args)
+    return VllmEngine(llm, top_k=top_k, max_streams=min(max_streams or max_num_seqs, max_num_seqs),
+                      kv_reserve_tokens=kv_reserve_tokens)

