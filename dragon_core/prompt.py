@@ -1,4 +1,4 @@
-"""Prompt layout: one document stream's prompt as token ids (pure functions, no I/O).
+r"""Prompt layout: one document stream's prompt as token ids (pure functions, no I/O).
 
 Each stream reads ``[fixed system prefix][document segment, padded][query segment]``. The three
 segments are tokenized *separately* and concatenated, so the ids of ``prefix + document`` depend
@@ -7,17 +7,18 @@ hot document's KV across users and questions. The document segment is padded so 
 ``prefix + document`` ends on a block boundary (CPU vLLM's block size is a multiple of 32).
 
 Without padding, the concatenated text is exactly what the model's chat template renders for
-``system=...``, ``user="Document: {doc}\\n\\nQuestion: {query}"``, ``add_generation_prompt=True``.
+``system=...``, ``user="Document: {doc}\n\nQuestion: {query}"``, ``add_generation_prompt=True``.
 Segment boundaries are placed where a BPE pre-tokenizer splits anyway (the space before the
 document goes with the document, as it does for a word), so for SmolLM2 the unpadded ids equal
 the template's own tokenization (tested).
 
-**Padding token: the newline.** It is appended after the document, just before the query
-segment's ``"\\n\\nQuestion: "``; the model sees a few extra blank lines between document and
-question, a layout common in its training text. (Spaces would add trailing whitespace; a
-special token such as ``<|endoftext|>`` would tell the model the text ended.)
-``benchmarks``-free check in tests/test_engines.py: the padded prompt's next-token distribution
-stays close to the unpadded one.
+**Padding token: the space**, repeated after the document, just before the query segment's
+``"\n\nQuestion: "`` (the model sees trailing whitespace at the end of the document). Measured
+with llama.cpp on 6 document questions x 16 teacher-forced answer tokens, padded vs unpadded:
+mean total-variation distance 0.044 and greedy agreement 98% for spaces at the end; 0.052 / 96%
+for newlines at the end, 0.053 / 97% for spaces before the document, 0.058 / 97% for "\n\n"
+tokens; a special token (``<|endoftext|>``) tells the model the text ended: 0.39 / 67%. (For
+scale: llama.cpp's own kernel paths differ by TV ~0.05.) tests/test_engines.py keeps a check.
 
 The tokenizer is duck-typed: ``encode(text, add_special_tokens=False)`` and
 ``apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`` (transformers'
@@ -31,7 +32,7 @@ from typing import Any, Sequence
 
 DEFAULT_SYSTEM = "You are a helpful assistant. Answer the question using the document."
 BLOCK_SIZE = 32
-PAD_TEXT = "\n"
+PAD_TEXT = " "
 # Markers that survive any chat template untouched; they only locate the segments.
 _DOC_MARK, _QUERY_MARK = "\x00DRAGON_DOC\x00", "\x00DRAGON_QUERY\x00"
 # End-of-turn tokens of common chat templates: generation stops on any of them.
@@ -98,7 +99,7 @@ def passage_prompts(tokenizer: Any, query: str, passages: Sequence[str], scores:
 
 
 def pad_ids(tokenizer: Any) -> list[int]:
-    """The padding token (one id): the newline."""
+    """The padding token (one id): the space."""
     ids = _encode(tokenizer, PAD_TEXT)
     if len(ids) != 1:
         raise ValueError(f"the tokenizer encodes {PAD_TEXT!r} as {len(ids)} tokens; padding needs one")

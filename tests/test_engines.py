@@ -1,0 +1,360 @@
+"""Device engines (llama.cpp, transformers) and the prompt layout, on the real SmolLM2 model.
+
+Tolerances, and why:
+* llama.cpp: **bit for bit**. With flash attention and 32-token physical batches its logits do
+  not depend on how tokens were batched (dragon_edge/engines/llamacpp.py), so a group after any
+  append/rollback history equals a fresh group opened on the whole context exactly.
+* transformers (float32 compute): max |Δ log p| <= 1e-3 over the whole vocabulary. A fresh run
+  computes the context as one prefill, the group as several smaller steps: different matmul
+  shapes sum in a different order (float32 rounding, ~5e-5 observed).
+* llama.cpp vs transformers: different weights (Q4_1 with 8-bit activations vs the dequantized
+  bf16 conversion), so only greedy agreement is asserted, and only where the reference's top-2
+  margin exceeds 0.5 nats: the top token's log-prob differs by at most 0.2 nats between the two
+  (measured), so a margin above 2 x 0.2 cannot flip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from dragon_core import prompt as P  # noqa: E402
+from dragon_core.models import get_model  # noqa: E402
+
+MODEL = "smollm2-135m"
+DOCS = [
+    ("The Eiffel Tower was designed by the company of Gustave Eiffel and built from 1887 to 1889.",
+     "Who designed the Eiffel Tower?"),
+    ("Mount Everest is the highest mountain on Earth, at 8,849 metres above sea level.",
+     "How high is Mount Everest?"),
+    ("Python is a programming language created by Guido van Rossum and first released in 1991.",
+     "Who created Python?"),
+    ("The mitochondrion is the powerhouse of the cell; it produces ATP through respiration.",
+     "What does the mitochondrion produce?"),
+    ("Lake Baikal in Siberia is the deepest lake in the world, with a maximum depth of 1,642 metres.",
+     "What is the deepest lake?"),
+    ("The Treaty of Westphalia was signed in 1648 and ended the Thirty Years' War.",
+     "When was the Treaty of Westphalia signed?"),
+]
+HF_TOL = 1e-3
+MARGIN = 0.5
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(get_model(MODEL).tokenizer_dir()))
+
+
+@pytest.fixture(scope="module")
+def engines():
+    from dragon_edge.engines import load_engine
+
+    made: dict[str, object] = {}
+
+    def get(kind: str):
+        if kind not in made:
+            made[kind] = load_engine(kind, MODEL)
+        return made[kind]
+
+    yield get
+    for eng in made.values():
+        run(eng.close())
+
+
+def template_text(tok, system: str, user: str) -> str:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# ============================================================================ prompt layout
+QUERIES = ["Who designed it?", "  What is 6*7?  ", "Where?\n"]
+ODD_DOCS = ["  42 is the answer\n", "Zebras (Equus quagga) live in Africa!", "x" * 300,
+            "Numbers: 1887, 3.14; code `a=b`.", "Ünïcödé — ok."]
+
+
+def test_unpadded_layout_is_the_chat_template(tok):
+    for doc in [d for d, _ in DOCS] + ODD_DOCS:
+        for q in QUERIES:
+            seg = P.document_segments(tok, doc, q, pad=False)
+            text = template_text(tok, P.DEFAULT_SYSTEM, P.user_message(doc, q))
+            assert seg.num_pad == 0
+            assert tok.decode(seg.ids) == text
+            # segment boundaries fall where the pre-tokenizer splits anyway: same ids
+            assert seg.ids == tok.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("block", [16, 32, 64])
+def test_padding_aligns_the_document_to_blocks(tok, block):
+    space = tok.encode(" ", add_special_tokens=False)
+    prefixes = set()
+    for doc in [d for d, _ in DOCS] + ODD_DOCS:
+        segs = [P.document_segments(tok, doc, q, block_size=block) for q in QUERIES]
+        for q, seg in zip(QUERIES, segs):
+            plain = P.document_segments(tok, doc, q, pad=False)
+            assert (len(seg.prefix) + len(seg.document)) % block == 0
+            assert 0 <= seg.num_pad < block
+            # the padding is spaces appended to the unpadded document segment, nothing else moves
+            assert list(seg.document) == list(plain.document) + space * seg.num_pad
+            assert (seg.prefix, seg.query) == (plain.prefix, plain.query)
+        # the cacheable part depends on the document only, never on the question
+        assert len({seg.prefix + seg.document for seg in segs}) == 1
+        prefixes.update(seg.prefix for seg in segs)
+    assert len(prefixes) == 1  # one fixed system prefix for every document and question
+
+
+def test_padded_text_differs_only_by_spaces(tok):
+    doc, q = DOCS[0]
+    seg = P.document_segments(tok, doc, q)
+    text = template_text(tok, P.DEFAULT_SYSTEM, f"Document: {doc}{' ' * seg.num_pad}\n\nQuestion: {q}")
+    assert seg.num_pad > 0 and tok.decode(seg.ids) == text
+
+
+def test_query_only_and_passage_prompts(tok):
+    q = "What is the capital of France?"
+    ids = P.query_only_prompt(tok, q)
+    assert tok.decode(ids) == template_text(tok, P.DEFAULT_SYSTEM, q)
+    assert P.passage_prompts(tok, q, [], []) == ([ids], [0.0])
+    prompts, scores = P.passage_prompts(tok, q, ["doc a", "doc b"], [0.5, -1.0])
+    assert prompts == [P.document_prompt(tok, "doc a", q), P.document_prompt(tok, "doc b", q)]
+    assert scores == [0.5, -1.0]
+    with pytest.raises(ValueError):
+        P.passage_prompts(tok, q, ["doc a"], [])
+    with pytest.raises(ValueError):
+        P.document_segments(tok, "doc", q, block_size=0)
+
+
+def test_eos_ids(tok):
+    eos = P.eos_token_ids(tok)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in eos and tok.eos_token_id in eos
+    assert P.pad_ids(tok) == tok.encode(" ", add_special_tokens=False)
+
+
+# ============================================================================ engines
+BACKENDS = [pytest.param("llamacpp", marks=[pytest.mark.llamacpp, pytest.mark.slow]),
+            pytest.param("hf", marks=pytest.mark.slow)]
+
+
+def assert_same(kind: str, got, want) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        if kind == "llamacpp":
+            np.testing.assert_array_equal(g.logprobs, w.logprobs)
+        else:
+            np.testing.assert_allclose(g.logprobs, w.logprobs, rtol=0, atol=HF_TOL)
+
+
+async def fresh_dists(engine, prompts, generated, temperature=1.0):
+    group = await engine.open_group([p + generated for p in prompts], temperature)
+    try:
+        return await group.next_dists()
+    finally:
+        await group.close()
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_append_rollback_equals_fresh_run(tok, engines, kind, k):
+    """A history of single and multi-token appends (tokens of our choosing, not the model's
+    top choice), rollbacks into and behind the pending tokens, and a rollback to 0, checked
+    against fresh full-context runs at several points. Different documents per stream."""
+    engine = engines(kind)
+    q = DOCS[0][1]
+    prompts = [P.document_prompt(tok, d, q) for d, _ in DOCS[:k]]
+    rng = np.random.default_rng(k)
+
+    def pick(dists, rank):  # the rank-th most likely token of stream 0
+        return int(np.argsort(-dists[0].logprobs, kind="stable")[rank])
+
+    async def scenario():
+        group = await engine.open_group(prompts)
+        assert group.num_streams == k and group.length == 0
+        first = await group.next_dists()
+        assert_same(kind, first, await fresh_dists(engine, prompts, []))
+        checked = 0
+        d = first
+        for step in range(6):
+            draft = []
+            for _ in range(int(rng.integers(1, 4))):
+                draft.append(pick(d, int(rng.integers(0, 3))))
+            await group.append(draft)
+            d = await group.next_dists()
+            keep = group.length - int(rng.integers(0, len(draft) + 1))
+            await group.rollback(keep)  # reject part of the draft (or none of it)
+            await group.append([pick(d, 1)])  # a correction: the second choice
+            await group.rollback(group.length)  # no-op
+            d = await group.next_dists()
+            if step % 2 == 1:
+                assert_same(kind, d, await fresh_dists(engine, prompts, group._generated))
+                checked += 1
+        # rollback with nothing pending: the engine must recompute the last position
+        generated = list(group._generated)
+        await group.rollback(3)
+        assert_same(kind, await group.next_dists(), await fresh_dists(engine, prompts, generated[:3]))
+        await group.rollback(0)
+        assert_same(kind, await group.next_dists(), first)
+        await group.append(generated)
+        assert group.length == len(generated)
+        assert_same(kind, await group.next_dists(), await fresh_dists(engine, prompts, generated))
+        await group.close()
+        return checked
+
+    assert run(scenario()) == 3
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_temperature(tok, engines, kind):
+    engine = engines(kind)
+    prompts = [P.document_prompt(tok, d, q) for d, q in DOCS[:2]]
+
+    async def both():
+        return (await fresh_dists(engine, prompts, [], 1.0), await fresh_dists(engine, prompts, [], 0.5))
+
+    plain, hot = run(both())
+    for a, b in zip(plain, hot):
+        z = a.logprobs.astype(np.float64) / 0.5
+        want = z - np.logaddexp.reduce(z)
+        np.testing.assert_allclose(b.logprobs, want, atol=1e-4)  # float32 log-probs, scaled by 1/T
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_misuse_raises(tok, engines, kind):
+    engine = engines(kind)
+    prompt = P.query_only_prompt(tok, "Hi")
+
+    async def scenario():
+        with pytest.raises(ValueError):
+            await engine.open_group([])
+        with pytest.raises(ValueError):
+            await engine.open_group([prompt, []])
+        with pytest.raises(ValueError):
+            await engine.open_group([prompt], temperature=0.0)
+        with pytest.raises(ValueError):
+            await engine.open_group([[engine.vocab_size]])
+        group = await engine.open_group([prompt])
+        await group.append([1, 2])
+        with pytest.raises(ValueError):
+            await group.rollback(3)
+        with pytest.raises(ValueError):
+            await group.rollback(-1)
+        with pytest.raises(ValueError):
+            await group.append([-1])
+        assert group.length == 2
+        await group.close()
+        await group.close()  # idempotent
+        with pytest.raises(RuntimeError):
+            await group.next_dists()
+
+    run(scenario())
+
+
+@pytest.mark.llamacpp
+@pytest.mark.slow
+def test_llamacpp_event_loop_stays_free_and_groups_are_isolated(tok, engines):
+    """Engine work runs on a worker thread (the loop keeps ticking meanwhile); interleaved groups
+    with different k, and a group on a reused context, give the same bits as sequential runs."""
+    engine = engines("llamacpp")
+    q = DOCS[1][1]
+    prompts = [P.document_prompt(tok, d, q) for d, _ in DOCS[:4]]
+
+    async def decode(k, steps):
+        group = await engine.open_group(prompts[:k])
+        out = []
+        for _ in range(steps):
+            d = await group.next_dists()
+            out.append([x.logprobs.copy() for x in d])
+            await group.append([d[0].argmax()])
+        await group.close()
+        return out
+
+    async def scenario():
+        ticks = 0
+        done = asyncio.Event()
+
+        async def ticker():
+            nonlocal ticks
+            while not done.is_set():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        tick_task = asyncio.create_task(ticker())
+        together = await asyncio.gather(decode(4, 5), decode(2, 5), decode(4, 5))
+        done.set()
+        await tick_task
+        alone = [await decode(4, 5), await decode(2, 5)]
+        return ticks, together, alone
+
+    ticks, together, alone = run(scenario())
+    assert ticks > 20
+    for got, want in [(together[0], alone[0]), (together[1], alone[1]), (together[2], alone[0])]:
+        for a, b in zip(got, want):
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.slow
+def test_backends_agree_on_greedy_tokens(tok, engines):
+    """Teacher-forced on the reference's greedy tokens (so both always see the same context),
+    16 steps on 8 prompts: the argmax must agree wherever the reference's margin > MARGIN."""
+    hf, ll = engines("hf"), engines("llamacpp")
+    prompts = [P.document_prompt(tok, d, q) for d, q in DOCS]
+    prompts += [P.query_only_prompt(tok, "What is the capital of France?"),
+                P.query_only_prompt(tok, "Write a haiku about rain.")]
+
+    async def compare(prompt):
+        gh, gl = await hf.open_group([prompt]), await ll.open_group([prompt])
+        rows = []
+        for _ in range(16):
+            (dh,), (dl,) = await gh.next_dists(), await gl.next_dists()
+            top2 = np.sort(dh.logprobs.astype(np.float64))[-2:]
+            rows.append((dh.argmax() == dl.argmax(), top2[1] - top2[0]))
+            await gh.append([dh.argmax()])
+            await gl.append([dh.argmax()])
+        await gh.close()
+        await gl.close()
+        return rows
+
+    rows = [r for p in prompts for r in run(compare(p))]
+    agree = np.array([a for a, _ in rows])
+    margins = np.array([m for _, m in rows])
+    print(f"\ngreedy agreement llama.cpp Q4_1 vs transformers bf16->fp32: {agree.mean():.3f} "
+          f"({agree.sum()}/{agree.size}); disagreements at margins {np.round(margins[~agree], 3).tolist()}")
+    assert agree[margins > MARGIN].all()
+    assert agree.mean() >= 0.9
+
+
+@pytest.mark.llamacpp
+@pytest.mark.slow
+def test_block_padding_barely_moves_the_answer(tok, engines):
+    """Padding to a block boundary must not change what the model says (see dragon_core.prompt)."""
+    engine = engines("llamacpp")
+
+    async def compare(doc, q):
+        plain = await engine.open_group([P.document_prompt(tok, doc, q, pad=False)])
+        padded = await engine.open_group([P.document_prompt(tok, doc, q)])
+        rows = []
+        for _ in range(8):
+            (a,), (b,) = await plain.next_dists(), await padded.next_dists()
+            rows.append((0.5 * np.abs(a.probs() - b.probs()).sum(), a.argmax() == b.argmax()))
+            await plain.append([a.argmax()])
+            await padded.append([a.argmax()])
+        await plain.close()
+        await padded.close()
+        return rows
+
+    rows = [r for d, q in DOCS for r in run(compare(d, q))]
+    tv = np.array([t for t, _ in rows])
+    agree = np.array([a for _, a in rows])
+    print(f"\npadded vs unpadded: mean TV {tv.mean():.3f}, greedy agreement {agree.mean():.3f}")
+    assert tv.mean() < 0.1 and agree.mean() >= 0.9
