@@ -32,8 +32,12 @@ T0=$SECONDS
 say() { printf '[setup %3ds] %s\n' "$((SECONDS - T0))" "$*"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 
-# Every pip run into the venv takes the lock, so parallel setups do not corrupt it.
-pip_() { flock "$PIP_LOCK" "$VENV/bin/python" -m pip "$@"; }
+# Every pip run into the venv takes the lock, so parallel setups do not corrupt it. The
+# machine's pip config lists index folders that do not exist; drop pip's warning per package.
+pip_() {
+    flock "$PIP_LOCK" "$VENV/bin/python" -m pip "$@" \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 # installed NAME VERSION -> success iff NAME is installed at VERSION (local suffix like +cpu ignored)
 installed() {
