@@ -170,7 +170,9 @@ def test_append_rollback_equals_fresh_run(tok, engines, kind, k):
     against fresh full-context runs at several points. Different documents per stream."""
     engine = engines(kind)
     q = DOCS[0][1]
-    prompts = [P.document_prompt(tok, d, q) for d, _ in DOCS[:k]]
+    # unequal lengths (only stream 0 padded): exercises per-stream positions and left padding
+    prompts = [P.document_prompt(tok, d, q, pad=i == 0) for i, (d, _) in enumerate(DOCS[:k])]
+    assert len({len(p) for p in prompts}) == k
     rng = np.random.default_rng(k)
 
     def pick(dists, rank):  # the rank-th most likely token of stream 0
