@@ -442,31 +442,16 @@ def prepare(name: str, force: bool = False, log=print) -> Path:
         return target
 
 
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _convert(gguf: Path, out: Path) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local file; never reach a hub
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # setup prints one line per step, not 300 bars
+    hf_logging.disable_progress_bar()  # weight-loading bars; the de-quantising one stays (2 s)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # float32 load: the GGUF kernels compute in float32, then one rounding to bf16 on save.
-    with _env(TQDM_DISABLE="1"):  # the GGUF de-quantising bar ignores the switch above
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)  # else config.json claims "gguf"
     model = model.to(torch.bfloat16)
