@@ -33,7 +33,7 @@ PRIVATE_NOTES = {
     "dentist.md": "Dentist appointment with Dr. Alvarez on Thursday at 10am. Bring the insurance card.",
     "wifi.md": "The home wifi password is plum-tiger-42. The router is in the hallway closet.",
 }
-QUESTION = "My sister Lena lives in a city. Which festival is that city famous for?"
+QUESTION = "Where does my sister Lena live, and what is that city famous for?"
 
 
 def free_port() -> int:

@@ -144,14 +144,12 @@ class CloudLink:
         if not await self.send(req):
             driver.feed(s.PeerLost("cloud link unavailable"))
 
-    async def opened(self, request_id: int, timeout: float) -> m.Opened | None:
+    def opened_now(self, request_id: int) -> m.Opened | None:
+        """The cloud's ``Opened`` for a request, if it has arrived (it names the public sources)."""
         fut = self._opened.get(request_id)
-        if fut is None:
+        if fut is None or not fut.done() or fut.cancelled():
             return None
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
-            return None
+        return fut.result()
 
     def release(self, request_id: int) -> None:
         self._drivers.pop(request_id, None)
