@@ -76,12 +76,13 @@ class LockstepGroup(ABC):
     """
 
     def __init__(self, prompts: list[list[int]], temperature: float, vocab_size: int,
-                 max_len: int, worker: Worker, first_logits: np.ndarray) -> None:
+                 max_len: int, worker: Worker, first_logits: np.ndarray | None) -> None:
         self.prompts, self.temperature, self.vocab_size = prompts, temperature, vocab_size
         self._max_len, self._worker = max_len, worker
         self._generated: list[int] = []
         self._in_cache = 0
-        self._dists: list[Dist] | None = self._to_dists(first_logits)
+        # the prompt's last-position dists; a backend that prefills later sets them itself
+        self._dists: list[Dist] | None = None if first_logits is None else self._to_dists(first_logits)
         self._lock = asyncio.Lock()  # one engine operation per group at a time, in call order
         self._closed = False
 

@@ -77,8 +77,7 @@ class HFGroup(LockstepGroup):
 
     def __init__(self, engine: HFEngine, prompts: list[list[int]], temperature: float) -> None:
         torch = engine._torch
-        super().__init__(prompts, temperature, engine.vocab_size, engine.max_len, engine._worker,
-                         np.zeros((len(prompts), engine.vocab_size), dtype=np.float32))
+        super().__init__(prompts, temperature, engine.vocab_size, engine.max_len, engine._worker, None)
         self._engine, self._torch = engine, torch
         self._width = max(len(p) for p in prompts)  # padded prompt width (columns)
         self._lens = torch.tensor([len(p) for p in prompts]).unsqueeze(1)

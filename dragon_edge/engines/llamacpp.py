@@ -39,10 +39,16 @@ def _quiet_llama_logs() -> None:
 
 
 class LlamaCppEngine:
-    """Opens stream groups on one GGUF model."""
+    """Opens stream groups on one GGUF model.
 
-    def __init__(self, gguf_path: str | Path, *, n_ctx: int = 4096, n_threads: int | None = None,
-                 n_batch: int = 512, max_idle_contexts: int = 2, verbose: bool = False) -> None:
+    ``n_ctx`` is per stream. ``n_threads`` defaults to all cores (at most 8); llama.cpp's
+    threads spin at barriers, so on an oversubscribed CPU fewer threads can be much faster
+    (on this shared 2-core machine one 2-thread step once took 2.5 s). Idle contexts are kept
+    (``max_idle_contexts`` per k) so opening a group does not allocate a KV cache each time.
+    """
+
+    def __init__(self, gguf_path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None,
+                 n_batch: int = 512, max_idle_contexts: int = 1, verbose: bool = False) -> None:
         if not verbose:
             _quiet_llama_logs()
         llama_cpp.llama_backend_init()
