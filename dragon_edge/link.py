@@ -15,6 +15,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import aiohttp
 
@@ -51,6 +52,7 @@ class CloudLink:
         self.identity, self.auth_token = identity, auth_token
         self.options = options or LinkOptions()
         self.client_name = client_name
+        self.tap: Callable[[str, bytes], None] | None = None  # sees every frame: ("up"|"down", bytes)
         self.welcome: m.Welcome | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -99,7 +101,10 @@ class CloudLink:
             self._http.ws_connect(self.url, max_msg_size=self.options.max_frame_bytes, timeout=timeout,
                                   autoping=True, heartbeat=None),
             self.options.connect_timeout_s)
-        await ws.send_bytes(codec.encode(self.identity.hello(self.auth_token, self.client_name)))
+        hello = codec.encode(self.identity.hello(self.auth_token, self.client_name))
+        await ws.send_bytes(hello)
+        if self.tap is not None:
+            self.tap("up", hello)
         raw = await ws.receive(timeout=self.options.connect_timeout_s)
         if raw.type != aiohttp.WSMsgType.BINARY:
             await ws.close()
@@ -168,6 +173,8 @@ class CloudLink:
             except (ConnectionError, RuntimeError, aiohttp.ClientError):
                 return False
         self.bytes_sent += len(frame)
+        if self.tap is not None:
+            self.tap("up", frame)
         return True
 
     # ------------------------------------------------------------------ frames in
@@ -176,6 +183,8 @@ class CloudLink:
             async for raw in ws:
                 if raw.type == aiohttp.WSMsgType.BINARY:
                     self.bytes_received += len(raw.data)
+                    if self.tap is not None:
+                        self.tap("down", raw.data)
                     self._on_frame(raw.data)
                 elif raw.type == aiohttp.WSMsgType.ERROR:
                     break

@@ -47,6 +47,8 @@ def build_app(cloud: DragonCloud, config: ServerConfig, metrics: CloudMetrics | 
 
 
 def _health(cloud: DragonCloud, link: LinkServer):
+    engine_stats = getattr(cloud.engine, "stats", None)
+
     async def health(request: web.Request) -> web.Response:
         return web.json_response({
             "status": "ok",
@@ -54,6 +56,7 @@ def _health(cloud: DragonCloud, link: LinkServer):
             "public_index": cloud.index is not None,
             "device_links": len(link.connections),
             "link_requests": link.active_requests,
+            "engine": engine_stats() if engine_stats else {},
         })
 
     return health

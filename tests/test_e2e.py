@@ -1,0 +1,349 @@
+"""DRAGON end to end: a real `dragon-cloud serve` process (vLLM, SmolLM2, a public index), the
+device runtime (llama.cpp, a private store) and the netem TCP proxy process between them.
+
+* exactness across the wire: greedy DRAGON (aggregator on the device, forced onto the cloud)
+  and VDRAG at emulated RTT 0 / 50 / 300 ms equal centralized output aggregation over both
+  sides' documents computed with the same engines (llama.cpp for the device's passages, vLLM for
+  the cloud's), token for token;
+* sampling: DRAGON's first token has the centralized distribution (binomial test, stated power);
+* privacy: every frame of the link is tapped; none carries a private passage's text, 8 of its
+  consecutive tokens, its embedding, or a per-document distribution;
+* faults: the link cut mid-answer -> a complete answer flagged degraded; the device gone ->
+  the cloud frees the request's streams and KV reservation; the cloud killed -> degraded answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from benchmarks.netem import Shape, cut_proxy, spawn_proxy, stop_proxy
+from dragon_core import codec
+from dragon_core import messages as m
+from dragon_core import session as s
+from dragon_core.aggregate import canonical_side_dist, cross_side_weights, target_probs, transform
+from dragon_core.driver import centralized_generate
+from dragon_core.engine import stack_logprobs
+from dragon_core.prompt import passage_prompts
+from dragon_edge.demo import PRIVATE_NOTES, PUBLIC_CORPUS, free_port, start_cloud, stop, wait_healthy
+from dragon_edge.link import CloudLink
+from dragon_edge.runtime import AnswerOptions
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "e2e-token"
+QUESTION = "Where does my sister Lena live, and what is that city famous for?"
+MAX_TOKENS = 20
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def run(loop, coro, timeout: float = 600):
+    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, smollm2):
+    from dragon_edge.store import DocumentStore
+    from dragon_vllm.corpus import PublicIndex
+
+    root = tmp_path_factory.mktemp("e2e")
+    for folder, files in (("public", PUBLIC_CORPUS), ("notes", PRIVATE_NOTES)):
+        (root / folder).mkdir()
+        for name, text in files.items():
+            (root / folder / name).write_text(text + "\n")
+    index = PublicIndex.build(sorted((root / "public").glob("*.txt")), root / "index", progress=False)
+    store = DocumentStore(root / "store")
+    store.ingest(root / "notes", progress=False)
+    return root, index, store
+
+
+@pytest.fixture(scope="module")
+def cloud(world):
+    root, _, _ = world
+    port = free_port()
+    os.environ["DRAGON_TOKEN"] = TOKEN
+    proc = start_cloud(root / "index", port, TOKEN, root / "cloud.log")
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s=300)
+    except BaseException:
+        stop(proc)
+        print((root / "cloud.log").read_text()[-4000:])
+        raise
+    yield port, proc
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def runtime(world):
+    from dragon_edge.loader import load_runtime
+
+    _, _, store = world
+    return load_runtime("smollm2-135m", "llamacpp", store=store)
+
+
+@pytest.fixture(scope="module")
+def reference_engine(loop, smollm2):
+    """The cloud's engine, in this process, with the server's settings (for the reference)."""
+    from dragon_vllm.engine import make_engine
+
+    async def start():
+        return make_engine(str(smollm2.hf_dir()), top_k=20, max_num_seqs=32, max_model_len=1024)
+
+    eng = run(loop, start())
+    yield eng
+    run(loop, eng.close())
+
+
+@pytest.fixture(scope="module")
+def proxies(cloud):
+    """One netem proxy process per emulated RTT (jitter = latency / 5, as in the paper)."""
+    port, _ = cloud
+    procs = {}
+    for rtt in (0, 50, 300):
+        one_way = Shape(latency_ms=rtt / 2, jitter_ms=rtt / 10)
+        procs[rtt] = spawn_proxy(("127.0.0.1", port), up=one_way, down=one_way, seed=rtt)
+    yield {rtt: f"http://127.0.0.1:{p}" for rtt, (_, p) in procs.items()}
+    for proc, _ in procs.values():
+        stop_proxy(proc)
+
+
+def health(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+        return json.loads(r.read())
+
+
+async def ask(runtime, url: str | None, opts: AnswerOptions, frames: list | None = None, hook=None):
+    """One answer through the SDK runtime; returns (token ids, stats). ``hook`` runs once, after
+    the second committed token (to inject a fault mid-answer)."""
+    runtime.link = CloudLink(url, runtime.identity, TOKEN) if url else None
+    if frames is not None and runtime.link is not None:
+        runtime.link.tap = lambda direction, frame: frames.append((direction, bytes(frame)))
+    ids, stats = [], None
+    try:
+        async for piece in runtime.answer(QUESTION, opts):
+            ids.extend(piece.token_ids)
+            stats = piece.finished or stats
+            if hook is not None and len(ids) >= 2:
+                hook()
+                hook = None
+    finally:
+        if runtime.link is not None:
+            await runtime.link.close()
+    return ids, stats
+
+
+def options(**kw) -> AnswerOptions:
+    base = dict(max_tokens=MAX_TOKENS, k=2, cloud_k=2, dist_top_k=0, scheduling=False, seed=0)
+    base.update(kw)
+    return AnswerOptions(**base)
+
+
+async def reference(runtime, index, reference_engine, opts: AnswerOptions) -> list[int]:
+    """Centralized output aggregation over the union of both sides' documents."""
+    dev = runtime.private_passages(QUESTION, opts.k)
+    pub = index.search(QUESTION, opts.cloud_k)
+    dev_prompts, dev_scores = passage_prompts(runtime.tokenizer, QUESTION, [p.text for p in dev],
+                                              [p.score for p in dev])
+    pub_prompts, pub_scores = passage_prompts(runtime.tokenizer, QUESTION, [p.text for p in pub],
+                                              [p.score for p in pub])
+    temperature = 1.0 if opts.greedy else opts.temperature
+    g_dev = await runtime.engine.open_group(dev_prompts, temperature)
+    g_pub = await reference_engine.open_group(pub_prompts, temperature)
+    config = s.SessionConfig(request_id=0, max_tokens=opts.max_tokens, seed=opts.seed, eos_ids=runtime.eos_ids,
+                             sampling=m.Sampling(opts.greedy, opts.temperature, opts.top_k, opts.top_p),
+                             dist_top_k=opts.dist_top_k)
+    try:
+        return await centralized_generate(config, [(g_dev, dev_scores), (g_pub, pub_scores)])
+    finally:
+        await g_dev.close()
+        await g_pub.close()
+
+
+# ---------------------------------------------------------------------------- exactness
+@pytest.fixture(scope="module")
+def greedy_reference(loop, runtime, world, reference_engine):
+    return run(loop, reference(runtime, world[1], reference_engine, options()))
+
+
+@pytest.mark.parametrize("rtt", [0, 50, 300])
+@pytest.mark.parametrize("variant", [
+    dict(mode="dragon", aggregator="device"),
+    dict(mode="dragon", aggregator="cloud"),
+    dict(mode="vdrag", aggregator="device"),
+], ids=["dragon", "dragon-aggregator-on-cloud", "vdrag"])
+def test_greedy_across_the_wire_equals_centralized(loop, runtime, proxies, greedy_reference, rtt, variant):
+    ids, stats = run(loop, ask(runtime, proxies[rtt], options(**variant)))
+    assert not stats.degraded and not stats.device_only
+    assert ids == greedy_reference, f"{variant} at RTT {rtt} ms diverged"
+    agg_side = variant["aggregator"]
+    assert stats.aggregator_steps == {agg_side: len(ids)}
+
+
+def test_live_scheduling_stays_exact(loop, runtime, proxies, greedy_reference):
+    ids, stats = run(loop, ask(runtime, proxies[50], options(scheduling=True, dist_top_k=0)))
+    assert ids == greedy_reference and not stats.degraded
+
+
+def test_sampling_first_token_has_the_centralized_distribution(loop, runtime, world, reference_engine, proxies):
+    """Top-2 sampling at the first position: each run is a Bernoulli draw between the two
+    candidates; binomial test at α = 0.01 over N runs, power >= 0.8 against a shift of 0.1."""
+    n = 200
+    opts = dict(max_tokens=1, greedy=False, temperature=1.0, top_k=2, dist_top_k=0)
+    p = _first_token_law(loop, runtime, world, reference_engine, options(**opts))
+    cands = np.flatnonzero(p)
+    assert cands.size == 2
+    z_crit = stats.norm.ppf(1 - 0.005)
+    power = stats.norm.sf(z_crit - 0.1 / np.sqrt(0.25 / n))
+    assert power >= 0.8
+
+    async def many():
+        firsts = []
+        for seed in range(n):
+            ids, _ = await ask(runtime, proxies[0], options(**opts, seed=seed))
+            firsts.append(ids[0])
+        return firsts
+
+    firsts = run(loop, many(), timeout=1200)
+    assert set(firsts) <= set(cands.tolist())
+    hits = sum(1 for t in firsts if t == cands[0])
+    assert stats.binomtest(hits, n, p[cands[0]]).pvalue > 0.01
+
+
+def _first_token_law(loop, runtime, world, reference_engine, opts: AnswerOptions) -> np.ndarray:
+    async def law():
+        dev = runtime.private_passages(QUESTION, opts.k)
+        pub = world[1].search(QUESTION, opts.cloud_k)
+        dp, ds = passage_prompts(runtime.tokenizer, QUESTION, [x.text for x in dev], [x.score for x in dev])
+        pp, ps = passage_prompts(runtime.tokenizer, QUESTION, [x.text for x in pub], [x.score for x in pub])
+        g_dev = await runtime.engine.open_group(dp, opts.temperature)
+        g_pub = await reference_engine.open_group(pp, opts.temperature)
+        try:
+            p_dev = canonical_side_dist(stack_logprobs(await g_dev.next_dists()), ds)
+            p_pub = canonical_side_dist(stack_logprobs(await g_pub.next_dists()), ps)
+        finally:
+            await g_dev.close()
+            await g_pub.close()
+        from dragon_core.aggregate import log_mass
+
+        _, eta = cross_side_weights(log_mass(ds), log_mass(ps))
+        return transform(target_probs(p_dev, p_pub, eta), m.Sampling(False, opts.temperature, opts.top_k))
+
+    return run(loop, law())
+
+
+# ---------------------------------------------------------------------------- privacy
+def test_no_private_text_tokens_embeddings_or_per_document_distributions_on_the_wire(loop, runtime, world,
+                                                                                   proxies):
+    _, _, store = world
+    frames: list[tuple[str, bytes]] = []
+    per_doc: list = []
+    real_open = runtime.engine.open_group
+
+    async def tapped_open(prompts, temperature=1.0):  # record each private stream's distributions
+        group = await real_open(prompts, temperature)
+        real_next = group.next_dists
+
+        async def next_dists():
+            dists = await real_next()
+            per_doc.extend(dists)
+            return dists
+
+        group.next_dists = next_dists
+        return group
+
+    runtime.engine.open_group = tapped_open
+    try:
+        ids, stats = run(loop, ask(runtime, proxies[50], options(dist_top_k=32), frames))
+    finally:
+        runtime.engine.open_group = real_open
+    assert frames and not stats.degraded and per_doc
+    wire = b"".join(f for _, f in frames)
+    passages = store.search(QUESTION, 2)
+    for p in passages:
+        words = p.text.split()
+        for i in range(len(words) - 3):  # every 4-word window of the private passage
+            assert " ".join(words[i:i + 4]).encode() not in wire
+        toks = runtime.tokenizer.encode(p.text, add_special_tokens=False)
+        for i in range(len(toks) - 7):  # any 8 consecutive tokens, as int32 or as msgpack ints
+            window = toks[i:i + 8]
+            assert np.asarray(window, "<i4").tobytes() not in wire
+            assert codec.msgspec.msgpack.encode(window) not in wire
+        emb = store.embedder.embed([p.text])[0].astype("<f4").tobytes()
+        for j in range(0, len(emb) - 16, 16):  # no 16-byte slice of the embedding
+            assert emb[j:j + 16] not in wire
+    sent = [codec.decode(f) for d, f in frames if d == "up"]
+    drafts = [x for x in sent if isinstance(x, m.Draft)]
+    assert drafts and all(isinstance(x, (m.Hello, m.Open, m.Draft, m.Target, m.Ping, m.Pong, m.Cancel))
+                          for x in sent)
+    for d in drafts:  # the device's mixture, never one document's distribution
+        sent_probs = codec.dist_from_wire(d.dist).probs()
+        for doc in per_doc:
+            single = type(doc).top_k(np.log(np.maximum(doc.probs(), 1e-300)), 32).probs()
+            assert not np.array_equal(sent_probs, single)
+    opens = [x for x in sent if isinstance(x, m.Open)]
+    assert len(opens) == 1 and opens[0].query == QUESTION
+
+
+# ---------------------------------------------------------------------------- faults
+def test_link_cut_mid_answer_gives_a_complete_degraded_answer(loop, runtime, cloud):
+    port, _ = cloud
+    proc, pport = spawn_proxy(("127.0.0.1", port), up=Shape(latency_ms=25), down=Shape(latency_ms=25))
+    try:
+        ids, stats = run(loop, ask(runtime, f"http://127.0.0.1:{pport}", options(max_tokens=40),
+                                   hook=lambda: cut_proxy(proc)))
+    finally:
+        stop_proxy(proc)
+    assert stats.degraded and stats.finish_reason in ("eos", "length")
+    assert len(ids) >= 1
+
+
+def test_device_disconnect_frees_cloud_streams(loop, runtime, cloud):
+    port, _ = cloud
+    baseline = health(port)["engine"]
+
+    async def go():
+        runtime.link = CloudLink(f"http://127.0.0.1:{port}", runtime.identity, TOKEN)
+        agen = runtime.answer(QUESTION, options(max_tokens=200))
+        await agen.__anext__()  # the cloud has joined and decoded
+        for _ in range(50):
+            if health(port)["engine"].get("open_streams", 0) > 0:
+                break
+            await asyncio.sleep(0.1)
+        busy = health(port)["engine"]
+        await runtime.link.close()  # the device goes away
+        await agen.aclose()
+        return busy
+
+    busy = run(loop, go())
+    assert busy["open_streams"] > baseline["open_streams"]
+    for _ in range(100):
+        now = health(port)["engine"]
+        if now["open_streams"] == baseline["open_streams"] and now["reserved_blocks"] == baseline["reserved_blocks"]:
+            break
+        loop.run_until_complete(asyncio.sleep(0.1))
+    assert now["open_streams"] == baseline["open_streams"]
+    assert now["reserved_blocks"] == baseline["reserved_blocks"]
+    assert health(port)["link_requests"] == 0
+
+
+def test_cloud_killed_mid_answer_device_finishes_degraded(loop, runtime, cloud):
+    """Runs last: it kills the module's cloud process."""
+    port, proc = cloud
+
+    ids, stats = run(loop, ask(runtime, f"http://127.0.0.1:{port}", options(max_tokens=40),
+                               hook=lambda: os.kill(proc.pid, 9)))
+    assert stats.degraded and stats.finish_reason in ("eos", "length") and len(ids) >= 1
