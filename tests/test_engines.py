@@ -215,6 +215,27 @@ def test_append_rollback_equals_fresh_run(tok, engines, kind, k):
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
+def test_streams_equal_single_stream_runs(tok, engines, kind):
+    """A stream's dists do not depend on its neighbours: duplicate prompts (the whole prompt
+    but its last token is shared through the prefix copy) and a prompt that is a prefix of
+    another, against one-stream groups."""
+    engine = engines(kind)
+    q = DOCS[2][1]
+    a, b = P.document_prompt(tok, DOCS[2][0], q), P.query_only_prompt(tok, q)
+    prompts = [a, b, a, a[:40]]
+
+    async def scenario():
+        group = await engine.open_group(prompts)
+        together = await group.next_dists()
+        await group.close()
+        alone = [(await fresh_dists(engine, [p], []))[0] for p in prompts]
+        return together, alone
+
+    together, alone = run(scenario())
+    assert_same(kind, together, alone)
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
 def test_temperature(tok, engines, kind):
     engine = engines(kind)
     prompts = [P.document_prompt(tok, d, q) for d, q in DOCS[:2]]
