@@ -253,7 +253,7 @@ class VllmEngine:
 
 def make_engine(model_dir: str, *, top_k: int = 20, max_num_seqs: int = 128, max_streams: int | None = None,
                 max_model_len: int = 2048, block_size: int = 32, dtype: str = "auto",
-                enforce_eager: bool | None = None, kv_cache_gib: float | None = None,
+                enforce_eager: bool | None = None, kv_cache_gib: int | None = None,
                 gpu_memory_utilization: float | None = None, kv_reserve_tokens: int = 256, seed: int = 0,
                 **engine_kwargs) -> VllmEngine:
     """Start the shared ``AsyncLLM`` for DRAGON streams.
@@ -272,7 +272,8 @@ def make_engine(model_dir: str, *, top_k: int = 20, max_num_seqs: int = 128, max
     on_cpu = current_platform.is_cpu()
     if on_cpu:
         # the CPU worker refuses to start without a KV size; read at engine start
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib or os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 1)
+        # (whole GiB: vLLM parses it as an int)
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib or os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 1))
     if gpu_memory_utilization is not None:
         engine_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     args = AsyncEngineArgs(
