@@ -23,7 +23,6 @@ in-engine path (several drafted tokens per chunk, mixture inside vLLM) can repla
 from __future__ import annotations
 
 import asyncio
-import gc
 import itertools
 import os
 from typing import AsyncIterator, Sequence
@@ -232,8 +231,9 @@ class VllmEngine:
         llm, self.llm = self.llm, None
         if llm is not None:
             llm.shutdown()
-            del llm
-            gc.collect()  # run AsyncLLM.__del__ now, not at interpreter exit (it fails there)
+            # AsyncLLM.__del__ shuts down again; at interpreter exit that raises (its module
+            # globals are gone already), so make the second call a no-op
+            llm.shutdown = lambda *args, **kwargs: None
 
     def _blocks(self, prompts: list[list[int]]) -> int:
         # a conservative KV reservation (shared prefix blocks are counted once per stream)
