@@ -56,7 +56,8 @@ class DragonCloud:
                                               [p.score for p in passages])
         else:  # a plain model server: the whole conversation through the chat template
             passages = []
-            prompts = [list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            prompts = [self.tokenizer.encode(text, add_special_tokens=False)]
             scores = [0.0]
         return await self._answer(prompts, scores, passages, **opts)
 
