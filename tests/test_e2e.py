@@ -302,6 +302,63 @@ def test_no_private_text_tokens_embeddings_or_per_document_distributions_on_the_
     assert len(opens) == 1 and opens[0].query == QUESTION
 
 
+# ---------------------------------------------------------------------------- OpenAI API
+@pytest.fixture(scope="module")
+def openai_client(cloud):
+    import openai
+
+    port, _ = cloud
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+
+
+def test_unmodified_openai_package_models_chat_and_completions(openai_client):
+    models = openai_client.models.list()
+    assert [x.id for x in models.data] == ["smollm2-135m"]
+    chat = openai_client.chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "What is Lyon famous for?"}],
+        max_tokens=24, temperature=0, extra_body={"k": 2, "retrieval": True})
+    text = chat.choices[0].message.content
+    assert chat.choices[0].finish_reason in ("stop", "length") and text.strip()
+    assert chat.usage.completion_tokens >= 1
+    assert any(src.startswith("lyon") for src in chat.model_extra["dragon"]["sources"])
+    comp = openai_client.completions.create(model="smollm2-135m", prompt="The Eiffel Tower was completed in",
+                                            max_tokens=8, temperature=0)
+    assert comp.choices[0].text and comp.usage.completion_tokens >= 1
+
+
+def test_openai_streaming_equals_non_streaming_and_retrieval_off(openai_client):
+    msgs = [{"role": "user", "content": "What is the capital of Italy?"}]
+    whole = openai_client.chat.completions.create(model="smollm2-135m", messages=msgs, max_tokens=20, temperature=0)
+    chunks = list(openai_client.chat.completions.create(model="smollm2-135m", messages=msgs, max_tokens=20,
+                                                        temperature=0, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    plain = openai_client.chat.completions.create(model="smollm2-135m", messages=msgs, max_tokens=20, temperature=0,
+                                                  extra_body={"retrieval": False})
+    assert plain.model_extra["dragon"]["sources"] == []
+    assert plain.choices[0].message.content.strip()
+
+
+def test_openai_errors_have_openai_shape(openai_client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as err:
+        openai_client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+    assert "gpt-9" in str(err.value)
+    with pytest.raises(openai.BadRequestError):
+        openai_client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=100_000)
+
+
+def test_metrics_endpoint_reports_requests_and_tokens(cloud):
+    port, _ = cloud
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        body = r.read().decode()
+    assert "dragon_tokens_total" in body and "dragon_link_bytes_total" in body
+    assert "dragon_open_streams" in body
+
+
 # ---------------------------------------------------------------------------- faults
 def test_link_cut_mid_answer_gives_a_complete_degraded_answer(loop, runtime, cloud):
     port, _ = cloud
