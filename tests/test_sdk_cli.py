@@ -1,0 +1,104 @@
+"""The device on its own: the OpenAI-shaped SDK and the `dragon-edge` CLI, with the real SmolLM2
+model through llama.cpp and a real private store (device-only: no cloud)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dragon_edge.demo import PRIVATE_NOTES
+
+pytestmark = pytest.mark.slow
+
+NOTES = dict(PRIVATE_NOTES, **{
+    "bike.md": "My bicycle lock combination is 7314. The bike is parked behind the bakery.",
+})
+
+
+@pytest.fixture(scope="module")
+def notes(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("notes")
+    for name, text in NOTES.items():
+        (folder / name).write_text(text + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory, notes, smollm2) -> Path:
+    from dragon_edge.store import DocumentStore
+
+    path = tmp_path_factory.mktemp("store") / "store"
+    DocumentStore(path).ingest(notes, progress=False)
+    return path
+
+
+def test_sdk_device_only_answer_contains_a_fact_only_in_the_private_notes(store_dir):
+    from dragon_edge import sdk
+
+    with sdk.DragonClient(store=store_dir) as client:
+        reply = client.chat.completions.create(
+            messages=[{"role": "user", "content": "Where does my sister Lena live?"}], max_tokens=32)
+        hits = client.documents.search("bicycle lock", k=1)
+    answer = reply.choices[0].message.content
+    assert "Lyon" in answer, answer  # only the private note family.md says so
+    stats = reply.dragon
+    assert stats["device_only"] and not stats["degraded"] and stats["tokens"] >= 1
+    assert stats["bytes_sent"] == stats["bytes_received"] == 0  # nothing left the device
+    assert hits[0].source.endswith("bike.md")
+
+
+def test_async_sdk_streams_the_same_text(store_dir):
+    from dragon_edge.sdk import AsyncDragonClient
+
+    async def main():
+        async with AsyncDragonClient(store=store_dir) as client:
+            msgs = [{"role": "user", "content": "Where is the router?"}]
+            whole = await client.chat.completions.create(messages=msgs, max_tokens=24)
+            stream = await client.chat.completions.create(messages=msgs, max_tokens=24, stream=True)
+            pieces = [c async for c in stream]
+        return whole, pieces
+
+    whole, pieces = asyncio.run(main())
+    assert "".join(p.choices[0].delta.content or "" for p in pieces) == whole.choices[0].message.content
+    assert pieces[-1].choices[0].finish_reason in ("stop", "length")
+    assert "dragon" in pieces[-1].model_extra
+
+
+def test_sdk_cloud_unreachable_answers_degraded(store_dir):
+    from dragon_edge import sdk
+
+    with sdk.DragonClient(cloud_url="http://127.0.0.1:9", store=store_dir) as client:
+        reply = client.chat.completions.create(
+            messages=[{"role": "user", "content": "What is my bicycle lock combination?"}], max_tokens=16)
+    assert reply.dragon["degraded"] and reply.choices[0].message.content
+
+
+def _cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "dragon_edge.cli", *args], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def test_cli_help_ingest_search_ask(tmp_path, notes):
+    help_ = _cli("--help")
+    assert help_.returncode == 0 and "ingest" in help_.stdout and "ask" in help_.stdout
+    store = str(tmp_path / "store")
+    ing = _cli("ingest", str(notes), "--store", store)
+    assert ing.returncode == 0, ing.stderr
+    found = _cli("search", "wifi password", "--store", store, "-k", "1")
+    assert found.returncode == 0 and "wifi.md" in found.stdout
+    ans = _cli("ask", "What is the home wifi password?", "--store", store, "-n", "24")
+    assert ans.returncode == 0, ans.stderr
+    assert "plum-tiger-42" in ans.stdout.replace(" ", ""), ans.stdout
+    assert "device-only" in ans.stderr  # the stats line says where it ran
+
+
+def test_cli_errors_are_clear(tmp_path):
+    missing = _cli("search", "x", "--store", str(tmp_path / "nope"))
+    assert missing.returncode != 0
+    assert "nope" in (missing.stderr + missing.stdout)
