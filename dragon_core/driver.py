@@ -37,8 +37,10 @@ class DriverStats:
 
 class SessionDriver:
     def __init__(self, session: s.Session, group: StreamGroup, scores: Sequence[float], send: SendFn,
-                 on_commit: CommitFn | None = None) -> None:
+                 on_commit: CommitFn | None = None, emulate_decode_ms: float = 0.0) -> None:
+        """``emulate_decode_ms`` adds that much to every draft (experiments: a slow device/cloud)."""
         self.session = session
+        self.emulate_decode_s = emulate_decode_ms / 1000
         self.group = group
         self.scores = np.asarray(scores, dtype=np.float64)
         self._send = send
@@ -99,6 +101,8 @@ class SessionDriver:
         elif isinstance(op, s.Append):
             await self.group.append(op.tokens)
         elif isinstance(op, s.ComputeDist):
+            if self.emulate_decode_s:
+                await asyncio.sleep(self.emulate_decode_s)
             dists = await self.group.next_dists()
             dist = canonical_side_dist(stack_logprobs(dists), self.scores, self.session.config.dist_top_k)
         # a draft's latency includes the rollback/append work that prepared it

@@ -56,11 +56,12 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise TimeoutError(f"the cloud did not become healthy within {timeout_s:.0f} s")
 
 
-def start_cloud(index_dir: Path, port: int, token: str, log_path: Path) -> subprocess.Popen:
+def start_cloud(index_dir: Path, port: int, token: str, log_path: Path, extra_args: tuple[str, ...] = ()
+                ) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                DRAGON_TOKEN=token)
     cmd = [sys.executable, "-m", "dragon_vllm.cli", "serve", "--index", str(index_dir), "--port", str(port),
-           "--max-num-seqs", "32", "--max-model-len", "1024"]
+           "--max-num-seqs", "32", "--max-model-len", "1024", *extra_args]
     return subprocess.Popen(cmd, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 

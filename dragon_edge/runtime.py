@@ -43,6 +43,7 @@ class AnswerOptions:
     # ~196 kB/token for SmolLM2) — DRAGON is exact w.r.t. the canonical distributions either way
     dist_top_k: int = 32
     use_cloud: bool = True
+    emulate_decode_ms: float = 0.0  # experiments: a slower device
     cloud_open_timeout_s: float = 30.0
 
 
@@ -67,6 +68,8 @@ class AnswerStats:
     rollbacks: int = 0
     handovers: int = 0
     aggregator_steps: dict[str, int] = field(default_factory=dict)
+    final_aggregator: str | None = None
+    delta_z_ms: float | None = None  # the scheduler's last ΔZ, where this side aggregated
     bytes_sent: int = 0
     bytes_received: int = 0
     sources: list[Source] = field(default_factory=list)
@@ -137,7 +140,8 @@ class EdgeRuntime:
             if link is not None:
                 await link.send(msg)
 
-        driver = SessionDriver(session, group, scores, send, on_commit=lambda toks: queue.put_nowait(tuple(toks)))
+        driver = SessionDriver(session, group, scores, send, on_commit=lambda toks: queue.put_nowait(tuple(toks)),
+                               emulate_decode_ms=opts.emulate_decode_ms)
         if link is not None:
             await link.open(open_msg, driver)
         run = asyncio.create_task(driver.run())
@@ -182,6 +186,8 @@ class EdgeRuntime:
         stats.finish_reason = finish.reason
         stats.rollbacks = st.rollbacks
         stats.handovers = st.handovers
+        stats.final_aggregator = session.aggregator
+        stats.delta_z_ms = session.scheduler.last_delta_z
         for side in st.aggregator_by_step:
             stats.aggregator_steps[side] = stats.aggregator_steps.get(side, 0) + 1
         if st.verified:

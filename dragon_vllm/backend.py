@@ -25,10 +25,11 @@ from dragon_vllm.link import OpenedRequest
 
 class DragonCloud:
     def __init__(self, engine: Engine, tokenizer, identity: Identity, eos_ids: Sequence[int], index=None, *,
-                 default_k: int = 2, max_model_len: int = 2048, metrics=None) -> None:
+                 default_k: int = 2, max_model_len: int = 2048, metrics=None, emulate_decode_ms: float = 0.0) -> None:
         self.engine, self.tokenizer, self.identity, self.index = engine, tokenizer, identity, index
         self.eos_ids = frozenset(eos_ids)
         self.default_k, self.max_model_len, self.metrics = default_k, max_model_len, metrics
+        self.emulate_decode_ms = emulate_decode_ms  # experiments only: a slower cloud on the link
         self._ids = 0
 
     # ------------------------------------------------------------------ retrieval

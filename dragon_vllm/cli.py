@@ -31,6 +31,8 @@ def serve(
     gpu_memory_utilization: Optional[float] = typer.Option(None),
     max_k: int = typer.Option(16, help="Largest k a device may ask for."),
     max_tokens: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
+    emulate_decode_ms: float = typer.Option(0.0, help="Experiments: add this to every cloud draft on the "
+                                                       "link (a slower cloud)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Start the cloud: WebSocket link at /v1/dragon/link, OpenAI API at /v1, /health, /metrics."""
@@ -46,7 +48,8 @@ def serve(
     async def make_app() -> web.Application:
         cloud = await load_cloud(model, index, default_k=k, top_k=top_k, max_num_seqs=max_num_seqs,
                                  max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
-                                 gpu_memory_utilization=gpu_memory_utilization)
+                                 gpu_memory_utilization=gpu_memory_utilization,
+                                 emulate_decode_ms=emulate_decode_ms)
         limits = LinkLimits(max_k=max_k, max_tokens=max_tokens)
         return build_app(cloud, ServerConfig(served_model=model, auth_token=auth_token or None, limits=limits))
 

@@ -241,7 +241,8 @@ class _Connection:
                 return
             config = s.SessionConfig.from_open(req, self.server.backend.eos_ids)
             session = s.Session("cloud", config, log_mass(opened.scores))
-            driver = SessionDriver(session, group, opened.scores, self.send)
+            driver = SessionDriver(session, group, opened.scores, self.send,
+                                   emulate_decode_ms=getattr(self.server.backend, "emulate_decode_ms", 0.0))
             self.drivers[rid] = driver
             for event in self.pending.pop(rid, []):
                 driver.feed(event)
