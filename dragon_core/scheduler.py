@@ -70,7 +70,9 @@ class GreedyScheduler:
     def __init__(self, config: SchedulerConfig | None = None) -> None:
         self.config = config or SchedulerConfig()
         self.estimates = Estimates()
-        self._steps_since_move = 0
+        # dwell guards against ping-pong after a move; the first move may come as soon as the
+        # estimates are ready (every step spent on the wrong side costs latency)
+        self._steps_since_move = self.config.min_dwell_steps
         self.last_delta_z: float | None = None
 
     def on_target(self) -> None:

@@ -45,12 +45,14 @@ def test_hysteresis_needs_margin_dwell_and_samples():
         est.rtt.update(100)
         est.alpha_local.update(1.0)
         est.alpha_remote.update(0.0)
-    assert not sched.should_hand_over()  # dwell not reached
-    for _ in range(3):
-        sched.on_target()
-    assert sched.should_hand_over()
+    assert sched.should_hand_over()  # the first move needs no dwell, only ready estimates
     sched.on_moved()
+    assert not sched.should_hand_over()  # after a move: dwell not reached
+    for _ in range(2):
+        sched.on_target()
     assert not sched.should_hand_over()
+    sched.on_target()
+    assert sched.should_hand_over()
     # a ΔZ below the margin does not move
     quiet = GreedyScheduler(SchedulerConfig(margin_ms=50.0, margin_frac=0.0, min_dwell_steps=0, min_samples=1))
     quiet.estimates.c_local.update(10)
