@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from dragon_core import messages as m
 from dragon_core.errors import HandshakeError
 
+LINK_PATH = "/v1/dragon/link"  # the cloud's WebSocket endpoint for devices
+
 
 @dataclass(frozen=True)
 class Identity:

@@ -24,11 +24,10 @@ from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core.driver import SessionDriver
 from dragon_core.errors import CodecError, DragonError, HandshakeError
-from dragon_core.handshake import Identity
+from dragon_core.handshake import LINK_PATH, Identity
 
 log = logging.getLogger("dragon.edge.link")
 
-LINK_PATH = "/v1/dragon/link"
 
 
 class LinkUnavailable(DragonError):
@@ -39,7 +38,7 @@ class LinkUnavailable(DragonError):
 class LinkOptions:
     connect_timeout_s: float = 5.0
     ping_interval_s: float = 0.5
-    max_frame_bytes: int = 4 << 20
+    max_frame_bytes: int = codec.DEFAULT_MAX_FRAME
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 10.0
     connect_attempts: int = 3

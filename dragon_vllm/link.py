@@ -26,16 +26,15 @@ from dragon_core.aggregate import log_mass
 from dragon_core.driver import SessionDriver
 from dragon_core.engine import StreamGroup
 from dragon_core.errors import CodecError, DragonError, HandshakeError
-from dragon_core.handshake import Identity, check_hello
+from dragon_core.handshake import LINK_PATH, Identity, check_hello
 
 log = logging.getLogger("dragon.cloud.link")
 
-LINK_PATH = "/v1/dragon/link"
 
 
 @dataclass(frozen=True)
 class LinkLimits:
-    max_frame_bytes: int = 4 << 20
+    max_frame_bytes: int = codec.DEFAULT_MAX_FRAME
     max_k: int = 16
     max_tokens: int = 1024
     max_requests_per_connection: int = 64

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 
 import aiohttp
 import pytest
@@ -19,6 +18,7 @@ from dragon_core.driver import SessionDriver
 from dragon_core.errors import HandshakeError
 from dragon_core.handshake import Identity
 from dragon_core.netsim import centralized_decode
+from dragon_edge.demo import free_port
 from dragon_edge.link import CloudLink, LinkOptions, LinkUnavailable
 from dragon_vllm.link import LINK_PATH, LinkLimits, LinkServer, OpenedRequest
 
@@ -42,12 +42,6 @@ class FakeBackend:
         group = ListStreams(CLOUD_DOCS, self.world, self.delay_s)
         self.groups.append(group)
         return OpenedRequest(group, CLOUD_SCORES, [f"public-{d}" for d in CLOUD_DOCS])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.asynccontextmanager
