@@ -242,7 +242,7 @@ class Session:
         elif isinstance(event, RttSample):
             self.scheduler.estimates.rtt.update(event.rtt_ms)
         elif isinstance(event, PeerLost):
-            self._on_peer_lost(event.reason)
+            self._on_peer_gone(event.reason)
         elif isinstance(event, CancelRequest):
             if not self.solo:
                 self._emit(Send(m.Cancel(self.config.request_id, event.reason)))
@@ -435,9 +435,6 @@ class Session:
             self._finish("eos")
         elif len(self.committed) >= self.config.max_tokens:
             self._finish("length")
-
-    def _on_peer_lost(self, reason: str) -> None:
-        self._on_peer_gone(reason)
 
     def _on_peer_gone(self, reason: str) -> None:
         """The device continues alone from the last committed token; the cloud stops."""
