@@ -129,3 +129,33 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     # The rendered template already holds its special tokens (BOS included where it has one).
     ids = tokenizer.encode(text, add_special_tokens=False)
     return [int(i) for i in ids]
+
+
+def last_user_message(messages: Sequence[dict]) -> str:
+    """The query DRAGON retrieves with (and the device sends to the cloud): the last user
+    turn's text; OpenAI content parts are joined."""
+    for msg in reversed(list(messages)):
+        if msg.get("role") == "user":
+            content = msg.get("content")
+            if isinstance(content, list):
+                content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if content:
+                return str(content)
+    raise ValueError("messages must contain a non-empty user message")
+
+
+class IncrementalText:
+    """The text of the tokens committed so far, for streaming: EOS ids are dropped and a text
+    ending in half a UTF-8 character is held back until the rest arrives."""
+
+    def __init__(self, tokenizer: Any, eos_ids: Sequence[int]) -> None:
+        self.tokenizer, self.eos_ids = tokenizer, frozenset(eos_ids)
+        self.tokens: list[int] = []
+
+    def push(self, tokens: Sequence[int]) -> str | None:
+        self.tokens.extend(t for t in tokens if t not in self.eos_ids)
+        text = self.text()
+        return None if text.endswith("\ufffd") else text
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)

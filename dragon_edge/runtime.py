@@ -21,7 +21,7 @@ from dragon_core.driver import SessionDriver
 from dragon_core.engine import Engine
 from dragon_core.errors import DragonError
 from dragon_core.handshake import Identity
-from dragon_core.prompt import passage_prompts
+from dragon_core.prompt import IncrementalText, passage_prompts
 
 log = logging.getLogger("dragon.edge")
 
@@ -146,7 +146,7 @@ class EdgeRuntime:
             await link.open(open_msg, driver)
         run = asyncio.create_task(driver.run())
         run.add_done_callback(lambda _: queue.put_nowait(None))
-        generated: list[int] = []
+        decoded = IncrementalText(self.tokenizer, self.eos_ids)
         emitted = ""
         last = t0
         try:
@@ -155,9 +155,8 @@ class EdgeRuntime:
                 stats.ttft_s = stats.ttft_s if stats.ttft_s is not None else now - t0
                 stats.per_token_latency_ms.append((now - last) * 1000)
                 last = now
-                generated.extend(t for t in toks if t not in self.eos_ids)
-                text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                if text.endswith("\ufffd"):
+                text = decoded.push(toks)
+                if text is None:
                     continue  # half a UTF-8 character: wait for the rest
                 delta, emitted = text[len(emitted):], text
                 yield Piece(delta, toks)
@@ -175,11 +174,10 @@ class EdgeRuntime:
         if link is not None:
             stats.bytes_sent = link.bytes_sent - sent0[0]
             stats.bytes_received = link.bytes_received - sent0[1]
-        self._fill_stats(stats, session, finish, len(generated))
-        text = self.tokenizer.decode(generated, skip_special_tokens=True)
-        yield Piece(text[len(emitted):], (), finished=stats)
+        self._fill_stats(stats, session, finish)
+        yield Piece(decoded.text()[len(emitted):], (), finished=stats)
 
-    def _fill_stats(self, stats: AnswerStats, session: s.Session, finish: s.Finish, n: int) -> None:
+    def _fill_stats(self, stats: AnswerStats, session: s.Session, finish: s.Finish) -> None:
         st = session.stats
         stats.tokens = len(session.committed)
         stats.degraded = finish.degraded or session.degraded

@@ -18,25 +18,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from dragon_core.prompt import last_user_message
 from dragon_edge.runtime import AnswerOptions, EdgeRuntime, Piece
 
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def last_user_message(messages: Iterable[dict]) -> str:
-    """The query DRAGON retrieves with and sends to the cloud: the last user turn's text."""
-    for msg in reversed(list(messages)):
-        if msg.get("role") == "user":
-            content = msg.get("content")
-            if isinstance(content, list):  # OpenAI content parts
-                content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-            if content:
-                return str(content)
-    raise ValueError("messages must contain a non-empty user message")
 
 
 def _options(max_tokens: int | None, temperature: float | None, top_p: float | None, seed: int | None,

@@ -19,7 +19,7 @@ from dragon_core.aggregate import log_mass
 from dragon_core.driver import SessionDriver
 from dragon_core.engine import Engine
 from dragon_core.handshake import Identity
-from dragon_core.prompt import passage_prompts
+from dragon_core.prompt import IncrementalText, last_user_message, passage_prompts
 from dragon_vllm.link import OpenedRequest
 
 
@@ -50,7 +50,7 @@ class DragonCloud:
 
     # ------------------------------------------------------------------ OpenAI API
     async def answer_chat(self, messages: list[dict], **opts) -> "CloudAnswer":
-        query = _last_user_text(messages)
+        query = last_user_message(messages)
         if opts.get("retrieval", True):
             passages = await self.retrieve(query, opts.get("k") or self.default_k)
             prompts, scores = passage_prompts(self.tokenizer, query, [p.text for p in passages],
@@ -108,7 +108,6 @@ class CloudAnswer:
         self._task: asyncio.Task | None = None
         self.finish_reason = "stop"
         self._t0 = time.monotonic()
-        self._tokens: list[int] = []
         self._closed = False
 
     def start(self) -> None:
@@ -119,11 +118,10 @@ class CloudAnswer:
         return f"{prefix}-{self._uid}"
 
     async def deltas(self) -> AsyncIterator[str]:
-        tok, emitted = self.cloud.tokenizer, ""
+        decoded, emitted = IncrementalText(self.cloud.tokenizer, self.cloud.eos_ids), ""
         while (toks := await self._queue.get()) is not None:
-            self._tokens.extend(t for t in toks if t not in self.cloud.eos_ids)
-            text = tok.decode(self._tokens, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
+            text = decoded.push(toks)
+            if text is None:
                 continue
             cut = _first_stop(text, self.stop)
             if cut is not None:
@@ -168,13 +166,6 @@ async def _no_send(msg: m.Message) -> None:  # a solo session has no peer
 def _first_stop(text: str, stops: list[str]) -> int | None:
     hits = [i for i in (text.find(x) for x in stops) if i >= 0]
     return min(hits) if hits else None
-
-
-def _last_user_text(messages: list[dict]) -> str:
-    for msg in reversed(messages):
-        if msg.get("role") == "user" and isinstance(msg.get("content"), str) and msg["content"]:
-            return msg["content"]
-    raise ValueError("messages must contain a non-empty user message")
 
 
 def _source_name(passage) -> str:
