@@ -3,7 +3,8 @@
 What may cross the link (ALGORITHMS.md §1): the query text, draft token ids, each side's
 *mixed* next-token distribution, the scalar ``log h``, step numbers, target tokens with accept
 flags, and control messages. Nothing here can carry a private passage, its embedding, its KV
-or a per-document distribution: there is no field for them.
+or a per-document distribution: there is no field for them. The only passage text on the wire
+is the cloud's *public* passages in ``Opened`` (the DRCG/Text baseline), cloud -> device.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import msgspec
 PROTOCOL_VERSION = 1
 
 Side = Literal["device", "cloud"]
-Mode = Literal["dragon", "vdrag", "sw"]
+# Wire modes (baselines of the same link): "cloud" = cloud-only (the cloud decodes alone and
+# streams its tokens), "text" = DRCG/Text (the cloud only sends its passages' text).
+Mode = Literal["dragon", "vdrag", "sw", "cloud", "text"]
 
 
 def other_side(side: Side) -> Side:
@@ -81,6 +84,17 @@ class Error(msgspec.Struct, tag="error", frozen=True, array_like=True):
 
 
 # ------------------------------------------------------------------ request level
+class SchedulerPrior(msgspec.Struct, frozen=True, array_like=True):
+    """Greedy Scheduling estimates from earlier requests on this link: timings and acceptance
+    rates only. They let a request start on the right side instead of learning it first."""
+
+    device_ms: float
+    cloud_ms: float
+    rtt_ms: float
+    alpha_device: float
+    alpha_cloud: float
+
+
 class Open(msgspec.Struct, tag="open", frozen=True, array_like=True):
     """Device asks the cloud to join one request."""
 
@@ -96,13 +110,20 @@ class Open(msgspec.Struct, tag="open", frozen=True, array_like=True):
     max_depth: int = 8
     dist_top_k: int = 0  # 0: send full distributions (exact mode)
     retrieval: bool = True
+    prior: SchedulerPrior | None = None
 
 
 class Opened(msgspec.Struct, tag="opened", frozen=True, array_like=True):
-    """Cloud accepted the request; ``sources`` names its public passages (for attribution)."""
+    """Cloud accepted the request; ``sources`` names its public passages (for attribution).
+
+    In mode "text" (DRCG/Text) the cloud opens no streams and instead sends its public passages'
+    text and retrieval scores, one per source; otherwise both lists stay empty.
+    """
 
     request_id: int
     sources: list[str] = []
+    passages: list[str] = []
+    scores: list[float] = []
 
 
 class Draft(msgspec.Struct, tag="draft", frozen=True, array_like=True):
@@ -135,9 +156,17 @@ class Target(msgspec.Struct, tag="target", frozen=True, array_like=True):
     sender_decode_ms: float = 0.0  # the aggregator's own draft latency, for the scheduler
 
 
+class Tokens(msgspec.Struct, tag="tokens", frozen=True, array_like=True):
+    """Cloud-only mode: tokens the cloud committed alone, from ``step`` on (no drafts to verify)."""
+
+    request_id: int
+    step: int
+    tokens: list[int]
+
+
 class Cancel(msgspec.Struct, tag="cancel", frozen=True, array_like=True):
     request_id: int
     reason: str = ""
 
 
-Message = Hello | Welcome | Ping | Pong | Error | Open | Opened | Draft | Target | Cancel
+Message = Hello | Welcome | Ping | Pong | Error | Open | Opened | Draft | Target | Tokens | Cancel

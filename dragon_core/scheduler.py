@@ -4,12 +4,19 @@
 ``rtt`` = round trip, ``α`` = acceptance rate of that side's drafts. The aggregator moves to
 ``r`` iff ``ΔZ = Z^l - Z^r > 0`` — in words: aggregate on the side slower by more than an RTT;
 in between, on the side whose drafts are rejected more often. Hysteresis [ours]: the move also
-needs ``ΔZ`` above a margin and a minimum number of steps since the last move.
+needs ``ΔZ`` above a margin and a minimum number of steps since the last move. Ties go to the
+device [ours]: there committed tokens reach the app half an RTT sooner and the device's mixture
+stays on the device, so the cloud hands back unless it is strictly better (``ΔZ > -tie_ms``).
+
+Estimates start from a ``SchedulerPrior`` (the previous requests on the same link) when there is
+one, so a request can start on the right side instead of spending its first steps learning it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from dragon_core.messages import SchedulerPrior, Side
 
 
 def steady_wait(c_l: float, c_r: float, rtt: float, alpha_r: float) -> float:
@@ -48,6 +55,7 @@ class SchedulerConfig:
     margin_frac: float = 0.05  # ... and this fraction of Z^l
     min_dwell_steps: int = 4  # steps on one side before it may move again
     min_samples: int = 2  # observations of each estimate before any move
+    tie_ms: float = 0.5  # the cloud keeps aggregating only if better by more than this
 
 
 @dataclass
@@ -62,6 +70,27 @@ class Estimates:
 
     def ready(self, n: int) -> bool:
         return all(e.count >= n for e in (self.c_local, self.c_remote, self.rtt))
+
+    def seed(self, prior: SchedulerPrior, side: Side, count: int) -> None:
+        """Start from ``prior`` as if ``count`` samples of each had been seen."""
+        device = side == "device"
+        pairs = ((self.c_local, prior.device_ms if device else prior.cloud_ms),
+                 (self.c_remote, prior.cloud_ms if device else prior.device_ms),
+                 (self.rtt, prior.rtt_ms),
+                 (self.alpha_local, prior.alpha_device if device else prior.alpha_cloud),
+                 (self.alpha_remote, prior.alpha_cloud if device else prior.alpha_device))
+        for ewma, value in pairs:
+            ewma.value, ewma.count = float(value), count
+
+    def prior(self, side: Side) -> SchedulerPrior | None:
+        """These estimates as a prior for the next request (None until every one has a value)."""
+        values = [e.value for e in (self.c_local, self.c_remote, self.rtt, self.alpha_local, self.alpha_remote)]
+        if any(v is None for v in values):
+            return None
+        c_l, c_r, rtt, a_l, a_r = values
+        if side == "device":
+            return SchedulerPrior(c_l, c_r, rtt, a_l, a_r)
+        return SchedulerPrior(c_r, c_l, rtt, a_r, a_l)
 
 
 class GreedyScheduler:
@@ -81,8 +110,8 @@ class GreedyScheduler:
     def on_moved(self) -> None:
         self._steps_since_move = 0
 
-    def should_hand_over(self) -> bool:
-        """Called by the aggregator (``l`` = this side)."""
+    def should_hand_over(self, aggregator: Side) -> bool:
+        """Called by the aggregator (``l`` = this side, ``aggregator``)."""
         e, cfg = self.estimates, self.config
         if not e.ready(cfg.min_samples) or self._steps_since_move < cfg.min_dwell_steps:
             return False
@@ -91,4 +120,16 @@ class GreedyScheduler:
         a_r = 1.0 if e.alpha_remote.value is None else e.alpha_remote.value
         dz = delta_z(c_l, c_r, rtt, a_l, a_r)
         self.last_delta_z = dz
+        if aggregator == "cloud":
+            return dz > -cfg.tie_ms
         return dz > max(cfg.margin_ms, cfg.margin_frac * steady_wait(c_l, c_r, rtt, a_r))
+
+
+def initial_aggregator(prior: SchedulerPrior | None, config: SchedulerConfig | None = None) -> Side:
+    """Where a scheduled request should start: on the device unless the prior says the rule
+    would move it to the cloud at once."""
+    if prior is None:
+        return "device"
+    scheduler = GreedyScheduler(config)
+    scheduler.estimates.seed(prior, "device", scheduler.config.min_samples)
+    return "cloud" if scheduler.should_hand_over("device") else "device"

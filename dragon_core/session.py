@@ -8,9 +8,11 @@ distribution (``dragon_core.dist.Dist``). Results that arrive after a rollback c
 epoch and are dropped, so the driver never has to cancel anything.
 
 One class serves both sides, the aggregating role that moves between them (Greedy Scheduling),
-and the baselines: ``mode="vdrag"`` (token-wise synchronous) and ``mode="sw"`` (sequence-wise).
-A session whose peer is gone continues alone (``solo``): its drafts *are* samples of its own
-distribution, so every draft is committed as is.
+and the baselines: ``mode="vdrag"`` (token-wise synchronous), ``mode="sw"`` (sequence-wise) and
+``mode="cloud"`` (cloud-only: the cloud decides every token alone and streams it in ``Tokens``
+frames; the device computes nothing unless the cloud is lost). A session whose peer is gone
+continues alone (``solo``): its drafts *are* samples of its own distribution, so every draft is
+committed as is.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ class SessionConfig:
     # "epoch" drops stale drafts; "step" mimics the reference code (tests show it is inexact)
     tagging: Literal["epoch", "step"] = "epoch"
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    prior: m.SchedulerPrior | None = None  # estimates from earlier requests on this link
+
+    def __post_init__(self) -> None:
+        if self.mode == "cloud":  # cloud-only: the cloud decides every token; nothing to schedule
+            object.__setattr__(self, "aggregator", "cloud")
+            object.__setattr__(self, "scheduling", False)
 
     @property
     def depth(self) -> int:
@@ -62,7 +70,7 @@ class SessionConfig:
             request_id=msg.request_id, max_tokens=msg.max_tokens, seed=msg.seed,
             eos_ids=frozenset(eos_ids), sampling=msg.sampling, mode=msg.mode,
             aggregator=msg.aggregator, scheduling=msg.scheduling, max_depth=msg.max_depth,
-            dist_top_k=msg.dist_top_k, **overrides,
+            dist_top_k=msg.dist_top_k, prior=msg.prior, **overrides,
         )
 
 
@@ -84,7 +92,7 @@ class LocalDist:
 
 @dataclass(frozen=True)
 class PeerMessage:
-    msg: m.Draft | m.Target | m.Cancel | m.Error
+    msg: m.Draft | m.Target | m.Tokens | m.Cancel | m.Error
 
 
 @dataclass(frozen=True)
@@ -195,6 +203,8 @@ class Session:
         self.remote_epoch = 0
         self.stats = SessionStats()
         self.scheduler = GreedyScheduler(config.scheduler)
+        if config.prior is not None:
+            self.scheduler.estimates.seed(config.prior, side, config.scheduler.min_samples)
         self._drafts: list[_Draft] = []  # undecided local drafts, steps committed..
         self._stream: list[int] = []  # generated tokens currently in the local streams
         self._computing: tuple[int, int] | None = None
@@ -207,6 +217,11 @@ class Session:
     @property
     def is_aggregator(self) -> bool:
         return self.aggregator == self.side
+
+    @property
+    def decides_alone(self) -> bool:
+        """No peer draft to verify: a solo session, or either side of a cloud-only request."""
+        return self.solo or self.config.mode == "cloud"
 
     def handle(self, event: Event) -> list[Action]:
         """Process one event; return the actions it causes (in the order to execute them)."""
@@ -257,6 +272,8 @@ class Session:
             self._on_remote_draft(msg)
         elif isinstance(msg, m.Target):
             self._on_target(msg)
+        elif isinstance(msg, m.Tokens):
+            self._on_tokens(msg)
         elif isinstance(msg, m.Cancel):
             self._on_peer_gone(f"peer cancelled: {msg.reason}")
         elif isinstance(msg, m.Error):
@@ -283,6 +300,8 @@ class Session:
     def _can_draft_at(self, step: int) -> bool:
         if step >= self.config.max_tokens or len(self._drafts) >= self.config.depth:
             return False
+        if self.config.mode == "cloud" and not self.is_aggregator:
+            return False  # cloud-only: the device computes nothing while the cloud is there
         return not (self._drafts and self._drafts[-1].token in self.config.eos_ids)
 
     def _pump(self) -> None:
@@ -340,7 +359,7 @@ class Session:
             local = self._drafts[0] if self._drafts else None
             if local is None:
                 return
-            if self.solo:
+            if self.decides_alone:
                 self._commit(local.token, accepted_local=True)
                 continue
             remote = self._remote.get(step)
@@ -372,7 +391,7 @@ class Session:
             self.remote_epoch += 1
             self._remote.clear()
         ends = token in cfg.eos_ids or step + 1 >= cfg.max_tokens
-        handover = bool(cfg.scheduling and not ends and self.scheduler.should_hand_over())
+        handover = bool(cfg.scheduling and not ends and self.scheduler.should_hand_over(self.side))
         my_epoch = self.epoch if acc_local else self.epoch + 1  # _commit bumps it on rejection
         self._emit(Send(m.Target(cfg.request_id, step, token, acc_remote, self.remote_epoch, my_epoch,
                                  handover, est.c_local.value or 0.0)))
@@ -418,18 +437,34 @@ class Session:
             self._unsent.clear()
             self._remote.clear()
 
+    def _on_tokens(self, msg: m.Tokens) -> None:
+        """Cloud-only mode: the cloud decided these tokens alone; the device commits them as is."""
+        if self.config.mode != "cloud" or self.is_aggregator:
+            raise ProtocolError("Tokens frames belong to a cloud-only request, sent by the cloud")
+        if msg.step != len(self.committed):
+            raise ProtocolError(f"tokens from step {msg.step}, expected {len(self.committed)}")
+        for token in msg.tokens:
+            if self.finished is None:  # tokens past EOS / max_tokens are ignored
+                self._record_commit(token)
+
     # ------------------------------------------------------------------ committing and ending
     def _commit(self, token: int, *, accepted_local: bool) -> None:
-        step = len(self.committed)
-        self.committed.append(token)
-        self.stats.aggregator_by_step.append(self.aggregator)
         if accepted_local:
             self._drafts.pop(0)
-            self.stats.accepted_local += int(not self.solo)  # acceptance counts verified steps only
+            self.stats.accepted_local += int(not self.decides_alone)  # acceptance counts verified steps only
         else:
             self.epoch += 1
             self._drafts.clear()
             self._unsent.clear()
+        self._record_commit(token)
+
+    def _record_commit(self, token: int) -> None:
+        step = len(self.committed)
+        self.committed.append(token)
+        self.stats.aggregator_by_step.append(self.aggregator)
+        if self.config.mode == "cloud" and self.side == "cloud" and not self.solo:
+            # sent before Finish, so the device gets the last token before the cloud lets go
+            self._emit(Send(m.Tokens(self.config.request_id, step, [token])))
         self._emit(Commit(step, (token,)))
         if token in self.config.eos_ids:
             self._finish("eos")

@@ -26,6 +26,21 @@ CloudOpt = typer.Option(None, "--cloud", "-c", help="Cloud URL, e.g. http://127.
 TokenOpt = typer.Option(os.environ.get("DRAGON_TOKEN", ""), "--token", help="Link auth token (env DRAGON_TOKEN).")
 
 
+def _check_mode(value: str) -> str:
+    from dragon_edge.baselines import UnknownMode, wire_mode
+
+    try:
+        wire_mode(value)
+    except UnknownMode as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    return value
+
+
+ModeOpt = typer.Option("dragon", "--mode", callback=_check_mode, help=(
+    "dragon | vdrag (token-wise sync) | sw (sequence-wise) | cloud (cloud-only) | text (DRCG/Text: the cloud "
+    "sends its passages' text, the device decodes) | device (device-only)."))
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -91,6 +106,7 @@ def format_stats(st: dict) -> str:
     acc = lambda x: "n/a" if x is None else f"{x:.0%}"  # noqa: E731
     lines = [
         f"-- {st['tokens']} tokens, finish={st['finish_reason']}"
+        + (f", mode={st['mode']}" if st.get("mode", "dragon") != "dragon" else "")
         + (" [DEGRADED: cloud lost, finished on the device]" if st["degraded"] else "")
         + (" [device-only]" if st.get("device_only") and not st["degraded"] else ""),
         f"   TTFT {1000 * (st.get('ttft_s') or 0):.0f} ms, per-token latency mean "
@@ -116,8 +132,8 @@ def ask(question: str,
         max_tokens: int = typer.Option(96, "--max-tokens", "-n"),
         k: int = typer.Option(2, "-k", help="Private passages."),
         cloud_k: int = typer.Option(2, "--cloud-k", help="Public passages the cloud retrieves."),
-        mode: str = typer.Option("dragon", help="dragon | vdrag | sw (baselines)."),
-        aggregator: str = typer.Option("device", help="Side that aggregates first: device | cloud."),
+        mode: str = ModeOpt,
+        aggregator: str = typer.Option("auto", help="Side that aggregates first: auto (where earlier requests on this link say; device when none) | device | cloud."),
         temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
         seed: int = typer.Option(0),
         stats: bool = typer.Option(True, "--stats/--no-stats", help="Print DRAGON stats after the answer."),
@@ -140,7 +156,7 @@ def ask(question: str,
 @app.command()
 def chat(store: str = StoreOpt, cloud: Optional[str] = CloudOpt, token: str = TokenOpt,
          engine: str = typer.Option("llamacpp"), max_tokens: int = typer.Option(128, "--max-tokens", "-n"),
-         k: int = typer.Option(2, "-k"), cloud_k: int = typer.Option(2, "--cloud-k"),
+         k: int = typer.Option(2, "-k"), cloud_k: int = typer.Option(2, "--cloud-k"), mode: str = ModeOpt,
          verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Interactive chat (each turn retrieves with your latest message). Ctrl-D to quit."""
     _setup_logging(verbose)
@@ -158,7 +174,7 @@ def chat(store: str = StoreOpt, cloud: Optional[str] = CloudOpt, token: str = To
                     continue
                 history.append({"role": "user", "content": line})
                 sys.stdout.write("dragon> ")
-                answer = await _ask(client, history, _opts(max_tokens, k, cloud_k, "dragon", 0.0, 0, "device"),
+                answer = await _ask(client, history, _opts(max_tokens, k, cloud_k, mode, 0.0, 0, "device"),
                                     True, False)
                 history.append({"role": "assistant", "content": answer})
         finally:

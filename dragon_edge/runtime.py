@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Literal, Sequence
 
 from dragon_core import messages as m
 from dragon_core import session as s
@@ -22,6 +22,8 @@ from dragon_core.engine import Engine
 from dragon_core.errors import DragonError
 from dragon_core.handshake import Identity
 from dragon_core.prompt import IncrementalText, passage_prompts
+from dragon_core.scheduler import initial_aggregator
+from dragon_edge.baselines import AnswerMode, LazyGroup, wire_mode
 
 log = logging.getLogger("dragon.edge")
 
@@ -35,8 +37,10 @@ class AnswerOptions:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
-    mode: m.Mode = "dragon"
-    aggregator: m.Side = "device"
+    mode: AnswerMode = "dragon"  # dragon | vdrag | sw | cloud | text | device (dragon_edge.baselines)
+    # "auto": where the scheduler's estimates from earlier requests on this link say (the device
+    # when there are none); "device"/"cloud" start there (and stay there if scheduling is off)
+    aggregator: m.Side | Literal["auto"] = "auto"
     scheduling: bool = True
     max_depth: int = 8
     # top-K of each side's mixture on the wire (~180 B/token); 0 sends full vectors (exact mode,
@@ -57,6 +61,7 @@ class Source:
 
 @dataclass
 class AnswerStats:
+    mode: str = ""  # the mode asked for; ``degraded`` says whether it had to finish on the device
     tokens: int = 0
     degraded: bool = False
     finish_reason: str = ""
@@ -102,6 +107,7 @@ class EdgeRuntime:
         self.store = store
         self.link = link
         self._local_ids = 0
+        self.priors: dict[str, m.SchedulerPrior] = {}  # per cloud URL: the last request's estimates
 
     # ------------------------------------------------------------------ retrieval + prompts
     def private_passages(self, query: str, k: int):
@@ -112,11 +118,13 @@ class EdgeRuntime:
     # ------------------------------------------------------------------ answering
     async def answer(self, query: str, opts: AnswerOptions) -> AsyncIterator[Piece]:
         t0 = time.monotonic()
+        mode = wire_mode(opts.mode)  # UnknownMode before any work
         passages = self.private_passages(query, opts.k)
         prompts, scores = passage_prompts(self.tokenizer, query, [p.text for p in passages],
                                           [p.score for p in passages])
-        stats = AnswerStats(sources=[Source("device", p.source, float(p.score), p.text) for p in passages])
-        link = self.link if opts.use_cloud else None
+        stats = AnswerStats(mode=opts.mode,
+                            sources=[Source("device", p.source, float(p.score), p.text) for p in passages])
+        link = self.link if opts.use_cloud and opts.mode != "device" else None
         degraded = False
         if link is not None:
             try:
@@ -127,12 +135,22 @@ class EdgeRuntime:
         rid = link.new_request_id() if link is not None else self._next_local_id()
         open_msg = m.Open(rid, query, k=opts.cloud_k, max_tokens=opts.max_tokens, seed=opts.seed,
                           sampling=m.Sampling(opts.greedy, opts.temperature, opts.top_k, opts.top_p),
-                          mode=opts.mode, aggregator=opts.aggregator, scheduling=opts.scheduling,
-                          max_depth=opts.max_depth, dist_top_k=opts.dist_top_k)
+                          mode=mode, scheduling=opts.scheduling, max_depth=opts.max_depth,
+                          dist_top_k=opts.dist_top_k, **self._placement(opts, link))
+        public = None
+        if link is not None and mode == "text":  # DRCG/Text: only the query goes up
+            public = await self._public_passages(link, open_msg, opts.cloud_open_timeout_s, stats)
+            link, degraded = None, public is None  # the device decodes alone from here on
+            if public is not None:
+                prompts, scores = passage_prompts(self.tokenizer, query, [p.text for p in passages] + public.passages,
+                                                  [p.score for p in passages] + public.scores)
         config = s.SessionConfig.from_open(open_msg, self.eos_ids)
         session = s.Session("device", config, log_mass(scores), solo=link is None, degraded=degraded)
-        stats.device_only = link is None
-        group = await self.engine.open_group(prompts, opts.temperature if not opts.greedy else 1.0)
+        stats.device_only = link is None and public is None
+        temperature = opts.temperature if not opts.greedy else 1.0
+        # cloud-only: the device's streams are prefilled only if the cloud is lost mid-answer
+        group = LazyGroup(self.engine, prompts, temperature) if mode == "cloud" else \
+            await self.engine.open_group(prompts, temperature)
         queue: asyncio.Queue[tuple[int, ...] | None] = asyncio.Queue()
         sent0 = (link.bytes_sent, link.bytes_received) if link is not None else (0, 0)
 
@@ -175,6 +193,10 @@ class EdgeRuntime:
             stats.bytes_sent = link.bytes_sent - sent0[0]
             stats.bytes_received = link.bytes_received - sent0[1]
         self._fill_stats(stats, session, finish)
+        if mode == "cloud" and not stats.degraded:  # the private passages were never used
+            stats.sources = [src for src in stats.sources if src.side == "cloud"]
+        if link is not None and not stats.degraded and (prior := session.scheduler.estimates.prior("device")):
+            self.priors[link.url] = prior
         yield Piece(decoded.text()[len(emitted):], (), finished=stats)
 
     def _fill_stats(self, stats: AnswerStats, session: s.Session, finish: s.Finish) -> None:
@@ -183,7 +205,8 @@ class EdgeRuntime:
         stats.degraded = finish.degraded or session.degraded
         stats.finish_reason = finish.reason
         stats.rollbacks = st.rollbacks
-        stats.handovers = st.handovers
+        # moves either way (the device's own count misses those the cloud made)
+        stats.handovers = sum(a != b for a, b in zip(st.aggregator_by_step, st.aggregator_by_step[1:]))
         stats.final_aggregator = session.aggregator
         stats.delta_z_ms = session.scheduler.last_delta_z
         for side in st.aggregator_by_step:
@@ -191,6 +214,31 @@ class EdgeRuntime:
         if st.verified:
             stats.acceptance_device = st.accepted_local / st.verified
             stats.acceptance_cloud = st.accepted_remote / st.verified
+
+    async def _public_passages(self, link, open_msg: m.Open, timeout_s: float, stats: AnswerStats) -> m.Opened | None:
+        """DRCG/Text: the cloud's top-k public passages (None, logged, if it cannot give them)."""
+        sent0, received0 = link.bytes_sent, link.bytes_received
+        try:
+            opened = await link.fetch_passages(open_msg, timeout_s)
+        except DragonError as exc:
+            log.warning("DRCG/Text got no public passages, answering device-only: %s", exc)
+            return None
+        finally:
+            link.release(open_msg.request_id)
+            stats.bytes_sent, stats.bytes_received = link.bytes_sent - sent0, link.bytes_received - received0
+        k = open_msg.k  # a cloud sending more than asked does not get to fill the device's context
+        opened = m.Opened(opened.request_id, opened.sources[:k], opened.passages[:k], opened.scores[:k])
+        stats.sources += [Source("cloud", name, score, text)
+                          for name, text, score in zip(opened.sources, opened.passages, opened.scores)]
+        return opened
+
+    def _placement(self, opts: AnswerOptions, link) -> dict:
+        """The first aggregator, and the prior both sides' schedulers start from."""
+        prior = self.priors.get(link.url) if link is not None and opts.scheduling else None
+        aggregator = opts.aggregator
+        if aggregator == "auto":
+            aggregator = initial_aggregator(prior) if opts.scheduling else "device"
+        return dict(aggregator=aggregator, prior=prior)
 
     def _next_local_id(self) -> int:
         self._local_ids += 1

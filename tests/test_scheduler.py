@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dragon_core.scheduler import Ewma, GreedyScheduler, SchedulerConfig, delta_z, steady_wait
+from dragon_core.messages import SchedulerPrior
+from dragon_core.scheduler import Ewma, GreedyScheduler, SchedulerConfig, delta_z, initial_aggregator, steady_wait
 
 
 def test_four_case_formula_equals_difference_of_steady_state_waits():
@@ -38,28 +39,28 @@ def test_rule_in_words(c_l, c_r, rtt, a_l, a_r, move):
 def test_hysteresis_needs_margin_dwell_and_samples():
     sched = GreedyScheduler(SchedulerConfig(margin_ms=5.0, margin_frac=0.0, min_dwell_steps=3, min_samples=2))
     est = sched.estimates
-    assert not sched.should_hand_over()  # no estimates yet
+    assert not sched.should_hand_over("device")  # no estimates yet
     for _ in range(2):
         est.c_local.update(10)
         est.c_remote.update(400)
         est.rtt.update(100)
         est.alpha_local.update(1.0)
         est.alpha_remote.update(0.0)
-    assert sched.should_hand_over()  # the first move needs no dwell, only ready estimates
+    assert sched.should_hand_over("device")  # the first move needs no dwell, only ready estimates
     sched.on_moved()
-    assert not sched.should_hand_over()  # after a move: dwell not reached
+    assert not sched.should_hand_over("device")  # after a move: dwell not reached
     for _ in range(2):
         sched.on_target()
-    assert not sched.should_hand_over()
+    assert not sched.should_hand_over("device")
     sched.on_target()
-    assert sched.should_hand_over()
+    assert sched.should_hand_over("device")
     # a ΔZ below the margin does not move
     quiet = GreedyScheduler(SchedulerConfig(margin_ms=50.0, margin_frac=0.0, min_dwell_steps=0, min_samples=1))
     quiet.estimates.c_local.update(10)
     quiet.estimates.c_remote.update(400)
     quiet.estimates.rtt.update(100)
     quiet.estimates.alpha_remote.update(0.9)  # ΔZ = 0.1 * 100 = 10 ms < 50
-    assert not quiet.should_hand_over()
+    assert not quiet.should_hand_over("device")
 
 
 def test_ewma():
@@ -67,3 +68,34 @@ def test_ewma():
     e.update(10)
     e.update(20)
     assert e.value == 15 and e.count == 2
+
+
+def _seeded(prior: SchedulerPrior, side: str) -> GreedyScheduler:
+    sched = GreedyScheduler()
+    sched.estimates.seed(prior, side, sched.config.min_samples)
+    return sched
+
+
+def test_ties_go_to_the_device_with_a_band_against_ping_pong():
+    # slow device, its drafts always accepted: ΔZ = (1 - α_device) rtt = 0 either way
+    tie = SchedulerPrior(device_ms=300, cloud_ms=30, rtt_ms=100, alpha_device=1.0, alpha_cloud=0.6)
+    assert _seeded(tie, "cloud").should_hand_over("cloud")  # the cloud hands a tie back ...
+    assert not _seeded(tie, "device").should_hand_over("device")  # ... the device keeps it
+    # a clear win for the cloud (slow cloud, rejected cloud drafts) is not handed back
+    slow_cloud = SchedulerPrior(device_ms=20, cloud_ms=300, rtt_ms=100, alpha_device=1.0, alpha_cloud=0.6)
+    assert _seeded(slow_cloud, "device").should_hand_over("device")
+    assert not _seeded(slow_cloud, "cloud").should_hand_over("cloud")
+    # inside the band (0 < ΔZ_device <= margin) neither side moves
+    band = SchedulerPrior(device_ms=20, cloud_ms=300, rtt_ms=100, alpha_device=1.0, alpha_cloud=0.99)
+    assert not _seeded(band, "device").should_hand_over("device")  # ΔZ = 1 ms < 5% of Z
+    assert not _seeded(band, "cloud").should_hand_over("cloud")
+
+
+def test_prior_round_trips_between_sides_and_picks_the_start():
+    prior = SchedulerPrior(device_ms=20, cloud_ms=300, rtt_ms=100, alpha_device=1.0, alpha_cloud=0.6)
+    for side in ("device", "cloud"):
+        assert _seeded(prior, side).estimates.prior(side) == prior
+    assert GreedyScheduler().estimates.prior("device") is None  # nothing measured yet
+    assert initial_aggregator(None) == "device"
+    assert initial_aggregator(prior) == "cloud"
+    assert initial_aggregator(SchedulerPrior(300, 30, 100, 1.0, 0.6)) == "device"

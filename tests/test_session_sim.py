@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core.aggregate import cross_side_weights, target_probs, transform
 from dragon_core.dist import Dist
 from dragon_core.messages import Sampling
 from dragon_core.netsim import LinkSpec, SideSpec, SimulatedPair, centralized_decode
-from dragon_core.scheduler import SchedulerConfig
+from dragon_core.scheduler import SchedulerConfig, initial_aggregator
 
 EOS = 0
 
@@ -188,3 +189,111 @@ def test_scheduler_moves_aggregator_to_the_side_the_rule_predicts():
     assert by_step[38:45] == ["cloud"] * 7, by_step
     assert by_step[-8:] == ["device"] * 8, by_step
     assert pair.device.session.stats.handovers + pair.cloud.session.stats.handovers >= 2
+
+
+def test_slow_device_hands_a_tie_back_to_the_device():
+    """A slow device whose drafts are always accepted: ΔZ = (1 - α_device)·rtt = 0, so both
+    sides are equally fast in steady state; ties go to the device (tokens reach the app half an
+    RTT sooner). Started on the cloud, the aggregator moves to the device and stays."""
+    config = make_config(max_tokens=40, eos_ids=frozenset(), scheduling=True, max_depth=4, aggregator="cloud")
+    dev, cloud = sides(2)
+    dev.decode_ms, cloud.decode_ms = (lambda now, step: 400.0), (lambda now, step: 5.0)
+    dev.log_h = 30.0  # the device's passages dominate the mixture: its greedy drafts always win
+    pair = SimulatedPair(config, dev, cloud, *links(100.0, seed=4)).run()
+    assert pair.device.record.tokens == centralized_decode(config, dev, cloud)
+    assert pair.cloud.session.scheduler.estimates.alpha_remote.value == 1.0  # a true tie: ΔZ = 0
+    by_step = pair.device.session.stats.aggregator_by_step
+    assert by_step[0] == "cloud" and by_step[-20:] == ["device"] * 20, by_step
+    assert pair.cloud.session.stats.handovers == 1 and pair.device.session.stats.handovers == 0
+
+
+def test_a_prior_lets_the_first_step_run_on_the_right_side():
+    """With estimates from an earlier request (slow cloud, its drafts often rejected) the
+    request starts on the cloud and never moves; both sessions start from the same prior."""
+    prior = m.SchedulerPrior(device_ms=10.0, cloud_ms=300.0, rtt_ms=200.0, alpha_device=1.0, alpha_cloud=0.5)
+    assert initial_aggregator(prior) == "cloud"
+    config = make_config(max_tokens=30, eos_ids=frozenset(), scheduling=True, max_depth=4, aggregator="cloud",
+                         prior=prior)
+    dev, cloud = sides(2, disagreement=2.0)
+    dev.decode_ms, cloud.decode_ms = (lambda now, step: 10.0), (lambda now, step: 300.0)
+    pair = SimulatedPair(config, dev, cloud, *links(200.0, seed=5)).run()
+    assert pair.device.record.tokens == centralized_decode(config, dev, cloud)
+    assert set(pair.device.session.stats.aggregator_by_step) == {"cloud"}
+    assert pair.cloud.session.scheduler.estimates.prior("cloud") is not None
+
+
+# ---------------------------------------------------------------------------- cloud-only mode
+def frames_of(link) -> list:
+    from dragon_core import codec
+
+    return [codec.decode(f) for f in link.frames]
+
+
+@pytest.mark.parametrize("rtt", [0.0, 50.0, 300.0])
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampling"])
+def test_cloud_only_equals_the_clouds_solo_decode_and_the_device_computes_nothing(rtt, greedy):
+    from dragon_core import messages as m
+    from dragon_core.netsim import solo_decode
+
+    for world in range(3):
+        config = make_config(mode="cloud", aggregator="device", scheduling=True, max_tokens=30,
+                             sampling=Sampling(greedy=greedy, temperature=1.0))
+        assert config.aggregator == "cloud" and not config.scheduling  # normalised: the cloud decides
+        dev, cloud = sides(world)
+        pair = SimulatedPair(config, dev, cloud, *links(rtt, seed=world)).run()
+        want = solo_decode(config, cloud, "cloud")
+        assert pair.cloud.record.tokens == want and pair.device.record.tokens == want, f"world {world}"
+        assert want != solo_decode(config, dev, "device")  # the check can fail: the sides differ
+        assert pair.device.record.engine_calls == 0
+        assert not pair.device.record.finish.degraded and pair.device.record.finish.reason in ("eos", "length")
+        assert pair.device.session.stats.aggregator_by_step == ["cloud"] * len(want)
+        assert pair.device.session.stats.verified == 0 and pair.cloud.session.stats.accepted_local == 0
+        down = [x for x in frames_of(pair.down) if not isinstance(x, (m.Ping, m.Pong))]
+        up = [x for x in frames_of(pair.up) if not isinstance(x, (m.Ping, m.Pong))]
+        assert up == []  # the device sends no draft, no distribution
+        assert [t for x in down for t in x.tokens] == want and all(isinstance(x, m.Tokens) for x in down)
+
+
+def test_cloud_only_cloud_lost_mid_answer_device_continues_from_the_committed_tokens():
+    from dragon_core.netsim import solo_decode
+
+    config = make_config(mode="cloud", max_tokens=30, eos_ids=frozenset())
+    dev, cloud = sides(1, c_cloud=20.0)
+    up, down = links(60, seed=4)
+    down.cut_at_ms = up.cut_at_ms = 250.0
+    pair = SimulatedPair(config, dev, cloud, up, down).run()
+    rec = pair.device.record
+    assert rec.finish.reason == "length" and rec.finish.degraded and len(rec.tokens) == 30
+    cut = next(i for i, (t, _) in enumerate(rec.commits) if t >= 250.0)
+    assert 0 < cut < 30
+    assert rec.tokens[:cut] == solo_decode(config, cloud, "cloud")[:cut]  # the cloud's tokens, as sent
+    assert rec.tokens == solo_decode(config, dev, "device", tuple(rec.tokens[:cut]))  # then the device alone
+    assert rec.engine_calls == 30 - cut
+    by_step = pair.device.session.stats.aggregator_by_step
+    assert by_step == ["cloud"] * cut + ["device"] * (30 - cut)
+
+
+@pytest.mark.parametrize("mode,step", [("dragon", 0), ("cloud", 3)], ids=["outside-cloud-mode", "wrong-step"])
+def test_misplaced_tokens_frame_is_a_protocol_error_and_the_device_goes_on_alone(mode, step):
+    from dragon_core import messages as m
+
+    config = make_config(mode=mode, scheduling=False)
+    sess = s.Session("device", config, 0.3)
+    first = sess.handle(s.Start())
+    assert any(isinstance(a, s.ComputeDist) for a in first) == (mode != "cloud")
+    actions = sess.handle(s.PeerMessage(m.Tokens(1, step, [5])))
+    errors = [a.msg for a in actions if isinstance(a, s.Send) and isinstance(a.msg, m.Error)]
+    assert errors and errors[0].code == "protocol_error"
+    assert sess.degraded and sess.committed == [] and sess.finished is None
+
+
+def test_cloud_only_device_commits_tokens_and_stops_at_eos():
+    from dragon_core import messages as m
+
+    sess = s.Session("device", make_config(mode="cloud"), 0.3)
+    assert sess.handle(s.Start()) == []  # nothing to compute: no ComputeDist
+    acts = sess.handle(s.PeerMessage(m.Tokens(1, 0, [7, 8])))
+    assert [a for a in acts if isinstance(a, s.Commit)] == [s.Commit(0, (7,)), s.Commit(1, (8,))]
+    acts = sess.handle(s.PeerMessage(m.Tokens(1, 2, [EOS, 9])))  # anything after EOS is ignored
+    assert sess.committed == [7, 8, EOS] and sess.finished == s.Finish("eos")
+    assert not any(isinstance(a, (s.ComputeDist, s.Send)) for a in acts)

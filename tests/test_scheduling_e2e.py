@@ -1,0 +1,126 @@
+"""Live Greedy Scheduling end to end: a real `dragon-cloud serve` process made slow with
+``--emulate-decode-ms``, the device runtime (llama.cpp) and a netem proxy at RTT 100 ms.
+
+* a slow cloud (slower than the device by more than an RTT, its drafts sometimes rejected): a
+  request started on the device, with no estimates yet, ends with the aggregator on the cloud;
+  the next request on the link starts there (warm prior); the answers equal the pinned ones;
+* a slow device (slower than that cloud by more than an RTT): a request started on the cloud
+  ends on the device (ΔZ = (1 - α_device)·rtt ≥ 0, and ties go to the device).
+
+Each time the side it ends on is also the side the rule picks from the estimates the request
+measured (``initial_aggregator`` over its prior), so the test checks the live decisions against
+the formula, not against a hard-coded side alone. Latency comparisons live in
+``benchmarks/bench_e2e.py`` (timing is no test on a shared 2-core machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from benchmarks.netem import Shape, spawn_proxy, stop_proxy
+from dragon_core.scheduler import initial_aggregator
+from dragon_edge.demo import PRIVATE_NOTES, PUBLIC_CORPUS, free_port, start_cloud, stop, wait_healthy
+from dragon_edge.link import CloudLink
+from dragon_edge.runtime import AnswerOptions
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "sched-token"
+QUESTION = "Where does my sister Lena live, and what is that city famous for?"
+CLOUD_SLOW_MS = 250.0
+DEVICE_SLOW_MS = 700.0  # slower than the slowed cloud by more than the RTT
+RTT_MS = 100.0
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, smollm2):
+    from dragon_edge.store import DocumentStore
+    from dragon_vllm.corpus import PublicIndex
+
+    root = tmp_path_factory.mktemp("sched")
+    for folder, files in (("public", PUBLIC_CORPUS), ("notes", PRIVATE_NOTES)):
+        (root / folder).mkdir()
+        for name, text in files.items():
+            (root / folder / name).write_text(text + "\n")
+    PublicIndex.build(sorted((root / "public").glob("*.txt")), root / "index", progress=False)
+    store = DocumentStore(root / "store")
+    store.ingest(root / "notes", progress=False)
+    return root, store
+
+
+@pytest.fixture(scope="module")
+def slow_cloud_url(world):
+    root, _ = world
+    port = free_port()
+    proc = start_cloud(root / "index", port, TOKEN, root / "cloud.log", ("--emulate-decode-ms", str(CLOUD_SLOW_MS)))
+    proxy = None
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s=300)
+        one_way = Shape(latency_ms=RTT_MS / 2, jitter_ms=RTT_MS / 10)
+        proxy, pport = spawn_proxy(("127.0.0.1", port), up=one_way, down=one_way, seed=7)
+        yield f"http://127.0.0.1:{pport}"
+    except BaseException:
+        print((root / "cloud.log").read_text()[-4000:])
+        raise
+    finally:
+        if proxy is not None:
+            stop_proxy(proxy)
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def runtime(world):
+    from dragon_edge.loader import load_runtime
+
+    return load_runtime("smollm2-135m", "llamacpp", store=world[1])
+
+
+def ask(loop, runtime, url: str, **kw):
+    async def go():
+        runtime.link = CloudLink(url, runtime.identity, TOKEN)
+        ids, stats = [], None
+        try:
+            async for piece in runtime.answer(QUESTION, AnswerOptions(max_tokens=20, dist_top_k=32, **kw)):
+                ids.extend(piece.token_ids)
+                stats = piece.finished or stats
+        finally:
+            await runtime.link.close()
+        return ids, stats
+
+    return loop.run_until_complete(asyncio.wait_for(go(), 300))
+
+
+def rule_says(runtime) -> str:
+    """The side the ΔZ rule picks from the estimates the last request measured."""
+    return initial_aggregator(runtime.priors[runtime.link.url])
+
+
+def test_slow_cloud_moves_the_aggregator_to_the_cloud_and_the_next_request_starts_there(loop, runtime, slow_cloud_url):
+    pinned, _ = ask(loop, runtime, slow_cloud_url, aggregator="device", scheduling=False)
+    runtime.priors.clear()  # cold: nothing measured on this link yet
+    ids, stats = ask(loop, runtime, slow_cloud_url, aggregator="device", scheduling=True)
+    assert not stats.degraded and ids == pinned  # moving the aggregator changes no token
+    assert stats.acceptance_cloud < 1.0  # else ΔZ = 0 and staying would be right too
+    assert stats.final_aggregator == "cloud" and stats.handovers == 1, stats.aggregator_steps
+    assert rule_says(runtime) == "cloud"
+    # warm: the prior from that request places the next one on the cloud from its first token
+    ids2, warm = ask(loop, runtime, slow_cloud_url, aggregator="auto", scheduling=True)
+    assert ids2 == pinned and warm.aggregator_steps == {"cloud": len(ids2)} and warm.handovers == 0
+
+
+def test_slow_device_moves_the_aggregator_to_the_device(loop, runtime, slow_cloud_url):
+    runtime.priors.clear()
+    ids, stats = ask(loop, runtime, slow_cloud_url, aggregator="cloud", scheduling=True,
+                     emulate_decode_ms=DEVICE_SLOW_MS)
+    assert not stats.degraded
+    assert stats.final_aggregator == "device" and stats.handovers == 1, stats.aggregator_steps
+    assert rule_says(runtime) == "device"
