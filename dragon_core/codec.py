@@ -138,6 +138,12 @@ def _check(msg: m.Message) -> None:
         dist_from_wire(msg.dist)  # a decoded Draft must always convert
         if msg.token >= msg.dist.vocab_size:
             raise MalformedFrame(f"draft: token {msg.token} outside vocabulary of {msg.dist.vocab_size}")
+    elif isinstance(msg, m.Tokens):
+        if not msg.tokens or not all(0 <= t < MAX_VOCAB for t in msg.tokens):
+            raise MalformedFrame(f"tokens: need 1+ ids in [0, {MAX_VOCAB}), got {msg.tokens[:8]}")
+    elif isinstance(msg, m.Opened):
+        if len(msg.scores) != len(msg.passages) or not all(math.isfinite(x) for x in msg.scores):
+            raise MalformedFrame("opened: one finite score per passage")
 
 
 def _check_field(where: str, name: str, value: Any) -> None:

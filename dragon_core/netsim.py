@@ -25,7 +25,7 @@ from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core.aggregate import cross_side_weights
 from dragon_core.dist import Dist
-from dragon_core.speculative import VERIFY, step_rng, synchronous_target
+from dragon_core.speculative import DRAFT_CLOUD, DRAFT_DEVICE, VERIFY, draft, step_rng, synchronous_target
 
 
 class EventLoop:
@@ -221,4 +221,15 @@ def centralized_decode(config: s.SessionConfig, device: SideSpec, cloud: SideSpe
         tokens.append(token)
         if token in config.eos_ids:
             break
+    return tokens
+
+
+def solo_decode(config: s.SessionConfig, spec: SideSpec, side: m.Side, prefix: tuple[int, ...] = ()) -> list[int]:
+    """One side decoding alone from ``prefix`` (cloud-only, device-only, a degraded finish): the
+    tokens a session that decides alone commits — its own draft rule and draft randomness."""
+    purpose = DRAFT_DEVICE if side == "device" else DRAFT_CLOUD
+    tokens = list(prefix)
+    while len(tokens) < config.max_tokens and not (tokens and tokens[-1] in config.eos_ids):
+        step = len(tokens)
+        tokens.append(draft(spec.dist_fn(tuple(tokens)), config.sampling, step_rng(config.seed, purpose, step)))
     return tokens

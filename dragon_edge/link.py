@@ -34,6 +34,12 @@ class LinkUnavailable(DragonError):
     code = "cloud_unavailable"
 
 
+class CloudRefused(DragonError):
+    """The cloud answered a request with an ``Error`` (a DRCG/Text request has no session to tell)."""
+
+    code = "cloud_refused"
+
+
 @dataclass(frozen=True)
 class LinkOptions:
     connect_timeout_s: float = 5.0
@@ -148,10 +154,25 @@ class CloudLink:
         if not await self.send(req):
             driver.feed(s.PeerLost("cloud link unavailable"))
 
+    async def fetch_passages(self, req: m.Open, timeout_s: float) -> m.Opened:
+        """DRCG/Text (``req.mode == "text"``): send the query, wait for the cloud's public passages.
+        No session runs on either side. ``LinkUnavailable`` / ``CloudRefused`` if none come."""
+        fut = asyncio.get_running_loop().create_future()
+        self._opened[req.request_id] = fut  # kept until release(), so opened_now() sees it too
+        if not await self.send(req):
+            raise LinkUnavailable("cloud link unavailable")
+        # wait() rather than await: a future cancelled by _on_lost must not look like our cancellation
+        await asyncio.wait({fut}, timeout=timeout_s)
+        if not fut.done():
+            raise LinkUnavailable(f"no passages from the cloud within {timeout_s:.0f} s")
+        if fut.cancelled():
+            raise LinkUnavailable("cloud connection lost before the passages arrived")
+        return fut.result()  # raises CloudRefused if the cloud sent an Error
+
     def opened_now(self, request_id: int) -> m.Opened | None:
         """The cloud's ``Opened`` for a request, if it has arrived (it names the public sources)."""
         fut = self._opened.get(request_id)
-        if fut is None or not fut.done() or fut.cancelled():
+        if fut is None or not fut.done() or fut.cancelled() or fut.exception() is not None:
             return None
         return fut.result()
 
@@ -200,13 +221,17 @@ class CloudLink:
             fut = self._opened.get(msg.request_id)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
-        elif isinstance(msg, (m.Draft, m.Target, m.Cancel)):
+        elif isinstance(msg, (m.Draft, m.Target, m.Tokens, m.Cancel)):
             self._feed(msg.request_id, s.PeerMessage(msg))
         elif isinstance(msg, m.Error):
             if msg.request_id is None:
                 log.warning("cloud error: %s: %s", msg.code, msg.message)
-            else:
+            elif msg.request_id in self._drivers:
                 self._feed(msg.request_id, s.PeerMessage(msg))
+            else:  # a request without a session (DRCG/Text) waits on its Opened future
+                fut = self._opened.get(msg.request_id)
+                if fut is not None and not fut.done():
+                    fut.set_exception(CloudRefused(f"{msg.code}: {msg.message}"))
         elif isinstance(msg, m.Ping):
             asyncio.get_running_loop().create_task(self.send(m.Pong(msg.nonce, msg.sent_at)))
         elif isinstance(msg, m.Pong):

@@ -23,6 +23,7 @@ from typing import Any, AsyncIterator, Iterator
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from dragon_core.prompt import last_user_message
+from dragon_edge.baselines import wire_mode
 from dragon_edge.runtime import AnswerOptions, EdgeRuntime, Piece
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -44,6 +45,7 @@ def _options(max_tokens: int | None, temperature: float | None, top_p: float | N
         if not hasattr(opts, key):
             raise TypeError(f"unknown option {key!r}; DRAGON options: {sorted(AnswerOptions.__dataclass_fields__)}")
         setattr(opts, key, value)
+    wire_mode(opts.mode)  # an unknown mode fails here, at create(), not at the first chunk
     return opts
 
 

@@ -1,6 +1,7 @@
 """The cloud: public retrieval + prompt layout + the shared vLLM engine, for both front doors.
 
-* ``open_request`` serves the device link (``dragon_vllm.link``): the cloud's half of DRAGON.
+* ``open_request`` serves the device link (``dragon_vllm.link``): the cloud's half of DRAGON (and
+  of cloud-only answers); ``public_passages`` the DRCG/Text baseline (passage text, no streams).
 * ``answer_chat`` / ``answer_text`` serve the OpenAI-compatible API: cloud-side RAG with output
   aggregation over the top-k public passages, run as a *solo* cloud ``Session`` — the same code
   path as DRAGON without a device, so the two cannot drift apart.
@@ -47,6 +48,13 @@ class DragonCloud:
         temperature = 1.0 if req.sampling.greedy else req.sampling.temperature
         group = await self.engine.open_group(prompts, temperature)
         return OpenedRequest(group, scores, [_source_name(p) for p in passages])
+
+    async def public_passages(self, req: m.Open) -> m.Opened:
+        """DRCG/Text: the top-k public passages themselves (text + score), for the device to
+        prefill; the cloud opens no streams for such a request."""
+        passages = await self.retrieve(req.query, req.k) if req.retrieval else []
+        return m.Opened(req.request_id, [_source_name(p) for p in passages], [p.text for p in passages],
+                        [float(p.score) for p in passages])
 
     # ------------------------------------------------------------------ OpenAI API
     async def answer_chat(self, messages: list[dict], **opts) -> "CloudAnswer":

@@ -50,13 +50,17 @@ class OpenedRequest:
 
 
 class CloudBackend(Protocol):
-    """What the link needs from the cloud: its identity and a way to open a request's streams
-    (public retrieval + prompt layout + engine admission)."""
+    """What the link needs from the cloud: its identity, a way to open a request's streams
+    (public retrieval + prompt layout + engine admission) and, for DRCG/Text, its passages."""
 
     identity: Identity
     eos_ids: frozenset[int]
 
     async def open_request(self, req: m.Open) -> OpenedRequest: ...
+
+    async def public_passages(self, req: m.Open) -> m.Opened:
+        """Mode "text": the top-k public passages' names, text and scores; no streams."""
+        ...
 
 
 class LinkStats(Protocol):
@@ -185,7 +189,7 @@ class _Connection:
             return
         if isinstance(msg, m.Open):
             await self._on_open(msg)
-        elif isinstance(msg, (m.Draft, m.Target, m.Cancel, m.Error)):
+        elif isinstance(msg, (m.Draft, m.Target, m.Tokens, m.Cancel, m.Error)):
             rid = msg.request_id
             if rid is not None:
                 self._route(rid, s.PeerMessage(msg))
@@ -212,7 +216,8 @@ class _Connection:
             await self.send(m.Error(RequestRejected.code, problem, req.request_id))
             return
         self.pending[req.request_id] = []
-        task = asyncio.create_task(self._run_request(req))
+        run = self._serve_text if req.mode == "text" else self._run_request
+        task = asyncio.create_task(run(req))
         self.tasks[req.request_id] = task
         task.add_done_callback(lambda _: self.tasks.pop(req.request_id, None))
 
@@ -263,6 +268,26 @@ class _Connection:
             self.drivers.pop(rid, None)
             if group is not None:
                 await group.close()
+
+    async def _serve_text(self, req: m.Open) -> None:
+        """DRCG/Text: answer with the public passages' text; no streams, no session."""
+        rid = req.request_id
+        try:
+            if self.server.stats:
+                self.server.stats.on_request("started")
+            opened = await self.server.backend.public_passages(req)
+            await self.send(opened)
+            if self.server.stats:
+                self.server.stats.on_request("text")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("text request %d failed", rid)
+            await self.send(m.Error(getattr(exc, "code", "internal_error"), str(exc) or repr(exc), rid))
+            if self.server.stats:
+                self.server.stats.on_request("error")
+        finally:
+            self.pending.pop(rid, None)
 
     # ------------------------------------------------------------------ frames out
     async def send(self, msg: m.Message) -> None:

@@ -66,10 +66,15 @@ messages = st.one_of(
     st.builds(m.Error, code=text, message=text, request_id=st.none() | u63),
     st.builds(m.Open, request_id=u63, query=st.text(max_size=200), k=st.integers(1, 1000),
               max_tokens=st.integers(1, 1 << 20), seed=st.integers(-(2**63), 2**63 - 1), sampling=sampling,
-              mode=st.sampled_from(["dragon", "vdrag", "sw"]), aggregator=st.sampled_from(["device", "cloud"]),
+              mode=st.sampled_from(["dragon", "vdrag", "sw", "cloud", "text"]), aggregator=st.sampled_from(["device", "cloud"]),
               scheduling=st.booleans(), max_depth=st.integers(0, 64), dist_top_k=st.integers(0, 1000),
               retrieval=st.booleans()),
     st.builds(m.Opened, request_id=u63, sources=st.lists(text, max_size=5)),
+    st.lists(st.tuples(text, st.text(max_size=300), finite), max_size=5).flatmap(
+        lambda ps: st.builds(m.Opened, request_id=u63, sources=st.just([n for n, _, _ in ps]),
+                             passages=st.just([x for _, x, _ in ps]), scores=st.just([r for _, _, r in ps]))),
+    st.builds(m.Tokens, request_id=u63, step=small_nat, tokens=st.lists(st.integers(0, codec.MAX_VOCAB - 1),
+                                                                          min_size=1, max_size=8)),
     drafts(),
     st.builds(m.Target, request_id=u63, step=small_nat, token=small_nat, accepted=st.booleans(),
               recipient_epoch=small_nat, sender_epoch=small_nat, handover=st.booleans(),
@@ -85,7 +90,7 @@ msgpack_values = st.recursive(
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
     max_leaves=20,
 )
-TAGS = ["hello", "welcome", "ping", "pong", "error", "open", "opened", "draft", "target", "cancel"]
+TAGS = ["hello", "welcome", "ping", "pong", "error", "open", "opened", "draft", "target", "tokens", "cancel"]
 FIELDS = sorted({f for t in m.Message.__args__ + (m.WireDist, m.Sampling) for f in t.__struct_fields__})
 # dicts that look like messages: a real tag and real field names with arbitrary values
 tagged_dicts = st.builds(lambda tag, fields: {**fields, "type": tag}, st.sampled_from(TAGS),
@@ -216,6 +221,8 @@ def body(msg: m.Message, **changes) -> bytes:
 GOOD_OPEN = m.Open(1, "q", k=3, max_tokens=8, seed=0)
 GOOD_DRAFT = m.Draft(1, 0, 0, 0, codec.dist_to_wire(Dist.top_k(np.log([0.5, 0.3, 0.2]), 2)), -1.0, 2.0)
 GOOD_TARGET = m.Target(1, 0, 0, True, 0, 0)
+GOOD_OPENED = m.Opened(1, ["lyon.txt#0", "rome.txt#3"], ["Lyon is ...", "Rome is ..."], [0.61, 0.42])
+GOOD_TOKENS = m.Tokens(1, 4, [17, 2])
 
 
 @pytest.mark.parametrize("frame", [
@@ -230,6 +237,9 @@ GOOD_TARGET = m.Target(1, 0, 0, True, 0, 0)
     body(GOOD_TARGET, sender_decode_ms=math.inf), body(GOOD_TARGET, token=-1),
     body(m.Ping(1, 0.0), sent_at=math.nan), body(m.Pong(1, 0.0), nonce=-1),
     body(m.Welcome(1, "s", 1, 1, 1), max_frame_bytes=0), body(m.Error("c", "m", 3), request_id=-3),
+    body(GOOD_OPENED, scores=[0.61]), body(GOOD_OPENED, scores=[0.61, math.nan]), body(GOOD_OPENED, passages=[]),
+    body(GOOD_TOKENS, tokens=[]), body(GOOD_TOKENS, tokens=[3, -1]), body(GOOD_TOKENS, tokens=[codec.MAX_VOCAB]),
+    body(GOOD_TOKENS, step=-1),
 ])
 def test_semantic_bounds_are_enforced(frame):
     with pytest.raises(MalformedFrame):
@@ -237,8 +247,19 @@ def test_semantic_bounds_are_enforced(frame):
 
 
 def test_good_bodies_built_the_same_way_decode():
-    for msg in (GOOD_OPEN, GOOD_DRAFT, GOOD_TARGET):
+    for msg in (GOOD_OPEN, GOOD_DRAFT, GOOD_TARGET, GOOD_OPENED, GOOD_TOKENS):
         assert codec.decode(body(msg)) == msg
+
+
+def test_extended_opened_round_trips_and_old_opened_frames_still_decode():
+    """DRCG/Text: Opened carries the public passages' text and scores, bit for bit; an Opened
+    without them (the other modes, or an older cloud) decodes with both lists empty."""
+    back = codec.decode(codec.encode(GOOD_OPENED))
+    assert back == GOOD_OPENED and back.passages == ["Lyon is ...", "Rome is ..."] and back.scores == [0.61, 0.42]
+    old = codec.HEADER + msgspec.msgpack.encode(["opened", 7, ["a#1"]])  # array_like: tag, then fields
+    assert codec.decode(old) == m.Opened(7, ["a#1"]) and codec.decode(old).passages == []
+    assert codec.decode(codec.encode(m.Open(1, "q", 2, 8, 0, mode="text"))).mode == "text"
+    assert codec.decode(codec.encode(GOOD_TOKENS)) == GOOD_TOKENS
 
 
 # ------------------------------------------------------------------ malformed distributions

@@ -8,6 +8,9 @@ device runtime (llama.cpp, a private store) and the netem TCP proxy process betw
 * sampling: DRAGON's first token has the centralized distribution (binomial test, stated power);
 * privacy: every frame of the link is tapped; none carries a private passage's text, 8 of its
   consecutive tokens, its embedding, or a per-document distribution;
+* baselines over the same link: cloud-only equals the cloud's own solo decode (and the device
+  computes nothing until the cloud is lost); DRCG/Text equals centralized aggregation over the
+  private and the public passages on the device's engine, and only the query goes up;
 * faults: the link cut mid-answer -> a complete answer flagged degraded; the device gone ->
   the cloud frees the request's streams and KV reservation; the cloud killed -> degraded answer.
 """
@@ -126,7 +129,8 @@ def health(port: int) -> dict:
         return json.loads(r.read())
 
 
-async def ask(runtime, url: str | None, opts: AnswerOptions, frames: list | None = None, hook=None):
+async def ask(runtime, url: str | None, opts: AnswerOptions, frames: list | None = None, hook=None,
+              question: str = QUESTION):
     """One answer through the SDK runtime; returns (token ids, stats). ``hook`` runs once, after
     the second committed token (to inject a fault mid-answer)."""
     runtime.link = CloudLink(url, runtime.identity, TOKEN) if url else None
@@ -134,7 +138,7 @@ async def ask(runtime, url: str | None, opts: AnswerOptions, frames: list | None
         runtime.link.tap = lambda direction, frame: frames.append((direction, bytes(frame)))
     ids, stats = [], None
     try:
-        async for piece in runtime.answer(QUESTION, opts):
+        async for piece in runtime.answer(question, opts):
             ids.extend(piece.token_ids)
             stats = piece.finished or stats
             if hook is not None and len(ids) >= 2:
@@ -358,6 +362,162 @@ def test_metrics_endpoint_reports_requests_and_tokens(cloud):
         body = r.read().decode()
     assert "dragon_tokens_total" in body and "dragon_link_bytes_total" in body
     assert "dragon_open_streams" in body
+
+
+# ---------------------------------------------------------------------------- baselines
+async def cloud_solo(runtime, index, reference_engine, opts: AnswerOptions) -> list[int]:
+    """The cloud decoding alone over its public passages: a solo cloud ``Session`` (what the
+    cloud's OpenAI routes run) on the reference vLLM engine with the server's settings."""
+    from dragon_core.aggregate import log_mass
+    from dragon_core.driver import SessionDriver
+
+    pub = index.search(QUESTION, opts.cloud_k)
+    prompts, scores = passage_prompts(runtime.tokenizer, QUESTION, [p.text for p in pub], [p.score for p in pub])
+    config = s.SessionConfig(request_id=0, max_tokens=opts.max_tokens, seed=opts.seed, eos_ids=runtime.eos_ids,
+                             sampling=m.Sampling(opts.greedy, opts.temperature, opts.top_k, opts.top_p),
+                             aggregator="cloud", scheduling=False, dist_top_k=opts.dist_top_k)
+    session = s.Session("cloud", config, log_mass(scores), solo=True)
+    group = await reference_engine.open_group(prompts, 1.0 if opts.greedy else opts.temperature)
+    tokens: list[int] = []
+
+    async def no_send(msg):
+        raise AssertionError("a solo session sends nothing")
+
+    try:
+        await SessionDriver(session, group, scores, no_send, on_commit=tokens.extend).run()
+    finally:
+        await group.close()
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def cloud_only_reference(loop, runtime, world, reference_engine):
+    return run(loop, cloud_solo(runtime, world[1], reference_engine, options()))
+
+
+class EngineSpy:
+    """Counts the device engine's group openings (each one is a prefill)."""
+
+    def __init__(self, runtime) -> None:
+        self.runtime, self.opened = runtime, 0
+
+    def __enter__(self) -> "EngineSpy":
+        real = self.real = self.runtime.engine.open_group
+
+        async def open_group(prompts, temperature=1.0):
+            self.opened += 1
+            return await real(prompts, temperature)
+
+        self.runtime.engine.open_group = open_group
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.runtime.engine.open_group = self.real
+
+
+@pytest.mark.parametrize("rtt", [0, 50])
+def test_baseline_cloud_only_equals_the_clouds_solo_decode(loop, runtime, proxies, cloud_only_reference,
+                                                           greedy_reference, openai_client, rtt):
+    frames: list[tuple[str, bytes]] = []
+    with EngineSpy(runtime) as spy:
+        ids, stats = run(loop, ask(runtime, proxies[rtt], options(mode="cloud"), frames))
+    assert ids == cloud_only_reference, f"cloud-only at RTT {rtt} ms diverged"
+    assert ids != greedy_reference  # without the private note the answer differs: the check can fail
+    assert stats.mode == "cloud" and not stats.degraded and not stats.device_only
+    assert stats.aggregator_steps == {"cloud": len(ids)} and stats.acceptance_cloud is None
+    assert spy.opened == 0  # the device prefilled nothing and decoded nothing
+    assert all(src.side == "cloud" for src in stats.sources) and stats.sources
+    up = [codec.decode(f) for d, f in frames if d == "up"]
+    assert all(isinstance(x, (m.Hello, m.Open, m.Ping, m.Pong)) for x in up)
+    down = [codec.decode(f) for d, f in frames if d == "down"]
+    assert [t for x in down if isinstance(x, m.Tokens) for t in x.tokens] == ids
+    # the cloud's OpenAI route runs the same solo decode: same text
+    chat = openai_client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": QUESTION}],
+                                                 max_tokens=MAX_TOKENS, temperature=0, extra_body={"k": 2})
+    assert chat.choices[0].message.content == runtime.tokenizer.decode(
+        [t for t in ids if t not in runtime.eos_ids], skip_special_tokens=True)
+
+
+def test_baseline_cloud_only_link_cut_device_finishes_from_the_committed_tokens(loop, runtime, cloud,
+                                                                                cloud_only_reference):
+    port, _ = cloud
+    proc, pport = spawn_proxy(("127.0.0.1", port), up=Shape(latency_ms=25), down=Shape(latency_ms=25))
+    try:
+        with EngineSpy(runtime) as spy:
+            ids, stats = run(loop, ask(runtime, f"http://127.0.0.1:{pport}", options(mode="cloud", max_tokens=40),
+                                       hook=lambda: cut_proxy(proc)))
+    finally:
+        stop_proxy(proc)
+    n_cloud = stats.aggregator_steps.get("cloud", 0)
+    assert stats.degraded and stats.finish_reason in ("eos", "length") and stats.mode == "cloud"
+    assert n_cloud >= 2 and stats.aggregator_steps.get("device", 0) >= 1
+    assert ids[:n_cloud] == cloud_only_reference[:n_cloud]  # the cloud's tokens, then the device alone
+    assert spy.opened == 1  # the private prompts were prefilled once, when the cloud was lost
+    assert any(src.side == "device" for src in stats.sources)
+
+
+async def drcg_reference(runtime, index, opts: AnswerOptions, question: str) -> list[int]:
+    """Centralized output aggregation over (private passages, public passages), both decoded by
+    the device's own llama.cpp engine: what DRCG/Text computes in one context."""
+    dev = runtime.private_passages(question, opts.k)
+    pub = index.search(question, opts.cloud_k)
+    dp, ds = passage_prompts(runtime.tokenizer, question, [p.text for p in dev], [p.score for p in dev])
+    pp, ps = passage_prompts(runtime.tokenizer, question, [p.text for p in pub], [p.score for p in pub])
+    g_dev, g_pub = await runtime.engine.open_group(dp), await runtime.engine.open_group(pp)
+    config = s.SessionConfig(request_id=0, max_tokens=opts.max_tokens, seed=opts.seed, eos_ids=runtime.eos_ids,
+                             dist_top_k=0)
+    try:
+        return await centralized_generate(config, [(g_dev, ds), (g_pub, ps)])
+    finally:
+        await g_dev.close()
+        await g_pub.close()
+
+
+# The private note dominates the first question (its score is ~3.7 above Lyon's, so the public
+# passages weigh ~2% and DRCG/Text answers as device-only does); the second needs the public text.
+PUBLIC_QUESTION = "What is Lyon famous for?"
+
+
+@pytest.mark.parametrize("question", [QUESTION, PUBLIC_QUESTION], ids=["private-note", "public-fact"])
+def test_baseline_text_equals_centralized_on_the_device_and_sends_only_the_query(loop, runtime, world, proxies,
+                                                                                 question):
+    _, index, store = world
+    frames: list[tuple[str, bytes]] = []
+    with EngineSpy(runtime) as spy:
+        ids, stats = run(loop, ask(runtime, proxies[50], options(mode="text"), frames, question=question))
+    want = run(loop, drcg_reference(runtime, index, options(), question))
+    assert ids == want
+    assert stats.mode == "text" and not stats.degraded and not stats.device_only and spy.opened == 1
+    if question == PUBLIC_QUESTION:  # the public passages change the answer: the check can fail
+        alone, _ = run(loop, ask(runtime, None, options(), question=question))
+        assert ids != alone
+    public = index.search(question, 2)
+    assert [(x.text, x.score) for x in stats.sources if x.side == "cloud"] == [(p.text, float(p.score)) for p in public]
+    # the device -> cloud direction: the handshake, pings and one Open with the query, nothing else
+    up = [codec.decode(f) for d, f in frames if d == "up"]
+    opens = [x for x in up if isinstance(x, m.Open)]
+    assert all(isinstance(x, (m.Hello, m.Open, m.Ping, m.Pong)) for x in up)
+    assert len(opens) == 1 and opens[0].query == question and opens[0].mode == "text"
+    wire_up = b"".join(f for d, f in frames if d == "up")
+    for p in store.search(question, 2):
+        words = p.text.split()
+        assert all(" ".join(words[i:i + 4]).encode() not in wire_up for i in range(len(words) - 3))
+    # the cloud -> device direction: the public passages' text
+    opened = [x for x in (codec.decode(f) for d, f in frames if d == "down") if isinstance(x, m.Opened)]
+    assert len(opened) == 1 and opened[0].passages == [p.text for p in public]
+    assert not any(isinstance(codec.decode(f), (m.Draft, m.Target, m.Tokens)) for _, f in frames)
+
+
+def test_baseline_device_mode_is_device_only_and_unknown_modes_are_typed(loop, runtime, proxies):
+    from dragon_edge.baselines import UnknownMode
+
+    frames: list[tuple[str, bytes]] = []
+    ids, stats = run(loop, ask(runtime, proxies[0], options(mode="device"), frames))
+    alone, alone_stats = run(loop, ask(runtime, None, options()))
+    assert ids == alone and stats.device_only and stats.mode == "device" and not stats.degraded
+    assert not [f for d, f in frames if d == "up" and isinstance(codec.decode(f), m.Open)]
+    with pytest.raises(UnknownMode, match="vdrag"):
+        run(loop, ask(runtime, proxies[0], options(mode="drcg")))
 
 
 # ---------------------------------------------------------------------------- faults

@@ -17,9 +17,10 @@ from dragon_core.aggregate import log_mass
 from dragon_core.driver import SessionDriver
 from dragon_core.errors import HandshakeError
 from dragon_core.handshake import Identity
-from dragon_core.netsim import centralized_decode
+from dragon_core.netsim import centralized_decode, solo_decode
 from dragon_edge.demo import free_port
-from dragon_edge.link import CloudLink, LinkOptions, LinkUnavailable
+from dragon_edge.baselines import LazyGroup
+from dragon_edge.link import CloudLink, CloudRefused, LinkOptions, LinkUnavailable
 from dragon_vllm.link import LINK_PATH, LinkLimits, LinkServer, OpenedRequest
 
 from fakes import EOS, ListStreams, side_spec
@@ -42,6 +43,13 @@ class FakeBackend:
         group = ListStreams(CLOUD_DOCS, self.world, self.delay_s)
         self.groups.append(group)
         return OpenedRequest(group, CLOUD_SCORES, [f"public-{d}" for d in CLOUD_DOCS])
+
+    async def public_passages(self, req: m.Open) -> m.Opened:
+        if req.query == "fail":
+            raise RuntimeError("index offline")
+        docs = CLOUD_DOCS[:req.k]
+        return m.Opened(req.request_id, [f"public-{d}" for d in docs], [f"text of {d}" for d in docs],
+                        CLOUD_SCORES[:req.k])
 
 
 @contextlib.asynccontextmanager
@@ -230,5 +238,92 @@ def test_device_disconnect_frees_the_cloud_streams():
             assert backend.groups[0].closed and server.active_requests == 0
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------- baselines
+class CountingEngine:
+    """Opens ListStreams over the device's documents and counts what it computes."""
+
+    vocab_size = 30
+
+    def __init__(self, delay_s: float = 0.004) -> None:
+        self.delay_s, self.groups = delay_s, []
+
+    async def open_group(self, prompts, temperature=1.0):
+        self.groups.append(ListStreams(DEV_DOCS, 0, self.delay_s))
+        return self.groups[-1]
+
+
+async def ask_cloud_only(link: CloudLink, engine: CountingEngine, max_tokens: int):
+    rid = link.new_request_id()
+    open_msg = m.Open(rid, "what?", k=len(CLOUD_DOCS), max_tokens=max_tokens, seed=0, mode="cloud")
+    session = s.Session("device", s.SessionConfig.from_open(open_msg, [EOS]), log_mass(DEV_SCORES))
+    tokens: list[int] = []
+
+    async def send(msg):
+        await link.send(msg)
+
+    group = LazyGroup(engine, [[1], [2]], 1.0)
+    driver = SessionDriver(session, group, DEV_SCORES, send, tokens.extend)
+    await link.open(open_msg, driver)
+    try:
+        return tokens, await asyncio.wait_for(driver.run(), 30), session
+    finally:
+        link.release(rid)
+        await group.close()
+
+
+def test_cloud_only_streams_the_clouds_solo_decode_and_the_device_computes_nothing():
+    async def main():
+        backend, engine = FakeBackend(), CountingEngine()
+        async with cloud_server(backend) as (server, url):
+            async with CloudLink(url, IDENTITY, TOKEN) as link:
+                tokens, finish, session = await ask_cloud_only(link, engine, 18)
+        config = s.SessionConfig(request_id=0, max_tokens=18, seed=0, eos_ids=frozenset({EOS}), mode="cloud")
+        assert tokens == solo_decode(config, side_spec(CLOUD_DOCS, CLOUD_SCORES, 0), "cloud")
+        assert tokens != solo_decode(config, side_spec(DEV_DOCS, DEV_SCORES, 0), "device")
+        assert not finish.degraded and engine.groups == []  # never prefilled, never decoded
+        assert session.stats.aggregator_by_step == ["cloud"] * len(tokens)
+
+    asyncio.run(main())
+
+
+def test_cloud_only_cloud_lost_device_finishes_from_the_committed_tokens():
+    async def main():
+        backend, engine = FakeBackend(delay_s=0.02), CountingEngine(delay_s=0.005)
+        async with cloud_server(backend) as (server, url):
+            async with CloudLink(url, IDENTITY, TOKEN) as link:
+                task = asyncio.create_task(ask_cloud_only(link, engine, 40))
+                await asyncio.sleep(0.15)
+                await server.close_all()  # the cloud goes away mid-answer
+                tokens, finish, session = await task
+        config = s.SessionConfig(request_id=0, max_tokens=40, seed=0, eos_ids=frozenset({EOS}), mode="cloud")
+        by_step = session.stats.aggregator_by_step
+        cut = by_step.count("cloud")
+        assert finish.degraded and finish.reason in ("eos", "length") and 0 < cut < len(tokens)
+        assert by_step == ["cloud"] * cut + ["device"] * (len(tokens) - cut)
+        assert tokens[:cut] == solo_decode(config, side_spec(CLOUD_DOCS, CLOUD_SCORES, 0), "cloud")[:cut]
+        assert tokens == solo_decode(config, side_spec(DEV_DOCS, DEV_SCORES, 0), "device", tuple(tokens[:cut]))
+        assert len(engine.groups) == 1 and engine.groups[0].tokens == tokens[:-1]  # prefilled once, on the loss
+
+    asyncio.run(main())
+
+
+def test_text_mode_returns_public_passages_and_opens_no_streams():
+    async def main():
+        backend = FakeBackend()
+        async with cloud_server(backend) as (server, url):
+            async with CloudLink(url, IDENTITY, TOKEN) as link:
+                opened = await link.fetch_passages(m.Open(link.new_request_id(), "what?", 2, 8, 0, mode="text"), 5)
+                with pytest.raises(CloudRefused, match="index offline"):
+                    await link.fetch_passages(m.Open(link.new_request_id(), "fail", 2, 8, 0, mode="text"), 5)
+                tokens, finish, _ = await ask(link, dict(max_tokens=10))  # the connection still serves
+            assert tokens == central(0, 10) and not finish.degraded
+            assert opened.sources == ["public-3", "public-4"] and opened.passages == ["text of 3", "text of 4"]
+            assert opened.scores == CLOUD_SCORES[:2]
+            assert len(backend.groups) == 1  # only the DRAGON request opened streams
+            assert server.active_requests == 0
 
     asyncio.run(main())
