@@ -102,3 +102,24 @@ def test_cli_errors_are_clear(tmp_path):
     missing = _cli("search", "x", "--store", str(tmp_path / "nope"))
     assert missing.returncode != 0
     assert "nope" in (missing.stderr + missing.stdout)
+
+
+def test_modes_pass_through_the_sdk_and_the_cli_and_unknown_ones_are_typed(store_dir):
+    import json
+
+    from dragon_edge.baselines import ANSWER_MODES, UnknownMode
+    from dragon_edge.sdk import _options
+
+    for mode in ANSWER_MODES:
+        assert _options(None, None, None, None, {"mode": mode}).mode == mode
+    with pytest.raises(UnknownMode, match="dragon | vdrag | sw | cloud | text | device"):
+        _options(None, None, None, None, {"mode": "drcg"})
+    help_ = _cli("ask", "--help")
+    assert all(word in help_.stdout for word in ("cloud-only", "DRCG/Text", "device-only"))
+    bad = _cli("ask", "x", "--mode", "drcg", "--store", str(store_dir))
+    assert bad.returncode != 0 and "unknown mode 'drcg'" in bad.stdout + bad.stderr
+    ans = _cli("ask", "What is the home wifi password?", "--store", str(store_dir), "-n", "8", "--mode", "device",
+               "--json")
+    assert ans.returncode == 0, ans.stderr
+    stats = json.loads(ans.stdout)["dragon"]
+    assert stats["mode"] == "device" and stats["device_only"] and not stats["degraded"]
