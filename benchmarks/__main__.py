@@ -8,7 +8,8 @@ numbers come from ``benchmarks/gpu_run.sh`` on the lent H100 (see README).
 import importlib
 import sys
 
-BENCHMARKS = ["bench_scheduling_sim", "bench_llamacpp_streams", "bench_vllm_streams", "bench_e2e"]
+BENCHMARKS = ["bench_scheduling_sim", "bench_llamacpp_streams", "bench_vllm_streams", "bench_e2e",
+              "bench_baselines"]
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or BENCHMARKS

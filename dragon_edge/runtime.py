@@ -61,7 +61,7 @@ class Source:
 
 @dataclass
 class AnswerStats:
-    mode: str = ""  # the mode asked for; ``degraded`` says whether it had to finish on the device
+    mode: str = ""  # the mode that ran ("device" when use_cloud=False); ``degraded``: it had to finish on the device
     tokens: int = 0
     degraded: bool = False
     finish_reason: str = ""
@@ -122,7 +122,7 @@ class EdgeRuntime:
         passages = self.private_passages(query, opts.k)
         prompts, scores = passage_prompts(self.tokenizer, query, [p.text for p in passages],
                                           [p.score for p in passages])
-        stats = AnswerStats(mode=opts.mode,
+        stats = AnswerStats(mode=opts.mode if opts.use_cloud else "device",  # what runs, as asked
                             sources=[Source("device", p.source, float(p.score), p.text) for p in passages])
         link = self.link if opts.use_cloud and opts.mode != "device" else None
         degraded = False
