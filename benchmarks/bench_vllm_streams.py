@@ -1,15 +1,15 @@
 """Cloud decode throughput: R concurrent requests x k document streams on one vLLM engine.
 
-Each request is a lockstep group (``dragon_vllm.engine``): every step appends the uniform
-mixture's greedy token to its k streams and reads back k top-K distributions, i.e. the cloud's
-work per DRAGON token without the network. Reported per concurrency level:
+Each request is a lockstep group (``dragon_vllm.engine``): every step reads back k top-K
+distributions, mixes them into the side's canonical top-32 ``Dist`` as the controller does, and
+appends its greedy token to the k streams, i.e. the cloud's work per DRAGON token without the
+network. Reported per concurrency level:
 
 * ``tokens_per_s``: answer tokens per second over all requests (one token = one group step);
 * ``stream_tokens_per_s``: the same times k (positions decoded by vLLM);
 * ``ms_per_step``: mean wall time of one group step;
-* ``dense_mixture_ms``: what the controller adds per group step when it mixes the k top-K
-  ``Dist`` s densely over the whole vocabulary (``dragon_core.aggregate.side_mixture``); the
-  decode loop itself picks the token from the listed ids only, so the engine is what is timed;
+* ``tokens_per_s_dense_mixture``: the same run with the old dense mixture (49k-wide rows);
+* ``sparse_mixture_ms`` / ``dense_mixture_ms``: the controller's mixing time per group step;
 * ``plain_stream_tokens_per_s``: plain vLLM decoding of the same R*k prompts (one request
   each, ``max_tokens=steps``, no sessions) — the ceiling the session path is compared with.
 
@@ -66,28 +66,31 @@ def build_prompts(tok, passages: list[str], requests: int, k: int, block: int) -
                              block_size=block) for j in range(k)] for r in range(requests)]
 
 
-def listed_argmax(dists) -> int:
-    """Greedy token of the uniform mixture restricted to the listed ids (cheap; the benchmark
-    times the engine, ``dense_mixture_ms`` the controller's full-vocabulary mixing)."""
-    ids = np.concatenate([d.ids for d in dists])
-    probs = np.concatenate([np.exp(d.logprobs.astype(np.float64)) for d in dists])
-    uniq, inverse = np.unique(ids, return_inverse=True)
-    return int(uniq[np.argmax(np.bincount(inverse, weights=probs))])
-
-
-def dense_mixture_ms(dists, repeat: int = 20) -> float:
-    from dragon_core.aggregate import side_mixture
+def controller_token(dists, how: str) -> int:
+    """What the cloud's controller does per group step: mix the k top-K distributions into the
+    side's canonical top-32 ``Dist`` (uniform scores) and take its greedy token. ``sparse`` is
+    the production path (``canonical_side_dist``: union of listed ids); ``dense`` mixes 49k-wide
+    rows, as before it."""
+    from dragon_core.aggregate import canonical_side_dist, side_mixture, stack_logprobs
     from dragon_core.dist import Dist
-    from dragon_core.engine import stack_logprobs
+
+    scores = np.zeros(len(dists))
+    if how == "sparse":
+        return canonical_side_dist(dists, scores, 32).argmax()
+    return Dist.top_k(side_mixture(stack_logprobs(dists), scores)[0], 32).argmax()
+
+
+def mixture_ms(dists, how: str, repeat: int = 20) -> float:
+    from dragon_core.dist import Dist
 
     t0 = time.perf_counter()
     for _ in range(repeat):
         fresh = [Dist.from_top_k(d.vocab_size, d.ids, d.logprobs) for d in dists]  # no cached probs
-        side_mixture(stack_logprobs(fresh), np.zeros(len(fresh)))
+        controller_token(fresh, how)
     return 1e3 * (time.perf_counter() - t0) / repeat
 
 
-async def run_group(engine, prompts: list[list[int]], steps: int, step_times: list[float],
+async def run_group(engine, prompts: list[list[int]], steps: int, step_times: list[float], how: str,
                     last: list | None = None) -> int:
     group = await engine.open_group(prompts, temperature=1.0)
     try:
@@ -95,7 +98,7 @@ async def run_group(engine, prompts: list[list[int]], steps: int, step_times: li
         for _ in range(steps):
             t0 = time.perf_counter()
             dists = await group.advance(token)
-            token = [listed_argmax(dists)]
+            token = [controller_token(dists, how)]
             step_times.append(time.perf_counter() - t0)
         if last is not None:
             last.append(dists)
@@ -104,23 +107,29 @@ async def run_group(engine, prompts: list[list[int]], steps: int, step_times: li
         await group.close()
 
 
+async def sessions(engine, prompts, steps: int, how: str) -> tuple[float, list[float]]:
+    step_times: list[float] = []
+    t0 = time.perf_counter()
+    done = await asyncio.gather(*(run_group(engine, p, steps, step_times, how) for p in prompts))
+    return sum(done) / (time.perf_counter() - t0), step_times
+
+
 async def level(engine, tok, passages, requests: int, k: int, steps: int) -> dict:
     prompts = build_prompts(tok, passages, requests, k, engine.block_size)
     last: list = []
-    await asyncio.gather(*(run_group(engine, p, 2, [], last) for p in prompts))  # warm: prefill + prefix cache
-    step_times: list[float] = []
-    t0 = time.perf_counter()
-    done = await asyncio.gather(*(run_group(engine, p, steps, step_times) for p in prompts))
-    wall = time.perf_counter() - t0
-    tokens = sum(done)
+    await asyncio.gather(*(run_group(engine, p, 2, [], "sparse", last) for p in prompts))  # warm: prefill + prefix cache
+    tps, step_times = await sessions(engine, prompts, steps, "sparse")
+    tps_dense, _ = await sessions(engine, prompts, steps, "dense")
     plain = await plain_decode(engine, [p for group in prompts for p in group], steps)
-    return dict(requests=requests, k=k, steps=steps, wall_s=round(wall, 3),
-                tokens_per_s=round(tokens / wall, 2), stream_tokens_per_s=round(tokens * k / wall, 2),
+    return dict(requests=requests, k=k, steps=steps,
+                tokens_per_s=round(tps, 2), stream_tokens_per_s=round(tps * k, 2),
+                tokens_per_s_dense_mixture=round(tps_dense, 2),
                 ms_per_step=round(1e3 * float(np.mean(step_times)), 2),
                 ms_per_step_p90=round(1e3 * float(np.percentile(step_times, 90)), 2),
-                dense_mixture_ms=round(dense_mixture_ms(last[0]), 3),
+                sparse_mixture_ms=round(mixture_ms(last[0], "sparse"), 3),
+                dense_mixture_ms=round(mixture_ms(last[0], "dense"), 3),
                 plain_stream_tokens_per_s=round(plain, 2),
-                session_slowdown=round(plain / (tokens * k / wall), 2))
+                session_slowdown=round(plain / (tps * k), 2))
 
 
 async def plain_decode(engine, prompts: list[list[int]], steps: int) -> float:

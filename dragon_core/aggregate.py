@@ -80,7 +80,60 @@ def _logsumexp_rows(x: np.ndarray) -> np.ndarray:
         return m_safe + np.log(np.exp(x - m_safe).sum(axis=0))
 
 
-def canonical_side_dist(doc_logprobs: np.ndarray, scores: Sequence[float], top_k: int = 0) -> Dist:
-    """The ``Dist`` a side drafts from and sends: its mixture, full or top-K (see dist.py)."""
-    mixed, _ = side_mixture(doc_logprobs, scores)
+def canonical_side_dist(doc_dists: Sequence[Dist], scores: Sequence[float], top_k: int = 0) -> Dist:
+    """The ``Dist`` a side drafts from and sends: the mixture of its per-document
+    distributions, full or top-K (see dist.py).
+
+    When every document's distribution is itself top-K (vLLM's logprobs) and the result is
+    top-K, the mixture is computed on the union of the listed ids only: an id no document
+    lists has the same probability ``Σ w_d · fill_d`` everywhere, so one number stands for
+    the other ~49k. Same values as the dense path up to float64 rounding, in ~1/50 of the time;
+    the rule depends only on the inputs, so every caller (driver, centralized reference) that
+    gets the same distributions gets the same ``Dist``.
+    """
+    if top_k and all(d.ids is not None for d in doc_dists):
+        return _sparse_top_k(doc_dists, scores, top_k)
+    mixed, _ = side_mixture(stack_logprobs(doc_dists), scores)
     return Dist.top_k(mixed, top_k) if top_k else Dist.full(mixed)
+
+
+def stack_logprobs(dists: Sequence[Dist]) -> np.ndarray:
+    """(k, V) float64 log-prob matrix of per-document distributions (dense)."""
+    with np.errstate(divide="ignore"):
+        return np.log(np.stack([d.probs() for d in dists]))
+
+
+def _sparse_top_k(doc_dists: Sequence[Dist], scores: Sequence[float], top_k: int) -> Dist:
+    vocab = doc_dists[0].vocab_size
+    if any(d.vocab_size != vocab for d in doc_dists) or len(doc_dists) != len(scores) or not doc_dists:
+        raise ValueError(f"{len(doc_dists)} document distributions, {len(scores)} scores, or mixed vocabularies")
+    r = np.asarray(scores, dtype=np.float64)
+    w = np.exp(r - _logsumexp(r))
+    union = np.unique(np.concatenate([d.ids for d in doc_dists]))
+    mixed = np.zeros(union.size)
+    outside = 0.0  # probability of any id that no document lists
+    for wd, d in zip(w, doc_dists):
+        listed = np.exp(d.logprobs.astype(np.float64))
+        unseen = vocab - d.ids.size
+        fill = d.tail_mass / unseen if unseen > 0 else 0.0
+        row = np.full(union.size, fill)
+        row[np.searchsorted(union, d.ids)] = listed / max(1.0, listed.sum())
+        mixed += wd * row
+        outside += wd * fill
+    # candidates: the union plus the smallest unlisted ids (ties go to the smallest id, as in
+    # Dist.top_k), enough to fill top_k whatever ``outside`` is
+    n_out = min(top_k, vocab - union.size)
+    extra = _smallest_ids_not_in(union, n_out)
+    ids = np.concatenate([union, extra])
+    probs = np.concatenate([mixed, np.full(extra.size, outside)])
+    total = mixed.sum() + outside * (vocab - union.size)
+    with np.errstate(divide="ignore"):
+        lp = np.log(probs) - math.log(total)
+    order = np.lexsort((ids, -lp))[:min(top_k, vocab)]
+    return Dist.from_top_k(vocab, ids[order], lp[order])
+
+
+def _smallest_ids_not_in(sorted_ids: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` smallest non-negative integers missing from ``sorted_ids`` (sorted, unique)."""
+    candidates = np.arange(sorted_ids.size + n, dtype=sorted_ids.dtype)
+    return candidates[~np.isin(candidates, sorted_ids)][:n]

@@ -99,12 +99,30 @@ class Dist:
 
     def argmax(self) -> int:
         """Most likely id; ties go to the smallest id (same rule everywhere)."""
-        return int(np.argmax(self.probs()))
+        if self.ids is None or self._probs is not None:
+            return int(np.argmax(self.probs()))
+        # top-K without the dense vector: the same numbers probs() would hold, compared the same way
+        listed = np.exp(self.logprobs.astype(np.float64))
+        listed = listed / max(1.0, listed.sum())
+        unseen = self.vocab_size - self.ids.size
+        fill = self.tail_mass / unseen if unseen > 0 else 0.0
+        best = listed.max()
+        candidates = [int(self.ids[listed == best].min())] if best >= fill else []
+        if unseen > 0 and fill >= best:
+            candidates.append(_smallest_missing(self.ids))
+        return min(candidates)
 
     def nbytes(self) -> int:
         """Payload size of the distribution itself (without framing)."""
         size = self.logprobs.nbytes + 8
         return size + (self.ids.nbytes if self.ids is not None else 0)
+
+
+def _smallest_missing(ids: np.ndarray) -> int:
+    """The smallest non-negative integer not in ``ids`` (unique)."""
+    present = np.zeros(ids.size + 1, dtype=bool)
+    present[ids[ids <= ids.size]] = True
+    return int(np.argmin(present))
 
 
 def _validate_top_k(vocab_size: int, ids: np.ndarray, lp16: np.ndarray) -> None:

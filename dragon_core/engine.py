@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence, runtime_checkable
 
-import numpy as np
 
 from dragon_core.dist import Dist
 
@@ -58,9 +57,3 @@ class Engine(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-def stack_logprobs(dists: Sequence[Dist]) -> np.ndarray:
-    """(k, V) float64 log-prob matrix of per-stream distributions (dense)."""
-    with np.errstate(divide="ignore"):
-        return np.log(np.stack([d.probs() for d in dists]))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dragon_core.aggregate import cross_side_weights, side_mixture, target_probs, transform
+from dragon_core.aggregate import canonical_side_dist, cross_side_weights, side_mixture, stack_logprobs, target_probs, transform
 from dragon_core.dist import Dist
 from dragon_core.messages import Sampling
 from dragon_core.speculative import draft, verify
@@ -123,3 +123,46 @@ def test_sampling_reproduces_the_target_distribution(sampling):
     chi2, pval = stats.chisquare(counts[support], q[support] * N_DRAWS)
     assert pval > ALPHA, f"χ²={chi2:.1f}, p={pval:.2e}"
     assert 0 < accepted < N_DRAWS  # both accept and reject paths ran
+
+
+def _dense_canonical(dists, scores, top_k):
+    return Dist.top_k(side_mixture(stack_logprobs(dists), scores)[0], top_k)
+
+
+@pytest.mark.parametrize("case", range(300))
+def test_sparse_mixture_of_top_k_documents_equals_the_dense_one(case):
+    """vLLM gives each document a top-20 distribution; the side mixes them on the union of the
+    listed ids only. Same ids, same fp16 log-probs and tail as mixing dense 49k-wide rows —
+    including flat documents whose unlisted ids beat listed ones, ties at the cut, and
+    overlapping lists."""
+    rng = np.random.default_rng(case)
+    vocab = int(rng.choice([30, 64, 49152]))
+    k_docs, listed, top_k = int(rng.integers(1, 5)), int(rng.integers(1, 21)), int(rng.choice([1, 8, 32]))
+    dists = []
+    for _ in range(k_docs):
+        logits = rng.normal(size=vocab) * float(rng.choice([0.01, 1.0, 4.0]))
+        if case % 7 == 0:
+            logits = np.round(logits)  # ties
+        lp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+        ids = rng.choice(vocab, size=min(listed, vocab), replace=False)
+        dists.append(Dist.from_top_k(vocab, ids, lp[ids]))
+    scores = rng.normal(size=k_docs) * 3
+    sparse, dense = canonical_side_dist(dists, scores, top_k), _dense_canonical(dists, scores, top_k)
+    assert np.array_equal(sparse.ids, dense.ids), case
+    np.testing.assert_array_equal(sparse.logprobs, dense.logprobs)
+    assert abs(sparse.tail_mass - dense.tail_mass) < 1e-12
+
+
+@pytest.mark.parametrize("case", range(200))
+def test_top_k_argmax_without_the_dense_vector_equals_the_dense_argmax(case):
+    rng = np.random.default_rng(1000 + case)
+    vocab = int(rng.choice([5, 40, 49152]))
+    n = int(rng.integers(1, min(vocab, 20) + 1))
+    ids = rng.choice(vocab, size=n, replace=False) if case % 3 else np.arange(n)  # some lists start at id 0
+    with np.errstate(divide="ignore"):  # a Dirichlet draw can hold exact zeros: impossible ids
+        lp = np.log(rng.dirichlet(np.full(n, float(rng.choice([0.05, 1.0, 50.0])))) * float(rng.choice([0.01, 0.5, 1.0])))
+    if case % 5 == 0:
+        lp[:] = lp[0]  # ties among listed ids
+    d = Dist.from_top_k(vocab, ids, lp)
+    dense = int(np.argmax(Dist(d.vocab_size, d.logprobs, d.ids, d.tail_mass).probs()))
+    assert d.argmax() == dense

@@ -26,7 +26,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from dragon_core.aggregate import side_mixture  # noqa: E402
-from dragon_core.engine import Engine, StreamGroup, stack_logprobs  # noqa: E402
+from dragon_core.aggregate import stack_logprobs  # noqa: E402
+from dragon_core.engine import Engine, StreamGroup  # noqa: E402
 from dragon_core.prompt import document_prompt, document_segments  # noqa: E402
 from dragon_vllm.admission import Overloaded  # noqa: E402
 from dragon_vllm.engine import make_engine  # noqa: E402
