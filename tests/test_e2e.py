@@ -33,7 +33,6 @@ from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core.aggregate import canonical_side_dist, cross_side_weights, target_probs, transform
 from dragon_core.driver import centralized_generate
-from dragon_core.engine import stack_logprobs
 from dragon_core.prompt import passage_prompts
 from dragon_edge.demo import PRIVATE_NOTES, PUBLIC_CORPUS, free_port, start_cloud, stop, wait_healthy
 from dragon_edge.link import CloudLink
@@ -240,8 +239,8 @@ def _first_token_law(loop, runtime, world, reference_engine, opts: AnswerOptions
         g_dev = await runtime.engine.open_group(dp, opts.temperature)
         g_pub = await reference_engine.open_group(pp, opts.temperature)
         try:
-            p_dev = canonical_side_dist(stack_logprobs(await g_dev.next_dists()), ds)
-            p_pub = canonical_side_dist(stack_logprobs(await g_pub.next_dists()), ps)
+            p_dev = canonical_side_dist(await g_dev.next_dists(), ds)
+            p_pub = canonical_side_dist(await g_pub.next_dists(), ps)
         finally:
             await g_dev.close()
             await g_pub.close()
