@@ -195,7 +195,9 @@ class EdgeRuntime:
         self._fill_stats(stats, session, finish)
         if mode == "cloud" and not stats.degraded:  # the private passages were never used
             stats.sources = [src for src in stats.sources if src.side == "cloud"]
-        if link is not None and not stats.degraded and (prior := session.scheduler.estimates.prior("device")):
+        # only modes where both sides draft measure what the scheduler needs (cloud-only and text don't)
+        if link is not None and mode in ("dragon", "vdrag", "sw") and not stats.degraded \
+                and (prior := session.scheduler.estimates.prior("device")):
             self.priors[link.url] = prior
         yield Piece(decoded.text()[len(emitted):], (), finished=stats)
 

@@ -42,6 +42,9 @@ pytestmark = pytest.mark.slow
 
 TOKEN = "e2e-token"
 QUESTION = "Where does my sister Lena live, and what is that city famous for?"
+# The private note dominates the first question (its score is ~3.7 above Lyon's, so the public
+# passages weigh ~2% and DRCG/Text answers as device-only does); the second needs the public text.
+PUBLIC_QUESTION = "What is Lyon famous for?"
 MAX_TOKENS = 20
 
 
@@ -155,13 +158,13 @@ def options(**kw) -> AnswerOptions:
     return AnswerOptions(**base)
 
 
-async def reference(runtime, index, reference_engine, opts: AnswerOptions) -> list[int]:
+async def reference(runtime, index, reference_engine, opts: AnswerOptions, question: str = QUESTION) -> list[int]:
     """Centralized output aggregation over the union of both sides' documents."""
-    dev = runtime.private_passages(QUESTION, opts.k)
-    pub = index.search(QUESTION, opts.cloud_k)
-    dev_prompts, dev_scores = passage_prompts(runtime.tokenizer, QUESTION, [p.text for p in dev],
+    dev = runtime.private_passages(question, opts.k)
+    pub = index.search(question, opts.cloud_k)
+    dev_prompts, dev_scores = passage_prompts(runtime.tokenizer, question, [p.text for p in dev],
                                               [p.score for p in dev])
-    pub_prompts, pub_scores = passage_prompts(runtime.tokenizer, QUESTION, [p.text for p in pub],
+    pub_prompts, pub_scores = passage_prompts(runtime.tokenizer, question, [p.text for p in pub],
                                               [p.score for p in pub])
     temperature = 1.0 if opts.greedy else opts.temperature
     g_dev = await runtime.engine.open_group(dev_prompts, temperature)
@@ -194,6 +197,20 @@ def test_greedy_across_the_wire_equals_centralized(loop, runtime, proxies, greed
     assert ids == greedy_reference, f"{variant} at RTT {rtt} ms diverged"
     agg_side = variant["aggregator"]
     assert stats.aggregator_steps == {agg_side: len(ids)}
+
+
+@pytest.mark.parametrize("top_k", [0, 32], ids=["full-vectors", "top-32"])
+def test_greedy_exact_where_the_cloud_changes_the_answer(loop, runtime, world, proxies, reference_engine, top_k):
+    """On the demo question the private note outweighs the public passages (~2% cloud weight);
+    on this one the public passages decide. DRAGON still equals centralized aggregation and
+    differs from the device alone, so a cloud whose drafts were ignored would fail here. At
+    top-32 the cloud mixes its top-20 per-passage lists on their union (the sparse path)."""
+    opts = options(dist_top_k=top_k)
+    want = run(loop, reference(runtime, world[1], reference_engine, opts, question=PUBLIC_QUESTION))
+    ids, stats = run(loop, ask(runtime, proxies[50], opts, question=PUBLIC_QUESTION))
+    assert ids == want and not stats.degraded
+    alone, _ = run(loop, ask(runtime, None, opts, question=PUBLIC_QUESTION))
+    assert ids != alone
 
 
 def test_live_scheduling_stays_exact(loop, runtime, proxies, greedy_reference):
@@ -470,11 +487,6 @@ async def drcg_reference(runtime, index, opts: AnswerOptions, question: str) -> 
     finally:
         await g_dev.close()
         await g_pub.close()
-
-
-# The private note dominates the first question (its score is ~3.7 above Lyon's, so the public
-# passages weigh ~2% and DRCG/Text answers as device-only does); the second needs the public text.
-PUBLIC_QUESTION = "What is Lyon famous for?"
 
 
 @pytest.mark.parametrize("question", [QUESTION, PUBLIC_QUESTION], ids=["private-note", "public-fact"])
