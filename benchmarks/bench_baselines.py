@@ -87,7 +87,7 @@ async def one_rtt(runtime, url: str, tokens: int, repeats: int) -> dict:
 
 def run(rtts: list[float], tokens: int, repeats: int) -> dict:
     from benchmarks.netem import Shape, spawn_proxy, stop_proxy
-    from dragon_edge.demo import free_port, start_cloud, stop, wait_healthy
+    from dragon_edge.demo import start_cloud, stop, wait_healthy
     from dragon_edge.loader import load_runtime
 
     result: dict = dict(tokens=tokens, repeats=repeats, question=QUESTION, modes=MODES, rtt={},
@@ -95,8 +95,7 @@ def run(rtts: list[float], tokens: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="dragon-bench-") as tmp:
         root = Path(tmp)
         runtime = load_runtime("smollm2-135m", "llamacpp", store=build_world(root))
-        port = free_port()
-        cloud = start_cloud(root / "index", port, TOKEN, root / "cloud.log")
+        cloud, port = start_cloud(root / "index", TOKEN, root / "cloud.log")
         try:
             try:
                 wait_healthy(f"http://127.0.0.1:{port}", cloud, 300)

@@ -94,7 +94,7 @@ async def scenario(runtime, url: str, slow: str, slow_ms: float, tokens: int, re
 
 def run(rtt_ms: float, slow_ms: float, tokens: int, repeats: int) -> dict:
     from benchmarks.netem import Shape, spawn_proxy, stop_proxy
-    from dragon_edge.demo import free_port, start_cloud, stop, wait_healthy
+    from dragon_edge.demo import start_cloud, stop, wait_healthy
     from dragon_edge.loader import load_runtime
 
     result: dict = dict(rtt_ms=rtt_ms, slow_ms=slow_ms, tokens=tokens, repeats=repeats, scenarios={})
@@ -103,9 +103,8 @@ def run(rtt_ms: float, slow_ms: float, tokens: int, repeats: int) -> dict:
         store = build_world(root)
         runtime = load_runtime("smollm2-135m", "llamacpp", store=store)
         for slow in ("device", "cloud"):
-            port = free_port()
             extra = ("--emulate-decode-ms", str(slow_ms)) if slow == "cloud" else ()
-            cloud = start_cloud(root / "index", port, TOKEN, root / f"cloud-{slow}.log", extra)
+            cloud, port = start_cloud(root / "index", TOKEN, root / f"cloud-{slow}.log", extra)
             proxy = None
             try:
                 try:

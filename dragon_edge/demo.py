@@ -56,14 +56,27 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise TimeoutError(f"the cloud did not become healthy within {timeout_s:.0f} s")
 
 
-def start_cloud(index_dir: Path, port: int, token: str, log_path: Path, extra_args: tuple[str, ...] = ()
-                ) -> subprocess.Popen:
+def start_cloud(index_dir: Path, token: str, log_path: Path, extra_args: tuple[str, ...] = (), port: int = 0,
+                timeout_s: float = 120.0) -> tuple[subprocess.Popen, int]:
+    """Spawn ``dragon-cloud serve``; returns the process and the port it bound (``port=0``: a
+    free one, bound by the server itself before its model loads, so no other process can take
+    it in between). ``wait_healthy`` then waits for the model."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                DRAGON_TOKEN=token)
+    port_file = log_path.with_suffix(".port")
+    port_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "dragon_vllm.cli", "serve", "--index", str(index_dir), "--port", str(port),
-           "--max-num-seqs", "32", "--max-model-len", "1024", *extra_args]
-    return subprocess.Popen(cmd, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+           "--port-file", str(port_file), "--max-num-seqs", "32", "--max-model-len", "1024", *extra_args]
+    proc = subprocess.Popen(cmd, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while not (port_file.exists() and port_file.read_text().endswith("\n")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            raise RuntimeError(f"the cloud did not bind a port (exit {proc.returncode}); see {log_path}:\n"
+                               + log_path.read_text()[-2000:])
+        time.sleep(0.05)
+    return proc, int(port_file.read_text())
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -109,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         from dragon_edge.store import DocumentStore
 
         DocumentStore(work / "store").ingest(notes, progress=False)
-        port, token = free_port(), "demo-token"
+        token = "demo-token"
+        print("[3/4] starting the cloud (vLLM) ...", flush=True)
+        cloud, port = start_cloud(work / "index", token, work / "cloud.log")
         url = f"http://127.0.0.1:{port}"
-        print(f"[3/4] starting the cloud (vLLM) on {url} ...", flush=True)
-        cloud = start_cloud(work / "index", port, token, work / "cloud.log")
         try:
             wait_healthy(url, cloud, timeout_s=300)
             print(f"[4/4] asking: {args.question}", flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,7 +21,9 @@ def serve(
     index: Optional[Path] = typer.Option(None, help="Public index folder (dragon-cloud index ...). "
                                                    "Without it the cloud decodes from the query alone."),
     host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8000),
+    port: int = typer.Option(8000, help="0 picks a free port (see --port-file)."),
+    port_file: Optional[Path] = typer.Option(None, help="Write the bound port here as soon as it is bound "
+                                                        "(before the model loads), for scripts using --port 0."),
     auth_token: str = typer.Option(os.environ.get("DRAGON_TOKEN", ""), "--auth-token",
                                    help="Token devices must present (env DRAGON_TOKEN); empty = no check."),
     k: int = typer.Option(2, help="Default public passages per request (the OpenAI API's `k` overrides)."),
@@ -39,6 +42,12 @@ def serve(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("dragon").setLevel(logging.INFO)
+    # bind before the engine loads: vLLM picks free ports of its own while it starts, and a port
+    # chosen but not yet bound could be handed to it
+    sock = socket.create_server((host, port))
+    port = sock.getsockname()[1]
+    if port_file is not None:
+        port_file.write_text(f"{port}\n")
     from aiohttp import web
 
     from dragon_vllm.link import LinkLimits
@@ -54,8 +63,7 @@ def serve(
         return build_app(cloud, ServerConfig(served_model=model, auth_token=auth_token or None, limits=limits))
 
     typer.echo(f"dragon-cloud: starting {model} on http://{host}:{port} (Ctrl-C stops)", err=True)
-    web.run_app(make_app(), host=host, port=port, print=lambda msg: typer.echo(msg, err=True),
-                shutdown_timeout=10.0)
+    web.run_app(make_app(), sock=sock, print=lambda msg: typer.echo(msg, err=True), shutdown_timeout=10.0)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -34,7 +34,7 @@ from dragon_core import session as s
 from dragon_core.aggregate import canonical_side_dist, cross_side_weights, target_probs, transform
 from dragon_core.driver import centralized_generate
 from dragon_core.prompt import passage_prompts
-from dragon_edge.demo import PRIVATE_NOTES, PUBLIC_CORPUS, free_port, start_cloud, stop, wait_healthy
+from dragon_edge.demo import PRIVATE_NOTES, PUBLIC_CORPUS, start_cloud, stop, wait_healthy
 from dragon_edge.link import CloudLink
 from dragon_edge.runtime import AnswerOptions
 
@@ -79,9 +79,8 @@ def world(tmp_path_factory, smollm2):
 @pytest.fixture(scope="module")
 def cloud(world):
     root, _, _ = world
-    port = free_port()
     os.environ["DRAGON_TOKEN"] = TOKEN
-    proc = start_cloud(root / "index", port, TOKEN, root / "cloud.log")
+    proc, port = start_cloud(root / "index", TOKEN, root / "cloud.log")
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s=300)
     except BaseException:

@@ -59,9 +59,9 @@ async def cloud_server(backend: FakeBackend, limits: LinkLimits | None = None):
     server.add_routes(app)
     runner = web.AppRunner(app)
     await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = web.TCPSite(runner, "127.0.0.1", 0)  # the kernel picks a free port, bound at once
     await site.start()
+    port = runner.addresses[0][1]
     try:
         yield server, f"http://127.0.0.1:{port}"
     finally:

@@ -21,7 +21,7 @@ import pytest
 
 from benchmarks.netem import Shape, spawn_proxy, stop_proxy
 from dragon_core.scheduler import initial_aggregator
-from dragon_edge.demo import PRIVATE_NOTES, PUBLIC_CORPUS, free_port, start_cloud, stop, wait_healthy
+from dragon_edge.demo import PRIVATE_NOTES, PUBLIC_CORPUS, start_cloud, stop, wait_healthy
 from dragon_edge.link import CloudLink
 from dragon_edge.runtime import AnswerOptions
 
@@ -60,8 +60,7 @@ def world(tmp_path_factory, smollm2):
 @pytest.fixture(scope="module")
 def slow_cloud_url(world):
     root, _ = world
-    port = free_port()
-    proc = start_cloud(root / "index", port, TOKEN, root / "cloud.log", ("--emulate-decode-ms", str(CLOUD_SLOW_MS)))
+    proc, port = start_cloud(root / "index", TOKEN, root / "cloud.log", ("--emulate-decode-ms", str(CLOUD_SLOW_MS)))
     proxy = None
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s=300)
