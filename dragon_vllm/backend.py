@@ -33,6 +33,22 @@ class DragonCloud:
         self.emulate_decode_ms = emulate_decode_ms  # experiments only: a slower cloud on the link
         self._ids = 0
 
+    async def warm_up(self) -> float:
+        """One retrieval and two decode steps before serving, so that the first user does not pay
+        for lazy initialisation (the retriever's first encode, vLLM's first batches). Seconds spent."""
+        t0 = time.perf_counter()
+        passages = await self.retrieve("warm-up", 1)
+        prompts, _ = passage_prompts(self.tokenizer, "warm-up", [p.text for p in passages],
+                                     [p.score for p in passages])
+        group = await self.engine.open_group(prompts or [self.tokenizer.encode("warm-up")], 1.0)
+        try:
+            dists = await group.next_dists()
+            await group.append([dists[0].argmax()])
+            await group.next_dists()
+        finally:
+            await group.close()
+        return time.perf_counter() - t0
+
     # ------------------------------------------------------------------ retrieval
     async def retrieve(self, query: str, k: int):
         if self.index is None or k <= 0:

@@ -18,8 +18,9 @@ log = logging.getLogger("dragon.cloud")
 async def load_cloud(model: str, index_dir: Path | None = None, *, default_k: int = 2, top_k: int = 20,
                      max_num_seqs: int = 128, max_model_len: int = 2048, kv_cache_gib: float | None = None,
                      gpu_memory_utilization: float | None = None, emulate_decode_ms: float = 0.0,
-                     **engine_kwargs) -> DragonCloud:
-    """Start the engine inside the running event loop (vLLM's AsyncLLM binds to it)."""
+                     warm_up: bool = True, **engine_kwargs) -> DragonCloud:
+    """Start the engine inside the running event loop (vLLM's AsyncLLM binds to it); ``warm_up``
+    runs one retrieval and two decode steps before the server reports healthy."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
@@ -39,5 +40,8 @@ async def load_cloud(model: str, index_dir: Path | None = None, *, default_k: in
         log.info("public index %s: %d passages", index_dir, len(index))
     engine = make_engine(str(hf_dir), top_k=top_k, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                          kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization, **engine_kwargs)
-    return DragonCloud(engine, tokenizer, identity, eos_token_ids(tokenizer), index, default_k=default_k,
-                       max_model_len=max_model_len, emulate_decode_ms=emulate_decode_ms)
+    cloud = DragonCloud(engine, tokenizer, identity, eos_token_ids(tokenizer), index, default_k=default_k,
+                        max_model_len=max_model_len, emulate_decode_ms=emulate_decode_ms)
+    if warm_up:
+        log.info("warmed up in %.1f s", await cloud.warm_up())
+    return cloud
