@@ -50,6 +50,7 @@ class SessionConfig:
     tagging: Literal["epoch", "step"] = "epoch"
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     prior: m.SchedulerPrior | None = None  # estimates from earlier requests on this link
+    vocab_size: int = 0  # this side's vocabulary (0: unknown); token ids a peer sends must fit it
 
     def __post_init__(self) -> None:
         if self.mode == "cloud":  # cloud-only: the cloud decides every token; nothing to schedule
@@ -416,6 +417,7 @@ class Session:
         step = len(self.committed)
         if msg.step != step or not self._drafts or self._drafts[0].step != step:
             raise ProtocolError(f"target for step {msg.step}, expected {step} with a pending draft")
+        self._check_vocab([msg.token])
         accepted = self._drafts[0].token == msg.token
         if self.config.tagging == "epoch" and accepted != msg.accepted:
             raise ProtocolError(f"target step {step}: accept flag disagrees with our draft")
@@ -437,12 +439,18 @@ class Session:
             self._unsent.clear()
             self._remote.clear()
 
+    def _check_vocab(self, tokens: Sequence[int]) -> None:
+        vocab = self.config.vocab_size
+        if vocab and not all(0 <= token < vocab for token in tokens):
+            raise ProtocolError(f"token ids outside this model's vocabulary of {vocab}")
+
     def _on_tokens(self, msg: m.Tokens) -> None:
         """Cloud-only mode: the cloud decided these tokens alone; the device commits them as is."""
         if self.config.mode != "cloud" or self.is_aggregator:
             raise ProtocolError("Tokens frames belong to a cloud-only request, sent by the cloud")
         if msg.step != len(self.committed):
             raise ProtocolError(f"tokens from step {msg.step}, expected {len(self.committed)}")
+        self._check_vocab(msg.tokens)
         for token in msg.tokens:
             if self.finished is None:  # tokens past EOS / max_tokens are ignored
                 self._record_commit(token)

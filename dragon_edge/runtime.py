@@ -144,7 +144,7 @@ class EdgeRuntime:
             if public is not None:
                 prompts, scores = passage_prompts(self.tokenizer, query, [p.text for p in passages] + public.passages,
                                                   [p.score for p in passages] + public.scores)
-        config = s.SessionConfig.from_open(open_msg, self.eos_ids)
+        config = s.SessionConfig.from_open(open_msg, self.eos_ids, vocab_size=self.engine.vocab_size)
         session = s.Session("device", config, log_mass(scores), solo=link is None, degraded=degraded)
         stats.device_only = link is None and public is None
         temperature = opts.temperature if not opts.greedy else 1.0

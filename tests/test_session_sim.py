@@ -168,6 +168,18 @@ def test_peer_protocol_violation_is_typed_and_contained():
     assert sess.degraded and sess.finished is None  # continues device-only
 
 
+def test_target_token_outside_the_vocabulary_is_a_protocol_error():
+    config = make_config(scheduling=False, aggregator="cloud", vocab_size=40)
+    sess = s.Session("device", config, 0.3)
+    (compute,) = [a for a in sess.handle(s.Start()) if isinstance(a, s.ComputeDist)]
+    dist = Dist.full(np.log(np.full(40, 1 / 40)))
+    sess.handle(s.LocalDist(compute.epoch, compute.step, dist))
+    actions = sess.handle(s.PeerMessage(m.Target(1, 0, 40, False, 1, 0)))
+    errors = [a.msg for a in actions if isinstance(a, s.Send) and isinstance(a.msg, m.Error)]
+    assert errors and "vocabulary" in errors[0].message
+    assert sess.committed == [] and sess.degraded and sess.finished is None  # goes on alone, nothing bogus committed
+
+
 def test_scheduler_moves_aggregator_to_the_side_the_rule_predicts():
     """The rule: aggregate on the side slower by more than an RTT. The cloud becomes slow at
     step 20 -> the aggregator moves to the cloud; the device becomes slower still at step 45 ->
@@ -273,15 +285,16 @@ def test_cloud_only_cloud_lost_mid_answer_device_continues_from_the_committed_to
     assert by_step == ["cloud"] * cut + ["device"] * (30 - cut)
 
 
-@pytest.mark.parametrize("mode,step", [("dragon", 0), ("cloud", 3)], ids=["outside-cloud-mode", "wrong-step"])
-def test_misplaced_tokens_frame_is_a_protocol_error_and_the_device_goes_on_alone(mode, step):
+@pytest.mark.parametrize("mode,step,token", [("dragon", 0, 5), ("cloud", 3, 5), ("cloud", 0, 40), ("cloud", 0, -1)],
+                         ids=["outside-cloud-mode", "wrong-step", "past-the-vocabulary", "negative"])
+def test_misplaced_tokens_frame_is_a_protocol_error_and_the_device_goes_on_alone(mode, step, token):
     from dragon_core import messages as m
 
-    config = make_config(mode=mode, scheduling=False)
+    config = make_config(mode=mode, scheduling=False, vocab_size=40)
     sess = s.Session("device", config, 0.3)
     first = sess.handle(s.Start())
     assert any(isinstance(a, s.ComputeDist) for a in first) == (mode != "cloud")
-    actions = sess.handle(s.PeerMessage(m.Tokens(1, step, [5])))
+    actions = sess.handle(s.PeerMessage(m.Tokens(1, step, [token])))
     errors = [a.msg for a in actions if isinstance(a, s.Send) and isinstance(a.msg, m.Error)]
     assert errors and errors[0].code == "protocol_error"
     assert sess.degraded and sess.committed == [] and sess.finished is None
