@@ -36,21 +36,6 @@ MODES: dict[str, dict] = {
 }
 
 
-def build_world(root: Path):
-    from dragon_edge.demo import PRIVATE_NOTES, PUBLIC_CORPUS
-    from dragon_edge.store import DocumentStore
-    from dragon_vllm.corpus import PublicIndex
-
-    for folder, files in (("public", PUBLIC_CORPUS), ("notes", PRIVATE_NOTES)):
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        for name, text in files.items():
-            (root / folder / name).write_text(text + "\n")
-    PublicIndex.build(sorted((root / "public").glob("*.txt")), root / "index", progress=False, overwrite=True)
-    store = DocumentStore(root / "store")
-    store.ingest(root / "notes", progress=False)
-    return store
-
-
 async def answer(runtime, url: str, **opts) -> dict:
     from dragon_edge.link import CloudLink
     from dragon_edge.runtime import AnswerOptions
@@ -87,14 +72,14 @@ async def one_rtt(runtime, url: str, tokens: int, repeats: int) -> dict:
 
 def run(rtts: list[float], tokens: int, repeats: int) -> dict:
     from benchmarks.netem import Shape, spawn_proxy, stop_proxy
-    from dragon_edge.demo import start_cloud, stop, wait_healthy
+    from dragon_edge.demo import build_demo_world, start_cloud, stop, wait_healthy
     from dragon_edge.loader import load_runtime
 
     result: dict = dict(tokens=tokens, repeats=repeats, question=QUESTION, modes=MODES, rtt={},
                         load_before=os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="dragon-bench-") as tmp:
         root = Path(tmp)
-        runtime = load_runtime("smollm2-135m", "llamacpp", store=build_world(root))
+        runtime = load_runtime("smollm2-135m", "llamacpp", store=build_demo_world(root)[1])
         cloud, port = start_cloud(root / "index", TOKEN, root / "cloud.log")
         try:
             try:

@@ -23,21 +23,6 @@ QUESTION = "Where does my sister Lena live, and what is that city famous for?"
 TOKEN = "bench-token"
 
 
-def build_world(root: Path):
-    from dragon_edge.demo import PRIVATE_NOTES, PUBLIC_CORPUS
-    from dragon_edge.store import DocumentStore
-    from dragon_vllm.corpus import PublicIndex
-
-    for folder, files in (("public", PUBLIC_CORPUS), ("notes", PRIVATE_NOTES)):
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        for name, text in files.items():
-            (root / folder / name).write_text(text + "\n")
-    PublicIndex.build(sorted((root / "public").glob("*.txt")), root / "index", progress=False, overwrite=True)
-    store = DocumentStore(root / "store")
-    store.ingest(root / "notes", progress=False)
-    return store
-
-
 async def answer(runtime, url: str, **opts) -> dict:
     from dragon_edge.link import CloudLink
     from dragon_edge.runtime import AnswerOptions
@@ -94,13 +79,13 @@ async def scenario(runtime, url: str, slow: str, slow_ms: float, tokens: int, re
 
 def run(rtt_ms: float, slow_ms: float, tokens: int, repeats: int) -> dict:
     from benchmarks.netem import Shape, spawn_proxy, stop_proxy
-    from dragon_edge.demo import start_cloud, stop, wait_healthy
+    from dragon_edge.demo import build_demo_world, start_cloud, stop, wait_healthy
     from dragon_edge.loader import load_runtime
 
     result: dict = dict(rtt_ms=rtt_ms, slow_ms=slow_ms, tokens=tokens, repeats=repeats, scenarios={})
     with tempfile.TemporaryDirectory(prefix="dragon-bench-") as tmp:
         root = Path(tmp)
-        store = build_world(root)
+        _, store = build_demo_world(root)
         runtime = load_runtime("smollm2-135m", "llamacpp", store=store)
         for slow in ("device", "cloud"):
             extra = ("--emulate-decode-ms", str(slow_ms)) if slow == "cloud" else ()

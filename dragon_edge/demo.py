@@ -98,6 +98,36 @@ async def ask(cloud_url: str, store_dir: Path, token: str, question: str, max_to
     return {"answer": reply.choices[0].message.content, "dragon": reply.dragon}
 
 
+def _write(folder: Path, files: dict[str, str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text + "\n")
+    return folder
+
+
+def build_public_index(root: Path):
+    """The cloud's side of the demo: ``PUBLIC_CORPUS`` indexed under ``root/index``."""
+    from dragon_vllm.corpus import PublicIndex
+
+    public = _write(root / "public", PUBLIC_CORPUS)
+    return PublicIndex.build(sorted(public.glob("*.txt")), root / "index", progress=False, overwrite=True)
+
+
+def build_private_store(root: Path):
+    """The device's side of the demo: ``PRIVATE_NOTES`` ingested into ``root/store``."""
+    from dragon_edge.store import DocumentStore
+
+    store = DocumentStore(root / "store")
+    store.ingest(_write(root / "notes", PRIVATE_NOTES), progress=False)
+    return store
+
+
+def build_demo_world(root: Path):
+    """Both sides of the demo under ``root`` (used by the demo, the e2e tests and benchmarks):
+    returns ``(public index, private store)``; the cloud serves ``root/index``."""
+    return build_public_index(root), build_private_store(root)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--question", default=QUESTION)
@@ -108,24 +138,15 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="dragon-demo-") as tmp:
         work = args.workdir or Path(tmp)
-        public, notes = work / "public", work / "notes"
-        for folder, files in ((public, PUBLIC_CORPUS), (notes, PRIVATE_NOTES)):
-            folder.mkdir(parents=True, exist_ok=True)
-            for name, text in files.items():
-                (folder / name).write_text(text + "\n")
         t0 = time.monotonic()
         print("[1/4] building the cloud's public index ...", flush=True)
-        from dragon_vllm.corpus import PublicIndex
-
-        PublicIndex.build(sorted(public.glob("*.txt")), work / "index", progress=False, overwrite=True)
+        build_public_index(work)
         print("[2/4] ingesting the device's private notes ...", flush=True)
-        from dragon_edge.store import DocumentStore
-
-        DocumentStore(work / "store").ingest(notes, progress=False)
+        build_private_store(work)
         token = "demo-token"
-        print("[3/4] starting the cloud (vLLM) ...", flush=True)
         cloud, port = start_cloud(work / "index", token, work / "cloud.log")
         url = f"http://127.0.0.1:{port}"
+        print(f"[3/4] starting the cloud (vLLM) on {url} ...", flush=True)
         try:
             wait_healthy(url, cloud, timeout_s=300)
             print(f"[4/4] asking: {args.question}", flush=True)

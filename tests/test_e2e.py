@@ -34,7 +34,7 @@ from dragon_core import session as s
 from dragon_core.aggregate import canonical_side_dist, cross_side_weights, target_probs, transform
 from dragon_core.driver import centralized_generate
 from dragon_core.prompt import passage_prompts
-from dragon_edge.demo import PRIVATE_NOTES, PUBLIC_CORPUS, start_cloud, stop, wait_healthy
+from dragon_edge.demo import PRIVATE_NOTES, build_demo_world, start_cloud, stop, wait_healthy
 from dragon_edge.link import CloudLink
 from dragon_edge.runtime import AnswerOptions
 
@@ -62,17 +62,8 @@ def run(loop, coro, timeout: float = 600):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, smollm2):
-    from dragon_edge.store import DocumentStore
-    from dragon_vllm.corpus import PublicIndex
-
     root = tmp_path_factory.mktemp("e2e")
-    for folder, files in (("public", PUBLIC_CORPUS), ("notes", PRIVATE_NOTES)):
-        (root / folder).mkdir()
-        for name, text in files.items():
-            (root / folder / name).write_text(text + "\n")
-    index = PublicIndex.build(sorted((root / "public").glob("*.txt")), root / "index", progress=False)
-    store = DocumentStore(root / "store")
-    store.ingest(root / "notes", progress=False)
+    index, store = build_demo_world(root)
     return root, index, store
 
 

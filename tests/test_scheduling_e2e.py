@@ -21,7 +21,7 @@ import pytest
 
 from benchmarks.netem import Shape, spawn_proxy, stop_proxy
 from dragon_core.scheduler import initial_aggregator
-from dragon_edge.demo import PRIVATE_NOTES, PUBLIC_CORPUS, start_cloud, stop, wait_healthy
+from dragon_edge.demo import build_demo_world, start_cloud, stop, wait_healthy
 from dragon_edge.link import CloudLink
 from dragon_edge.runtime import AnswerOptions
 
@@ -43,17 +43,8 @@ def loop():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, smollm2):
-    from dragon_edge.store import DocumentStore
-    from dragon_vllm.corpus import PublicIndex
-
     root = tmp_path_factory.mktemp("sched")
-    for folder, files in (("public", PUBLIC_CORPUS), ("notes", PRIVATE_NOTES)):
-        (root / folder).mkdir()
-        for name, text in files.items():
-            (root / folder / name).write_text(text + "\n")
-    PublicIndex.build(sorted((root / "public").glob("*.txt")), root / "index", progress=False)
-    store = DocumentStore(root / "store")
-    store.ingest(root / "notes", progress=False)
+    _, store = build_demo_world(root)
     return root, store
 
 
