@@ -22,3 +22,7 @@ def smollm2() -> ModelSpec:
     spec.gguf_path()
     spec.hf_dir()
     return spec
+
+
+# The shared end-to-end world (one cloud process for every e2e file): see e2e_world.py.
+from e2e_world import cloud, e2e_loop, proxies, reference_engine, runtime, world  # noqa: E402,F401

@@ -34,139 +34,20 @@ from dragon_core import session as s
 from dragon_core.aggregate import canonical_side_dist, cross_side_weights, target_probs, transform
 from dragon_core.driver import centralized_generate
 from dragon_core.prompt import passage_prompts
-from dragon_edge.demo import PRIVATE_NOTES, build_demo_world, start_cloud, stop, wait_healthy
 from dragon_edge.link import CloudLink
 from dragon_edge.runtime import AnswerOptions
+from e2e_world import MAX_TOKENS, PUBLIC_QUESTION, QUESTION, TOKEN, ask, options, reference, run
 
 pytestmark = pytest.mark.slow
 
-TOKEN = "e2e-token"
-QUESTION = "Where does my sister Lena live, and what is that city famous for?"
-# The private note dominates the first question (its score is ~3.7 above Lyon's, so the public
-# passages weigh ~2% and DRCG/Text answers as device-only does); the second needs the public text.
-PUBLIC_QUESTION = "What is Lyon famous for?"
-MAX_TOKENS = 20
-
-
-# ---------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-def run(loop, coro, timeout: float = 600):
-    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
-
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, smollm2):
-    root = tmp_path_factory.mktemp("e2e")
-    index, store = build_demo_world(root)
-    return root, index, store
+def loop(e2e_loop):
+    return e2e_loop
 
 
-@pytest.fixture(scope="module")
-def cloud(world):
-    root, _, _ = world
-    os.environ["DRAGON_TOKEN"] = TOKEN
-    proc, port = start_cloud(root / "index", TOKEN, root / "cloud.log")
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s=300)
-    except BaseException:
-        stop(proc)
-        print((root / "cloud.log").read_text()[-4000:])
-        raise
-    yield port, proc
-    stop(proc)
-
-
-@pytest.fixture(scope="module")
-def runtime(world):
-    from dragon_edge.loader import load_runtime
-
-    _, _, store = world
-    return load_runtime("smollm2-135m", "llamacpp", store=store)
-
-
-@pytest.fixture(scope="module")
-def reference_engine(loop, smollm2):
-    """The cloud's engine, in this process, with the server's settings (for the reference)."""
-    from dragon_vllm.engine import make_engine
-
-    async def start():
-        return make_engine(str(smollm2.hf_dir()), top_k=20, max_num_seqs=32, max_model_len=1024)
-
-    eng = run(loop, start())
-    yield eng
-    run(loop, eng.close())
-
-
-@pytest.fixture(scope="module")
-def proxies(cloud):
-    """One netem proxy process per emulated RTT (jitter = latency / 5, as in the paper)."""
-    port, _ = cloud
-    procs = {}
-    for rtt in (0, 50, 300):
-        one_way = Shape(latency_ms=rtt / 2, jitter_ms=rtt / 10)
-        procs[rtt] = spawn_proxy(("127.0.0.1", port), up=one_way, down=one_way, seed=rtt)
-    yield {rtt: f"http://127.0.0.1:{p}" for rtt, (_, p) in procs.items()}
-    for proc, _ in procs.values():
-        stop_proxy(proc)
-
-
-def health(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-        return json.loads(r.read())
-
-
-async def ask(runtime, url: str | None, opts: AnswerOptions, frames: list | None = None, hook=None,
-              question: str = QUESTION):
-    """One answer through the SDK runtime; returns (token ids, stats). ``hook`` runs once, after
-    the second committed token (to inject a fault mid-answer)."""
-    runtime.link = CloudLink(url, runtime.identity, TOKEN) if url else None
-    if frames is not None and runtime.link is not None:
-        runtime.link.tap = lambda direction, frame: frames.append((direction, bytes(frame)))
-    ids, stats = [], None
-    try:
-        async for piece in runtime.answer(question, opts):
-            ids.extend(piece.token_ids)
-            stats = piece.finished or stats
-            if hook is not None and len(ids) >= 2:
-                hook()
-                hook = None
-    finally:
-        if runtime.link is not None:
-            await runtime.link.close()
-    return ids, stats
-
-
-def options(**kw) -> AnswerOptions:
-    base = dict(max_tokens=MAX_TOKENS, k=2, cloud_k=2, dist_top_k=0, scheduling=False, seed=0)
-    base.update(kw)
-    return AnswerOptions(**base)
-
-
-async def reference(runtime, index, reference_engine, opts: AnswerOptions, question: str = QUESTION) -> list[int]:
-    """Centralized output aggregation over the union of both sides' documents."""
-    dev = runtime.private_passages(question, opts.k)
-    pub = index.search(question, opts.cloud_k)
-    dev_prompts, dev_scores = passage_prompts(runtime.tokenizer, question, [p.text for p in dev],
-                                              [p.score for p in dev])
-    pub_prompts, pub_scores = passage_prompts(runtime.tokenizer, question, [p.text for p in pub],
-                                              [p.score for p in pub])
-    temperature = 1.0 if opts.greedy else opts.temperature
-    g_dev = await runtime.engine.open_group(dev_prompts, temperature)
-    g_pub = await reference_engine.open_group(pub_prompts, temperature)
-    config = s.SessionConfig(request_id=0, max_tokens=opts.max_tokens, seed=opts.seed, eos_ids=runtime.eos_ids,
-                             sampling=m.Sampling(opts.greedy, opts.temperature, opts.top_k, opts.top_p),
-                             dist_top_k=opts.dist_top_k)
-    try:
-        return await centralized_generate(config, [(g_dev, dev_scores), (g_pub, pub_scores)])
-    finally:
-        await g_dev.close()
-        await g_pub.close()
+def health(cloud) -> dict:
+    return cloud.health()
 
 
 # ---------------------------------------------------------------------------- exactness
@@ -318,7 +199,7 @@ def test_no_private_text_tokens_embeddings_or_per_document_distributions_on_the_
 def openai_client(cloud):
     import openai
 
-    port, _ = cloud
+    port = cloud.port
     return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
 
 
@@ -363,7 +244,7 @@ def test_openai_errors_have_openai_shape(openai_client):
 
 
 def test_metrics_endpoint_reports_requests_and_tokens(cloud):
-    port, _ = cloud
+    port = cloud.port
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         body = r.read().decode()
     assert "dragon_tokens_total" in body and "dragon_link_bytes_total" in body
@@ -446,7 +327,7 @@ def test_baseline_cloud_only_equals_the_clouds_solo_decode(loop, runtime, proxie
 
 def test_baseline_cloud_only_link_cut_device_finishes_from_the_committed_tokens(loop, runtime, cloud,
                                                                                 cloud_only_reference):
-    port, _ = cloud
+    port = cloud.port
     proc, pport = spawn_proxy(("127.0.0.1", port), up=Shape(latency_ms=25), down=Shape(latency_ms=25))
     try:
         with EngineSpy(runtime) as spy:
@@ -523,7 +404,7 @@ def test_baseline_device_mode_is_device_only_and_unknown_modes_are_typed(loop, r
 
 # ---------------------------------------------------------------------------- faults
 def test_link_cut_mid_answer_gives_a_complete_degraded_answer(loop, runtime, cloud):
-    port, _ = cloud
+    port = cloud.port
     proc, pport = spawn_proxy(("127.0.0.1", port), up=Shape(latency_ms=25), down=Shape(latency_ms=25))
     try:
         ids, stats = run(loop, ask(runtime, f"http://127.0.0.1:{pport}", options(max_tokens=40),
@@ -535,18 +416,18 @@ def test_link_cut_mid_answer_gives_a_complete_degraded_answer(loop, runtime, clo
 
 
 def test_device_disconnect_frees_cloud_streams(loop, runtime, cloud):
-    port, _ = cloud
-    baseline = health(port)["engine"]
+    port = cloud.port
+    baseline = health(cloud)["engine"]
 
     async def go():
         runtime.link = CloudLink(f"http://127.0.0.1:{port}", runtime.identity, TOKEN)
         agen = runtime.answer(QUESTION, options(max_tokens=200))
         await agen.__anext__()  # the cloud has joined and decoded
         for _ in range(50):
-            if health(port)["engine"].get("open_streams", 0) > 0:
+            if health(cloud)["engine"].get("open_streams", 0) > 0:
                 break
             await asyncio.sleep(0.1)
-        busy = health(port)["engine"]
+        busy = health(cloud)["engine"]
         await runtime.link.close()  # the device goes away
         await agen.aclose()
         return busy
@@ -554,19 +435,20 @@ def test_device_disconnect_frees_cloud_streams(loop, runtime, cloud):
     busy = run(loop, go())
     assert busy["open_streams"] > baseline["open_streams"]
     for _ in range(100):
-        now = health(port)["engine"]
+        now = health(cloud)["engine"]
         if now["open_streams"] == baseline["open_streams"] and now["reserved_blocks"] == baseline["reserved_blocks"]:
             break
         loop.run_until_complete(asyncio.sleep(0.1))
     assert now["open_streams"] == baseline["open_streams"]
     assert now["reserved_blocks"] == baseline["reserved_blocks"]
-    assert health(port)["link_requests"] == 0
+    assert health(cloud)["link_requests"] == 0
 
 
 def test_cloud_killed_mid_answer_device_finishes_degraded(loop, runtime, cloud):
-    """Runs last: it kills the module's cloud process."""
-    port, proc = cloud
-
-    ids, stats = run(loop, ask(runtime, f"http://127.0.0.1:{port}", options(max_tokens=40),
-                               hook=lambda: os.kill(proc.pid, 9)))
+    """Kills the shared cloud process, then restarts it on the same port for later tests."""
+    try:
+        ids, stats = run(loop, ask(runtime, cloud.url, options(max_tokens=40),
+                                   hook=lambda: os.kill(cloud.proc.pid, 9)))
+    finally:
+        cloud.restart()
     assert stats.degraded and stats.finish_reason in ("eos", "length") and len(ids) >= 1

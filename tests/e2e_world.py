@@ -1,0 +1,193 @@
+"""The end-to-end world every e2e test file shares: one real ``dragon-cloud serve`` process
+(vLLM, SmolLM2, the demo's public index), the device runtime (llama.cpp over the demo's private
+notes), netem proxies at RTT 0 / 50 / 300 ms, and the cloud's engine loaded in this process as
+the centralized reference. Session-scoped, so the suite pays for one cloud start-up, not one
+per file; ``conftest.py`` re-exports the fixtures.
+
+A test that kills the cloud calls ``CloudProcess.restart()`` afterwards: the new process binds
+the same port, so the proxies (which reconnect per connection) keep working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from subprocess import Popen
+
+import pytest
+
+from benchmarks.netem import Shape, spawn_proxy, stop_proxy
+from dragon_core import messages as m
+from dragon_core import session as s
+from dragon_core.driver import centralized_generate
+from dragon_core.prompt import passage_prompts
+from dragon_edge.link import CloudLink
+from dragon_edge.runtime import AnswerOptions
+
+TOKEN = "e2e-token"
+QUESTION = "Where does my sister Lena live, and what is that city famous for?"
+# The private note dominates the first question (its score is ~3.7 above Lyon's, so the public
+# passages weigh ~2% and DRCG/Text answers as device-only does); the second needs the public text.
+PUBLIC_QUESTION = "What is Lyon famous for?"
+MAX_TOKENS = 20
+RTTS = (0, 50, 300)
+
+
+def run(loop: asyncio.AbstractEventLoop, coro, timeout: float = 600):
+    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+
+@dataclass
+class CloudProcess:
+    """The shared cloud: its port, its process, and how to bring it back after a kill."""
+
+    root: Path
+    port: int
+    proc: Popen
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, port: int = 0) -> None:
+        from dragon_edge.demo import start_cloud, stop, wait_healthy
+
+        self.proc, self.port = start_cloud(self.root / "index", TOKEN, self.root / "cloud.log", port=port)
+        try:
+            wait_healthy(self.url, self.proc, timeout_s=300)
+        except BaseException:
+            stop(self.proc)
+            print((self.root / "cloud.log").read_text()[-4000:])
+            raise
+
+    def restart(self) -> None:
+        """Stop (if still alive) and start again on the same port."""
+        from dragon_edge.demo import stop
+
+        stop(self.proc)
+        self.start(self.port)
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
+            return json.loads(r.read())
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def e2e_loop():
+    """One event loop for the session: the in-process reference engine is bound to it."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory, smollm2):
+    """``(root, public index, private store)`` of the demo, built once."""
+    from dragon_edge.demo import build_demo_world
+
+    root = tmp_path_factory.mktemp("e2e")
+    index, store = build_demo_world(root)
+    return root, index, store
+
+
+@pytest.fixture(scope="session")
+def cloud(world):
+    from dragon_edge.demo import stop
+
+    os.environ["DRAGON_TOKEN"] = TOKEN
+    handle = CloudProcess(world[0], 0, None)  # type: ignore[arg-type]
+    handle.start()
+    yield handle
+    stop(handle.proc)
+
+
+@pytest.fixture(scope="session")
+def runtime(world):
+    from dragon_edge.loader import load_runtime
+
+    return load_runtime("smollm2-135m", "llamacpp", store=world[2])
+
+
+@pytest.fixture(scope="session")
+def reference_engine(e2e_loop, smollm2):
+    """The cloud's engine, in this process, with the server's settings (for the references)."""
+    from dragon_vllm.engine import make_engine
+
+    async def start():
+        return make_engine(str(smollm2.hf_dir()), top_k=20, max_num_seqs=32, max_model_len=1024)
+
+    eng = run(e2e_loop, start())
+    yield eng
+    run(e2e_loop, eng.close())
+
+
+@pytest.fixture(scope="session")
+def proxies(cloud):
+    """One netem proxy process per emulated RTT (jitter = latency / 5, as in the paper)."""
+    procs = {}
+    for rtt in RTTS:
+        one_way = Shape(latency_ms=rtt / 2, jitter_ms=rtt / 10)
+        procs[rtt] = spawn_proxy(("127.0.0.1", cloud.port), up=one_way, down=one_way, seed=rtt)
+    yield {rtt: f"http://127.0.0.1:{p}" for rtt, (_, p) in procs.items()}
+    for proc, _ in procs.values():
+        stop_proxy(proc)
+
+
+# ---------------------------------------------------------------------------- helpers
+def options(**kw) -> AnswerOptions:
+    base = dict(max_tokens=MAX_TOKENS, k=2, cloud_k=2, dist_top_k=0, scheduling=False, seed=0)
+    base.update(kw)
+    return AnswerOptions(**base)
+
+
+async def ask(runtime, url: str | None, opts: AnswerOptions, frames: list | None = None, hook=None,
+              question: str = QUESTION):
+    """One answer through the SDK runtime; returns (token ids, stats). ``hook`` runs once, after
+    the second committed token (to inject a fault mid-answer). ``frames`` collects the link's
+    frames as the device's link code sees them (direction, bytes)."""
+    runtime.link = CloudLink(url, runtime.identity, TOKEN) if url else None
+    if frames is not None and runtime.link is not None:
+        runtime.link.tap = lambda direction, frame: frames.append((direction, bytes(frame)))
+    ids, stats = [], None
+    try:
+        async for piece in runtime.answer(question, opts):
+            ids.extend(piece.token_ids)
+            stats = piece.finished or stats
+            if hook is not None and len(ids) >= 2:
+                hook()
+                hook = None
+    finally:
+        if runtime.link is not None:
+            await runtime.link.close()
+    return ids, stats
+
+
+async def side_prompts(runtime, index, question: str, opts: AnswerOptions):
+    """Both sides' retrieved passages as prompts + scores: ``((dev_prompts, dev_scores),
+    (pub_prompts, pub_scores))``, as the device and the cloud build them."""
+    dev = runtime.private_passages(question, opts.k)
+    pub = index.search(question, opts.cloud_k)
+    return (passage_prompts(runtime.tokenizer, question, [p.text for p in dev], [p.score for p in dev]),
+            passage_prompts(runtime.tokenizer, question, [p.text for p in pub], [p.score for p in pub]))
+
+
+async def reference(runtime, index, reference_engine, opts: AnswerOptions, question: str = QUESTION) -> list[int]:
+    """Centralized output aggregation over the union of both sides' documents, each side's
+    passages on its own engine (llama.cpp for the private ones, vLLM for the public ones)."""
+    (dp, ds), (pp, ps) = await side_prompts(runtime, index, question, opts)
+    temperature = 1.0 if opts.greedy else opts.temperature
+    g_dev = await runtime.engine.open_group(dp, temperature)
+    g_pub = await reference_engine.open_group(pp, temperature)
+    config = s.SessionConfig(request_id=0, max_tokens=opts.max_tokens, seed=opts.seed, eos_ids=runtime.eos_ids,
+                             sampling=m.Sampling(opts.greedy, opts.temperature, opts.top_k, opts.top_p),
+                             dist_top_k=opts.dist_top_k)
+    try:
+        return await centralized_generate(config, [(g_dev, ds), (g_pub, ps)])
+    finally:
+        await g_dev.close()
+        await g_pub.close()
