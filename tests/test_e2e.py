@@ -140,60 +140,6 @@ def _first_token_law(loop, runtime, world, reference_engine, opts: AnswerOptions
     return run(loop, law())
 
 
-# ---------------------------------------------------------------------------- privacy
-def test_no_private_text_tokens_embeddings_or_per_document_distributions_on_the_wire(loop, runtime, world,
-                                                                                   proxies):
-    _, _, store = world
-    frames: list[tuple[str, bytes]] = []
-    per_doc: list = []
-    real_open = runtime.engine.open_group
-
-    async def tapped_open(prompts, temperature=1.0):  # record each private stream's distributions
-        group = await real_open(prompts, temperature)
-        real_next = group.next_dists
-
-        async def next_dists():
-            dists = await real_next()
-            per_doc.extend(dists)
-            return dists
-
-        group.next_dists = next_dists
-        return group
-
-    runtime.engine.open_group = tapped_open
-    try:
-        # the cloud aggregates, so the device's own mixture crosses the link (the worst case)
-        ids, stats = run(loop, ask(runtime, proxies[50], options(dist_top_k=32, aggregator="cloud"), frames))
-    finally:
-        runtime.engine.open_group = real_open
-    assert frames and not stats.degraded and per_doc
-    wire = b"".join(f for _, f in frames)
-    passages = store.search(QUESTION, 2)
-    for p in passages:
-        words = p.text.split()
-        for i in range(len(words) - 3):  # every 4-word window of the private passage
-            assert " ".join(words[i:i + 4]).encode() not in wire
-        toks = runtime.tokenizer.encode(p.text, add_special_tokens=False)
-        for i in range(len(toks) - 7):  # any 8 consecutive tokens, as int32 or as msgpack ints
-            window = toks[i:i + 8]
-            assert np.asarray(window, "<i4").tobytes() not in wire
-            assert codec.msgspec.msgpack.encode(window) not in wire
-        emb = store.embedder.embed([p.text])[0].astype("<f4").tobytes()
-        for j in range(0, len(emb) - 16, 16):  # no 16-byte slice of the embedding
-            assert emb[j:j + 16] not in wire
-    sent = [codec.decode(f) for d, f in frames if d == "up"]
-    drafts = [x for x in sent if isinstance(x, m.Draft)]
-    assert drafts and all(isinstance(x, (m.Hello, m.Open, m.Draft, m.Target, m.Ping, m.Pong, m.Cancel))
-                          for x in sent)
-    for d in drafts:  # the device's mixture, never one document's distribution
-        sent_probs = codec.dist_from_wire(d.dist).probs()
-        for doc in per_doc:
-            single = type(doc).top_k(np.log(np.maximum(doc.probs(), 1e-300)), 32).probs()
-            assert not np.array_equal(sent_probs, single)
-    opens = [x for x in sent if isinstance(x, m.Open)]
-    assert len(opens) == 1 and opens[0].query == QUESTION
-
-
 # ---------------------------------------------------------------------------- OpenAI API
 @pytest.fixture(scope="module")
 def openai_client(cloud):
