@@ -15,6 +15,12 @@ works) and adds, per direction (up = client->upstream, down = upstream->client):
   (SIGUSR1 in the CLI) kills every current one, ``set_down(True)`` (SIGUSR2 toggles) resets new
   ones at once. A cut is a TCP reset, a FIN, or a silent blackhole (``cut_mode``).
 
+It can also record what it carries: with ``capture_dir`` (``--capture DIR``) every byte it
+delivers is appended, raw and in order, to ``conn-<N>-up.bin`` / ``conn-<N>-down.bin`` in that
+folder (N: the connection's number, from 0), exactly as the receiving peer gets it (HTTP upgrade,
+WebSocket framing and masks included). Bytes a cut drops are not delivered, so not recorded.
+``read_capture(dir)`` loads them back.
+
 Run as a process: ``python -m benchmarks.netem --listen 127.0.0.1:9100 --upstream
 127.0.0.1:8000 --latency-ms 150 --jitter-ms 30`` (first stdout line: ``LISTENING <port>``, last:
 ``STATS <json>``). Import for tests: ``async with NetemProxy(...) as proxy`` or ``spawn_proxy``.
@@ -50,6 +56,7 @@ SLICE_S = 0.005  # a bandwidth-limited chunk is released in pieces of at most th
 RCVBUF = 64 * 1024  # kernel receive buffer of a socket carrying a bandwidth-limited direction
 CutMode = Literal["reset", "close", "blackhole"]
 CUT_MODES: tuple[str, ...] = ("reset", "close", "blackhole")
+DIRECTIONS: tuple[str, ...] = ("up", "down")  # up = client -> upstream, down = upstream -> client
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,7 @@ class _Conn:
         self.blackholed = False
         self.cut_reason: str | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.capture: _Capture | None = None
 
     def cut(self, mode: CutMode, reason: str) -> None:
         """Idempotent; a blackholed connection can still be closed (e.g. at shutdown)."""
@@ -151,6 +159,45 @@ class _Conn:
             _abort(w, rst=mode == "reset")
         for t in self.tasks:
             t.cancel()
+
+
+class _Capture:
+    """Appends each direction's delivered bytes of one connection to its own file, unbuffered
+    (a reader sees every byte as soon as the peer could)."""
+
+    def __init__(self, folder: Path, cid: int) -> None:
+        self.files = {d: open(capture_path(folder, cid, d), "xb", buffering=0) for d in DIRECTIONS}
+
+    def write(self, direction: str, data: bytes) -> None:
+        self.files[direction].write(data)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def _prepare_capture_dir(folder: Path) -> None:
+    """Create the folder; refuse one holding earlier captures (connection numbers restart at 0)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if earlier := sorted(p.name for p in folder.glob("conn-*-*.bin")):
+        raise FileExistsError(f"{folder} already holds captures ({earlier[0]}, ...): use one empty folder per proxy")
+
+
+def capture_path(folder: str | os.PathLike[str], cid: int, direction: str) -> Path:
+    """Where connection ``cid``'s ``direction`` ("up" or "down") bytes are recorded."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}")
+    return Path(folder) / f"conn-{cid}-{direction}.bin"
+
+
+def read_capture(folder: str | os.PathLike[str]) -> dict[int, dict[str, bytes]]:
+    """Every recorded connection of a capture folder: ``{connection number: {"up": bytes, "down": bytes}}``."""
+    out: dict[int, dict[str, bytes]] = {}
+    for path in Path(folder).glob("conn-*-*.bin"):
+        _, cid, direction = path.stem.split("-")
+        if direction in DIRECTIONS and cid.isdigit():
+            out.setdefault(int(cid), {d: b"" for d in DIRECTIONS})[direction] = path.read_bytes()
+    return dict(sorted(out.items()))
 
 
 def _cap_rcvbuf(writer: asyncio.StreamWriter) -> None:
@@ -170,7 +217,10 @@ def _abort(writer: asyncio.StreamWriter, rst: bool) -> None:
 
 
 class NetemProxy:
-    """``async with NetemProxy(upstream=(host, port), up=Shape(...), down=Shape(...)) as p: p.port``."""
+    """``async with NetemProxy(upstream=(host, port), up=Shape(...), down=Shape(...)) as p: p.port``.
+
+    ``capture_dir``: record every delivered byte, per connection and direction (``capture_path``).
+    """
 
     def __init__(
         self,
@@ -183,12 +233,14 @@ class NetemProxy:
         cut_mode: CutMode = "reset",
         max_connections: int | None = None,
         queue_chunks: int = 8,
+        capture_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if cut_mode not in CUT_MODES:
             raise ValueError(f"cut_mode must be one of {CUT_MODES}")
         self.upstream, self.listen, self.up, self.down = upstream, listen, up, down
         self.seed, self.cut_after_s, self.cut_mode = seed, cut_after_s, cut_mode
         self.max_connections, self.queue_chunks = max_connections, queue_chunks
+        self.capture_dir = None if capture_dir is None else Path(capture_dir)
         self.stats = Stats()
         self._conns: dict[int, _Conn] = {}
         self._handlers: set[asyncio.Task[None]] = set()
@@ -198,6 +250,8 @@ class NetemProxy:
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> NetemProxy:
+        if self.capture_dir is not None:
+            _prepare_capture_dir(self.capture_dir)
         self._server = await asyncio.start_server(self._handle, *self.listen, limit=2 * CHUNK)
         log.info("listening on %s:%d -> %s:%d up=%s down=%s seed=%s", *self.listen[:1], self.port,
                  *self.upstream, self.up, self.down, self.seed)
@@ -293,6 +347,8 @@ class NetemProxy:
             _cap_rcvbuf(uwriter)
         cid, self._next_id = self._next_id, self._next_id + 1
         conn = _Conn(cid, cwriter, uwriter)
+        if self.capture_dir is not None:
+            conn.capture = _Capture(self.capture_dir, cid)
         self._conns[cid] = conn
         self.stats.opened += 1
         log.info("open #%d %s", cid, peer)
@@ -309,6 +365,8 @@ class NetemProxy:
             conn.timer.cancel()
         for w in (cwriter, uwriter):
             _abort(w, rst=False)
+        if conn.capture is not None:
+            conn.capture.close()
         del self._conns[cid]
         self.stats.closed += 1
         log.info("close #%d: %s", cid, conn.cut_reason or reason)
@@ -373,6 +431,8 @@ class NetemProxy:
                 if conn.blackholed:
                     break
                 writer.write(data[off:off + n])
+                if conn.capture is not None:  # what the peer is handed, in the order it gets it
+                    conn.capture.write(direction, data[off:off + n])
                 await writer.drain()
                 off += n
                 self._count(f"bytes_{direction}", n)
@@ -395,12 +455,15 @@ def spawn_proxy(
     cut_after_s: float | None = None,
     cut_mode: CutMode = "reset",
     max_connections: int | None = None,
+    capture_dir: str | os.PathLike[str] | None = None,
     stderr: int | None = subprocess.DEVNULL,
     timeout_s: float = 15.0,
 ) -> tuple[subprocess.Popen[str], int]:
     """Start the proxy as a child process; returns it and the port it listens on.
 
     Control it with signals: ``cut_proxy`` (SIGUSR1), ``stop_proxy`` (SIGTERM, returns stats).
+    ``capture_dir``: record every delivered byte there (``--capture``; read with ``read_capture``
+    once ``stop_proxy`` returned, or any time for what was delivered so far).
     """
     argv = [sys.executable, "-m", "benchmarks.netem", "--listen", _fmt(listen), "--upstream", _fmt(upstream),
             *up.to_args("up"), *down.to_args("down"), "--cut-mode", cut_mode]
@@ -410,6 +473,8 @@ def spawn_proxy(
         argv += ["--cut-after-s", repr(cut_after_s)]
     if max_connections is not None:
         argv += ["--max-connections", str(max_connections)]
+    if capture_dir is not None:
+        argv += ["--capture", os.fspath(capture_dir)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     assert proc.stdout is not None
@@ -482,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reset: TCP RST both peers; close: FIN both peers; blackhole: stop forwarding silently")
     p.add_argument("--max-connections", type=int, default=None, help="reset connections beyond this many")
     p.add_argument("--queue-chunks", type=int, default=8, help="64 KiB chunks buffered per direction (back-pressure)")
+    p.add_argument("--capture", metavar="DIR", default=None,
+                   help="append every byte delivered each way to DIR/conn-<N>-up.bin / conn-<N>-down.bin (raw)")
     p.add_argument("--log-level", default="INFO", help="logging level, to stderr")
     return p
 
@@ -497,7 +564,8 @@ def shapes_from_args(args: argparse.Namespace) -> tuple[Shape, Shape]:
 async def serve(args: argparse.Namespace) -> Stats:
     up, down = shapes_from_args(args)
     proxy = NetemProxy(args.upstream, args.listen, up, down, seed=args.seed, cut_after_s=args.cut_after_s,
-                       cut_mode=args.cut_mode, max_connections=args.max_connections, queue_chunks=args.queue_chunks)
+                       cut_mode=args.cut_mode, max_connections=args.max_connections, queue_chunks=args.queue_chunks,
+                       capture_dir=args.capture)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     async with proxy:

@@ -14,7 +14,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from benchmarks.netem import MSS, Link, NetemProxy, Shape, build_parser, cut_proxy, shapes_from_args, spawn_proxy, stop_proxy
+from benchmarks.netem import (MSS, Link, NetemProxy, Shape, build_parser, capture_path, cut_proxy, read_capture,
+                              shapes_from_args, spawn_proxy, stop_proxy)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -331,3 +332,68 @@ def test_subprocess_prints_its_port_forwards_cuts_and_reports_stats():
     assert all(58 <= r <= 150 for r in rtts), rtts
     assert closed and code == 0
     assert stats["bytes_up"] == stats["bytes_down"] == 31 and stats["cut"] == 1 and stats["opened"] == 2
+
+
+# ---------------------------------------------------------------------------- capture
+@contextlib.asynccontextmanager
+async def answer_server():
+    """Reads until the client's half-close, then answers with different bytes (the input
+    reversed, twice): each direction carries its own bytes."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read(-1)
+        writer.write(data[::-1] * 2)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield ("127.0.0.1", server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+
+
+def test_capture_records_exactly_the_bytes_delivered_each_way_per_connection(tmp_path):
+    payloads = [random.randbytes(700_000), random.randbytes(3), random.randbytes(150_000)]
+    shape = Shape(latency_ms=2, jitter_ms=3, bandwidth_mbps=400)  # split into pieces, interleaved
+
+    async def main():
+        async with answer_server() as upstream, NetemProxy(upstream, up=shape, down=shape, seed=2,
+                                                           capture_dir=tmp_path / "cap") as proxy:
+            backs = await asyncio.gather(*(echo(proxy.port, p) for p in payloads))
+            await until(lambda: proxy.active == 0)
+            return [b for b, _ in backs], proxy.stats
+
+    backs, stats = asyncio.run(main())
+    assert backs == [p[::-1] * 2 for p in payloads]
+    cap = read_capture(tmp_path / "cap")
+    assert sorted(cap) == [0, 1, 2]
+    # connection numbers follow accept order, which the gather does not fix: match by content
+    assert sorted((c["up"], c["down"]) for c in cap.values()) == sorted((p, p[::-1] * 2) for p in payloads)
+    assert sum(len(c["up"]) for c in cap.values()) == stats.bytes_up
+    assert sum(len(c["down"]) for c in cap.values()) == stats.bytes_down
+    assert capture_path(tmp_path / "cap", 1, "down").name == "conn-1-down.bin"
+    with pytest.raises(FileExistsError):  # connection numbers restart at 0: never mix two runs
+        asyncio.run(NetemProxy(("127.0.0.1", 9), capture_dir=tmp_path / "cap").start())
+
+
+def test_capture_of_a_subprocess_ends_at_a_cut(tmp_path):
+    async def main():
+        async with echo_server() as upstream:
+            proc, port = await asyncio.to_thread(spawn_proxy, upstream, capture_dir=tmp_path, seed=1)
+            try:
+                reader, writer = await connect(port)
+                writer.write(b"before the cut")
+                assert await reader.readexactly(14) == b"before the cut"
+                cut_proxy(proc)
+                assert await ends_within(reader, 2.0)
+                with contextlib.suppress(ConnectionError):
+                    writer.write(b"after")
+                    await writer.drain()
+            finally:
+                stats = await asyncio.to_thread(stop_proxy, proc)
+            return stats
+
+    stats = asyncio.run(main())
+    assert read_capture(tmp_path) == {0: {"up": b"before the cut", "down": b"before the cut"}}
+    assert stats["bytes_up"] == stats["bytes_down"] == 14
