@@ -6,7 +6,8 @@
   delay), and an optional cut time after which nothing is delivered.
 * ``SimulatedPair``: drives a device and a cloud ``Session`` over two links with fake engines
   that return given distributions after a given decode time. Frames go through the real codec,
-  so sizes are real and the codec is exercised.
+  so sizes are real and the codec is exercised. Both sides ping; a side that hears nothing from
+  its peer for ``peer_timeout_ms`` gets ``PeerLost`` (the links' rule, ``dragon_core.liveness``).
 
 Nothing here sleeps or touches a socket: a run is a pure function of its inputs and seeds.
 """
@@ -25,6 +26,7 @@ from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core.aggregate import cross_side_weights
 from dragon_core.dist import Dist
+from dragon_core.liveness import PeerLiveness
 from dragon_core.speculative import DRAFT_CLOUD, DRAFT_DEVICE, VERIFY, draft, step_rng, synchronous_target
 
 
@@ -127,6 +129,7 @@ class _SimSide:
         self.out_link: Link | None = None
         self.record = SideRecord()
         self.peer_lost = False
+        self.liveness = PeerLiveness(pair.peer_timeout_ms, 0.0)  # the links' dead-peer rule, in ms
 
     def handle(self, event: s.Event) -> None:
         before = self.session.aggregator
@@ -165,12 +168,12 @@ class SimulatedPair:
                  ping_every_ms: float = 50.0, peer_timeout_ms: float = 1000.0) -> None:
         self.loop = EventLoop()
         self.config = config
+        self.ping_every_ms, self.peer_timeout_ms = ping_every_ms, peer_timeout_ms
         self.up = Link(self.loop, up or LinkSpec(seed=1))  # device -> cloud
         self.down = Link(self.loop, down or LinkSpec(seed=2))  # cloud -> device
         self.device = _SimSide(self, "device", s.Session("device", config, device.log_h), device)
         self.cloud = _SimSide(self, "cloud", s.Session("cloud", config, cloud.log_h), cloud)
         self.device.out_link, self.cloud.out_link = self.up, self.down
-        self.ping_every_ms, self.peer_timeout_ms = ping_every_ms, peer_timeout_ms
         self._nonce = itertools.count()
 
     def send(self, sender: _SimSide, msg: m.Message) -> None:
@@ -179,6 +182,7 @@ class SimulatedPair:
 
     def _deliver(self, receiver: _SimSide, frame: bytes) -> None:
         msg = codec.decode(frame)
+        receiver.liveness.heard(self.loop.now)  # any frame is life
         if isinstance(msg, m.Ping):
             self.send(receiver, m.Pong(msg.nonce, msg.sent_at))
         elif isinstance(msg, m.Pong):
@@ -189,11 +193,10 @@ class SimulatedPair:
     def _ping(self, side: _SimSide) -> None:
         if self.done() or side.session.finished is not None:
             return
-        link = side.out_link
-        if link.cut() and not side.peer_lost:
-            side.peer_lost = True  # the link layer notices a dead peer after a timeout
-            self.loop.after(self.peer_timeout_ms, lambda: side.handle(s.PeerLost("connection lost")))
-        elif not link.cut():
+        if not side.peer_lost and side.liveness.lost(self.loop.now):
+            side.peer_lost = True  # the link layer's dead-peer deadline (dragon_core.liveness)
+            side.handle(s.PeerLost("peer silent"))
+        elif not side.out_link.cut():
             self.send(side, m.Ping(next(self._nonce), self.loop.now))
         self.loop.after(self.ping_every_ms, lambda: self._ping(side))
 

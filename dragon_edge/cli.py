@@ -16,6 +16,8 @@ from typing import Optional
 
 import typer
 
+from dragon_core.liveness import DEFAULT_PEER_TIMEOUT_S
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="DRAGON on the device: private documents stay here; the cloud helps decode.")
 
@@ -24,6 +26,9 @@ DEFAULT_STORE = os.environ.get("DRAGON_STORE", str(Path.home() / ".dragon" / "st
 StoreOpt = typer.Option(DEFAULT_STORE, "--store", "-s", help="Private store folder (env DRAGON_STORE).")
 CloudOpt = typer.Option(None, "--cloud", "-c", help="Cloud URL, e.g. http://127.0.0.1:8000. Omit for device-only.")
 TokenOpt = typer.Option(os.environ.get("DRAGON_TOKEN", ""), "--token", help="Link auth token (env DRAGON_TOKEN).")
+PeerTimeoutOpt = typer.Option(DEFAULT_PEER_TIMEOUT_S, "--peer-timeout-s", help=(
+    "Give the cloud up after this many seconds without a frame from it (pings keep a live link "
+    "talking every 0.5 s); the answer goes on device-only, flagged degraded. 0 = wait for TCP."))
 
 
 def _check_mode(value: str) -> str:
@@ -73,11 +78,12 @@ def search(query: str, store: str = StoreOpt, k: int = typer.Option(4, "-k", hel
         typer.echo(f"[{p.score:6.3f}] {p.source}: {p.text[:200]}")
 
 
-def _client(store: str, cloud: Optional[str], token: str, engine: str):
+def _client(store: str, cloud: Optional[str], token: str, engine: str, peer_timeout_s: float | None = None):
     from dragon_edge.sdk import AsyncDragonClient
 
     st = _open_store(store, create=False) if Path(store).expanduser().exists() else None
-    return AsyncDragonClient(cloud_url=cloud, store=st, engine=engine, auth_token=token)
+    return AsyncDragonClient(cloud_url=cloud, store=st, engine=engine, auth_token=token,
+                             peer_timeout_s=peer_timeout_s)
 
 
 async def _ask(client, messages: list[dict], opts: dict, show_stats: bool, as_json: bool) -> str:
@@ -138,12 +144,13 @@ def ask(question: str,
         seed: int = typer.Option(0),
         stats: bool = typer.Option(True, "--stats/--no-stats", help="Print DRAGON stats after the answer."),
         as_json: bool = typer.Option(False, "--json", help="Print answer and stats as JSON."),
+        peer_timeout_s: float = PeerTimeoutOpt,
         verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Answer one question from your private notes (and the cloud's public corpus with --cloud)."""
     _setup_logging(verbose)
 
     async def main():
-        client = _client(store, cloud, token, engine)
+        client = _client(store, cloud, token, engine, peer_timeout_s)
         try:
             await _ask(client, [{"role": "user", "content": question}],
                        _opts(max_tokens, k, cloud_k, mode, temperature, seed, aggregator), stats, as_json)
@@ -157,12 +164,13 @@ def ask(question: str,
 def chat(store: str = StoreOpt, cloud: Optional[str] = CloudOpt, token: str = TokenOpt,
          engine: str = typer.Option("llamacpp"), max_tokens: int = typer.Option(128, "--max-tokens", "-n"),
          k: int = typer.Option(2, "-k"), cloud_k: int = typer.Option(2, "--cloud-k"), mode: str = ModeOpt,
+         peer_timeout_s: float = PeerTimeoutOpt,
          verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Interactive chat (each turn retrieves with your latest message). Ctrl-D to quit."""
     _setup_logging(verbose)
 
     async def main():
-        client = _client(store, cloud, token, engine)
+        client = _client(store, cloud, token, engine, peer_timeout_s)
         history: list[dict] = []
         try:
             while True:

@@ -2,9 +2,11 @@
 
 ``CloudLink`` connects (with timeouts and exponential backoff), does the handshake, pings for
 RTT samples (fed to every running session's scheduler) and routes frames to sessions by
-``request_id``. When the connection dies, every running session gets ``PeerLost`` and goes on
-device-only from its last committed token; the link reconnects in the background for later
-requests. Nothing here raises into the application once a request runs.
+``request_id``. When the connection dies, or the cloud stays silent for longer than
+``peer_timeout_s`` (``dragon_core.liveness``: a blackholed connection that TCP would notice
+only after minutes), every running session gets ``PeerLost`` and goes on device-only from its
+last committed token; the next request reconnects. Nothing here raises into the application
+once a request runs.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dragon_core import session as s
 from dragon_core.driver import SessionDriver
 from dragon_core.errors import CodecError, DragonError, HandshakeError
 from dragon_core.handshake import LINK_PATH, Identity
+from dragon_core.liveness import DEFAULT_PEER_TIMEOUT_S, PeerLiveness
 
 log = logging.getLogger("dragon.edge.link")
 
@@ -48,6 +51,9 @@ class LinkOptions:
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 10.0
     connect_attempts: int = 3
+    # the cloud is lost after this long without a frame from it (pings every ping_interval_s
+    # keep a live link talking); <= 0 disables. See docs/PROTOCOL.md, "Dead peers".
+    peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S
 
 
 class CloudLink:
@@ -122,15 +128,19 @@ class CloudLink:
             await ws.close()
             raise LinkUnavailable(f"unexpected handshake reply {type(reply).__name__}")
         self._ws, self.welcome = ws, reply
-        self._tasks = [asyncio.create_task(self._read_loop(ws)), asyncio.create_task(self._ping_loop(ws))]
+        live = PeerLiveness.for_link(self.options.peer_timeout_s, time.monotonic())
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks += [asyncio.create_task(self._read_loop(ws, live)), asyncio.create_task(self._ping_loop(ws))]
+        if live.enabled:
+            self._tasks.append(asyncio.create_task(self._watch(ws, live)))
         log.info("connected to %s (%s)", self.url, reply.server)
 
     async def close(self) -> None:
         self._closed = True
         for t in self._tasks:
             t.cancel()
-        if self._ws is not None:
-            await self._ws.close()
+        if self._ws is not None:  # a live cloud answers the close frame within an RTT; a silent one never
+            await _drop(self._ws, grace_s=min(self.options.connect_timeout_s, 1.0))
         if self._http is not None:
             await self._http.close()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -198,10 +208,11 @@ class CloudLink:
         return True
 
     # ------------------------------------------------------------------ frames in
-    async def _read_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _read_loop(self, ws: aiohttp.ClientWebSocketResponse, live: PeerLiveness) -> None:
         try:
             async for raw in ws:
                 if raw.type == aiohttp.WSMsgType.BINARY:
+                    live.heard(time.monotonic())  # any frame is life
                     self.bytes_received += len(raw.data)
                     if self.tap is not None:
                         self.tap("down", raw.data)
@@ -209,7 +220,7 @@ class CloudLink:
                 elif raw.type == aiohttp.WSMsgType.ERROR:
                     break
         finally:
-            self._on_lost("cloud connection lost")
+            self._on_lost(ws, "cloud connection lost")
 
     def _on_frame(self, data: bytes) -> None:
         try:
@@ -244,7 +255,9 @@ class CloudLink:
         if driver is not None:
             driver.feed(event)
 
-    def _on_lost(self, reason: str) -> None:
+    def _on_lost(self, ws: aiohttp.ClientWebSocketResponse, reason: str) -> None:
+        if ws is not self._ws:
+            return  # that connection was already given up (peer timeout) or replaced
         self._ws = None
         for driver in self._drivers.values():
             driver.feed(s.PeerLost(reason))
@@ -255,6 +268,39 @@ class CloudLink:
             log.warning("%s; running answers continue on the device", reason)
 
     async def _ping_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        while not ws.closed:
+        while not ws.closed and ws is self._ws:
             await self.send(m.Ping(next(self._nonce), time.monotonic()))
             await asyncio.sleep(self.options.ping_interval_s)
+
+    async def _watch(self, ws: aiohttp.ClientWebSocketResponse, live: PeerLiveness) -> None:
+        """The dead-peer deadline: a cloud silent for longer than ``peer_timeout_s`` is lost,
+        exactly as if the connection had been cut; the socket is then dropped without waiting."""
+        while ws is self._ws and not ws.closed:
+            await asyncio.sleep(live.tick)
+            now = time.monotonic()
+            if live.lost(now):
+                self._on_lost(ws, f"cloud silent for {live.silence(now):.1f} s "
+                                  f"(peer timeout {self.options.peer_timeout_s:g} s)")
+                for t in self._tasks:
+                    if t is not asyncio.current_task() and not t.done():
+                        t.cancel()  # this connection's read and ping loops
+                _abort(ws)
+                await _drop(ws)
+                return
+
+
+def _abort(ws: aiohttp.ClientWebSocketResponse) -> None:
+    """Abort the socket under a WebSocket now: a send blocked on a full buffer towards a dead
+    peer fails at once instead of holding its session (aiohttp has no public way to reach it)."""
+    conn = getattr(getattr(ws, "_response", None), "connection", None)
+    transport = getattr(conn, "transport", None)
+    if transport is not None:
+        transport.abort()
+
+
+async def _drop(ws: aiohttp.ClientWebSocketResponse, grace_s: float = 0.5) -> None:
+    """Close a connection to a silent peer: a close frame, but no waiting for the peer's."""
+    try:
+        await asyncio.wait_for(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"peer timeout"), grace_s)
+    except (asyncio.TimeoutError, ConnectionError, RuntimeError, aiohttp.ClientError):
+        pass  # a timed-out close() has already closed the transport

@@ -14,6 +14,7 @@ sources). Without ``cloud_url`` the client answers device-only.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 import uuid
@@ -124,8 +125,12 @@ class AsyncDragonClient:
 
     def __init__(self, cloud_url: str | None = None, store: str | Path | Any | None = None, *,
                  model: str = DEFAULT_MODEL, engine: str = "llamacpp", auth_token: str = "",
-                 runtime: EdgeRuntime | None = None) -> None:
+                 runtime: EdgeRuntime | None = None, peer_timeout_s: float | None = None) -> None:
+        """``peer_timeout_s``: give the cloud up (the answer goes on device-only, flagged
+        degraded) after this long without a frame from it; None: the link's default (3 s),
+        <= 0: never (wait for TCP to notice)."""
         self.cloud_url, self.model, self.engine_kind, self.auth_token = cloud_url, model, engine, auth_token
+        self.peer_timeout_s = peer_timeout_s
         self._store_arg = store
         self._store = None
         self._runtime = runtime
@@ -153,6 +158,9 @@ class AsyncDragonClient:
                 store = self.store() if self._store_arg is not None else None
                 self._runtime = await asyncio.to_thread(
                     load_runtime, self.model, self.engine_kind, store, self.cloud_url, self.auth_token)
+                link = self._runtime.link
+                if link is not None and self.peer_timeout_s is not None:
+                    link.options = dataclasses.replace(link.options, peer_timeout_s=self.peer_timeout_s)
             return self._runtime
 
     async def close(self) -> None:

@@ -11,6 +11,8 @@ from typing import Optional
 
 import typer
 
+from dragon_core.liveness import DEFAULT_PEER_TIMEOUT_S
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="DRAGON cloud: the same model under vLLM, over a public corpus.")
 
@@ -36,6 +38,9 @@ def serve(
     max_tokens: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
     emulate_decode_ms: float = typer.Option(0.0, help="Experiments: add this to every cloud draft on the "
                                                        "link (a slower cloud)."),
+    peer_timeout_s: float = typer.Option(DEFAULT_PEER_TIMEOUT_S, "--peer-timeout-s", help=(
+        "Drop a device after this many seconds without a frame from it (its requests end, their "
+        "streams and KV are freed); devices ping every 0.5 s. 0 = wait for TCP.")),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Start the cloud: WebSocket link at /v1/dragon/link, OpenAI API at /v1, /health, /metrics."""
@@ -59,7 +64,7 @@ def serve(
                                  max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
                                  gpu_memory_utilization=gpu_memory_utilization,
                                  emulate_decode_ms=emulate_decode_ms)
-        limits = LinkLimits(max_k=max_k, max_tokens=max_tokens)
+        limits = LinkLimits(max_k=max_k, max_tokens=max_tokens, peer_timeout_s=peer_timeout_s)
         return build_app(cloud, ServerConfig(served_model=model, auth_token=auth_token or None, limits=limits))
 
     typer.echo(f"dragon-cloud: starting {model} on http://{host}:{port} (Ctrl-C stops)", err=True)

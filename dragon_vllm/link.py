@@ -4,8 +4,9 @@ Frame flow: the device sends ``Hello`` (checked by ``dragon_core.handshake``), t
 ``Open`` requests; each runs a cloud ``Session`` through a ``SessionDriver`` on the shared
 engine. ``Draft`` / ``Target`` / ``Cancel`` frames are routed by ``request_id``. A malformed
 frame gets a typed ``Error`` (the connection survives); a broken handshake closes it. When the
-device goes away every request of that connection is finished and its streams closed, so the
-engine's KV blocks return at once.
+device goes away, or stays silent for longer than ``peer_timeout_s`` (``dragon_core.liveness``:
+a blackholed connection stays open for minutes otherwise), every request of that connection is
+finished and its streams closed, so the engine's KV blocks return at once.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dragon_core.driver import SessionDriver
 from dragon_core.engine import StreamGroup
 from dragon_core.errors import CodecError, DragonError, HandshakeError
 from dragon_core.handshake import LINK_PATH, Identity, check_hello
+from dragon_core.liveness import DEFAULT_PEER_TIMEOUT_S, PeerLiveness
 
 log = logging.getLogger("dragon.cloud.link")
 
@@ -40,6 +42,9 @@ class LinkLimits:
     max_requests_per_connection: int = 64
     handshake_timeout_s: float = 10.0
     ping_interval_s: float = 0.5
+    # a device silent for this long is gone (its requests end, their streams are freed); <= 0
+    # disables. See docs/PROTOCOL.md, "Dead peers".
+    peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S
 
 
 @dataclass
@@ -92,7 +97,7 @@ class LinkServer:
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=self.limits.max_frame_bytes, autoping=True)
         await ws.prepare(request)
-        conn = _Connection(self, ws, request.remote or "?")
+        conn = _Connection(self, ws, request.remote or "?", request.transport)
         self.connections.add(conn)
         try:
             await conn.serve()
@@ -110,25 +115,36 @@ class LinkServer:
 
 
 class _Connection:
-    def __init__(self, server: LinkServer, ws: web.WebSocketResponse, peer: str) -> None:
-        self.server, self.ws, self.peer = server, ws, peer
+    def __init__(self, server: LinkServer, ws: web.WebSocketResponse, peer: str,
+                 transport: asyncio.BaseTransport | None = None) -> None:
+        self.server, self.ws, self.peer, self.transport = server, ws, peer, transport
         self.limits = server.limits
         self.drivers: dict[int, SessionDriver] = {}
         self.pending: dict[int, list[s.Event]] = {}  # events that arrived while a request was opening
         self.tasks: dict[int, asyncio.Task] = {}
         self._send_lock = asyncio.Lock()
         self._nonce = itertools.count()
+        self.silent: str | None = None  # why the device was given up for silence, if it was
 
     # ------------------------------------------------------------------ lifecycle
     async def serve(self) -> None:
         try:
             if not await self._handshake():
                 return
-            pinger = asyncio.create_task(self._ping_loop())
+            live = PeerLiveness.for_link(self.limits.peer_timeout_s, time.monotonic())
+            reader = asyncio.create_task(self._read_loop(live))
+            others = [asyncio.create_task(self._ping_loop())]
+            if live.enabled:
+                others.append(asyncio.create_task(self._watch(live)))
             try:
-                await self._read_loop()
+                # the read loop ends when the device goes away; the watchdog when it goes silent
+                await asyncio.wait([reader, *others[1:]], return_when=asyncio.FIRST_COMPLETED)
             finally:
-                pinger.cancel()
+                for task in (reader, *others):
+                    task.cancel()
+                await asyncio.gather(reader, *others, return_exceptions=True)
+            if self.silent:
+                await self._drop()
         finally:
             await self._peer_gone()
 
@@ -163,15 +179,37 @@ class _Connection:
         """Running requests finish through their session (PeerLost); opening ones are cancelled."""
         for rid, task in list(self.tasks.items()):
             if rid in self.drivers:
-                self.drivers[rid].feed(s.PeerLost("device disconnected"))
+                self.drivers[rid].feed(s.PeerLost(self.silent or "device disconnected"))
             else:
                 task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
 
+    async def _watch(self, live: PeerLiveness) -> None:
+        """Returns when the device has been silent for longer than the peer timeout."""
+        while not self.ws.closed:
+            await asyncio.sleep(live.tick)
+            now = time.monotonic()
+            if live.lost(now):
+                self.silent = f"device silent for {live.silence(now):.1f} s (peer timeout {self.limits.peer_timeout_s:g} s)"
+                log.warning("giving up device %s: %s", self.peer, self.silent)
+                return
+
+    async def _drop(self) -> None:
+        """Drop a silent device's connection now: abort the socket (a send blocked on a full
+        buffer towards a dead peer fails at once instead of holding its request), then mark the
+        WebSocket closed so later sends return at once."""
+        if self.transport is not None:
+            self.transport.abort()
+        try:
+            await asyncio.wait_for(self.ws.close(code=1001, message=b"peer timeout"), 0.5)
+        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            pass
+
     # ------------------------------------------------------------------ frames in
-    async def _read_loop(self) -> None:
+    async def _read_loop(self, live: PeerLiveness) -> None:
         async for raw in self.ws:
             if raw.type == WSMsgType.BINARY:
+                live.heard(time.monotonic())  # any frame is life
                 if self.server.stats:
                     self.server.stats.on_bytes(0, len(raw.data))
                 await self._on_frame(raw.data)

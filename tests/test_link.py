@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import aiohttp
 import pytest
@@ -17,12 +18,14 @@ from dragon_core.aggregate import log_mass
 from dragon_core.driver import SessionDriver
 from dragon_core.errors import HandshakeError
 from dragon_core.handshake import Identity
+from dragon_core.liveness import PeerLiveness
 from dragon_core.netsim import centralized_decode, solo_decode
 from dragon_edge.demo import free_port
 from dragon_edge.baselines import LazyGroup
 from dragon_edge.link import CloudLink, CloudRefused, LinkOptions, LinkUnavailable
 from dragon_vllm.link import LINK_PATH, LinkLimits, LinkServer, OpenedRequest
 
+from benchmarks.netem import NetemProxy
 from fakes import EOS, ListStreams, side_spec
 
 IDENTITY = Identity("fake-model", "mfp", "tfp", "rfp", "cosine*10")
@@ -35,12 +38,15 @@ class FakeBackend:
     identity = IDENTITY
     eos_ids = frozenset({EOS})
 
-    def __init__(self, world: int = 0, delay_s: float = 0.002) -> None:
-        self.world, self.delay_s = world, delay_s
+    def __init__(self, world: int = 0, delay_s: float = 0.002, prefill_s: float = 0.0) -> None:
+        self.world, self.delay_s, self.prefill_s = world, delay_s, prefill_s
         self.groups: list[ListStreams] = []
 
     async def open_request(self, req: m.Open) -> OpenedRequest:
-        group = ListStreams(CLOUD_DOCS, self.world, self.delay_s)
+        await asyncio.sleep(self.prefill_s)
+        # a query "world N" (see ask()) picks the documents' world, so requests differ
+        world = int(req.query.split()[1]) if req.query.startswith("world ") else self.world
+        group = ListStreams(CLOUD_DOCS, world, self.delay_s)
         self.groups.append(group)
         return OpenedRequest(group, CLOUD_SCORES, [f"public-{d}" for d in CLOUD_DOCS])
 
@@ -69,13 +75,15 @@ async def cloud_server(backend: FakeBackend, limits: LinkLimits | None = None):
         await runner.cleanup()
 
 
-async def ask(link: CloudLink | None, config_kw: dict, world: int = 0, delay_s: float = 0.004):
-    """One device request over the link; returns (tokens, finish, session)."""
+async def ask(link: CloudLink | None, config_kw: dict, world: int = 0, delay_s: float = 0.004,
+              tokens: list[int] | None = None):
+    """One device request over the link in ``world`` (both sides' documents and the seed);
+    returns (tokens, finish, session). ``tokens`` fills as tokens are committed."""
     rid = link.new_request_id() if link else 1
-    open_msg = m.Open(rid, "what?", k=len(CLOUD_DOCS), seed=world, **{"scheduling": False, **config_kw})
+    open_msg = m.Open(rid, f"world {world}", k=len(CLOUD_DOCS), seed=world, **{"scheduling": False, **config_kw})
     config = s.SessionConfig.from_open(open_msg, [EOS])
     session = s.Session("device", config, log_mass(DEV_SCORES), solo=link is None)
-    tokens: list[int] = []
+    tokens = [] if tokens is None else tokens
 
     async def send(msg):
         if link is not None:
@@ -92,21 +100,44 @@ async def ask(link: CloudLink | None, config_kw: dict, world: int = 0, delay_s: 
     return tokens, finish, session
 
 
-def central(world: int, max_tokens: int) -> list[int]:
-    config = s.SessionConfig(request_id=0, max_tokens=max_tokens, seed=world, eos_ids=frozenset({EOS}))
+def central(world: int, max_tokens: int, sampling: m.Sampling = m.Sampling()) -> list[int]:
+    config = s.SessionConfig(request_id=0, max_tokens=max_tokens, seed=world, eos_ids=frozenset({EOS}),
+                             sampling=sampling)
     return centralized_decode(config, side_spec(DEV_DOCS, DEV_SCORES, world), side_spec(CLOUD_DOCS, CLOUD_SCORES, world))
 
 
-def test_many_concurrent_requests_on_one_connection_are_exact():
+def cloud_alone(world: int, max_tokens: int) -> list[int]:
+    config = s.SessionConfig(request_id=0, max_tokens=max_tokens, seed=world, eos_ids=frozenset({EOS}), mode="cloud")
+    return solo_decode(config, side_spec(CLOUD_DOCS, CLOUD_SCORES, world), "cloud")
+
+
+SAMPLED = m.Sampling(greedy=False, temperature=1.0)
+# Six different requests at once on one connection: each its own world (documents, seed), length
+# and mode, so an answer routed to, or computed from, the wrong request is caught.
+MIXED = [  # (world, Open fields, expected tokens)
+    (0, dict(max_tokens=18), lambda: central(0, 18)),
+    (1, dict(max_tokens=12, aggregator="cloud"), lambda: central(1, 12)),
+    (2, dict(max_tokens=15, mode="vdrag", sampling=SAMPLED), lambda: central(2, 15, SAMPLED)),
+    (3, dict(max_tokens=20, mode="sw"), lambda: central(3, 20)),
+    (4, dict(max_tokens=16, mode="cloud"), lambda: cloud_alone(4, 16)),
+    (5, dict(max_tokens=25, mode="vdrag"), lambda: central(5, 25)),
+]
+
+
+def test_many_different_concurrent_requests_on_one_connection_are_each_exact():
+    wants = [want() for _, _, want in MIXED]
+    assert len({tuple(w) for w in wants}) == len(MIXED)  # all different: a mix-up cannot go unseen
+
     async def main():
         backend = FakeBackend()
         async with cloud_server(backend) as (server, url):
             async with CloudLink(url, IDENTITY, TOKEN) as link:
-                results = await asyncio.gather(*(ask(link, dict(max_tokens=18)) for _ in range(6)))
-            for tokens, finish, session in results:
-                assert tokens == central(0, 18)
+                results = await asyncio.gather(*(ask(link, kw, world=w) for w, kw, _ in MIXED))
+            for (world, kw, _), want, (tokens, finish, session) in zip(MIXED, wants, results):
+                assert tokens == want, f"request in world {world} ({kw})"
                 assert not finish.degraded
-                assert session.stats.decided_here == len(tokens)
+                if kw.get("mode") != "cloud":
+                    assert session.stats.decided_here == (len(tokens) if kw.get("aggregator") != "cloud" else 0)
             await asyncio.sleep(0.05)
             assert all(g.closed for g in backend.groups) and len(backend.groups) == 6
             assert server.active_requests == 0
@@ -240,6 +271,188 @@ def test_device_disconnect_frees_the_cloud_streams():
             await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------- dead peers
+def test_liveness_rule():
+    live = PeerLiveness(3.0, now=10.0)
+    assert not live.lost(12.9) and not live.lost(13.0)  # silent for exactly the deadline: not yet
+    assert live.lost(13.01) and live.silence(13.01) == pytest.approx(3.01)
+    live.heard(13.5)  # any frame resets the silence
+    assert not live.lost(16.4) and live.next_check(16.4) == pytest.approx(0.1) and live.lost(16.6)
+    live.heard(12.0)  # an older timestamp never moves it back
+    assert live.last_heard == 13.5
+    # a late check (our own loop stalled) does not judge: frames may wait unread in the socket
+    live = PeerLiveness.for_link(3.0, now=0.0)
+    assert live.stall == 0.75 and live.tick == 0.1
+    assert not live.lost(2.9)
+    assert not live.lost(4.0)  # 1.1 s after the previous check: late, not judged
+    assert live.lost(4.1)  # the next one is
+    off = PeerLiveness.for_link(0.0, now=0.0)
+    assert not off.enabled and not off.lost(1e9) and off.tick == float("inf")
+
+
+def _tcp_port(proxy_or_url) -> int:
+    return int(str(proxy_or_url).rsplit(":", 1)[1])
+
+
+async def blackhole_proxy(url: str) -> NetemProxy:
+    """An in-process netem proxy to the cloud; ``cut_all()`` blackholes its connections: both
+    sockets stay open, nothing passes either way (what a dead NAT or a lost route looks like)."""
+    return await NetemProxy(("127.0.0.1", _tcp_port(url)), cut_mode="blackhole").start()
+
+
+def stall(server: LinkServer) -> None:
+    """The cloud process hangs without closing anything: it stops reading its sockets, and its
+    writes block (until the socket is aborted, as a write into a full buffer would)."""
+    for conn in server.connections:
+        transport = conn.transport
+        transport.pause_reading()
+
+        async def blocked(*args, transport=transport, **kw):
+            while not transport.is_closing():
+                await asyncio.sleep(0.01)
+            raise ConnectionResetError("aborted")
+
+        conn.ws.send_bytes = blocked
+
+
+@pytest.mark.parametrize("silence", ["blackhole", "stalled"])
+def test_silent_cloud_is_lost_after_the_peer_timeout_and_the_device_finishes_degraded(silence):
+    """``blackhole``: a netem proxy stops passing bytes, both sockets stay open. ``stalled``:
+    the cloud stops reading and answering (its own deadline, 1 s, then drops the device). The
+    device's deadline (0.5 s) gives the cloud up; with the deadline off (blackhole) it waits."""
+    timeout = 0.5
+
+    async def main():
+        backend = FakeBackend(delay_s=0.01)
+        cloud_timeout = 0 if silence == "blackhole" else 1.0
+        async with cloud_server(backend, LinkLimits(ping_interval_s=0.05, peer_timeout_s=cloud_timeout)) as (server, url):
+            proxy = await blackhole_proxy(url) if silence == "blackhole" else None
+            try:
+                results = []
+                for peer_timeout in (timeout, 0) if proxy else (timeout,):  # with the deadline, then without
+                    link = CloudLink(f"http://127.0.0.1:{proxy.port}" if proxy else url, IDENTITY, TOKEN,
+                                     LinkOptions(ping_interval_s=0.05, peer_timeout_s=peer_timeout))
+                    lost_at = []
+                    real_on_lost = link._on_lost
+                    link._on_lost = lambda ws, reason: (lost_at.append((time.monotonic(), reason)),
+                                                        real_on_lost(ws, reason))
+                    await link.connect()
+                    tokens: list[int] = []
+                    task = asyncio.create_task(ask(link, dict(max_tokens=60), delay_s=0.01, tokens=tokens))
+                    while len(tokens) < 3:
+                        await asyncio.sleep(0.005)
+                    if proxy:
+                        assert proxy.cut_all() >= 1  # the cloud goes silent; no FIN, no RST
+                    else:
+                        stall(server)
+                    cut_at, n_before = time.monotonic(), len(tokens)
+                    done, _ = await asyncio.wait({task}, timeout=timeout + 1.0)
+                    results.append((done, task, cut_at, n_before, lost_at))
+                    if not done:
+                        task.cancel()
+                        await asyncio.gather(task, return_exceptions=True)
+                    await link.close()
+                if not proxy:  # the stalled cloud gives the silent device up by its own deadline
+                    for _ in range(100):
+                        if not server.connections:
+                            break
+                        await asyncio.sleep(0.02)
+                    assert not server.connections and server.active_requests == 0
+                return results
+            finally:
+                if proxy:
+                    await proxy.stop()
+
+    (done, task, cut_at, n_before, lost_at), *off = asyncio.run(main())
+    assert done, "the device did not give up a silent cloud"
+    tokens, finish, session = task.result()
+    assert finish.degraded and finish.reason in ("eos", "length")
+    (t_lost, reason), = lost_at[:1]
+    assert "silent" in reason and "peer timeout" in reason
+    # the last frame came up to a ping interval (0.05 s) before the cut; then the deadline + a tick
+    assert timeout - 0.06 < t_lost - cut_at < timeout + 0.3, t_lost - cut_at
+    assert tokens[:n_before] == central(0, 60)[:n_before]  # exact DRAGON before the cut
+    if off:
+        assert not off[0][0]  # without the deadline the same answer still waits on the silent socket
+
+
+def test_silent_device_is_dropped_by_the_cloud_and_its_streams_freed():
+    timeout = 0.5
+
+    async def main():
+        backend = FakeBackend(delay_s=0.01)
+        limits = LinkLimits(ping_interval_s=0.05, peer_timeout_s=timeout)
+        async with cloud_server(backend, limits) as (server, url):
+            proxy = await blackhole_proxy(url)
+            # the device never gives up on its own here: only the cloud's deadline acts
+            link = CloudLink(f"http://127.0.0.1:{proxy.port}", IDENTITY, TOKEN, LinkOptions(peer_timeout_s=0))
+            await link.connect()
+            task = asyncio.create_task(ask(link, dict(max_tokens=200), delay_s=0.01))
+            while not backend.groups or server.active_requests == 0:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.05)
+            proxy.cut_all()
+            cut_at = time.monotonic()
+            while not backend.groups[0].closed and time.monotonic() - cut_at < 5:
+                await asyncio.sleep(0.01)
+            freed_after = time.monotonic() - cut_at
+            active, conns = server.active_requests, len(server.connections)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await link.close()
+            await proxy.stop()
+            return freed_after, active, conns
+
+    freed_after, active, conns = asyncio.run(main())
+    assert timeout - 0.06 < freed_after < timeout + 0.3, freed_after
+    assert active == 0 and conns == 0  # the request ended and the connection was dropped
+
+
+def test_slow_prefill_and_slow_steps_longer_than_the_deadline_do_not_trigger_it():
+    """Pings are answered by each side's read loop while its engine works: a cloud prefill and
+    decode steps on both sides, each longer than the peer timeout, keep the link alive."""
+    timeout = 0.3
+
+    async def main():
+        backend = FakeBackend(delay_s=0.45, prefill_s=0.45)
+        limits = LinkLimits(ping_interval_s=0.05, peer_timeout_s=timeout)
+        async with cloud_server(backend, limits) as (server, url):
+            async with CloudLink(url, IDENTITY, TOKEN, LinkOptions(ping_interval_s=0.05, peer_timeout_s=timeout)) as link:
+                return await ask(link, dict(max_tokens=3), delay_s=0.45)
+
+    tokens, finish, _ = asyncio.run(main())
+    assert tokens == central(0, 3) and not finish.degraded
+
+
+def test_connecting_to_a_silent_endpoint_is_bounded_by_the_connect_timeout():
+    """A reconnect into a blackhole (the TCP connect succeeds, nothing ever answers) fails with
+    LinkUnavailable after connect_attempts x connect_timeout_s (+ backoff), not a TCP timeout."""
+
+    async def main():
+        accepted = []
+
+        async def swallow(reader, writer):
+            accepted.append(writer)
+            await reader.read()  # reads, never answers
+
+        server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        link = CloudLink(f"http://127.0.0.1:{port}", IDENTITY, TOKEN,
+                         LinkOptions(connect_timeout_s=0.3, connect_attempts=2, backoff_initial_s=0.05))
+        t0 = time.monotonic()
+        with pytest.raises(LinkUnavailable):
+            await link.connect()
+        took = time.monotonic() - t0
+        await link.close()
+        for w in accepted:
+            w.close()
+        server.close()
+        return took, len(accepted)
+
+    took, attempts = asyncio.run(main())
+    assert attempts == 2 and 0.6 <= took < 1.5, took
 
 
 # ---------------------------------------------------------------------------- baselines
