@@ -15,11 +15,12 @@ works) and adds, per direction (up = client->upstream, down = upstream->client):
   (SIGUSR1 in the CLI) kills every current one, ``set_down(True)`` (SIGUSR2 toggles) resets new
   ones at once. A cut is a TCP reset, a FIN, or a silent blackhole (``cut_mode``).
 
-It can also record what it carries: with ``capture_dir`` (``--capture DIR``) every byte it
-delivers is appended, raw and in order, to ``conn-<N>-up.bin`` / ``conn-<N>-down.bin`` in that
-folder (N: the connection's number, from 0), exactly as the receiving peer gets it (HTTP upgrade,
-WebSocket framing and masks included). Bytes a cut drops are not delivered, so not recorded.
-``read_capture(dir)`` loads them back.
+It can also record what it carries: with ``capture_dir`` (``--capture DIR``) every byte each
+peer sends into the link is appended, raw and in order, to ``conn-<N>-up.bin`` /
+``conn-<N>-down.bin`` in that folder (N: the connection's number, from 0), as the proxy reads it
+(HTTP upgrade, WebSocket framing and masks included): what an eavesdropper on that side would
+see, including bytes that a blackhole, a cut or the end of the connection then keeps from the
+other peer. ``read_capture(dir)`` loads them back.
 
 Run as a process: ``python -m benchmarks.netem --listen 127.0.0.1:9100 --upstream
 127.0.0.1:8000 --latency-ms 150 --jitter-ms 30`` (first stdout line: ``LISTENING <port>``, last:
@@ -162,8 +163,8 @@ class _Conn:
 
 
 class _Capture:
-    """Appends each direction's delivered bytes of one connection to its own file, unbuffered
-    (a reader sees every byte as soon as the peer could)."""
+    """Appends each direction's bytes of one connection, as read from their sender, to its own
+    file, unbuffered (a reader of the file sees every byte as soon as the proxy has it)."""
 
     def __init__(self, folder: Path, cid: int) -> None:
         self.files = {d: open(capture_path(folder, cid, d), "xb", buffering=0) for d in DIRECTIONS}
@@ -219,7 +220,7 @@ def _abort(writer: asyncio.StreamWriter, rst: bool) -> None:
 class NetemProxy:
     """``async with NetemProxy(upstream=(host, port), up=Shape(...), down=Shape(...)) as p: p.port``.
 
-    ``capture_dir``: record every delivered byte, per connection and direction (``capture_path``).
+    ``capture_dir``: record every byte each peer sends, per connection and direction (``capture_path``).
     """
 
     def __init__(
@@ -410,6 +411,8 @@ class NetemProxy:
                     queue: asyncio.Queue[tuple[bytes, list[tuple[float, int]]] | None], direction: str) -> None:
         loop = asyncio.get_running_loop()
         while data := await reader.read(CHUNK):
+            if conn.capture is not None:  # what the sender put on the wire, whatever happens to it
+                conn.capture.write(direction, data)
             if conn.blackholed:
                 continue  # keep reading so the sender is not blocked: the bytes just vanish
             before = link.losses
@@ -431,8 +434,6 @@ class NetemProxy:
                 if conn.blackholed:
                     break
                 writer.write(data[off:off + n])
-                if conn.capture is not None:  # what the peer is handed, in the order it gets it
-                    conn.capture.write(direction, data[off:off + n])
                 await writer.drain()
                 off += n
                 self._count(f"bytes_{direction}", n)
@@ -462,8 +463,8 @@ def spawn_proxy(
     """Start the proxy as a child process; returns it and the port it listens on.
 
     Control it with signals: ``cut_proxy`` (SIGUSR1), ``stop_proxy`` (SIGTERM, returns stats).
-    ``capture_dir``: record every delivered byte there (``--capture``; read with ``read_capture``
-    once ``stop_proxy`` returned, or any time for what was delivered so far).
+    ``capture_dir``: record every byte each peer sends there (``--capture``; read with
+    ``read_capture`` once ``stop_proxy`` returned, or any time for what was sent so far).
     """
     argv = [sys.executable, "-m", "benchmarks.netem", "--listen", _fmt(listen), "--upstream", _fmt(upstream),
             *up.to_args("up"), *down.to_args("down"), "--cut-mode", cut_mode]
@@ -548,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=None, help="reset connections beyond this many")
     p.add_argument("--queue-chunks", type=int, default=8, help="64 KiB chunks buffered per direction (back-pressure)")
     p.add_argument("--capture", metavar="DIR", default=None,
-                   help="append every byte delivered each way to DIR/conn-<N>-up.bin / conn-<N>-down.bin (raw)")
+                   help="append every byte each peer sends to DIR/conn-<N>-up.bin / conn-<N>-down.bin (raw)")
     p.add_argument("--log-level", default="INFO", help="logging level, to stderr")
     return p
 

@@ -238,9 +238,9 @@ def test_cut_after_s_kills_each_connection_on_schedule():
     assert closed and 0.25 <= took <= 0.9, took
 
 
-def test_blackhole_goes_silent_without_closing():
+def test_blackhole_goes_silent_without_closing(tmp_path):
     async def main():
-        async with proxied(cut_mode="blackhole") as proxy:
+        async with proxied(cut_mode="blackhole", capture_dir=tmp_path) as proxy:
             reader, writer = await connect(proxy.port)
             writer.write(b"a")
             assert await reader.readexactly(1) == b"a"
@@ -254,6 +254,8 @@ def test_blackhole_goes_silent_without_closing():
 
     silent_and_open, still_tracked, bytes_up = asyncio.run(main())
     assert silent_and_open and still_tracked and bytes_up == 1
+    # the capture is what the client sent, including what the blackhole swallowed
+    assert read_capture(tmp_path) == {0: {"up": b"ab", "down": b"a"}}
 
 
 def test_max_connections_and_down_refuse_new_connections():
@@ -353,7 +355,7 @@ async def answer_server():
         server.close()
 
 
-def test_capture_records_exactly_the_bytes_delivered_each_way_per_connection(tmp_path):
+def test_capture_records_exactly_the_bytes_sent_each_way_per_connection(tmp_path):
     payloads = [random.randbytes(700_000), random.randbytes(3), random.randbytes(150_000)]
     shape = Shape(latency_ms=2, jitter_ms=3, bandwidth_mbps=400)  # split into pieces, interleaved
 
