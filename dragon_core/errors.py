@@ -49,3 +49,7 @@ class ModelNotInstalled(DragonError, LookupError):
 
 class UnknownModel(DragonError, LookupError):
     code = "unknown_model"
+
+
+class ConversionError(DragonError, RuntimeError):
+    """A model conversion produced something that does not match its source."""

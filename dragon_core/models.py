@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from dragon_core.errors import ModelNotInstalled, UnknownModel
+from dragon_core.errors import ConversionError, ModelNotInstalled, UnknownModel
 
 MARKER = "dragon-model.json"  # written last into a converted folder: its presence means complete
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MARKER)
@@ -292,13 +292,17 @@ def _hf_arch(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# (Hugging Face name, GGUF name) of the special tokens the tokenizer fingerprint covers
+_SPECIAL_KEYS = (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))
+
+
 def _gguf_tokenizer(meta: dict[str, Any]) -> dict[str, Any]:
     spm = meta.get("tokenizer.ggml.model") == "llama"  # SentencePiece-style adds BOS by default
     special = lambda key: meta.get(f"tokenizer.ggml.{key}_token_id")  # noqa: E731
     return {
         "tokens": meta["tokenizer.ggml.tokens"],
         "merges": meta.get("tokenizer.ggml.merges", []),
-        "special": {k: special(g) for k, g in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))},
+        "special": {k: special(g) for k, g in _SPECIAL_KEYS},
         "add_bos": bool(meta.get("tokenizer.ggml.add_bos_token", spm)),
         "add_eos": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
         "chat_template": meta.get("tokenizer.chat_template"),
@@ -456,8 +460,37 @@ def _convert(gguf: Path, out: Path) -> None:
         model.hf_quantizer.remove_quantization_config(model)  # else config.json claims "gguf"
     model = model.to(torch.bfloat16)
     model.config.dtype = torch.bfloat16
+    meta = read_gguf_metadata(gguf)
+    _special_tokens_from_gguf(meta, tokenizer, model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    _check_special_tokens(meta, out)
+
+
+
+def _special_tokens_from_gguf(meta: dict[str, Any], tokenizer: Any, model: Any) -> None:
+    """Set BOS/EOS/UNK/PAD from the GGUF's own ids. transformers' GGUF loader guesses them
+    differently by version (5.17 wrote ``eos = <|im_start|>`` and no pad for SmolLM2, whose
+    GGUF says ``<|im_end|>`` for both), and the handshake compares tokenizer fingerprints, so
+    the conversion must not depend on the installed transformers."""
+    tokens = meta["tokenizer.ggml.tokens"]
+    for key, gguf_key in _SPECIAL_KEYS:
+        tid = meta.get(f"tokenizer.ggml.{gguf_key}_token_id")
+        if tid is None:
+            continue
+        setattr(tokenizer, f"{key}_token", tokens[tid])
+        for cfg in (model.config, getattr(model, "generation_config", None)):
+            if cfg is not None:
+                setattr(cfg, f"{key}_token_id", int(tid))
+
+
+def _check_special_tokens(meta: dict[str, Any], folder: Path) -> None:
+    """The saved tokenizer's special ids must be the GGUF's (read back from the files)."""
+    want, got = _gguf_tokenizer(meta)["special"], _hf_tokenizer(folder)["special"]
+    wrong = {k: (got.get(k), v) for k, v in want.items() if v is not None and got.get(k) != v}
+    if wrong:
+        raise ConversionError(f"converted tokenizer's special token ids differ from the GGUF's "
+                              f"(key: (saved, gguf)): {wrong}")
 
 
 # ---------------------------------------------------------------------------- CLI
