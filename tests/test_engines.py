@@ -7,10 +7,25 @@ Tolerances, and why:
 * transformers (float32 compute): max |Δ log p| <= 1e-3 over the whole vocabulary. A fresh run
   computes the context as one prefill, the group as several smaller steps: different matmul
   shapes sum in a different order (float32 rounding, ~5e-5 observed).
-* llama.cpp vs transformers: different weights (Q4_1 with 8-bit activations vs the dequantized
-  bf16 conversion), so only greedy agreement is asserted, and only where the reference's top-2
-  margin exceeds 0.5 nats: the top token's log-prob differs by at most 0.2 nats between the two
-  (measured), so a margin above 2 x 0.2 cannot flip.
+* our llama.cpp engine (``load_engine("llamacpp")``, the runtime's factory) vs transformers on
+  the SAME GGUF (its Q4_1 / Q8_0 blocks dequantised to float32, float32 compute): same weights,
+  different arithmetic. llama.cpp quantises every activation vector to 8 bits (Q8_1 blocks of
+  32, scale max|x|/127) before each Q4_1 matmul (Q8_0 for the tied output layer) and keeps the
+  KV cache in f16. SmolLM2's residual stream has outlier features of a few hundred, so a
+  block holding one rounds its other 31 values coarsely: the logits move by ~0.15 nats (std
+  over the vocabulary). Emulating that rounding in transformers moves its logits by the same
+  amount but does not reproduce llama.cpp's (the rounding noise is chaotic), so the bound is
+  the noise itself, measured on x86-64 (AVX-512), 8 streams x 16 steps = 128 rows:
+  - reference top-20 log-probs: max |Δ| 0.087 for tokens of p > 1/e (``HEAD_TOL`` = 0.15);
+    0.67 / 0.77 / 0.91 / 0.93 for lp in [-3, -1) / [-6, -3) / [-10, -6) / below
+    (``TAIL_TOL`` = 1.2, 1.3x);
+  - KL(reference || llama.cpp): max 0.069 (``KL_TOL`` = 0.1), mean 0.0046 (``KL_MEAN_TOL`` =
+    0.01);
+  - greedy: the engine moved the reference's top-1/top-2 gap by <= 0.86 (disagreements at
+    margins 0.07, 0.14, 0.23, 0.67), so the argmax must agree wherever the margin exceeds
+    ``MARGIN`` = 1.0, with no agreement-rate escape hatch (55% of rows are that decisive).
+  The bounds fail for a row one position off or another stream's row (0 of 248 pass):
+  test_gguf_tolerance_rejects_shifted_and_foreign_rows.
 """
 
 from __future__ import annotations
@@ -42,7 +57,11 @@ DOCS = [
      "When was the Treaty of Westphalia signed?"),
 ]
 HF_TOL = 1e-3
-MARGIN = 0.5
+# llama.cpp vs transformers on the GGUF: see the module docstring
+GGUF_STEPS, TOP = 16, 20
+HEAD_LP, HEAD_TOL, TAIL_TOL = -1.0, 0.15, 1.2
+KL_TOL, KL_MEAN_TOL = 0.1, 0.01
+MARGIN = 1.0
 
 
 def run(coro):
@@ -285,18 +304,24 @@ def test_misuse_raises(tok, engines, kind):
 @pytest.mark.slow
 def test_llamacpp_event_loop_stays_free_and_groups_are_isolated(tok, engines):
     """Engine work runs on a worker thread (the loop keeps ticking meanwhile); interleaved groups
-    with different k, and a group on a reused context, give the same bits as sequential runs."""
+    with different k, one of them rolling back (into its KV, twice) and appending another token
+    while the others step, and a group on a reused context, give the same bits as sequential
+    runs: a rollback in one group never touches another group's values."""
     engine = engines("llamacpp")
     q = DOCS[1][1]
     prompts = [P.document_prompt(tok, d, q) for d, _ in DOCS[:4]]
 
-    async def decode(k, steps):
+    async def decode(k, steps, rollback=False):
         group = await engine.open_group(prompts[:k])
         out = []
-        for _ in range(steps):
+        for step in range(steps):
             d = await group.next_dists()
             out.append([x.logprobs.copy() for x in d])
-            await group.append([d[0].argmax()])
+            if rollback and step in (2, 4):
+                await group.rollback(group.length - 2)
+                await group.append([int(np.argsort(-d[0].logprobs, kind="stable")[1])])  # a second choice
+            else:
+                await group.append([d[0].argmax()])
         await group.close()
         return out
 
@@ -311,10 +336,10 @@ def test_llamacpp_event_loop_stays_free_and_groups_are_isolated(tok, engines):
                 await asyncio.sleep(0)
 
         tick_task = asyncio.create_task(ticker())
-        together = await asyncio.gather(decode(4, 5), decode(2, 5), decode(4, 5))
+        together = await asyncio.gather(decode(4, 6), decode(2, 6, rollback=True), decode(4, 6))
         done.set()
         await tick_task
-        alone = [await decode(4, 5), await decode(2, 5)]
+        alone = [await decode(4, 6), await decode(2, 6, rollback=True)]
         return ticks, together, alone
 
     ticks, together, alone = run(scenario())
@@ -325,36 +350,119 @@ def test_llamacpp_event_loop_stays_free_and_groups_are_isolated(tok, engines):
                 np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.llamacpp
-@pytest.mark.slow
-def test_backends_agree_on_greedy_tokens(tok, engines):
-    """Teacher-forced on the reference's greedy tokens (so both always see the same context),
-    16 steps on 8 prompts: the argmax must agree wherever the reference's margin > MARGIN."""
-    hf, ll = engines("hf"), engines("llamacpp")
+# ============================================================================ llama.cpp vs transformers
+@pytest.fixture(scope="module")
+def gguf_rows(tok, engines):
+    """Full next-token log-prob rows ``(steps, streams, V)`` of OUR llama.cpp engine (the
+    runtime's ``load_engine("llamacpp", ...)``, one group of 8 streams) and of transformers on
+    the same GGUF (Q4_1 / Q8_0 blocks dequantised to float32, float32 compute, one KV cache per
+    stream), teacher-forced on the reference's greedy token of stream 0 for 16 steps."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    gguf = get_model(MODEL).gguf_path()
+    ref_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    engine = engines("llamacpp")
     prompts = [P.document_prompt(tok, d, q) for d, q in DOCS]
     prompts += [P.query_only_prompt(tok, "What is the capital of France?"),
                 P.query_only_prompt(tok, "Write a haiku about rain.")]
+    caches = [DynamicCache() for _ in prompts]
 
-    async def compare(prompt):
-        gh, gl = await hf.open_group([prompt]), await ll.open_group([prompt])
-        rows = []
-        for _ in range(16):
-            (dh,), (dl,) = await gh.next_dists(), await gl.next_dists()
-            top2 = np.sort(dh.logprobs.astype(np.float64))[-2:]
-            rows.append((dh.argmax() == dl.argmax(), top2[1] - top2[0]))
-            await gh.append([dh.argmax()])
-            await gl.append([dh.argmax()])
-        await gh.close()
-        await gl.close()
-        return rows
+    @torch.inference_mode()
+    def reference(new_tokens: list[list[int]]) -> np.ndarray:
+        out = [ref_model(torch.tensor([t]), past_key_values=c, use_cache=True).logits[0, -1].double()
+               for t, c in zip(new_tokens, caches)]
+        return torch.log_softmax(torch.stack(out), -1).numpy()
 
-    rows = [r for p in prompts for r in run(compare(p))]
-    agree = np.array([a for a, _ in rows])
-    margins = np.array([m for _, m in rows])
-    print(f"\ngreedy agreement llama.cpp Q4_1 vs transformers bf16->fp32: {agree.mean():.3f} "
-          f"({agree.sum()}/{agree.size}); disagreements at margins {np.round(margins[~agree], 3).tolist()}")
-    assert agree[margins > MARGIN].all()
-    assert agree.mean() >= 0.9
+    async def scenario():
+        group = await engine.open_group(prompts)
+        refs, devs = [], []
+        new = prompts
+        try:
+            for _ in range(GGUF_STEPS):
+                devs.append(np.stack([d.logprobs.astype(np.float64) for d in await group.next_dists()]))
+                refs.append(reference(new))
+                token = int(np.argmax(refs[-1][0]))
+                await group.append([token])
+                new = [[token]] * len(prompts)
+        finally:
+            await group.close()
+        return np.stack(refs), np.stack(devs)
+
+    return run(scenario())
+
+
+def _row_errors(ref: np.ndarray, dev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(reference log-probs, |error|) over the reference's top-20 tokens of one row."""
+    top = np.argsort(-ref)[:TOP]
+    return ref[top], np.abs(ref[top] - dev[top])
+
+
+def _kl(ref: np.ndarray, dev: np.ndarray) -> float:
+    return float(np.sum(np.exp(ref) * (ref - dev)))
+
+
+def _bound(lp: np.ndarray) -> np.ndarray:
+    return np.where(lp > HEAD_LP, HEAD_TOL, TAIL_TOL)
+
+
+def _row_ok(ref: np.ndarray, dev: np.ndarray) -> bool:
+    lp, err = _row_errors(ref, dev)
+    return bool(np.all(err <= _bound(lp))) and _kl(ref, dev) <= KL_TOL
+
+
+@pytest.mark.llamacpp
+@pytest.mark.slow
+def test_llamacpp_matches_transformers_on_the_gguf(gguf_rows):
+    """Every row: the reference's top-20 log-probs within HEAD_TOL (tokens of p > 1/e) or
+    TAIL_TOL (the rest), KL(reference || llama.cpp) <= KL_TOL; the mean KL <= KL_MEAN_TOL."""
+    ref, dev = gguf_rows
+    assert ref.shape == dev.shape == (GGUF_STEPS, 8, 49152)
+    pairs = [(r, d) for rs, ds in zip(ref, dev) for r, d in zip(rs, ds)]
+    errors = np.concatenate([np.stack(_row_errors(r, d), 1) for r, d in pairs])
+    kls = np.array([_kl(r, d) for r, d in pairs])
+    lp, err = errors.T
+    bins = [(0, -1), (-1, -3), (-3, -6), (-6, -10), (-10, -100)]
+    print(f"\nllama.cpp vs transformers(GGUF): max |dlp| over top-{TOP} by reference log-prob: " + ", ".join(
+        f"[{lo},{hi}): {err[(lp <= lo) & (lp > hi)].max(initial=0):.3f}" for lo, hi in bins)
+        + f"; KL max {kls.max():.4f} mean {kls.mean():.4f}")
+    bad = err > _bound(lp)
+    assert not bad.any(), f"{bad.sum()} log-probs off, e.g. {lp[bad][:3]} by {err[bad][:3]}"
+    assert kls.max() <= KL_TOL and kls.mean() <= KL_MEAN_TOL
+
+
+@pytest.mark.llamacpp
+@pytest.mark.slow
+def test_llamacpp_greedy_agrees_where_the_reference_is_decisive(gguf_rows):
+    """The argmax must be the reference's wherever its top-1/top-2 margin exceeds MARGIN (no
+    agreement-rate escape hatch), and most rows must be decisive, or this checks little."""
+    ref, dev = gguf_rows
+    ref, dev = ref.reshape(-1, ref.shape[-1]), dev.reshape(-1, dev.shape[-1])
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    agree = ref.argmax(1) == dev.argmax(1)
+    a, b = np.argsort(ref, axis=1)[:, -1], np.argsort(ref, axis=1)[:, -2]
+    rows = np.arange(len(ref))
+    gap_err = np.abs((dev[rows, a] - dev[rows, b]) - margin)
+    print(f"\ngreedy: {agree.sum()}/{agree.size} agree; disagreements at margins "
+          f"{np.round(margin[~agree], 3).tolist()}; max top-2 gap error {gap_err.max():.3f}")
+    decisive = margin > MARGIN
+    assert agree[decisive].all(), f"disagreement at margins {margin[decisive & ~agree]}"
+    assert decisive.mean() >= 0.45, f"only {decisive.sum()} of {decisive.size} rows are decisive"
+
+
+@pytest.mark.llamacpp
+@pytest.mark.slow
+def test_gguf_tolerance_rejects_shifted_and_foreign_rows(gguf_rows):
+    """The bounds are tight enough to fail: the engine's row one position later (a shifted
+    position or stale KV) or another stream's row (another document) against the reference."""
+    ref, dev = gguf_rows
+    shifted = [_row_ok(ref[t, i], dev[t + 1, i]) for t in range(GGUF_STEPS - 1) for i in range(8)]
+    foreign = [_row_ok(ref[t, i], dev[t, (i + 1) % 8]) for t in range(GGUF_STEPS) for i in range(8)]
+    print(f"\nrows passing although shifted: {sum(shifted)}/{len(shifted)}, foreign: {sum(foreign)}/{len(foreign)}")
+    assert sum(shifted) <= 0.05 * len(shifted) and sum(foreign) <= 0.05 * len(foreign)
 
 
 @pytest.mark.llamacpp
