@@ -1,0 +1,142 @@
+"""Centralized DRAGON written out again, for the end-to-end references, without the code under
+test: no ``dragon_core.aggregate`` (mixture, canonical form, η, ``transform``), no session, no
+driver. Only the engines' per-document distributions (``Dist.probs()``: what an engine said)
+are shared.
+
+The formulas (ALGORITHMS.md §2, dist.py's canonical form):
+
+* per side ``s``: ``p^s = Σ_d softmax(R^s)_d · p_d``; with ``top_k > 0`` it then travels as its
+  ``top_k`` most likely ids (ties: smaller id first) with log-probs rounded to float16, the rest
+  of the mass spread evenly over the other ids (listed mass > 1 after rounding: renormalised,
+  no tail); with ``top_k = 0`` as float32 log-probs;
+* across sides ``η^s = Σ_{d∈s} e^{R_d} / Σ_{all d} e^{R_d}`` and ``p = Σ_s η^s p^s`` (so with
+  full vectors this is one softmax-weighted mixture over every document of both sides);
+* sampling draws from ``p`` truncated to its ``top_k`` largest values (ties at the k-th value
+  kept) and then to the smallest prefix, in descending order, whose mass reaches ``top_p``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def side_probs(doc_probs: Sequence[np.ndarray], scores: Sequence[float], top_k: int) -> np.ndarray:
+    """One side's mixture as the peer receives it (dense float64)."""
+    r = np.asarray(scores, dtype=np.float64)
+    w = np.exp(r - r.max())
+    w /= w.sum()
+    mix = sum(wd * np.asarray(p, dtype=np.float64) for wd, p in zip(w, doc_probs))
+    mix = mix / mix.sum()
+    if not top_k:
+        with np.errstate(divide="ignore"):
+            lp32 = np.log(mix).astype(np.float32)
+        out = np.exp(lp32.astype(np.float64))
+        return out / out.sum()
+    vocab = mix.size
+    with np.errstate(divide="ignore"):
+        lp = np.log(mix)
+    ids = np.lexsort((np.arange(vocab), -lp))[:top_k]
+    listed = np.exp(lp[ids].astype(np.float16).astype(np.float64))
+    out = np.full(vocab, max(0.0, 1.0 - listed.sum()) / (vocab - ids.size) if ids.size < vocab else 0.0)
+    out[ids] = listed / max(1.0, listed.sum())
+    return out
+
+
+def mixture(sides: Sequence[tuple[Sequence[np.ndarray], Sequence[float]]], top_k: int,
+            swap_weights: bool = False) -> np.ndarray:
+    """``p = Σ_s η^s p^s`` over the sides ``[(per-document probs, scores), ...]``.
+    ``swap_weights`` gives the sides each other's η: a deliberately wrong law (the bug of
+    mixing up η^local and η^remote), for stating a test's power against it."""
+    mass = [np.logaddexp.reduce(np.asarray(r, dtype=np.float64)) for _, r in sides]
+    eta = np.exp(np.asarray(mass) - max(mass))
+    eta /= eta.sum()
+    if swap_weights:
+        eta = eta[::-1]
+    return sum(e * side_probs(p, r, top_k) for e, (p, r) in zip(eta, sides))
+
+
+def truncate(p: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """The law a token is drawn from: top-k then top-p truncation of ``p``, renormalised."""
+    q = np.asarray(p, dtype=np.float64).copy()
+    if top_k and top_k < q.size:
+        q[q < np.sort(q)[::-1][top_k - 1]] = 0.0
+    if top_p < 1.0:
+        total, before = q.sum(), 0.0
+        for i in np.lexsort((np.arange(q.size), -q)):  # descending, ties: smaller id first
+            if before >= top_p * total:  # the prefix before this token already reaches top_p
+                q[i] = 0.0
+            before += q[i]
+    return q / q.sum()
+
+
+async def step_probs(groups) -> list[list[np.ndarray]]:
+    """Each group's per-document next-token probabilities."""
+    return [[d.probs() for d in await g.next_dists()] for g, _ in groups]
+
+
+async def greedy(groups, top_k: int, max_tokens: int, eos_ids) -> list[int]:
+    """Greedy centralized decoding over ``groups = [(StreamGroup, scores), ...]`` (ties: smaller id)."""
+    out: list[int] = []
+    while len(out) < max_tokens:
+        probs = await step_probs(groups)
+        tok = int(np.argmax(mixture([(p, r) for p, (_, r) in zip(probs, groups)], top_k)))
+        out.append(tok)
+        if tok in eos_ids:
+            break
+        for g, _ in groups:
+            await g.append([tok])
+    return out
+
+
+async def joint_law(groups, steps: int, top_k: int, sample_top_k: int, top_p: float,
+                    eos_ids, swap_weights: bool = False) -> dict[tuple[int, ...], float]:
+    """The law of the first ``steps`` sampled tokens: ``{(t1, ..., tn): probability}`` (an answer
+    that ends with EOS earlier is a shorter tuple). Every branch is expanded with append and
+    rollback on the groups, which end at length 0."""
+    law: dict[tuple[int, ...], float] = {}
+
+    async def expand(prefix: tuple[int, ...], mass: float) -> None:
+        probs = await step_probs(groups)
+        mixed = mixture([(p, r) for p, (_, r) in zip(probs, groups)], top_k, swap_weights)
+        q = truncate(mixed, sample_top_k, top_p)
+        for tok in np.flatnonzero(q):
+            seq, pm = prefix + (int(tok),), mass * float(q[tok])
+            if len(seq) == steps or int(tok) in eos_ids:
+                law[seq] = law.get(seq, 0.0) + pm
+                continue
+            for g, _ in groups:
+                await g.append([int(tok)])
+            await expand(seq, pm)
+            for g, _ in groups:
+                await g.rollback(len(prefix))
+
+    await expand((), 1.0)
+    return law
+
+
+def pooled(law: dict[tuple[int, ...], float], n: int, min_expected: float = 5.0) -> list[list[tuple[int, ...]]]:
+    """Cells for a χ² test: every outcome expected ``>= min_expected`` times in ``n`` runs is a
+    cell of its own, the rest are pooled into one cell (merged into the smallest cell if even the
+    pool is expected less often). A function of ``law`` and ``n`` only, fixed before sampling."""
+    big = [[o] for o, pr in sorted(law.items(), key=lambda kv: -kv[1]) if n * pr >= min_expected]
+    rest = [o for o, pr in law.items() if n * pr < min_expected]
+    if rest:
+        if n * sum(law[o] for o in rest) >= min_expected or not big:
+            big.append(rest)
+        else:
+            big[-1] = big[-1] + rest
+    return big
+
+
+def cell_probs(law: dict[tuple[int, ...], float], cells: list[list[tuple[int, ...]]]) -> np.ndarray:
+    return np.array([sum(law.get(o, 0.0) for o in cell) for cell in cells])
+
+
+def cell_counts(outcomes: Sequence[tuple[int, ...]], cells: list[list[tuple[int, ...]]]) -> np.ndarray:
+    where = {o: i for i, cell in enumerate(cells) for o in cell}
+    counts = np.zeros(len(cells), dtype=np.int64)
+    for o in outcomes:
+        counts[where[o]] += 1
+    return counts
