@@ -24,7 +24,9 @@ reference, and the listed ids must be the reference's top-K (up to ``LP_TOL``).
   ties at this precision: 56 of 140 steps measured, at most half allowed. On the GPU
   (vLLM 0.26, bf16 kernels) the same bounds are used, not measured there.
 * float32: two float32 implementations differ by ~1e-5 (unrounded vLLM log-probs measured
-  within 7e-5), so ``LP_TOL`` = 2e-3, ``LP_REL`` = 1e-3, ``GAP`` = 3e-3, at most 3 ties in 140.
+  within 7e-5), so ``LP_TOL`` = 2e-3, ``LP_REL`` = 1e-3 (max |dlp| 7.8e-3 measured, at low
+  lp: the float16 rounding). The float16 rounding moves the mixture's top-2 gap by up to 0.018
+  (measured), so ``GAP`` = 0.03; 0 ties of 140 measured at 3e-3, at most 10 allowed.
   On the GPU (vLLM 0.26) float32 runs with TF32 dot products inside vLLM's kernels (errors up
   to 0.06 measured), so there ``LP_TOL = GAP = 0.1`` and at most 14 ties.
 """
@@ -62,7 +64,7 @@ def _on_gpu() -> bool:
 
 
 if DTYPE == "float32":
-    LP_TOL, LP_REL, GAP, MAX_TIE_FRACTION = 2e-3, 1e-3, 3e-3, 3 / 140
+    LP_TOL, LP_REL, GAP, MAX_TIE_FRACTION = 2e-3, 1e-3, 0.03, 10 / 140
     if _on_gpu():  # vLLM's GPU kernels compute float32 with TF32 dots: measured errors up to 0.06
         LP_TOL = GAP = 0.1
         MAX_TIE_FRACTION = 14 / 140
