@@ -53,3 +53,14 @@ class UnknownModel(DragonError, LookupError):
 
 class ConversionError(DragonError, RuntimeError):
     """A model conversion produced something that does not match its source."""
+
+
+class InvalidOptions(DragonError, ValueError):
+    """A request option is out of range, of the wrong type, or not supported. ``param`` names
+    the offending field (as the OpenAI error shape's ``param``); the message is one line."""
+
+    code = "invalid_options"
+
+    def __init__(self, param: str | None, message: str) -> None:
+        super().__init__(message)
+        self.param = param

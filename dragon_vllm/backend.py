@@ -16,6 +16,7 @@ from typing import AsyncIterator, Sequence
 
 from dragon_core import messages as m
 from dragon_core import session as s
+from dragon_core import validation as v
 from dragon_core.aggregate import log_mass
 from dragon_core.driver import SessionDriver
 from dragon_core.engine import Engine
@@ -97,6 +98,9 @@ class DragonCloud:
 
     async def _answer(self, prompts, scores, passages, *, max_tokens: int, temperature: float | None,
                       top_p: float | None, top_k: int | None, seed: int | None, stop: list[str], **_) -> "CloudAnswer":
+        # the shared rules again (the routes checked the raw JSON; this guards every other caller)
+        v.check_request(max_tokens=max_tokens, max_tokens_cap=self.max_model_len, temperature=temperature,
+                        top_p=top_p, top_k=top_k, seed=seed)
         self._check_length(prompts, max_tokens)
         greedy = not temperature
         sampling = m.Sampling(greedy=greedy, temperature=float(temperature or 1.0),
