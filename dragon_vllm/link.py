@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol, Sequence, get_args
 
 from aiohttp import WSMsgType, web
 
@@ -26,7 +26,8 @@ from dragon_core import session as s
 from dragon_core.aggregate import log_mass
 from dragon_core.driver import SessionDriver
 from dragon_core.engine import StreamGroup
-from dragon_core.errors import CodecError, DragonError, HandshakeError
+from dragon_core import validation as v
+from dragon_core.errors import CodecError, DragonError, HandshakeError, InvalidOptions
 from dragon_core.handshake import LINK_PATH, Identity, check_hello
 from dragon_core.liveness import DEFAULT_PEER_TIMEOUT_S, PeerLiveness
 
@@ -271,6 +272,26 @@ class _Connection:
             return f"max_tokens={req.max_tokens} is outside 1..{lim.max_tokens}"
         if req.dist_top_k < 0 or req.max_depth < 1:
             return "dist_top_k must be >= 0 and max_depth >= 1"
+        # the rules every entrance shares (dragon_core.validation): the codec checked the types
+        try:
+            v.check_text("query", req.query)
+            v.check_int("dist_top_k", req.dist_top_k, 0, v.MAX_TOP_K)
+            v.check_int("max_depth", req.max_depth, 1, v.MAX_DEPTH)
+            v.check_seed(req.seed)
+            if not req.sampling.greedy:
+                v.check_temperature(req.sampling.temperature, "sampling.temperature")
+                if req.sampling.temperature == 0.0:
+                    return "sampling.temperature=0 with greedy=false: send greedy=true instead"
+            v.check_top_p(req.sampling.top_p, "sampling.top_p")
+            v.check_int("sampling.top_k", req.sampling.top_k, 0, v.MAX_TOP_K)
+            if req.prior is not None:
+                v.check_prior(req.prior)
+        except InvalidOptions as exc:
+            return str(exc)
+        if req.mode not in get_args(m.Mode):
+            return f"unknown mode {req.mode!r}"
+        if req.aggregator not in get_args(m.Side):
+            return f"unknown aggregator {req.aggregator!r}"
         return None
 
     async def _run_request(self, req: m.Open) -> None:

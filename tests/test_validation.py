@@ -330,3 +330,77 @@ def test_fuzzed_json_bodies_get_2xx_or_4xx_never_5xx_or_a_hang(body, route):
     if status >= 400:
         assert cloud.calls == []
     assert cloud.open_answers == 0
+
+
+# ------------------------------------------------------------------ the link's Open
+def _open(**kw) -> m.Open:
+    base = dict(request_id=1, query="world 0", k=2, max_tokens=5, seed=0)
+    return m.Open(**{**base, **kw})
+
+
+BAD_OPENS = {
+    "max_tokens<0": _open(max_tokens=-5),
+    "max_tokens=0": _open(max_tokens=0),
+    "max_tokens>cap": _open(max_tokens=10**6),
+    "k=0": _open(k=0),
+    "k>max": _open(k=1000),
+    "dist_top_k<0": _open(dist_top_k=-1),
+    "dist_top_k huge": _open(dist_top_k=2**40),
+    "max_depth=0": _open(max_depth=0),
+    "max_depth huge": _open(max_depth=10**9),
+    "empty query": _open(query=""),
+    "huge query": _open(query="x" * (v.MAX_QUERY_CHARS + 1)),
+    "temperature>2": _open(sampling=m.Sampling(False, 9.0)),
+    "temperature<0": _open(sampling=m.Sampling(False, -1.0)),
+    "temperature nan": _open(sampling=m.Sampling(False, math.nan)),
+    "temperature inf": _open(sampling=m.Sampling(False, math.inf)),
+    "temperature 0 not greedy": _open(sampling=m.Sampling(False, 0.0)),
+    "top_p=0": _open(sampling=m.Sampling(top_p=0.0)),
+    "top_p>1": _open(sampling=m.Sampling(top_p=1.5)),
+    "top_p nan": _open(sampling=m.Sampling(top_p=math.nan)),
+    "top_k<0": _open(sampling=m.Sampling(top_k=-3)),
+    "prior nan": _open(prior=m.SchedulerPrior(math.nan, 1.0, 1.0, 0.5, 0.5)),
+    "prior negative": _open(prior=m.SchedulerPrior(1.0, -1.0, 1.0, 0.5, 0.5)),
+    "prior alpha>1": _open(prior=m.SchedulerPrior(1.0, 1.0, 1.0, 1.5, 0.5)),
+}
+
+LINK_ONLY = {"max_tokens>cap", "k>max", "dist_top_k huge", "max_depth huge", "empty query", "huge query",
+             "temperature>2", "prior nan", "prior negative", "prior alpha>1"}
+
+
+@pytest.mark.parametrize("name", list(BAD_OPENS))
+def test_bad_open_gets_a_typed_refusal_and_opens_no_stream(name):
+    import aiohttp
+
+    from dragon_core import codec
+    from dragon_vllm.link import LINK_PATH
+    from test_link import IDENTITY, TOKEN, FakeBackend, cloud_server
+
+    async def main():
+        backend = FakeBackend()
+        async with cloud_server(backend) as (server, url):
+            async with aiohttp.ClientSession() as http:
+                ws = await http.ws_connect(url + LINK_PATH)
+                await ws.send_bytes(codec.encode(IDENTITY.hello(TOKEN)))
+                assert isinstance(codec.decode((await ws.receive()).data), m.Welcome)
+                await ws.send_bytes(codec.encode(BAD_OPENS[name]))
+                await ws.send_bytes(codec.encode(_open(request_id=2)))  # a good one after it is served
+                got = {}
+                while len(got) < 2:
+                    msg = codec.decode((await asyncio.wait_for(ws.receive(), 10)).data)
+                    if isinstance(msg, m.Error):
+                        got["error"] = msg
+                    elif isinstance(msg, m.Opened):
+                        got[msg.request_id] = msg
+                await ws.close()
+                return backend, server, got
+
+    backend, server, got = run(main())
+    err = got["error"]
+    # refused by the link's check (naming the request) or, for what the codec bounds, as a malformed frame
+    assert (err.code, err.request_id) in (("request_rejected", 1), ("malformed_frame", None)), err
+    assert err.message and "\n" not in err.message
+    if name in LINK_ONLY:  # what the codec lets through, the link refuses by request id
+        assert err.code == "request_rejected", err
+    assert isinstance(got[2], m.Opened)
+    assert len(backend.groups) == 1  # only the good request opened streams
