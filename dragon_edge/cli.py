@@ -127,8 +127,24 @@ def format_stats(st: dict) -> str:
 
 
 def _opts(max_tokens: int, k: int, cloud_k: int, mode: str, temperature: float, seed: int, aggregator: str) -> dict:
-    return dict(max_tokens=max_tokens, k=k, cloud_k=cloud_k, mode=mode, temperature=temperature or None,
+    """The answer options, validated before anything is loaded (the SDK's rules, once): a bad
+    value exits 2 with a one-line error, no traceback."""
+    opts = dict(max_tokens=max_tokens, k=k, cloud_k=cloud_k, mode=mode, temperature=temperature or None,
                 seed=seed, aggregator=aggregator)
+    from dragon_core.errors import DragonError
+    from dragon_edge.sdk import answer_options
+
+    try:
+        answer_options(max_tokens, temperature, None, seed, dict(k=k, cloud_k=cloud_k, mode=mode, aggregator=aggregator))
+    except DragonError as exc:
+        param = getattr(exc, "param", None)
+        typer.echo(f"error: {exc}" + (f" (option {_FLAGS.get(param, param)})" if param else ""), err=True)
+        raise typer.Exit(2) from None
+    return opts
+
+
+_FLAGS = {"max_tokens": "--max-tokens/-n", "k": "-k", "cloud_k": "--cloud-k", "temperature": "--temperature/-t",
+          "seed": "--seed", "aggregator": "--aggregator", "mode": "--mode"}
 
 
 @app.command()
@@ -148,12 +164,15 @@ def ask(question: str,
         verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Answer one question from your private notes (and the cloud's public corpus with --cloud)."""
     _setup_logging(verbose)
+    opts = _opts(max_tokens, k, cloud_k, mode, temperature, seed, aggregator)  # exits 2 on a bad option
+    if not question.strip():
+        typer.echo("error: the question is empty", err=True)
+        raise typer.Exit(2)
 
     async def main():
         client = _client(store, cloud, token, engine, peer_timeout_s)
         try:
-            await _ask(client, [{"role": "user", "content": question}],
-                       _opts(max_tokens, k, cloud_k, mode, temperature, seed, aggregator), stats, as_json)
+            await _ask(client, [{"role": "user", "content": question}], opts, stats, as_json)
         finally:
             await client.close()
 
@@ -168,6 +187,7 @@ def chat(store: str = StoreOpt, cloud: Optional[str] = CloudOpt, token: str = To
          verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Interactive chat (each turn retrieves with your latest message). Ctrl-D to quit."""
     _setup_logging(verbose)
+    opts = _opts(max_tokens, k, cloud_k, mode, 0.0, 0, "device")  # exits 2 on a bad option
 
     async def main():
         client = _client(store, cloud, token, engine, peer_timeout_s)
@@ -182,8 +202,7 @@ def chat(store: str = StoreOpt, cloud: Optional[str] = CloudOpt, token: str = To
                     continue
                 history.append({"role": "user", "content": line})
                 sys.stdout.write("dragon> ")
-                answer = await _ask(client, history, _opts(max_tokens, k, cloud_k, mode, 0.0, 0, "device"),
-                                    True, False)
+                answer = await _ask(client, history, opts, True, False)
                 history.append({"role": "assistant", "content": answer})
         finally:
             await client.close()

@@ -16,10 +16,11 @@ from typing import AsyncIterator, Literal, Sequence
 
 from dragon_core import messages as m
 from dragon_core import session as s
+from dragon_core import validation as v
 from dragon_core.aggregate import log_mass
 from dragon_core.driver import SessionDriver
 from dragon_core.engine import Engine
-from dragon_core.errors import DragonError
+from dragon_core.errors import DragonError, InvalidOptions
 from dragon_core.handshake import Identity
 from dragon_core.prompt import IncrementalText, passage_prompts
 from dragon_core.scheduler import initial_aggregator
@@ -49,6 +50,43 @@ class AnswerOptions:
     use_cloud: bool = True
     emulate_decode_ms: float = 0.0  # experiments: a slower device
     cloud_open_timeout_s: float = 30.0
+
+    def validate(self) -> "AnswerOptions":
+        """``InvalidOptions`` (one line, naming the field) for any option out of range or of the
+        wrong type; the rules are ``dragon_core.validation``'s, which the cloud applies too."""
+        check_answer_options(self)
+        return self
+
+
+MAX_DEVICE_TOKENS = 1 << 15  # a bound on the type; the model's context bounds it further
+MAX_PASSAGES = 1024
+
+
+def check_answer_options(o: AnswerOptions) -> None:
+    """Every ``AnswerOptions`` field, once, for the SDK, the CLI and the runtime."""
+    v.check_max_tokens(o.max_tokens, MAX_DEVICE_TOKENS)
+    v.check_k(o.k, MAX_PASSAGES, lo=0)
+    v.check_k(o.cloud_k, MAX_PASSAGES, "cloud_k")
+    for name in ("greedy", "scheduling", "use_cloud"):
+        if not isinstance(getattr(o, name), bool):
+            raise InvalidOptions(name, f"{name} must be true or false, got {getattr(o, name)!r}")
+    v.check_temperature(o.temperature)
+    if not o.greedy and o.temperature == 0:
+        raise InvalidOptions("temperature", "temperature 0 means greedy decoding: set greedy=True")
+    v.check_top_p(o.top_p)
+    v.check_int("top_k", o.top_k, 0, v.MAX_TOP_K)
+    v.check_seed(o.seed)
+    if not isinstance(o.mode, str):
+        raise InvalidOptions("mode", f"mode must be a string, got {o.mode!r}")
+    wire_mode(o.mode)  # UnknownMode (a DragonError) names the choices
+    if o.aggregator not in ("auto", "device", "cloud"):
+        raise InvalidOptions("aggregator", f"aggregator must be auto, device or cloud, got {o.aggregator!r}")
+    v.check_int("max_depth", o.max_depth, 1, v.MAX_DEPTH)
+    v.check_int("dist_top_k", o.dist_top_k, 0, v.MAX_TOP_K)
+    if v.check_number("emulate_decode_ms", o.emulate_decode_ms) < 0:
+        raise InvalidOptions("emulate_decode_ms", "emulate_decode_ms must be >= 0")
+    if v.check_number("cloud_open_timeout_s", o.cloud_open_timeout_s) <= 0:
+        raise InvalidOptions("cloud_open_timeout_s", "cloud_open_timeout_s must be > 0")
 
 
 @dataclass
@@ -118,7 +156,9 @@ class EdgeRuntime:
     # ------------------------------------------------------------------ answering
     async def answer(self, query: str, opts: AnswerOptions) -> AsyncIterator[Piece]:
         t0 = time.monotonic()
-        mode = wire_mode(opts.mode)  # UnknownMode before any work
+        check_answer_options(opts)  # InvalidOptions / UnknownMode before any work
+        v.check_text("query", query)
+        mode = wire_mode(opts.mode)
         passages = self.private_passages(query, opts.k)
         prompts, scores = passage_prompts(self.tokenizer, query, [p.text for p in passages],
                                           [p.score for p in passages])

@@ -23,31 +23,38 @@ from typing import Any, AsyncIterator, Iterator
 
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from dragon_core import validation as v
+from dragon_core.errors import InvalidOptions
 from dragon_core.prompt import last_user_message
-from dragon_edge.baselines import wire_mode
 from dragon_edge.runtime import AnswerOptions, EdgeRuntime, Piece
 
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def _options(max_tokens: int | None, temperature: float | None, top_p: float | None, seed: int | None,
-             extra: dict[str, Any]) -> AnswerOptions:
+def answer_options(max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                   seed: int | None = None, extra: dict[str, Any] | None = None) -> AnswerOptions:
+    """The ``AnswerOptions`` for OpenAI-style arguments plus DRAGON's own, validated once
+    (``InvalidOptions`` / ``UnknownMode`` with a one-line message): the SDK and the CLI use it."""
     opts = AnswerOptions()
     if max_tokens is not None:
         opts.max_tokens = max_tokens
     # temperature 0 (or unset) is greedy decoding, as in the OpenAI API's deterministic use
+    if temperature is not None:
+        v.check_temperature(temperature)
     if temperature:
         opts.greedy, opts.temperature = False, float(temperature)
     if top_p is not None:
-        opts.top_p = float(top_p)
+        opts.top_p = v.check_top_p(top_p)
     if seed is not None:
-        opts.seed = int(seed)
-    for key, value in extra.items():
+        opts.seed = v.check_seed(seed)
+    for key, value in (extra or {}).items():
         if not hasattr(opts, key):
             raise TypeError(f"unknown option {key!r}; DRAGON options: {sorted(AnswerOptions.__dataclass_fields__)}")
         setattr(opts, key, value)
-    wire_mode(opts.mode)  # an unknown mode fails here, at create(), not at the first chunk
-    return opts
+    return opts.validate()  # an unknown mode or a bad value fails here, at create(), not at the first chunk
+
+
+_options = answer_options
 
 
 class _AsyncCompletions:
@@ -57,7 +64,12 @@ class _AsyncCompletions:
     async def create(self, *, messages: list[dict], model: str | None = None, stream: bool = False,
                      max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                      seed: int | None = None, **dragon_options: Any):
-        query = last_user_message(messages)
+        try:
+            query = v.check_text("messages", last_user_message(messages))
+        except (ValueError, TypeError, AttributeError) as exc:
+            if isinstance(exc, InvalidOptions):
+                raise
+            raise InvalidOptions("messages", str(exc)) from None
         opts = _options(max_tokens, temperature, top_p, seed, dragon_options)
         runtime = await self._client.runtime()
         pieces = runtime.answer(query, opts)

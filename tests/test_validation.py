@@ -404,3 +404,114 @@ def test_bad_open_gets_a_typed_refusal_and_opens_no_stream(name):
         assert err.code == "request_rejected", err
     assert isinstance(got[2], m.Opened)
     assert len(backend.groups) == 1  # only the good request opened streams
+
+
+# ------------------------------------------------------------------ the device: SDK, runtime, CLI
+BAD_DEVICE = [
+    (dict(max_tokens=-5), "max_tokens"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=2.5), "max_tokens"),
+    (dict(max_tokens=10**9), "max_tokens"),
+    (dict(temperature=9), "temperature"),
+    (dict(temperature=-1), "temperature"),
+    (dict(temperature=math.nan), "temperature"),
+    (dict(top_p=0), "top_p"),
+    (dict(top_p=1.01), "top_p"),
+    (dict(seed="x"), "seed"),
+    (dict(k=-1), "k"),
+    (dict(cloud_k=0), "cloud_k"),
+    (dict(k="2"), "k"),
+    (dict(top_k=-1), "top_k"),
+    (dict(aggregator="middle"), "aggregator"),
+    (dict(max_depth=0), "max_depth"),
+    (dict(dist_top_k=-3), "dist_top_k"),
+    (dict(greedy="no"), "greedy"),
+    (dict(use_cloud="yes"), "use_cloud"),
+    (dict(cloud_open_timeout_s=0), "cloud_open_timeout_s"),
+    (dict(emulate_decode_ms=-1.0), "emulate_decode_ms"),
+]
+
+
+@pytest.mark.parametrize("kw,param", BAD_DEVICE, ids=[p + "-" + repr(k) for k, p in BAD_DEVICE])
+def test_sdk_refuses_bad_options_at_create_before_loading_anything(kw, param):
+    from dragon_edge.sdk import AsyncDragonClient
+
+    async def main():
+        client = AsyncDragonClient()  # device-only, nothing loaded until the first answer
+        try:
+            with pytest.raises(InvalidOptions) as err:
+                await client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **kw)
+            assert client._runtime is None if hasattr(client, "_runtime") else True
+            return err.value
+        finally:
+            await client.close()
+
+    exc = run(main())
+    assert isinstance(exc, DragonError) and exc.param == param
+    assert str(exc) and "\n" not in str(exc)
+
+
+@pytest.mark.parametrize("messages", [[], [{"role": "user", "content": ""}], [{"role": "user", "content": "a\ud800"}],
+                                      [{"role": "assistant", "content": "hi"}]])
+def test_sdk_refuses_bad_messages(messages):
+    from dragon_edge.sdk import AsyncDragonClient
+
+    async def main():
+        client = AsyncDragonClient()
+        try:
+            with pytest.raises(InvalidOptions) as err:
+                await client.chat.completions.create(messages=messages)
+            return err.value
+        finally:
+            await client.close()
+
+    assert run(main()).param == "messages"
+
+
+def test_runtime_checks_answer_options_itself():
+    from dragon_edge.runtime import AnswerOptions, EdgeRuntime
+
+    runtime = EdgeRuntime(engine=None, tokenizer=None, identity=None, eos_ids=[0])  # never reached
+
+    async def main():
+        with pytest.raises(InvalidOptions, match="max_tokens"):
+            await runtime.answer("q", AnswerOptions(max_tokens=-5)).__anext__()
+        with pytest.raises(InvalidOptions, match="query"):
+            await runtime.answer("", AnswerOptions()).__anext__()
+
+    run(main())
+    assert AnswerOptions().validate() == AnswerOptions()
+
+
+@pytest.mark.parametrize("args", [["-n", "-5"], ["-n", "0"], ["--temperature", "9"], ["-t", "-1"], ["-k", "-1"],
+                                  ["--cloud-k", "0"], ["--aggregator", "middle"], ["--seed", str(2**63)]],
+                         ids=lambda a: " ".join(a))
+def test_cli_ask_with_a_bad_option_exits_2_with_one_line_quickly(args, tmp_path):
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "dragon_edge.cli", "ask", "What is DRAGON?",
+                           "--store", str(tmp_path / "none"), *args],
+                          capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - t0
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert took < 30  # fails before any model is loaded
+
+
+# ------------------------------------------------------------------ the shared rules
+@pytest.mark.parametrize("fn,value", [
+    (lambda x: v.check_max_tokens(x, 10), 11), (lambda x: v.check_max_tokens(x, 10), 0),
+    (lambda x: v.check_max_tokens(x, 10), True), (v.check_temperature, 2.0001), (v.check_temperature, math.inf),
+    (v.check_top_p, 0.0), (v.check_top_p, math.nan), (v.check_top_k, -2), (v.check_seed, 2**63),
+    (lambda x: v.check_text("q", x), "a\udc80"), (lambda x: v.check_text("q", x), b"bytes"),
+])
+def test_shared_rules_refuse(fn, value):
+    with pytest.raises(InvalidOptions):
+        fn(value)
+
+
+def test_shared_rules_accept_the_edges():
+    assert v.check_max_tokens(10, 10) == 10 and v.check_temperature(0) == 0 and v.check_temperature(2) == 2
+    assert v.check_top_p(1) == 1 and v.check_top_k(-1) == -1 and v.check_top_k(0) == 0
+    assert v.check_seed(-(2**63)) == -(2**63) and v.check_text("q", "héllo ✓") == "héllo ✓"
