@@ -20,6 +20,7 @@ from dragon_core import validation as v
 from dragon_core.aggregate import log_mass
 from dragon_core.driver import SessionDriver
 from dragon_core.engine import Engine
+from dragon_core.errors import InvalidOptions
 from dragon_core.handshake import Identity
 from dragon_core.prompt import IncrementalText, last_user_message, passage_prompts
 from dragon_vllm.link import OpenedRequest
@@ -118,8 +119,8 @@ class DragonCloud:
     def _check_length(self, prompts, max_tokens: int) -> None:
         longest = max(len(p) for p in prompts)
         if longest + max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                             f"context of {self.max_model_len} tokens")
+            raise InvalidOptions("max_tokens", f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds "
+                                 f"the model's context of {self.max_model_len} tokens")
 
 
 class CloudAnswer:

@@ -515,3 +515,22 @@ def test_shared_rules_accept_the_edges():
     assert v.check_max_tokens(10, 10) == 10 and v.check_temperature(0) == 0 and v.check_temperature(2) == 2
     assert v.check_top_p(1) == 1 and v.check_top_k(-1) == -1 and v.check_top_k(0) == 0
     assert v.check_seed(-(2**63)) == -(2**63) and v.check_text("q", "héllo ✓") == "héllo ✓"
+
+
+@pytest.mark.parametrize("kw", [dict(max_tokens=-5), dict(max_tokens=0), dict(max_tokens=5000), dict(temperature=3.0),
+                                dict(top_p=0.0), dict(top_k=-4), dict(seed=2**64)])
+def test_the_cloud_backend_checks_again_before_opening_streams(kw):
+    from dragon_vllm.backend import DragonCloud
+
+    class NoEngine:
+        opened = 0
+
+        async def open_group(self, prompts, temperature):
+            NoEngine.opened += 1
+            raise AssertionError("no stream may open for a bad request")
+
+    cloud = DragonCloud(NoEngine(), tokenizer=None, identity=None, eos_ids=[0], max_model_len=2048)
+    args = {**dict(max_tokens=5, temperature=None, top_p=None, top_k=None, seed=None, stop=[]), **kw}
+    with pytest.raises(InvalidOptions) as err:
+        run(cloud._answer([[1, 2, 3]], [0.0], [], **args))
+    assert err.value.param == next(iter(kw)) and NoEngine.opened == 0
