@@ -301,13 +301,15 @@ def test_valid_requests_are_served_with_the_options_passed_through(route, body, 
 
 
 # ------------------------------------------------------------------ fuzzing
-_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+_leaf_text = st.text(max_size=8) | st.sampled_from(["\ud800", "a\udfffb", "", " ", "\x00", "é" * 3])
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _leaf_text
+                     | st.sampled_from([-1, 0, 1, 2, 1.5, 2**63, -(2**63) - 1, 10**40]),
                      lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
                      max_leaves=8)
 _fields = ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
            "seed", "stop", "stream", "k", "retrieval", "logprobs", "top_logprobs", "tools", "prompt", "user"]
 _message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "x"]) | _json,
-                                  "content": st.text(max_size=20) | _json})
+                                  "content": st.text(max_size=20) | _leaf_text | _json})
 _body = st.dictionaries(st.sampled_from(_fields) | st.text(max_size=6),
                         _json | st.lists(_message, max_size=3) | st.just(MODEL), max_size=8)
 
@@ -534,3 +536,24 @@ def test_the_cloud_backend_checks_again_before_opening_streams(kw):
     with pytest.raises(InvalidOptions) as err:
         run(cloud._answer([[1, 2, 3]], [0.0], [], **args))
     assert err.value.param == next(iter(kw)) and NoEngine.opened == 0
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(over=st.dictionaries(st.sampled_from(_fields), _json | st.lists(_message, max_size=2), max_size=3),
+       stream=st.booleans(), route=st.sampled_from([CHAT, COMP]))
+def test_fuzzed_fields_of_a_valid_request_never_give_5xx_and_4xx_starts_nothing(over, stream, route):
+    body = {**(chat() if route == CHAT else comp()), "stream": stream, **over}
+
+    async def main():
+        cloud = FakeCloud()
+        client = await _client(cloud)
+        try:
+            resp = await asyncio.wait_for(client.post(route, json=body), 5)
+            await asyncio.wait_for(resp.read(), 5)
+            return cloud, resp.status
+        finally:
+            await client.close()
+
+    cloud, status = asyncio.run(main())
+    assert 200 <= status < 300 or 400 <= status < 500, (status, body)
+    assert len(cloud.calls) == (1 if status < 300 else 0) and cloud.open_answers == 0
