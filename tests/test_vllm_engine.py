@@ -24,7 +24,9 @@ reference, and the listed ids must be the reference's top-K (up to ``LP_TOL``).
   Greedy tokens of the uniform mixture must agree wherever the reference's top-1/top-2 gap
   exceeds ``GAP`` = 0.8 (the engine moved that gap by 0.56-0.68, three runs); smaller gaps are
   ties at this precision: 56 of 140 steps measured, at most half allowed. On the GPU
-  (vLLM 0.26, bf16 kernels) the same bounds are used, not measured there.
+  (vLLM 0.26 on an H200, CUDA bf16 kernels, 2026-11-30) max |dlp| measured 0.30 / 0.56 / 0.91
+  / 1.82 / 1.28 in the same bins and the gap moved by 0.27, so there ``LP_TOL`` = 0.15,
+  ``LP_REL`` = 0.25 (2.2 at lp = -8.2, where the 1.82 was); ``GAP`` stays 0.8.
 * float32: two float32 implementations differ by ~1e-5 (unrounded vLLM log-probs measured
   within 7e-5), so ``LP_TOL`` = 2e-3, ``LP_REL`` = 1e-3 (max |dlp| 7.8e-3 measured, at low
   lp: the float16 rounding). The float16 rounding moves the mixture's top-2 gap by up to 0.018
@@ -72,6 +74,12 @@ if DTYPE == "float32":
         MAX_TIE_FRACTION = 14 / 140
 else:  # bfloat16, see the module docstring
     LP_TOL, LP_REL, GAP, MAX_TIE_FRACTION = 0.35, 0.15, 0.8, 0.5
+    if _on_gpu():  # vLLM 0.26's CUDA bf16 kernels vs transformers bf16: measured on an H200, see above
+        LP_TOL, LP_REL = 0.15, 0.25
+# Measuring the bounds on a new platform: DRAGON_TEST_BOUNDS="LP_TOL,LP_REL,GAP,MAX_TIE_FRACTION"
+# (e.g. "9,0,9,1") runs the file with loose bounds; the lockstep test prints the error profile.
+if os.environ.get("DRAGON_TEST_BOUNDS"):
+    LP_TOL, LP_REL, GAP, MAX_TIE_FRACTION = map(float, os.environ["DRAGON_TEST_BOUNDS"].split(","))
 
 DOCS = [
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after "
