@@ -29,7 +29,8 @@ def build_app(cloud: DragonCloud, config: ServerConfig, metrics: CloudMetrics | 
     link = LinkServer(cloud, config.auth_token, config.limits, stats=metrics)
     app = web.Application(client_max_size=config.limits.max_frame_bytes)
     link.add_routes(app)
-    OpenAIRoutes(cloud, config.served_model).add_routes(app)
+    OpenAIRoutes(cloud, config.served_model, max_tokens=config.limits.max_tokens,
+                 max_k=config.limits.max_k).add_routes(app)
     app.router.add_get("/metrics", metrics.handle)
     app.router.add_get("/health", _health(cloud, link))
     app["dragon_link"], app["dragon_cloud"] = link, cloud

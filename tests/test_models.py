@@ -279,3 +279,30 @@ def test_cli(smollm2: ModelSpec, capsys):
     with pytest.raises(SystemExit) as e:
         models.main(["--help"])
     assert e.value.code == 0
+
+
+def test_converted_tokenizer_has_the_ggufs_special_tokens(smollm2: ModelSpec):
+    """BOS/EOS/UNK/PAD of the converted folder are the GGUF's own ids (transformers 5.17's GGUF
+    loader guessed ``eos = <|im_start|>`` and no pad, and every handshake was then refused)."""
+    from dragon_core.models import _gguf_tokenizer, _hf_tokenizer, read_gguf_metadata
+
+    meta = read_gguf_metadata(smollm2.gguf_path())
+    want, got = _gguf_tokenizer(meta)["special"], _hf_tokenizer(smollm2.hf_dir())["special"]
+    assert got == want
+    assert meta["tokenizer.ggml.tokens"][got["eos"]] == "<|im_end|>"
+
+
+def test_special_token_check_refuses_a_wrong_eos(smollm2: ModelSpec, tmp_path: Path):
+    """The check that runs after every conversion fails on the tokenizer 5.17 wrote."""
+    from dragon_core.errors import ConversionError
+    from dragon_core.models import _check_special_tokens, read_gguf_metadata
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2.hf_dir() / name, tmp_path / name)
+    meta = read_gguf_metadata(smollm2.gguf_path())
+    _check_special_tokens(meta, tmp_path)  # the real folder passes
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|im_start|>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="eos"):
+        _check_special_tokens(meta, tmp_path)
