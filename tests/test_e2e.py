@@ -177,7 +177,7 @@ SAMPLING_CASES = {
 STEPS = 2  # the joint law of the first two tokens
 ALPHA = 1e-3  # per test; 3 sampling tests in the suite: P(any false alarm) <= 0.3%
 POWER = 0.999  # against the laws a cloud-ignoring device, or swapped weights η, would produce
-N_MIN, N_MAX = 60, 200
+N_MIN, N_MAX = 30, 200
 
 
 def sampling_options(case: str, **kw) -> AnswerOptions:
@@ -269,7 +269,7 @@ def test_sampling_through_the_wire_has_the_centralized_joint_law(loop, runtime, 
     over cells pooled so every cell expects >= 5 runs, α = 1e-3, n = the smallest multiple of 10
     with power >= 0.999 against the device-only law (the effect of dropping the cloud; its total
     variation distance from the centralized law is printed and asserted >= 0.1) and against the
-    law with the two sides' weights swapped (printed with its TV); n is at least 60."""
+    law with the two sides' weights swapped (printed with its TV); n is at least 30."""
     plan = sampling_plans[case]
     tv = 0.5 * sum(abs(plan["central"].get(o, 0.0) - plan["alone"].get(o, 0.0))
                    for o in set(plan["central"]) | set(plan["alone"]))
