@@ -26,3 +26,8 @@ def smollm2() -> ModelSpec:
 
 # The shared end-to-end world (one cloud process for every e2e file): see e2e_world.py.
 from e2e_world import cloud, e2e_loop, proxies, reference_engine, runtime, world  # noqa: E402,F401
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that kill the shared cloud run last, so no other test needs it restarted."""
+    items.sort(key=lambda item: item.get_closest_marker("kills_shared_cloud") is not None)

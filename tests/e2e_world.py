@@ -4,8 +4,9 @@ notes), netem proxies at RTT 0 / 50 / 300 ms, and the cloud's engine loaded in t
 the centralized reference. Session-scoped, so the suite pays for one cloud start-up, not one
 per file; ``conftest.py`` re-exports the fixtures.
 
-A test that kills the cloud calls ``CloudProcess.restart()`` afterwards: the new process binds
-the same port, so the proxies (which reconnect per connection) keep working.
+A test that kills the cloud is marked ``kills_shared_cloud`` and runs after every other test
+(conftest.py); ``CloudProcess.restart()`` brings it back on the same port where that is not
+enough (the proxies reconnect per connection).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import pytest
 
 from benchmarks.netem import Shape, spawn_proxy, stop_proxy
 from dragon_core.scheduler import initial_aggregator
-from dragon_edge.demo import build_demo_world, start_cloud, stop, wait_healthy
+from dragon_edge.demo import start_cloud, stop, wait_healthy
 from dragon_edge.link import CloudLink
 from dragon_edge.runtime import AnswerOptions
 
@@ -35,23 +35,16 @@ RTT_MS = 100.0
 
 
 @pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, smollm2):
-    root = tmp_path_factory.mktemp("sched")
-    _, store = build_demo_world(root)
-    return root, store
+def loop(e2e_loop):
+    return e2e_loop
 
 
 @pytest.fixture(scope="module")
 def slow_cloud_url(world):
-    root, _ = world
-    proc, port = start_cloud(root / "index", TOKEN, root / "cloud.log", ("--emulate-decode-ms", str(CLOUD_SLOW_MS)))
+    """A second cloud process over the shared world's public index, slowed."""
+    root = world[0]
+    log = root / "slow-cloud.log"
+    proc, port = start_cloud(root / "index", TOKEN, log, ("--emulate-decode-ms", str(CLOUD_SLOW_MS)))
     proxy = None
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s=300)
@@ -59,19 +52,12 @@ def slow_cloud_url(world):
         proxy, pport = spawn_proxy(("127.0.0.1", port), up=one_way, down=one_way, seed=7)
         yield f"http://127.0.0.1:{pport}"
     except BaseException:
-        print((root / "cloud.log").read_text()[-4000:])
+        print(log.read_text()[-4000:])
         raise
     finally:
         if proxy is not None:
             stop_proxy(proxy)
         stop(proc)
-
-
-@pytest.fixture(scope="module")
-def runtime(world):
-    from dragon_edge.loader import load_runtime
-
-    return load_runtime("smollm2-135m", "llamacpp", store=world[1])
 
 
 def ask(loop, runtime, url: str, **kw):
