@@ -20,6 +20,16 @@ from benchmarks.netem import (MSS, Link, NetemProxy, Shape, build_parser, captur
 
 # ---------------------------------------------------------------------------- helpers
 @contextlib.asynccontextmanager
+async def loopback_server(handle):
+    """A TCP server on 127.0.0.1 running ``handle`` per connection; yields its address."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield ("127.0.0.1", server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+
+
+@contextlib.asynccontextmanager
 async def echo_server():
     """Echoes every byte back; passes a half-close on."""
 
@@ -31,11 +41,8 @@ async def echo_server():
             writer.write_eof()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield ("127.0.0.1", server.sockets[0].getsockname()[1])
-    finally:
-        server.close()
+    async with loopback_server(handle) as addr:
+        yield addr
 
 
 @contextlib.asynccontextmanager
@@ -348,11 +355,8 @@ async def answer_server():
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield ("127.0.0.1", server.sockets[0].getsockname()[1])
-    finally:
-        server.close()
+    async with loopback_server(handle) as addr:
+        yield addr
 
 
 def test_capture_records_exactly_the_bytes_sent_each_way_per_connection(tmp_path):

@@ -314,20 +314,22 @@ _body = st.dictionaries(st.sampled_from(_fields) | st.text(max_size=6),
                         _json | st.lists(_message, max_size=3) | st.just(MODEL), max_size=8)
 
 
+async def _fuzz_post(route: str, body) -> tuple[FakeCloud, int]:
+    """One fuzzed request to a fresh fake cloud; a hang fails it (5 s per request and body)."""
+    cloud = FakeCloud()
+    client = await _client(cloud)
+    try:
+        resp = await asyncio.wait_for(client.post(route, json=body), 5)
+        await asyncio.wait_for(resp.read(), 5)
+        return cloud, resp.status
+    finally:
+        await client.close()
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=_body, route=st.sampled_from([CHAT, COMP]))
 def test_fuzzed_json_bodies_get_2xx_or_4xx_never_5xx_or_a_hang(body, route):
-    async def main():
-        cloud = FakeCloud()
-        client = await _client(cloud)
-        try:
-            resp = await asyncio.wait_for(client.post(route, json=body), 5)
-            await asyncio.wait_for(resp.read(), 5)
-            return cloud, resp.status
-        finally:
-            await client.close()
-
-    cloud, status = asyncio.run(main())
+    cloud, status = asyncio.run(_fuzz_post(route, body))
     assert 200 <= status < 300 or 400 <= status < 500, (status, body)
     if status >= 400:
         assert cloud.calls == []
@@ -544,16 +546,6 @@ def test_the_cloud_backend_checks_again_before_opening_streams(kw):
 def test_fuzzed_fields_of_a_valid_request_never_give_5xx_and_4xx_starts_nothing(over, stream, route):
     body = {**(chat() if route == CHAT else comp()), "stream": stream, **over}
 
-    async def main():
-        cloud = FakeCloud()
-        client = await _client(cloud)
-        try:
-            resp = await asyncio.wait_for(client.post(route, json=body), 5)
-            await asyncio.wait_for(resp.read(), 5)
-            return cloud, resp.status
-        finally:
-            await client.close()
-
-    cloud, status = asyncio.run(main())
+    cloud, status = asyncio.run(_fuzz_post(route, body))
     assert 200 <= status < 300 or 400 <= status < 500, (status, body)
     assert len(cloud.calls) == (1 if status < 300 else 0) and cloud.open_answers == 0
