@@ -53,6 +53,14 @@ def check_temperature(value: Any, param: str = "temperature") -> float:
     return t
 
 
+def check_sampling_temperature(greedy: bool, temperature: Any, param: str = "temperature") -> None:
+    """Sampling needs a temperature above 0: temperature 0 is greedy decoding, said with
+    ``greedy=true`` (the one way both sides read it)."""
+    if not greedy and temperature == 0:
+        raise InvalidOptions(param, f"{param}=0 with greedy=false: temperature 0 means greedy decoding, "
+                                    f"set greedy=true")
+
+
 def check_top_p(value: Any, param: str = "top_p") -> float:
     p = check_number(param, value)
     if not 0.0 < p <= 1.0:

@@ -71,8 +71,7 @@ def check_answer_options(o: AnswerOptions) -> None:
         if not isinstance(getattr(o, name), bool):
             raise InvalidOptions(name, f"{name} must be true or false, got {getattr(o, name)!r}")
     v.check_temperature(o.temperature)
-    if not o.greedy and o.temperature == 0:
-        raise InvalidOptions("temperature", "temperature 0 means greedy decoding: set greedy=True")
+    v.check_sampling_temperature(o.greedy, o.temperature)
     v.check_top_p(o.top_p)
     v.check_int("top_k", o.top_k, 0, v.MAX_TOP_K)
     v.check_seed(o.seed)

@@ -54,9 +54,6 @@ def answer_options(max_tokens: int | None = None, temperature: float | None = No
     return opts.validate()  # an unknown mode or a bad value fails here, at create(), not at the first chunk
 
 
-_options = answer_options
-
-
 class _AsyncCompletions:
     def __init__(self, client: "AsyncDragonClient") -> None:
         self._client = client
@@ -70,7 +67,7 @@ class _AsyncCompletions:
             if isinstance(exc, InvalidOptions):
                 raise
             raise InvalidOptions("messages", str(exc)) from None
-        opts = _options(max_tokens, temperature, top_p, seed, dragon_options)
+        opts = answer_options(max_tokens, temperature, top_p, seed, dragon_options)
         runtime = await self._client.runtime()
         pieces = runtime.answer(query, opts)
         model = model or self._client.model

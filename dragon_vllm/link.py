@@ -280,8 +280,7 @@ class _Connection:
             v.check_seed(req.seed)
             if not req.sampling.greedy:
                 v.check_temperature(req.sampling.temperature, "sampling.temperature")
-                if req.sampling.temperature == 0.0:
-                    return "sampling.temperature=0 with greedy=false: send greedy=true instead"
+            v.check_sampling_temperature(req.sampling.greedy, req.sampling.temperature, "sampling.temperature")
             v.check_top_p(req.sampling.top_p, "sampling.top_p")
             v.check_int("sampling.top_k", req.sampling.top_k, 0, v.MAX_TOP_K)
             if req.prior is not None:

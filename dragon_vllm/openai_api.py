@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-import uuid
-from typing import Any, AsyncIterator
+from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError

@@ -108,12 +108,12 @@ def test_modes_pass_through_the_sdk_and_the_cli_and_unknown_ones_are_typed(store
     import json
 
     from dragon_edge.baselines import ANSWER_MODES, UnknownMode
-    from dragon_edge.sdk import _options
+    from dragon_edge.sdk import answer_options
 
     for mode in ANSWER_MODES:
-        assert _options(None, None, None, None, {"mode": mode}).mode == mode
+        assert answer_options(None, None, None, None, {"mode": mode}).mode == mode
     with pytest.raises(UnknownMode, match="dragon | vdrag | sw | cloud | text | device"):
-        _options(None, None, None, None, {"mode": "drcg"})
+        answer_options(None, None, None, None, {"mode": "drcg"})
     help_ = _cli("ask", "--help")
     assert all(word in help_.stdout for word in ("cloud-only", "DRCG/Text", "device-only"))
     bad = _cli("ask", "x", "--mode", "drcg", "--store", str(store_dir))
