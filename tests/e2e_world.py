@@ -5,8 +5,7 @@ the centralized reference. Session-scoped, so the suite pays for one cloud start
 per file; ``conftest.py`` re-exports the fixtures.
 
 A test that kills the cloud is marked ``kills_shared_cloud`` and runs after every other test
-(conftest.py); ``CloudProcess.restart()`` brings it back on the same port where that is not
-enough (the proxies reconnect per connection).
+(conftest.py), so no test needs it restarted.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ def run(loop: asyncio.AbstractEventLoop, coro, timeout: float = 600):
 
 @dataclass
 class CloudProcess:
-    """The shared cloud: its port, its process, and how to bring it back after a kill."""
+    """The shared cloud: its port and its process."""
 
     root: Path
     port: int
@@ -54,23 +53,16 @@ class CloudProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, port: int = 0) -> None:
+    def start(self) -> None:
         from dragon_edge.demo import start_cloud, stop, wait_healthy
 
-        self.proc, self.port = start_cloud(self.root / "index", TOKEN, self.root / "cloud.log", port=port)
+        self.proc, self.port = start_cloud(self.root / "index", TOKEN, self.root / "cloud.log")
         try:
             wait_healthy(self.url, self.proc, timeout_s=300)
         except BaseException:
             stop(self.proc)
             print((self.root / "cloud.log").read_text()[-4000:])
             raise
-
-    def restart(self) -> None:
-        """Stop (if still alive) and start again on the same port."""
-        from dragon_edge.demo import stop
-
-        stop(self.proc)
-        self.start(self.port)
 
     def health(self) -> dict:
         with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:

@@ -71,17 +71,17 @@ def truncate(p: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
     return q / q.sum()
 
 
-async def step_probs(groups) -> list[list[np.ndarray]]:
-    """Each group's per-document next-token probabilities."""
-    return [[d.probs() for d in await g.next_dists()] for g, _ in groups]
+async def step_sides(groups) -> list[tuple[list[np.ndarray], Sequence[float]]]:
+    """``[(per-document next-token probabilities, scores), ...]``, one per group: the sides
+    ``mixture`` takes."""
+    return [([d.probs() for d in await g.next_dists()], scores) for g, scores in groups]
 
 
 async def greedy(groups, top_k: int, max_tokens: int, eos_ids) -> list[int]:
     """Greedy centralized decoding over ``groups = [(StreamGroup, scores), ...]`` (ties: smaller id)."""
     out: list[int] = []
     while len(out) < max_tokens:
-        probs = await step_probs(groups)
-        tok = int(np.argmax(mixture([(p, r) for p, (_, r) in zip(probs, groups)], top_k)))
+        tok = int(np.argmax(mixture(await step_sides(groups), top_k)))
         out.append(tok)
         if tok in eos_ids:
             break
@@ -98,9 +98,7 @@ async def joint_law(groups, steps: int, top_k: int, sample_top_k: int, top_p: fl
     law: dict[tuple[int, ...], float] = {}
 
     async def expand(prefix: tuple[int, ...], mass: float) -> None:
-        probs = await step_probs(groups)
-        mixed = mixture([(p, r) for p, (_, r) in zip(probs, groups)], top_k, swap_weights)
-        q = truncate(mixed, sample_top_k, top_p)
+        q = truncate(mixture(await step_sides(groups), top_k, swap_weights), sample_top_k, top_p)
         for tok in np.flatnonzero(q):
             seq, pm = prefix + (int(tok),), mass * float(q[tok])
             if len(seq) == steps or int(tok) in eos_ids:
