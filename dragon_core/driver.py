@@ -21,8 +21,7 @@ import numpy as np
 
 from dragon_core import messages as m
 from dragon_core import session as s
-from dragon_core.aggregate import canonical_side_dist
-from dragon_core.engine import StreamGroup
+from dragon_core.engine import StreamGroup, side_dist
 
 SendFn = Callable[[m.Message], Awaitable[None]]
 CommitFn = Callable[[Sequence[int]], Awaitable[None] | None]
@@ -103,8 +102,7 @@ class SessionDriver:
         elif isinstance(op, s.ComputeDist):
             if self.emulate_decode_s:
                 await asyncio.sleep(self.emulate_decode_s)
-            dists = await self.group.next_dists()
-            dist = canonical_side_dist(dists, self.scores, self.session.config.dist_top_k)
+            dist = await side_dist(self.group, self.scores, self.session.config.dist_top_k)
         # a draft's latency includes the rollback/append work that prepared it
         self._op_ms += (time.perf_counter() - t0) * 1000
         if isinstance(op, s.ComputeDist):
@@ -127,8 +125,8 @@ async def centralized_generate(config: s.SessionConfig, groups: Sequence[tuple[S
     _, eta_cloud = cross_side_weights(log_mass(r_dev), log_mass(r_cloud))
     tokens: list[int] = []
     for step in range(config.max_tokens):
-        p_dev = canonical_side_dist(await g_dev.next_dists(), r_dev, config.dist_top_k)
-        p_cloud = canonical_side_dist(await g_cloud.next_dists(), r_cloud, config.dist_top_k)
+        p_dev = await side_dist(g_dev, r_dev, config.dist_top_k)
+        p_cloud = await side_dist(g_cloud, r_cloud, config.dist_top_k)
         token = synchronous_target(p_dev, p_cloud, eta_cloud, config.sampling, step_rng(config.seed, VERIFY, step))
         tokens.append(token)
         if token in config.eos_ids:

@@ -46,6 +46,28 @@ class StreamGroup(Protocol):
 
 
 @runtime_checkable
+class MixingStreamGroup(StreamGroup, Protocol):
+    """A group whose engine mixes its k streams itself (the cloud's in-engine path): it returns
+    the side's canonical mixture (``dragon_core.aggregate.canonical_side_dist`` of what the
+    engine mixed) instead of per-document distributions. Opened with the retrieval scores."""
+
+    async def next_side_dist(self, top_k: int) -> Dist:
+        """The side's canonical distribution after the current ``length`` tokens, in the
+        session's top-K form (0: full)."""
+        ...
+
+
+async def side_dist(group: StreamGroup, scores, top_k: int) -> Dist:
+    """The side's canonical distribution from either kind of group: the one rule both the
+    session driver and the centralized reference use."""
+    from dragon_core.aggregate import canonical_side_dist
+
+    if isinstance(group, MixingStreamGroup):
+        return await group.next_side_dist(top_k)
+    return canonical_side_dist(await group.next_dists(), scores, top_k)
+
+
+@runtime_checkable
 class Engine(Protocol):
     """Opens stream groups on one model."""
 

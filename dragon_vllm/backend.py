@@ -19,7 +19,7 @@ from dragon_core import session as s
 from dragon_core import validation as v
 from dragon_core.aggregate import log_mass
 from dragon_core.driver import SessionDriver
-from dragon_core.engine import Engine
+from dragon_core.engine import Engine, side_dist
 from dragon_core.errors import InvalidOptions
 from dragon_core.handshake import Identity
 from dragon_core.prompt import IncrementalText, last_user_message, passage_prompts
@@ -40,13 +40,13 @@ class DragonCloud:
         for lazy initialisation (the retriever's first encode, vLLM's first batches). Seconds spent."""
         t0 = time.perf_counter()
         passages = await self.retrieve("warm-up", 1)
-        prompts, _ = passage_prompts(self.tokenizer, "warm-up", [p.text for p in passages],
-                                     [p.score for p in passages])
-        group = await self.engine.open_group(prompts or [self.tokenizer.encode("warm-up")], 1.0)
+        prompts, scores = passage_prompts(self.tokenizer, "warm-up", [p.text for p in passages],
+                                          [p.score for p in passages])
+        group = await self.engine.open_group(prompts, 1.0, scores, 2)
         try:
-            dists = await group.next_dists()
-            await group.append([dists[0].argmax()])
-            await group.next_dists()
+            first = await side_dist(group, scores, 0)
+            await group.append([first.argmax()])
+            await side_dist(group, scores, 0)
         finally:
             await group.close()
         return time.perf_counter() - t0
@@ -64,7 +64,7 @@ class DragonCloud:
                                           [p.score for p in passages])
         self._check_length(prompts, req.max_tokens)
         temperature = 1.0 if req.sampling.greedy else req.sampling.temperature
-        group = await self.engine.open_group(prompts, temperature)
+        group = await self.engine.open_group(prompts, temperature, scores, req.max_tokens)
         return OpenedRequest(group, scores, [_source_name(p) for p in passages])
 
     async def public_passages(self, req: m.Open) -> m.Opened:
@@ -110,7 +110,7 @@ class DragonCloud:
         config = s.SessionConfig(request_id=self._ids, max_tokens=max_tokens, seed=seed if seed is not None else self._ids,
                                  eos_ids=self.eos_ids, sampling=sampling, aggregator="cloud", scheduling=False)
         session = s.Session("cloud", config, log_mass(scores), solo=True)
-        group = await self.engine.open_group(prompts, 1.0 if greedy else sampling.temperature)
+        group = await self.engine.open_group(prompts, 1.0 if greedy else sampling.temperature, scores, max_tokens)
         answer = CloudAnswer(self, session, group, scores, stop, [_source_name(p) for p in passages],
                              sum(len(p) for p in prompts))
         answer.start()

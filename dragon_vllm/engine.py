@@ -32,6 +32,8 @@ import numpy as np
 from dragon_core.dist import Dist
 from dragon_core.errors import ProtocolError
 from dragon_vllm.admission import Admission, Ticket
+from dragon_vllm.drafting import GangStreamGroup
+from dragon_vllm.plugin import LOGITS_PROCESSOR, SCHEDULER_CLS, SYNC_SCHEDULER_CLS
 
 MIN_VLLM = (0, 26)  # streaming-input sessions, flat_logprobs, processed_logprobs, tokens_input
 
@@ -195,9 +197,12 @@ class VllmStreamGroup:
 class VllmEngine:
     """``dragon_core.engine.Engine`` on one shared ``AsyncLLM``."""
 
-    def __init__(self, llm, *, top_k: int, max_streams: int, kv_reserve_tokens: int) -> None:
+    def __init__(self, llm, *, top_k: int, max_streams: int, kv_reserve_tokens: int, mixing: bool = False,
+                 chunk_tokens: int = 8) -> None:
         self.llm = llm
         self.top_k = top_k
+        self.mixing = mixing  # the gang path: streams mixed and drafted inside vLLM (drafting.py)
+        self.chunk_tokens = chunk_tokens
         cache = llm.vllm_config.cache_config
         self.block_size: int = cache.block_size
         self.max_model_len: int = llm.model_config.max_model_len
@@ -205,23 +210,43 @@ class VllmEngine:
         self.kv_reserve_tokens = kv_reserve_tokens
         self.admission = Admission(max_streams, int(cache.num_gpu_blocks or 1))
         self._gids = itertools.count()
-        self._stats = dict(groups=0, reopens=0, prompt_tokens=0, cached_tokens=0)
+        self._stats = dict(groups=0, reopens=0, prompt_tokens=0, cached_tokens=0, chunks=0, repairs=0)
+        sched = llm.vllm_config.scheduler_config
+        self.max_batch_tokens: int = int(getattr(sched, "max_num_scheduled_tokens", None) or sched.max_num_batched_tokens)
 
     @property
     def vocab_size(self) -> int:
         return self._vocab
 
-    async def open_group(self, prompts: Sequence[Sequence[int]], temperature: float = 1.0) -> VllmStreamGroup:
+    async def open_group(self, prompts: Sequence[Sequence[int]], temperature: float = 1.0,
+                         scores: Sequence[float] | None = None, max_tokens: int | None = None,
+                         ) -> "VllmStreamGroup | GangStreamGroup":
+        """The k streams of one request. With ``scores`` on a mixing engine: a gang, mixed and
+        drafted inside vLLM (``next_side_dist``); otherwise per-document streams (``next_dists``)."""
         prompts = [[int(t) for t in p] for p in prompts]
         if not prompts or any(not p for p in prompts):
             raise ValueError("open_group needs at least one non-empty prompt")
         if (longest := max(map(len, prompts))) >= self.max_model_len:
             raise ValueError(f"prompt of {longest} tokens does not fit the context of {self.max_model_len}")
+        gang = self.mixing and scores is not None
+        if gang and sum(map(len, prompts)) + self.kv_reserve_tokens > self.max_batch_tokens:
+            # a gang is scheduled whole in one step, so its prompts must fit one step's token budget
+            raise ValueError(f"{len(prompts)} prompts of {sum(map(len, prompts))} tokens in all exceed the engine's "
+                             f"per-step budget of {self.max_batch_tokens} tokens (raise max_num_batched_tokens)")
         ticket = await self.admission.acquire(len(prompts), self._blocks(prompts))
         self._stats["groups"] += 1
         # T <= 0 means greedy; the argmax is the same at any T, and T = 1 keeps the log-probs finite
-        return VllmStreamGroup(self, next(self._gids), prompts, float(temperature) if temperature > 0 else 1.0,
-                               ticket)
+        temperature = float(temperature) if temperature > 0 else 1.0
+        if gang:
+            return GangStreamGroup(self, next(self._gids), prompts, scores, temperature, ticket,
+                                   self._chunk_for(longest, max_tokens))
+        return VllmStreamGroup(self, next(self._gids), prompts, temperature, ticket)
+
+    def _chunk_for(self, longest: int, max_tokens: int | None) -> int:
+        """Tokens drafted per chunk: the engine's setting, less where the context would overflow
+        (a chunk may draft past ``max_tokens``; vLLM 0.26 keeps a session's first chunk size)."""
+        room = self.max_model_len - longest - (max_tokens or 0)
+        return max(1, min(self.chunk_tokens, room))
 
     def stats(self) -> dict:
         return dict(self._stats, open_streams=self.admission.slots, queued_groups=self.admission.queued,
@@ -243,6 +268,16 @@ class VllmEngine:
     def _release(self, ticket: Ticket) -> None:
         self.admission.release(ticket)
 
+    def _gang_params(self, chunk_tokens: int, *, leader: bool, extra: dict):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        # greedy in vLLM: the processor already applied 1/T and wrote the mixture, so every row
+        # takes its argmax; only the leader returns the (mixture's) top-K
+        return SamplingParams(max_tokens=chunk_tokens, temperature=0.0, ignore_eos=True,
+                              logprobs=self.top_k if leader else None, flat_logprobs=True, detokenize=False,
+                              output_kind=RequestOutputKind.DELTA, extra_args=extra)
+
     def _params(self, temperature: float):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -255,6 +290,7 @@ def make_engine(model_dir: str, *, top_k: int = 20, max_num_seqs: int = 128, max
                 max_model_len: int = 2048, block_size: int = 32, dtype: str = "auto",
                 enforce_eager: bool | None = None, kv_cache_gib: int | None = None,
                 gpu_memory_utilization: float | None = None, kv_reserve_tokens: int = 256, seed: int = 0,
+                mixing: bool = True, chunk_tokens: int = 8, max_num_batched_tokens: int | None = None,
                 **engine_kwargs) -> VllmEngine:
     """Start the shared ``AsyncLLM`` for DRAGON streams.
 
@@ -262,7 +298,15 @@ def make_engine(model_dir: str, *, top_k: int = 20, max_num_seqs: int = 128, max
     whatever the hardware); ``max_streams`` (default: ``max_num_seqs``) caps the open streams.
     ``block_size`` must be a multiple of 32 on CPU; documents are padded to it by the prompt
     layout so their KV blocks are shared across requests.
+
+    ``mixing`` (the default) installs the gang scheduler and the mixing logits processor, so a
+    group opened with retrieval scores is mixed and drafted inside vLLM, ``chunk_tokens`` tokens
+    per chunk (``drafting.py``). A gang is scheduled whole in one step, so the per-step token
+    budget ``max_num_batched_tokens`` (default: 4 contexts) must hold a request's prompts.
     """
+    from dragon_vllm.plugin import register
+
+    register()  # the version gate, also where the package is not installed (PYTHONPATH on the GPU machine)
     if vllm_version() < MIN_VLLM:
         raise RuntimeError(f"vLLM >= {'.'.join(map(str, MIN_VLLM))} is required for streaming-input sessions")
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -281,8 +325,13 @@ def make_engine(model_dir: str, *, top_k: int = 20, max_num_seqs: int = 128, max
         max_model_len=max_model_len, block_size=block_size, enable_prefix_caching=True,
         max_num_seqs=max_num_seqs, max_logprobs=max(top_k, 20), logprobs_mode="processed_logprobs",
         enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
-        disable_log_stats=True, **engine_kwargs,
+        disable_log_stats=True, max_num_batched_tokens=max_num_batched_tokens or 4 * max_model_len,
+        logits_processors=[LOGITS_PROCESSOR] if mixing else None, **engine_kwargs,
     )
-    llm = AsyncLLM.from_engine_args(args)
+    config = args.create_engine_config()
+    if mixing:
+        sched = config.scheduler_config
+        sched.scheduler_cls = SCHEDULER_CLS if sched.async_scheduling else SYNC_SCHEDULER_CLS
+    llm = AsyncLLM.from_vllm_config(config)
     return VllmEngine(llm, top_k=top_k, max_streams=min(max_streams or max_num_seqs, max_num_seqs),
-                      kv_reserve_tokens=kv_reserve_tokens)
+                      kv_reserve_tokens=kv_reserve_tokens, mixing=mixing, chunk_tokens=chunk_tokens)

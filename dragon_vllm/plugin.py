@@ -35,8 +35,10 @@ FAKE_VERSION_ENV = "DRAGON_FAKE_VLLM_VERSION"
 # Names vLLM is given for DRAGON's in-engine parts. Strings, not imports: this module must stay
 # cheap in every process. vLLM 0.26 resolves scheduler_cls as `module.Class` (a dot, not the
 # `module:Class` colon form of entry points), so keep the dot.
-SCHEDULER_CLS = "dragon_vllm.gang.GangScheduler"
-LOGITS_PROCESSOR = "dragon_vllm.mixing.GroupMixingProcessor"
+SCHEDULER_CLS = "dragon_vllm.gang.GangScheduler"  # with async scheduling (the GPU default)
+SYNC_SCHEDULER_CLS = "dragon_vllm.gang.GangSyncScheduler"  # without it
+# logits processors are resolved the other way round: `module:Class`
+LOGITS_PROCESSOR = "dragon_vllm.mixing:GroupMixingProcessor"
 
 _registered = False
 

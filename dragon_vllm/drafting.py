@@ -1,0 +1,266 @@
+"""The cloud's in-engine drafting path: a request's k document streams as one vLLM *gang*.
+
+The k streams are k streaming-input sessions of one ``AsyncLLM``, tagged as one gang. The gang
+scheduler (``gang.py``) keeps them in lockstep; the logits processor (``mixing.py``) writes the
+side mixture into every row, so all rows take its argmax and the leader row's log-probs are the
+mixture's top-K. Each input chunk drafts ``chunk_tokens`` positions inside the engine, with no
+round trip to this process in between; their distributions stream back as they are produced.
+
+How this meets the protocol (``dragon_core``), exactly:
+
+* The side's canonical distribution at a position is ``canonical_side_dist`` of the mixture's
+  top-K as the engine returned it (one "document" of weight 1): the engine's K most likely ids of
+  the full-vocabulary mixture, log-probs rounded to float16, the rest of the mass spread evenly
+  over the other ids (``dist.py``). That ``Dist`` is what the session drafts from and what goes on
+  the wire, so the peer verifies against the distribution the draft came from.
+* The engine's own token at a position is only a **prediction** of the session's draft (the
+  argmax of the float32 mixture; the session drafts from the canonical form, by argmax or with the
+  protocol's randomness). Positions are served from the chunk only while the tokens the session
+  appended equal the engine's; the first difference (a sampled draft, a float16 tie, a rejected
+  draft) ends the chunk and the next one starts from the session's tokens. So a wrong prediction
+  costs time, never exactness.
+* Rollback: no in-place truncation yet; the fallback of ``engine.py`` (abort the gang, reopen it
+  with ``prompt + accepted``; the prefix cache restores the full blocks). An in-flight chunk is
+  aborted as soon as the session's tokens leave it (it stops early).
+* Fail closed: a gang the engine ever finds incomplete has its rows' logits set to NaN
+  (``mixing.py``); rows that disagree on a token or a NaN log-prob make this group discard the
+  chunk from that position and reopen (``repairs``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+from typing import TYPE_CHECKING, AsyncIterator, Sequence
+
+import numpy as np
+
+from dragon_core.aggregate import canonical_side_dist
+from dragon_core.dist import Dist
+from dragon_core.errors import ProtocolError
+from dragon_vllm.admission import Ticket
+from dragon_vllm.mixing import gang_args
+
+if TYPE_CHECKING:
+    from dragon_vllm.engine import VllmEngine
+
+
+class _Row:
+    """One streaming-input session of a gang: its tokens (and, for the leader, the top-K) of
+    each position of the current chunk, as vLLM streams them."""
+
+    def __init__(self, llm, request_id: str, first: list[int], params) -> None:
+        from vllm.engine.protocol import StreamingInput
+        from vllm.inputs.engine import tokens_input
+
+        self._chunk, self._tokens_input = StreamingInput, tokens_input
+        self._inbox: asyncio.Queue[list[int] | None] = asyncio.Queue()
+        self._inbox.put_nowait(first)
+        self._outputs: AsyncIterator = llm.generate(self._chunks(), params, request_id)
+        self.prompt_len = len(first)
+        self.num_cached_tokens = 0
+        self.tokens: list[int] = []  # tokens of the current chunk
+        self.top: list[tuple[np.ndarray, np.ndarray]] = []  # leader: top-K per position
+
+    async def _chunks(self):
+        while (ids := await self._inbox.get()) is not None:
+            # a fresh list of Python ints per chunk: vLLM extends the first chunk's list in place,
+            # and 0.26 cannot serialise numpy ints
+            yield self._chunk(prompt=self._tokens_input([int(t) for t in ids]))
+
+    def feed(self, ids: Sequence[int]) -> None:
+        self.tokens, self.top = [], []
+        self._inbox.put_nowait(list(ids))
+
+    async def pull(self, top_k: int) -> None:
+        """Wait for the next output of this row (one or more positions)."""
+        out = await self._outputs.__anext__()
+        self.num_cached_tokens = max(self.num_cached_tokens, int(out.num_cached_tokens or 0))
+        completion = out.outputs[0]
+        new = [int(t) for t in completion.token_ids]
+        if completion.logprobs is not None and new:
+            flat = completion.logprobs
+            for p in range(len(flat.start_indices) - len(new), len(flat.start_indices)):
+                self.top.append(_top_k_at(flat, p, top_k))
+        self.tokens.extend(new)
+
+    async def abort(self) -> None:
+        await self._outputs.aclose()  # aborts the request in vLLM
+
+
+def _top_k_at(flat, position: int, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-K (ids, log-probs) of one position of a ``FlatLogprobs``; the sampled token is listed
+    again when it is inside the top-K, so duplicates are dropped."""
+    lo, hi = flat.start_indices[position], flat.end_indices[position]
+    ids = np.asarray(flat.token_ids[lo:hi], dtype=np.int64)
+    lps = np.asarray(flat.logprobs[lo:hi], dtype=np.float64)
+    ranks = np.asarray([r if r is not None else top_k + 1 for r in flat.ranks[lo:hi]])
+    keep = ranks <= top_k
+    ids, first = np.unique(ids[keep], return_index=True)
+    return ids, lps[keep][first]
+
+
+class GangStreamGroup:
+    """A request's k document streams, mixed and drafted inside vLLM
+    (``dragon_core.engine.MixingStreamGroup``)."""
+
+    def __init__(self, engine: "VllmEngine", gid: int, prompts: list[list[int]], scores: Sequence[float],
+                 temperature: float, ticket: Ticket, chunk_tokens: int) -> None:
+        self._engine, self._gid, self._ticket = engine, gid, ticket
+        self.prompts = prompts
+        r = np.asarray(scores, dtype=np.float64)
+        self._log_w = r - (r.max() + math.log(float(np.exp(r - r.max()).sum())))
+        self.temperature = temperature
+        self.chunk_tokens = chunk_tokens
+        self._tokens: list[int] = []  # the session's generated tokens
+        self._rows: list[_Row] | None = None
+        self._base = 0  # position of the current chunk's first draft
+        self._fed: list[int] = []  # generated tokens the rows held when the current chunk began
+        self._received = 0  # positions of the current chunk that every row has reported
+        self._epoch = itertools.count()
+        self._closed = False
+        self.num_cached_tokens: list[int] = [0] * len(prompts)
+        self.reopens = 0
+        self.chunks = 0
+        self.served_from_chunk = 0  # positions answered from a chunk already drafted
+        self.repairs = 0
+
+    # ------------------------------------------------------------------ StreamGroup
+    @property
+    def num_streams(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def length(self) -> int:
+        return len(self._tokens)
+
+    async def next_dists(self) -> list[Dist]:
+        raise NotImplementedError("a gang mixes its streams inside vLLM; use next_side_dist")
+
+    async def append(self, tokens: Sequence[int]) -> None:
+        self._check_open()
+        self._tokens.extend(int(t) for t in tokens)
+        if self._rows is not None and not self._chunk_done() and not self._consistent(len(self._tokens)):
+            await self._abort()  # the session left the chunk's path: stop the chunk early
+
+    async def rollback(self, length: int) -> None:
+        self._check_open()
+        if not 0 <= length <= len(self._tokens):
+            raise ProtocolError(f"cannot roll back to {length}: the streams hold {len(self._tokens)} tokens")
+        del self._tokens[length:]  # the rows are resynchronised lazily, by the next chunk
+
+    async def next_side_dist(self, top_k: int) -> Dist:
+        """The side's canonical mixture after the current tokens (see the module docstring)."""
+        self._check_open()
+        position = len(self._tokens)
+        while True:
+            j = position - self._base
+            if self._rows is not None and 0 <= j < self.chunk_tokens and self._consistent(position):
+                if self._received > j:
+                    self.served_from_chunk += int(j > 0)
+                    return self._dist(j, top_k)
+                await self._pull()
+                continue
+            await self._start_chunk()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._abort()
+        finally:
+            self._engine._release(self._ticket)
+
+    # ------------------------------------------------------------------ chunk bookkeeping
+    def _consistent(self, length: int) -> bool:
+        """Are the session's first ``length`` tokens the current chunk's path so far: what the
+        rows were fed, then the drafts the engine has reported?"""
+        if length < self._base or self._tokens[:self._base] != self._fed:
+            return False
+        drafts = self._rows[0].tokens
+        n = min(length - self._base, len(drafts))
+        return self._tokens[self._base:self._base + n] == drafts[:n]
+
+    def _chunk_done(self) -> bool:
+        return self._received >= self.chunk_tokens
+
+    async def _pull(self) -> None:
+        """Wait until every row reports one more position; check that the rows agree."""
+        j = self._received
+        await asyncio.gather(*(row.pull(self._engine.top_k) for row in self._rows if len(row.tokens) <= j))
+        ready = min(len(row.tokens) for row in self._rows)
+        leader = self._rows[0]
+        while self._received < ready:
+            p = self._received
+            tokens = {row.tokens[p] for row in self._rows}
+            ids, lps = leader.top[p]
+            if len(tokens) != 1 or not np.all(np.isfinite(lps)) or ids.size == 0:
+                await self._repair()
+                return
+            self._received += 1
+
+    async def _repair(self) -> None:
+        """The engine did not keep the gang together: drop the chunk, start again from here."""
+        self.repairs += 1
+        self._engine._stats["repairs"] += 1
+        await self._abort()
+
+    def _dist(self, j: int, top_k: int) -> Dist:
+        ids, lps = self._rows[0].top[j]
+        mixture = Dist.from_top_k(self._engine.vocab_size, ids, lps)
+        return canonical_side_dist([mixture], [0.0], top_k)
+
+    async def _start_chunk(self) -> None:
+        """Feed the session's tokens the rows lack and draft the next chunk, or reopen the gang
+        when the rows hold tokens the session no longer has (rollback) or a chunk is in flight."""
+        held = self._held()
+        if self._rows is None or held is None or self._tokens[:len(held)] != held or len(self._tokens) == len(held):
+            await self._reopen()
+            return
+        new = self._tokens[len(held):]
+        self._fed, self._base, self._received = list(self._tokens), len(self._tokens), 0
+        for row in self._rows:
+            row.feed(new)
+        self.chunks += 1
+        self._engine._stats["chunks"] += 1
+
+    def _held(self) -> list[int] | None:
+        """Generated tokens whose KV the rows hold once the current chunk is over (vLLM drops the
+        last sampled token of a chunk); None while the chunk is still running."""
+        if self._rows is None or not self._chunk_done():
+            return None
+        return self._fed + self._rows[0].tokens[:self.chunk_tokens - 1]
+
+    async def _reopen(self) -> None:
+        await self._abort()
+        epoch = next(self._epoch)
+        if epoch:
+            self.reopens += 1
+            self._engine._stats["reopens"] += 1
+        gang = f"dragon-{self._gid}-{epoch}"
+        rows = []
+        for i, prompt in enumerate(self.prompts):
+            params = self._engine._gang_params(self.chunk_tokens, leader=i == 0,
+                                               extra=gang_args(gang, len(self.prompts), i, float(self._log_w[i]),
+                                                               self.temperature))
+            rows.append(_Row(self._engine.llm, f"{gang}-{i}", prompt + self._tokens, params))
+        self._rows = rows
+        self._fed, self._base, self._received = list(self._tokens), len(self._tokens), 0
+        self.chunks += 1
+        self._engine._stats["chunks"] += 1
+
+    async def _abort(self) -> None:
+        rows, self._rows, self._received = self._rows, None, 0
+        if rows:
+            stats = self._engine._stats
+            for i, row in enumerate(rows):
+                self.num_cached_tokens[i] = row.num_cached_tokens
+                stats["cached_tokens"] += row.num_cached_tokens
+                stats["prompt_tokens"] += row.prompt_len
+            await asyncio.gather(*(row.abort() for row in rows), return_exceptions=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ProtocolError("stream group is closed")

