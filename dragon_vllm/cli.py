@@ -34,6 +34,13 @@ def serve(
     max_model_len: int = typer.Option(2048),
     kv_cache_gib: Optional[float] = typer.Option(None, help="CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)."),
     gpu_memory_utilization: Optional[float] = typer.Option(None),
+    in_engine: bool = typer.Option(True, "--in-engine/--per-document", help=(
+        "Mix a request's document streams inside vLLM (gang scheduler + logits processor, several "
+        "tokens drafted per chunk), or read each document's top-K and mix in Python, one token per "
+        "engine round trip (the older, slower path).")),
+    chunk_tokens: int = typer.Option(8, "--chunk-tokens", min=1, help=(
+        "In-engine path: tokens the cloud drafts per engine chunk without a round trip; more = "
+        "fewer host round trips, more work lost when a draft is rejected.")),
     max_k: int = typer.Option(16, help="Largest k a device may ask for."),
     max_tokens: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
     emulate_decode_ms: float = typer.Option(0.0, help="Experiments: add this to every cloud draft on the "
@@ -63,7 +70,8 @@ def serve(
         cloud = await load_cloud(model, index, default_k=k, top_k=top_k, max_num_seqs=max_num_seqs,
                                  max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
                                  gpu_memory_utilization=gpu_memory_utilization,
-                                 emulate_decode_ms=emulate_decode_ms)
+                                 emulate_decode_ms=emulate_decode_ms, mixing=in_engine,
+                                 chunk_tokens=chunk_tokens)
         limits = LinkLimits(max_k=max_k, max_tokens=max_tokens, peer_timeout_s=peer_timeout_s)
         return build_app(cloud, ServerConfig(served_model=model, auth_token=auth_token or None, limits=limits))
 

@@ -68,6 +68,7 @@ class _Session:
         self._inbox.put_nowait(list(ids))
 
     async def read(self, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, log-probs) of the newest position: its top-K, or every id for ``top_k = -1``."""
         out = await self._outputs.__anext__()
         self.num_cached_tokens = max(self.num_cached_tokens, int(out.num_cached_tokens or 0))
         return _top_k_of_last_position(out.outputs[0].logprobs, top_k)
@@ -83,9 +84,10 @@ def _top_k_of_last_position(flat, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = flat.start_indices[-1], flat.end_indices[-1]
     ids = np.asarray(flat.token_ids[lo:hi], dtype=np.int64)
     lps = np.asarray(flat.logprobs[lo:hi], dtype=np.float64)
-    ranks = np.asarray([r if r is not None else top_k + 1 for r in flat.ranks[lo:hi]])
-    keep = ranks <= top_k
-    ids, lps = ids[keep], lps[keep]
+    if top_k >= 0:
+        ranks = np.asarray([r if r is not None else top_k + 1 for r in flat.ranks[lo:hi]])
+        keep = ranks <= top_k
+        ids, lps = ids[keep], lps[keep]
     ids, first = np.unique(ids, return_index=True)  # the sampled token may be listed twice
     return ids, lps[first]
 
@@ -94,8 +96,10 @@ class VllmStreamGroup:
     """The k document streams of one request (``dragon_core.engine.StreamGroup``)."""
 
     def __init__(self, engine: "VllmEngine", gid: int, prompts: list[list[int]], temperature: float,
-                 ticket: Ticket) -> None:
+                 ticket: Ticket, doc_top_k: int | None = None) -> None:
         self._engine, self._gid, self._ticket = engine, gid, ticket
+        # log-probs per document: the engine's top-K, or -1: the whole vocabulary (references only)
+        self.doc_top_k = engine.top_k if doc_top_k is None else doc_top_k
         self.prompts = prompts
         self.temperature = temperature
         self._tokens: list[int] = []  # generated tokens (accepted + appended)
@@ -139,12 +143,19 @@ class VllmStreamGroup:
             for session in self._sessions:
                 session.feed(new)
         self._fed = len(self._tokens)
-        results = await asyncio.gather(*(s.read(self._engine.top_k) for s in self._sessions))
+        results = await asyncio.gather(*(s.read(self.doc_top_k) for s in self._sessions))
         if opened:
             self._record_cache_hits()
-        vocab = self._engine.vocab_size
-        self._dists = [Dist.from_top_k(vocab, ids, lps) for ids, lps in results]
+        self._dists = [self._as_dist(ids, lps) for ids, lps in results]
         return self._dists
+
+    def _as_dist(self, ids: np.ndarray, lps: np.ndarray) -> Dist:
+        vocab = self._engine.vocab_size
+        if self.doc_top_k >= 0:
+            return Dist.from_top_k(vocab, ids, lps)
+        full = np.full(vocab, -np.inf)
+        full[ids] = lps
+        return Dist.full(full)
 
     async def rollback(self, length: int) -> None:
         self._check_open()
@@ -173,7 +184,7 @@ class VllmStreamGroup:
         epoch = next(self._epoch)
         self._sessions = [
             _Session(self._engine.llm, f"dragon-{self._gid}-{i}-{epoch}", p + self._tokens,
-                     self._engine._params(self.temperature))
+                     self._engine._params(self.temperature, self.doc_top_k))
             for i, p in enumerate(self.prompts)
         ]
 
@@ -220,7 +231,7 @@ class VllmEngine:
 
     async def open_group(self, prompts: Sequence[Sequence[int]], temperature: float = 1.0,
                          scores: Sequence[float] | None = None, max_tokens: int | None = None,
-                         ) -> "VllmStreamGroup | GangStreamGroup":
+                         doc_top_k: int | None = None) -> "VllmStreamGroup | GangStreamGroup":
         """The k streams of one request. With ``scores`` on a mixing engine: a gang, mixed and
         drafted inside vLLM (``next_side_dist``); otherwise per-document streams (``next_dists``)."""
         prompts = [[int(t) for t in p] for p in prompts]
@@ -240,7 +251,7 @@ class VllmEngine:
         if gang:
             return GangStreamGroup(self, next(self._gids), prompts, scores, temperature, ticket,
                                    self._chunk_for(longest, max_tokens))
-        return VllmStreamGroup(self, next(self._gids), prompts, temperature, ticket)
+        return VllmStreamGroup(self, next(self._gids), prompts, temperature, ticket, doc_top_k)
 
     def _chunk_for(self, longest: int, max_tokens: int | None) -> int:
         """Tokens drafted per chunk: the engine's setting, less where the context would overflow
@@ -278,11 +289,11 @@ class VllmEngine:
                               logprobs=self.top_k if leader else None, flat_logprobs=True, detokenize=False,
                               output_kind=RequestOutputKind.DELTA, extra_args=extra)
 
-    def _params(self, temperature: float):
+    def _params(self, temperature: float, top_k: int):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        return SamplingParams(max_tokens=1, temperature=temperature, logprobs=self.top_k, flat_logprobs=True,
+        return SamplingParams(max_tokens=1, temperature=temperature, logprobs=top_k, flat_logprobs=True,
                               detokenize=False, output_kind=RequestOutputKind.DELTA)
 
 
@@ -291,6 +302,7 @@ def make_engine(model_dir: str, *, top_k: int = 20, max_num_seqs: int = 128, max
                 enforce_eager: bool | None = None, kv_cache_gib: int | None = None,
                 gpu_memory_utilization: float | None = None, kv_reserve_tokens: int = 256, seed: int = 0,
                 mixing: bool = True, chunk_tokens: int = 8, max_num_batched_tokens: int | None = None,
+                max_logprobs: int | None = None,
                 **engine_kwargs) -> VllmEngine:
     """Start the shared ``AsyncLLM`` for DRAGON streams.
 
@@ -323,7 +335,7 @@ def make_engine(model_dir: str, *, top_k: int = 20, max_num_seqs: int = 128, max
     args = AsyncEngineArgs(
         model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
         max_model_len=max_model_len, block_size=block_size, enable_prefix_caching=True,
-        max_num_seqs=max_num_seqs, max_logprobs=max(top_k, 20), logprobs_mode="processed_logprobs",
+        max_num_seqs=max_num_seqs, max_logprobs=max_logprobs or max(top_k, 20), logprobs_mode="processed_logprobs",
         enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
         disable_log_stats=True, max_num_batched_tokens=max_num_batched_tokens or 4 * max_model_len,
         logits_processors=[LOGITS_PROCESSOR] if mixing else None, **engine_kwargs,

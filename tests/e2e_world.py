@@ -112,7 +112,8 @@ def reference_engine(e2e_loop, smollm2):
     from dragon_vllm.engine import make_engine
 
     async def start():
-        return make_engine(str(smollm2.hf_dir()), top_k=20, max_num_seqs=32, max_model_len=1024)
+        # max_logprobs=-1: the independent references read each document's whole vocabulary
+        return make_engine(str(smollm2.hf_dir()), top_k=20, max_num_seqs=32, max_model_len=1024, max_logprobs=-1)
 
     eng = run(e2e_loop, start())
     yield eng
@@ -175,7 +176,7 @@ async def reference(runtime, index, reference_engine, opts: AnswerOptions, quest
     (dp, ds), (pp, ps) = await side_prompts(runtime, index, question, opts)
     temperature = 1.0 if opts.greedy else opts.temperature
     g_dev = await runtime.engine.open_group(dp, temperature)
-    g_pub = await reference_engine.open_group(pp, temperature)
+    g_pub = await reference_engine.open_group(pp, temperature, ps, opts.max_tokens)  # a gang, as on the server
     config = s.SessionConfig(request_id=0, max_tokens=opts.max_tokens, seed=opts.seed, eos_ids=runtime.eos_ids,
                              sampling=m.Sampling(opts.greedy, opts.temperature, opts.top_k, opts.top_p),
                              dist_top_k=opts.dist_top_k)

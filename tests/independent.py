@@ -5,7 +5,9 @@ are shared.
 
 The formulas (ALGORITHMS.md §2, dist.py's canonical form):
 
-* per side ``s``: ``p^s = Σ_d softmax(R^s)_d · p_d``; with ``top_k > 0`` it then travels as its
+* per side ``s``: ``p^s = Σ_d softmax(R^s)_d · p_d``. A side whose engine mixes its documents
+  itself and reports the mixture's top ``engine_top_k`` (the cloud's vLLM gang) first reduces
+  ``p^s`` to that form (float16 log-probs, the rest spread evenly, as below); with ``top_k > 0`` it then travels as its
   ``top_k`` most likely ids (ties: smaller id first) with log-probs rounded to float16, the rest
   of the mass spread evenly over the other ids (listed mass > 1 after rounding: renormalised,
   no tail); with ``top_k = 0`` as float32 log-probs;
@@ -22,18 +24,26 @@ from typing import Sequence
 import numpy as np
 
 
-def side_probs(doc_probs: Sequence[np.ndarray], scores: Sequence[float], top_k: int) -> np.ndarray:
+def side_probs(doc_probs: Sequence[np.ndarray], scores: Sequence[float], top_k: int,
+               engine_top_k: int = 0) -> np.ndarray:
     """One side's mixture as the peer receives it (dense float64)."""
     r = np.asarray(scores, dtype=np.float64)
     w = np.exp(r - r.max())
     w /= w.sum()
     mix = sum(wd * np.asarray(p, dtype=np.float64) for wd, p in zip(w, doc_probs))
     mix = mix / mix.sum()
+    if engine_top_k:
+        mix = top_k_form(mix, engine_top_k)
     if not top_k:
         with np.errstate(divide="ignore"):
             lp32 = np.log(mix).astype(np.float32)
         out = np.exp(lp32.astype(np.float64))
         return out / out.sum()
+    return top_k_form(mix, top_k)
+
+
+def top_k_form(mix: np.ndarray, top_k: int) -> np.ndarray:
+    """``mix`` as its ``top_k`` most likely ids with float16 log-probs and an even tail."""
     vocab = mix.size
     with np.errstate(divide="ignore"):
         lp = np.log(mix)
@@ -44,17 +54,17 @@ def side_probs(doc_probs: Sequence[np.ndarray], scores: Sequence[float], top_k: 
     return out
 
 
-def mixture(sides: Sequence[tuple[Sequence[np.ndarray], Sequence[float]]], top_k: int,
+def mixture(sides: Sequence[tuple[Sequence[np.ndarray], Sequence[float], int]], top_k: int,
             swap_weights: bool = False) -> np.ndarray:
-    """``p = Σ_s η^s p^s`` over the sides ``[(per-document probs, scores), ...]``.
+    """``p = Σ_s η^s p^s`` over the sides ``[(per-document probs, scores, engine_top_k), ...]``.
     ``swap_weights`` gives the sides each other's η: a deliberately wrong law (the bug of
     mixing up η^local and η^remote), for stating a test's power against it."""
-    mass = [np.logaddexp.reduce(np.asarray(r, dtype=np.float64)) for _, r in sides]
+    mass = [np.logaddexp.reduce(np.asarray(r, dtype=np.float64)) for _, r, _ in sides]
     eta = np.exp(np.asarray(mass) - max(mass))
     eta /= eta.sum()
     if swap_weights:
         eta = eta[::-1]
-    return sum(e * side_probs(p, r, top_k) for e, (p, r) in zip(eta, sides))
+    return sum(e * side_probs(p, r, top_k, ek) for e, (p, r, ek) in zip(eta, sides))
 
 
 def truncate(p: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
@@ -71,10 +81,10 @@ def truncate(p: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
     return q / q.sum()
 
 
-async def step_sides(groups) -> list[tuple[list[np.ndarray], Sequence[float]]]:
-    """``[(per-document next-token probabilities, scores), ...]``, one per group: the sides
-    ``mixture`` takes."""
-    return [([d.probs() for d in await g.next_dists()], scores) for g, scores in groups]
+async def step_sides(groups) -> list[tuple[list[np.ndarray], Sequence[float], int]]:
+    """``[(per-document next-token probabilities, scores, engine_top_k), ...]``, one per
+    ``(group, scores, engine_top_k)``: the sides ``mixture`` takes."""
+    return [([d.probs() for d in await g.next_dists()], scores, ek) for g, scores, ek in groups]
 
 
 async def greedy(groups, top_k: int, max_tokens: int, eos_ids) -> list[int]:
@@ -85,7 +95,7 @@ async def greedy(groups, top_k: int, max_tokens: int, eos_ids) -> list[int]:
         out.append(tok)
         if tok in eos_ids:
             break
-        for g, _ in groups:
+        for g, *_ in groups:
             await g.append([tok])
     return out
 
@@ -104,10 +114,10 @@ async def joint_law(groups, steps: int, top_k: int, sample_top_k: int, top_p: fl
             if len(seq) == steps or int(tok) in eos_ids:
                 law[seq] = law.get(seq, 0.0) + pm
                 continue
-            for g, _ in groups:
+            for g, *_ in groups:
                 await g.append([int(tok)])
             await expand(seq, pm)
-            for g, _ in groups:
+            for g, *_ in groups:
                 await g.rollback(len(prefix))
 
     await expand((), 1.0)

@@ -59,18 +59,20 @@ def greedy_reference(loop, runtime, world, reference_engine):
 
 
 async def open_sides(runtime, index, reference_engine, opts: AnswerOptions, question: str, use_cloud: bool = True):
-    """``[(group, scores), ...]``: the private passages on llama.cpp (as the device runs them) and,
-    unless ``use_cloud`` is False, the public ones on vLLM with the server's settings."""
+    """``[(group, scores, engine_top_k), ...]``: the private passages on llama.cpp (as the device
+    runs them, full vectors) and, unless ``use_cloud`` is False, the public ones on vLLM with the
+    server's settings, each document's whole vocabulary, for the formula to mix and cut to the
+    top-K the server's gang reports."""
     (dp, ds), (pp, ps) = await side_prompts(runtime, index, question, opts)
     temperature = 1.0 if opts.greedy else opts.temperature
-    groups = [(await runtime.engine.open_group(dp, temperature), ds)]
+    groups = [(await runtime.engine.open_group(dp, temperature), ds, 0)]
     if use_cloud:
-        groups.append((await reference_engine.open_group(pp, temperature), ps))
+        groups.append((await reference_engine.open_group(pp, temperature, doc_top_k=-1), ps, reference_engine.top_k))
     return groups
 
 
 async def close_sides(groups) -> None:
-    for g, _ in groups:
+    for g, *_ in groups:
         await g.close()
 
 
