@@ -1,22 +1,26 @@
-"""Cloud decode throughput: R concurrent requests x k document streams on one vLLM engine.
+"""Cloud decode throughput at engine level: R concurrent requests x k document streams, vs plain vLLM.
 
-Each request is a lockstep group (``dragon_vllm.engine``): every step reads back k top-K
-distributions, mixes them into the side's canonical top-32 ``Dist`` as the controller does, and
-appends its greedy token to the k streams, i.e. the cloud's work per DRAGON token without the
-network. Reported per concurrency level:
+Three engines in one run, one after the other, on the same prompts (no network):
 
-* ``tokens_per_s``: answer tokens per second over all requests (one token = one group step);
-* ``stream_tokens_per_s``: the same times k (positions decoded by vLLM);
-* ``ms_per_step``: mean wall time of one group step;
-* ``tokens_per_s_dense_mixture``: the same run with the old dense mixture (49k-wide rows);
-* ``sparse_mixture_ms`` / ``dense_mixture_ms``: the controller's mixing time per group step;
-* ``plain_stream_tokens_per_s``: plain vLLM decoding of the same R*k prompts (one request
-  each, ``max_tokens=steps``, no sessions) — the ceiling the session path is compared with.
+* **gang** (the default cloud path): each request is a gang (``dragon_vllm.drafting``): its k
+  streams are mixed inside vLLM and drafted ``--chunk-tokens`` per chunk; the caller reads the
+  side's canonical top-K ``Dist`` per position and appends its greedy token (one token = one
+  answer step). vLLM runs Model Runner V1 here (a logits processor is configured).
+* **sessions** (the older path, ``--paths sessions``): every step reads back k top-K
+  distributions, mixes them in Python and appends the token: one engine round trip per token.
+* **plain**: ordinary vLLM decoding of the same R*k prompts, one request each,
+  ``max_tokens=steps``, with the best plain configuration (no processor: Model Runner V2 on the
+  GPU, async scheduling). Three variants: top-K log-probs on one request in k (what DRAGON needs:
+  one top-K per answer step, the ratio's reference), on every request, and none.
 
-Run: ``python -m benchmarks.bench_vllm_streams [--levels 1 8 32] [--k 4] [--steps 32]``.
-Needs a converted model: ``--model DIR`` / ``$DRAGON_HF_DIR`` / ``dragon-models prepare``.
-Passages: ``--passages FILE.jsonl`` (``contents`` or ``text`` per line, e.g. the FlashRAG
-wiki sample) else a few built-in ones. JSON lands in ``benchmarks/results/``.
+Reported per level: answer tokens/s, stream tokens/s (x k), per-token latency p50/p99 (gaps
+between a request's steps), and ``ratio`` = gang stream tokens/s / plain (same log-probs).
+
+Run: ``python -m benchmarks.bench_vllm_streams [--levels 1 8 32] [--k 4] [--steps 32]``;
+bigger shapes without weights: ``--shape 1.7b`` (a Llama config with SmolLM2's vocabulary and
+``load_format="dummy"``: real timing, meaningless text). ``--model DIR`` / ``$DRAGON_HF_DIR`` /
+``dragon-models prepare``. Passages: ``--passages FILE.jsonl`` else built-in ones. JSON + PNG
+land in ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -66,89 +70,132 @@ def build_prompts(tok, passages: list[str], requests: int, k: int, block: int) -
                              block_size=block) for j in range(k)] for r in range(requests)]
 
 
-def controller_token(dists, how: str) -> int:
-    """What the cloud's controller does per group step: mix the k top-K distributions into the
-    side's canonical top-32 ``Dist`` (uniform scores) and take its greedy token. ``sparse`` is
-    the production path (``canonical_side_dist``: union of listed ids); ``dense`` mixes 49k-wide
-    rows, as before it."""
-    from dragon_core.aggregate import canonical_side_dist, side_mixture, stack_logprobs
-    from dragon_core.dist import Dist
+def controller_token(dists) -> int:
+    """The older path's controller work per step: mix the k top-K distributions into the side's
+    canonical top-20 ``Dist`` (uniform scores) and take its greedy token."""
+    from dragon_core.aggregate import canonical_side_dist
 
-    scores = np.zeros(len(dists))
-    if how == "sparse":
-        return canonical_side_dist(dists, scores, 32).argmax()
-    return Dist.top_k(side_mixture(stack_logprobs(dists), scores)[0], 32).argmax()
+    return canonical_side_dist(dists, np.zeros(len(dists)), 20).argmax()
 
 
-def mixture_ms(dists, how: str, repeat: int = 20) -> float:
-    from dragon_core.dist import Dist
-
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        fresh = [Dist.from_top_k(d.vocab_size, d.ids, d.logprobs) for d in dists]  # no cached probs
-        controller_token(fresh, how)
-    return 1e3 * (time.perf_counter() - t0) / repeat
-
-
-async def run_group(engine, prompts: list[list[int]], steps: int, step_times: list[float], how: str,
-                    last: list | None = None) -> int:
+async def run_sessions_group(engine, prompts: list[list[int]], steps: int, gaps: list[float]) -> int:
     group = await engine.open_group(prompts, temperature=1.0)
     try:
         token: list[int] = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            dists = await group.advance(token)
-            token = [controller_token(dists, how)]
-            step_times.append(time.perf_counter() - t0)
-        if last is not None:
-            last.append(dists)
+        last = time.perf_counter()
+        for step in range(steps):
+            token = [controller_token(await group.advance(token))]
+            now = time.perf_counter()
+            if step:  # the first gap is the time to first token
+                gaps.append(now - last)
+            last = now
         return steps
     finally:
         await group.close()
 
 
-async def sessions(engine, prompts, steps: int, how: str) -> tuple[float, list[float]]:
-    step_times: list[float] = []
+async def run_gang_group(engine, prompts: list[list[int]], steps: int, gaps: list[float], stats: dict) -> int:
+    group = await engine.open_group(prompts, 1.0, [0.0] * len(prompts), steps)
+    try:
+        last = time.perf_counter()
+        for step in range(steps):
+            dist = await group.next_side_dist(20)
+            await group.append([dist.argmax()])
+            now = time.perf_counter()
+            if step:  # the first gap is the time to first token
+                gaps.append(now - last)
+            last = now
+        for key in ("chunks", "reopens", "repairs", "served_from_chunk"):
+            stats[key] = stats.get(key, 0) + getattr(group, key)
+        return steps
+    finally:
+        await group.close()
+
+
+async def timed(groups) -> tuple[float, float]:
     t0 = time.perf_counter()
-    done = await asyncio.gather(*(run_group(engine, p, steps, step_times, how) for p in prompts))
-    return sum(done) / (time.perf_counter() - t0), step_times
+    done = sum(await asyncio.gather(*groups))
+    return done, time.perf_counter() - t0
 
 
-async def level(engine, tok, passages, requests: int, k: int, steps: int) -> dict:
-    prompts = build_prompts(tok, passages, requests, k, engine.block_size)
-    last: list = []
-    await asyncio.gather(*(run_group(engine, p, 2, [], "sparse", last) for p in prompts))  # warm: prefill + prefix cache
-    tps, step_times = await sessions(engine, prompts, steps, "sparse")
-    tps_dense, _ = await sessions(engine, prompts, steps, "dense")
-    plain = await plain_decode(engine, [p for group in prompts for p in group], steps)
-    return dict(requests=requests, k=k, steps=steps,
-                tokens_per_s=round(tps, 2), stream_tokens_per_s=round(tps * k, 2),
-                tokens_per_s_dense_mixture=round(tps_dense, 2),
-                ms_per_step=round(1e3 * float(np.mean(step_times)), 2),
-                ms_per_step_p90=round(1e3 * float(np.percentile(step_times, 90)), 2),
-                sparse_mixture_ms=round(mixture_ms(last[0], "sparse"), 3),
-                dense_mixture_ms=round(mixture_ms(last[0], "dense"), 3),
-                plain_stream_tokens_per_s=round(plain, 2),
-                session_slowdown=round(plain / (tps * k), 2))
+def latency_row(prefix: str, tokens: int, seconds: float, k: int, gaps: list[float]) -> dict:
+    ms = 1e3 * np.asarray(gaps or [0.0])
+    return {f"{prefix}_tokens_per_s": round(tokens / seconds, 2),
+            f"{prefix}_stream_tokens_per_s": round(tokens * k / seconds, 2),
+            f"{prefix}_ms_per_token_p50": round(float(np.percentile(ms, 50)), 3),
+            f"{prefix}_ms_per_token_p99": round(float(np.percentile(ms, 99)), 3)}
 
 
-async def plain_decode(engine, prompts: list[list[int]], steps: int) -> float:
-    """Tokens/s of ordinary requests (same prompts, same top-K log-probs, no sessions)."""
+async def gang_level(engine, prompts, steps: int, k: int) -> dict:
+    await asyncio.gather(*(run_gang_group(engine, p, 2, [], {}) for p in prompts))  # warm: prefix cache
+    gaps: list[float] = []
+    stats: dict = {}
+    tokens, seconds = await timed(run_gang_group(engine, p, steps, gaps, stats) for p in prompts)
+    return dict(latency_row("gang", tokens, seconds, k, gaps), gang_counters=stats)
+
+
+async def sessions_level(engine, prompts, steps: int, k: int) -> dict:
+    await asyncio.gather(*(run_sessions_group(engine, p, 2, []) for p in prompts))
+    gaps: list[float] = []
+    tokens, seconds = await timed(run_sessions_group(engine, p, steps, gaps) for p in prompts)
+    return latency_row("sessions", tokens, seconds, k, gaps)
+
+
+async def plain_decode(engine, prompts: list[list[int]], steps: int, logprobs_every: int) -> float:
+    """Stream tokens/s of ordinary requests (same prompts, no sessions); top-K log-probs on one
+    request in ``logprobs_every`` (0: none)."""
     from vllm import SamplingParams
     from vllm.inputs.engine import tokens_input
 
-    params = SamplingParams(max_tokens=steps, ignore_eos=True, temperature=1.0, logprobs=engine.top_k,
-                            flat_logprobs=True, detokenize=False)
+    def params(i: int):
+        want = logprobs_every and i % logprobs_every == 0
+        return SamplingParams(max_tokens=steps, ignore_eos=True, temperature=0.0,
+                              logprobs=engine.top_k if want else None, flat_logprobs=True, detokenize=False)
 
     async def one(i: int, ids: list[int]) -> int:
         n = 0
-        async for out in engine.llm.generate(tokens_input(list(ids)), params, f"plain-{time.time_ns()}-{i}"):
+        async for out in engine.llm.generate(tokens_input(list(ids)), params(i), f"plain-{time.time_ns()}-{i}"):
             n = len(out.outputs[0].token_ids)
         return n
 
+    await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))  # warm: prefix cache, graphs
     t0 = time.perf_counter()
     n = sum(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
     return n / (time.perf_counter() - t0)
+
+
+async def plain_level(engine, prompts, steps: int, k: int) -> dict:
+    flat = [p for group in prompts for p in group]
+    return dict(plain_stream_tokens_per_s=round(await plain_decode(engine, flat, steps, k), 2),
+                plain_all_logprobs_stream_tokens_per_s=round(await plain_decode(engine, flat, steps, 1), 2),
+                plain_no_logprobs_stream_tokens_per_s=round(await plain_decode(engine, flat, steps, 0), 2))
+
+
+def shape_dir(shape: str, model: str) -> tuple[str, dict]:
+    """A model folder for ``--shape``: the real one, or a 1.7B Llama config (SmolLM2-1.7B's
+    dimensions, SmolLM2's tokenizer) for ``load_format="dummy"``."""
+    if shape == "real":
+        return model, {}
+    import shutil
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="dragon-1.7b-"))
+    config = json.loads((Path(model) / "config.json").read_text())
+    config.update(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                  num_key_value_heads=32, max_position_embeddings=8192, tie_word_embeddings=True)
+    (out / "config.json").write_text(json.dumps(config))
+    for f in Path(model).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config", "vocab", "merges")):
+            shutil.copy(f, out / f.name)
+    return str(out), dict(load_format="dummy")
+
+
+async def with_engine(make, body):
+    engine = make()
+    try:
+        return await body(engine)
+    finally:
+        await engine.close()
 
 
 async def amain(args) -> dict:
@@ -156,25 +203,80 @@ async def amain(args) -> dict:
 
     from dragon_vllm.engine import make_engine, vllm_version
 
+    model, extra = shape_dir(args.shape, args.model)
     max_seqs = max(args.levels) * args.k
-    engine = make_engine(args.model, top_k=args.top_k, max_num_seqs=max_seqs, max_model_len=1024,
-                         dtype=args.dtype, kv_cache_gib=args.kv_gib)
+    common = dict(top_k=args.top_k, max_num_seqs=max_seqs, max_model_len=1024, dtype=args.dtype,
+                  kv_cache_gib=args.kv_gib, max_num_batched_tokens=max(8192, max_seqs * (args.chunk_tokens + 2)),
+                  gpu_memory_utilization=args.gpu_memory_utilization, **extra)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    passages = load_passages(args.passages, 64)
+    levels = {r: build_prompts(tok, passages, r, args.k, 32) for r in args.levels}
+    rows = {r: dict(requests=r, k=args.k, steps=args.steps) for r in args.levels}
+    engine_stats = {}
+
+    async def gang(engine):
+        for r, prompts in levels.items():
+            rows[r].update(await gang_level(engine, prompts, args.steps, args.k))
+            print(json.dumps(rows[r]), flush=True)
+        engine_stats["gang"] = engine.stats()
+
+    async def plain(engine):
+        for r, prompts in levels.items():
+            rows[r].update(await plain_level(engine, prompts, args.steps, args.k))
+            if "sessions" in args.paths:
+                rows[r].update(await sessions_level(engine, prompts, args.steps, args.k))
+            print(json.dumps(rows[r]), flush=True)
+        engine_stats["plain"] = engine.stats()
+
+    if "gang" in args.paths:
+        await with_engine(lambda: make_engine(model, mixing=True, chunk_tokens=args.chunk_tokens, **common), gang)
+    await with_engine(lambda: make_engine(model, mixing=False, **common), plain)
+    for row in rows.values():
+        if "gang_stream_tokens_per_s" in row:
+            row["ratio"] = round(row["gang_stream_tokens_per_s"] / row["plain_stream_tokens_per_s"], 3)
+            row["ratio_vs_no_logprobs"] = round(row["gang_stream_tokens_per_s"]
+                                                / row["plain_no_logprobs_stream_tokens_per_s"], 3)
+    return dict(benchmark="vllm_streams", device=args.device, shape=args.shape, vllm=".".join(map(str, vllm_version())),
+                dtype=args.dtype, top_k=args.top_k, chunk_tokens=args.chunk_tokens, max_num_seqs=max_seqs,
+                paths=args.paths, cpu_count=os.cpu_count(), loadavg_at_end=os.getloadavg(),
+                machine=platform.machine(), gpu=_gpu_name(), engine_stats=engine_stats, levels=list(rows.values()))
+
+
+def _gpu_name() -> str | None:
     try:
-        tok = AutoTokenizer.from_pretrained(args.model)
-        passages = load_passages(args.passages, 64)
-        rows = []
-        for r in args.levels:
-            row = await level(engine, tok, passages, r, args.k, args.steps)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-        return dict(benchmark="vllm_streams", device=args.device, vllm=".".join(map(str, vllm_version())),
-                    dtype=args.dtype, top_k=args.top_k, max_num_seqs=max_seqs, block_size=engine.block_size,
-                    cpu_count=os.cpu_count(), loadavg_at_end=os.getloadavg(), machine=platform.machine(),
-                    engine_stats=engine.stats(), levels=rows)
-    finally:
-        await engine.close()
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:
+        return None
 
 
+def plot(result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["levels"]
+    n = [r["requests"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("gang_stream_tokens_per_s", "DRAGON gang (in-engine)"),
+                       ("sessions_stream_tokens_per_s", "one-token sessions (older path)"),
+                       ("plain_stream_tokens_per_s", "plain vLLM, same log-probs"),
+                       ("plain_no_logprobs_stream_tokens_per_s", "plain vLLM, no log-probs")):
+        if all(key in r for r in rows):
+            a.plot(n, [r[key] for r in rows], marker="o", label=label)
+    a.set(xscale="log", xlabel="concurrent requests (k streams each)", ylabel="stream tokens/s",
+          title=f"{result['shape']} on {result['device']}, k={rows[0]['k']}")
+    a.legend(fontsize=8)
+    for key, label in (("gang_ms_per_token_p50", "gang p50"), ("gang_ms_per_token_p99", "gang p99"),
+                       ("sessions_ms_per_token_p50", "sessions p50")):
+        if all(key in r for r in rows):
+            b.plot(n, [r[key] for r in rows], marker="o", label=label)
+    b.set(xscale="log", yscale="log", xlabel="concurrent requests", ylabel="ms per answer token")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
 def _default_model() -> str | None:
     if os.environ.get("DRAGON_HF_DIR"):
         return os.environ["DRAGON_HF_DIR"]
@@ -193,6 +295,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--k", type=int, default=4, help="documents (streams) per request")
     ap.add_argument("--steps", type=int, default=32, help="answer tokens per request")
     ap.add_argument("--top-k", type=int, default=20)
+    ap.add_argument("--chunk-tokens", type=int, default=8, help="gang path: tokens drafted per engine chunk")
+    ap.add_argument("--paths", nargs="+", default=["gang"], choices=["gang", "sessions"],
+                    help="paths to measure besides plain vLLM")
+    ap.add_argument("--shape", default="real", choices=["real", "1.7b"], help="1.7b: dummy weights")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--kv-gib", type=int, default=None, help="CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)")
     ap.add_argument("--passages", default=os.environ.get("DRAGON_PASSAGES"))
@@ -203,9 +310,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("no model: pass --model DIR, set DRAGON_HF_DIR, or run `dragon-models prepare smollm2-135m`")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result = asyncio.run(amain(args))
-    out = Path(args.out) if args.out else RESULTS / f"vllm_streams_{args.device}.json"
+    suffix = "" if args.shape == "real" else f"_{args.shape}"
+    out = Path(args.out) if args.out else RESULTS / f"vllm_streams_{args.device}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
     print(f"wrote {out}")
     return result
 
