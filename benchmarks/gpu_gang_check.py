@@ -1,0 +1,27 @@
+import asyncio, os, sys, time, faulthandler
+faulthandler.dump_traceback_later(150, exit=True)
+import numpy as np
+
+async def main():
+    from dragon_vllm.engine import make_engine
+    from dragon_core.models import get_model
+    from transformers import AutoTokenizer
+    d = str(get_model("smollm2-135m").hf_dir())
+    tok = AutoTokenizer.from_pretrained(d)
+    t0 = time.time()
+    eng = make_engine(d, top_k=20, max_num_seqs=64, max_model_len=1024, enforce_eager=True)
+    print("engine up", time.time() - t0, "async", eng.llm.vllm_config.scheduler_config.async_scheduling, eng.llm.vllm_config.scheduler_config.scheduler_cls, flush=True)
+    prompts = [tok.encode(f"Document {i}: Lyon is a city in France known for food and silk. Question: What is Lyon famous for? Answer:") for i in range(3)]
+    g = await eng.open_group(prompts, 1.0, [1.0, 0.3, -0.5], 24)
+    print("opened", flush=True)
+    toks = []
+    for step in range(20):
+        d_ = await asyncio.wait_for(g.next_side_dist(0), 30)
+        toks.append(d_.argmax()); await g.append([toks[-1]])
+        print(step, toks[-1], flush=True)
+    print("chunks", g.chunks, "served", g.served_from_chunk, "repairs", g.repairs, flush=True)
+    await g.close()
+    await eng.close()
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU machine's part of the cloud benchmarks and checks (issue 10), one stage per call:
+#   bash benchmarks/gpu_run.sh tests      # test_gang + test_vllm_engine on vLLM 0.26 (bf16)
+#   bash benchmarks/gpu_run.sh streams    # engine level, SmolLM2-135M: gang / sessions / plain vLLM
+#   bash benchmarks/gpu_run.sh streams17  # engine level, 1.7B Llama shape, dummy weights
+#   bash benchmarks/gpu_run.sh load       # through the link: bench_cloud_load
+# Stage vLLM first (../shared/gpu/README.md); results and logs go under $OUT.
+set -uo pipefail
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
+export DRAGON_CACHE=${DRAGON_CACHE:-/tmp/dragon-cache} NCCL_NVLS_ENABLE=0
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python -m dragon_core.models prepare smollm2-135m > "$OUT/prepare.log" 2>&1 || { tail -20 "$OUT/prepare.log"; exit 1; }
+case "${1:-}" in
+  tests)
+    python -m pytest -x -q -p no:cacheprovider tests/test_gang.py tests/test_vllm_engine.py \
+      > "$OUT/tests_h200.log" 2>&1; rc=$?
+    grep -E "passed|failed|error" "$OUT/tests_h200.log" | tail -5; exit $rc ;;
+  streams)
+    taskset -c 2-15 python -m benchmarks.bench_vllm_streams --levels 1 8 32 64 128 256 --k 4 --steps 64 \
+      --paths gang sessions --device h200 --out "$OUT/vllm_streams_h200.json" > "$OUT/streams.log" 2>&1; rc=$?
+    grep '^{' "$OUT/streams.log" | tail -6; tail -3 "$OUT/streams.log"; exit $rc ;;
+  streams17)
+    taskset -c 2-15 python -m benchmarks.bench_vllm_streams --levels 1 8 32 64 128 256 --k 4 --steps 64 \
+      --shape 1.7b --device h200 --out "$OUT/vllm_streams_h200_1.7b.json" > "$OUT/streams17.log" 2>&1; rc=$?
+    grep '^{' "$OUT/streams17.log" | tail -6; tail -3 "$OUT/streams17.log"; exit $rc ;;
+  load)
+    shift
+    python -m benchmarks.bench_cloud_load --device h200 --device-cores 0-3 --cloud-cores 4-15 \
+      --out "$OUT/cloud_load_h200.json" "$@" > "$OUT/load.log" 2>&1; rc=$?
+    grep '^{' "$OUT/load.log" | tail -8; tail -5 "$OUT/load.log"; exit $rc ;;
+  *) echo "usage: $0 tests|streams|streams17|load"; exit 2 ;;
+esac
