@@ -206,7 +206,7 @@ async def amain(args) -> dict:
     model, extra = shape_dir(args.shape, args.model)
     max_seqs = max(args.levels) * args.k
     common = dict(top_k=args.top_k, max_num_seqs=max_seqs, max_model_len=1024, dtype=args.dtype,
-                  kv_cache_gib=args.kv_gib, max_num_batched_tokens=max(8192, max_seqs * (args.chunk_tokens + 2)),
+                  kv_cache_gib=args.kv_gib, max_num_batched_tokens=max(8192, max_seqs * 4),
                   gpu_memory_utilization=args.gpu_memory_utilization, **extra)
     tok = AutoTokenizer.from_pretrained(args.model)
     passages = load_passages(args.passages, 64)
@@ -215,9 +215,14 @@ async def amain(args) -> dict:
     engine_stats = {}
 
     async def gang(engine):
-        for r, prompts in levels.items():
-            rows[r].update(await gang_level(engine, prompts, args.steps, args.k))
-            print(json.dumps(rows[r]), flush=True)
+        for chunk in args.chunk_tokens:
+            engine.chunk_tokens = chunk
+            for r, prompts in levels.items():
+                got = await gang_level(engine, prompts, args.steps, args.k)
+                if chunk != args.chunk_tokens[0]:  # the first chunk size is the row's headline
+                    got = {f"{key}_chunk{chunk}": value for key, value in got.items()}
+                rows[r].update(got)
+                print(json.dumps(rows[r]), flush=True)
         engine_stats["gang"] = engine.stats()
 
     async def plain(engine):
@@ -229,9 +234,12 @@ async def amain(args) -> dict:
         engine_stats["plain"] = engine.stats()
 
     if "gang" in args.paths:
-        await with_engine(lambda: make_engine(model, mixing=True, chunk_tokens=args.chunk_tokens, **common), gang)
+        await with_engine(lambda: make_engine(model, mixing=True, chunk_tokens=args.chunk_tokens[0], **common), gang)
     await with_engine(lambda: make_engine(model, mixing=False, **common), plain)
     for row in rows.values():
+        for chunk in args.chunk_tokens[1:]:
+            row[f"ratio_chunk{chunk}"] = round(row[f"gang_stream_tokens_per_s_chunk{chunk}"]
+                                               / row["plain_stream_tokens_per_s"], 3)
         if "gang_stream_tokens_per_s" in row:
             row["ratio"] = round(row["gang_stream_tokens_per_s"] / row["plain_stream_tokens_per_s"], 3)
             row["ratio_vs_no_logprobs"] = round(row["gang_stream_tokens_per_s"]
@@ -295,7 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--k", type=int, default=4, help="documents (streams) per request")
     ap.add_argument("--steps", type=int, default=32, help="answer tokens per request")
     ap.add_argument("--top-k", type=int, default=20)
-    ap.add_argument("--chunk-tokens", type=int, default=8, help="gang path: tokens drafted per engine chunk")
+    ap.add_argument("--chunk-tokens", type=int, nargs="+", default=[16],
+                    help="gang path: tokens drafted per engine chunk (several: one gang run each)")
     ap.add_argument("--paths", nargs="+", default=["gang"], choices=["gang", "sessions"],
                     help="paths to measure besides plain vLLM")
     ap.add_argument("--shape", default="real", choices=["real", "1.7b"], help="1.7b: dummy weights")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's part of the cloud benchmarks and checks (issue 10), one stage per call:
 #   bash benchmarks/gpu_run.sh tests      # test_gang + test_vllm_engine on vLLM 0.26 (bf16)
+#   python benchmarks/gpu_gang_check.py --out $OUT/gang_check.json   # 20 s: does a gang decode there?
 #   bash benchmarks/gpu_run.sh streams    # engine level, SmolLM2-135M: gang / sessions / plain vLLM
 #   bash benchmarks/gpu_run.sh streams17  # engine level, 1.7B Llama shape, dummy weights
 #   bash benchmarks/gpu_run.sh load       # through the link: bench_cloud_load
@@ -18,10 +19,10 @@ case "${1:-}" in
     grep -E "passed|failed|error" "$OUT/tests_h200.log" | tail -5; exit $rc ;;
   streams)
     taskset -c 2-15 python -m benchmarks.bench_vllm_streams --levels 1 8 32 64 128 256 --k 4 --steps 64 \
-      --paths gang sessions --device h200 --out "$OUT/vllm_streams_h200.json" > "$OUT/streams.log" 2>&1; rc=$?
+      --chunk-tokens 16 32 8 --device h200 --out "$OUT/vllm_streams_h200.json" > "$OUT/streams.log" 2>&1; rc=$?
     grep '^{' "$OUT/streams.log" | tail -6; tail -3 "$OUT/streams.log"; exit $rc ;;
   streams17)
-    taskset -c 2-15 python -m benchmarks.bench_vllm_streams --levels 1 8 32 64 128 256 --k 4 --steps 64 \
+    taskset -c 2-15 python -m benchmarks.bench_vllm_streams --levels 1 32 256 --k 4 --steps 48 \
       --shape 1.7b --device h200 --out "$OUT/vllm_streams_h200_1.7b.json" > "$OUT/streams17.log" 2>&1; rc=$?
     grep '^{' "$OUT/streams17.log" | tail -6; tail -3 "$OUT/streams17.log"; exit $rc ;;
   load)

@@ -90,7 +90,13 @@ def canonical_side_dist(doc_dists: Sequence[Dist], scores: Sequence[float], top_
     the other ~49k. Same values as the dense path up to float64 rounding, in ~1/50 of the time;
     the rule depends only on the inputs, so every caller (driver, centralized reference) that
     gets the same distributions gets the same ``Dist``.
+
+    A single top-K distribution of at most ``top_k`` ids (the mixture a vLLM gang reports,
+    already in canonical form) is returned as it is: listing unlisted ids at the tail's even
+    share would describe the same law.
     """
+    if top_k and len(doc_dists) == 1 and doc_dists[0].ids is not None and doc_dists[0].ids.size <= top_k:
+        return doc_dists[0]  # one canonical top-K distribution (an engine's own mixture) is its own form
     if top_k and all(d.ids is not None for d in doc_dists):
         return _sparse_top_k(doc_dists, scores, top_k)
     mixed, _ = side_mixture(stack_logprobs(doc_dists), scores)

@@ -38,7 +38,7 @@ def serve(
         "Mix a request's document streams inside vLLM (gang scheduler + logits processor, several "
         "tokens drafted per chunk), or read each document's top-K and mix in Python, one token per "
         "engine round trip (the older, slower path).")),
-    chunk_tokens: int = typer.Option(8, "--chunk-tokens", min=1, help=(
+    chunk_tokens: int = typer.Option(16, "--chunk-tokens", min=1, help=(
         "In-engine path: tokens the cloud drafts per engine chunk without a round trip; more = "
         "fewer host round trips, more work lost when a draft is rejected.")),
     max_k: int = typer.Option(16, help="Largest k a device may ask for."),

@@ -189,14 +189,16 @@ class GangStreamGroup:
     async def _pull(self) -> None:
         """Wait until every row reports one more position; check that the rows agree."""
         j = self._received
-        await asyncio.gather(*(row.pull(self._engine.top_k) for row in self._rows if len(row.tokens) <= j))
+        for row in self._rows:  # a step's outputs of all rows arrive together: no tasks needed
+            while len(row.tokens) <= j:
+                await row.pull(self._engine.top_k)
         ready = min(len(row.tokens) for row in self._rows)
         leader = self._rows[0]
         while self._received < ready:
             p = self._received
-            tokens = {row.tokens[p] for row in self._rows}
+            token = leader.tokens[p]
             ids, lps = leader.top[p]
-            if len(tokens) != 1 or not np.all(np.isfinite(lps)) or ids.size == 0:
+            if any(row.tokens[p] != token for row in self._rows) or not np.all(np.isfinite(lps)) or not ids.size:
                 await self._repair()
                 return
             self._received += 1

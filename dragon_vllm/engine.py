@@ -209,7 +209,7 @@ class VllmEngine:
     """``dragon_core.engine.Engine`` on one shared ``AsyncLLM``."""
 
     def __init__(self, llm, *, top_k: int, max_streams: int, kv_reserve_tokens: int, mixing: bool = False,
-                 chunk_tokens: int = 8) -> None:
+                 chunk_tokens: int = 16) -> None:
         self.llm = llm
         self.top_k = top_k
         self.mixing = mixing  # the gang path: streams mixed and drafted inside vLLM (drafting.py)
@@ -301,7 +301,7 @@ def make_engine(model_dir: str, *, top_k: int = 20, max_num_seqs: int = 128, max
                 max_model_len: int = 2048, block_size: int = 32, dtype: str = "auto",
                 enforce_eager: bool | None = None, kv_cache_gib: int | None = None,
                 gpu_memory_utilization: float | None = None, kv_reserve_tokens: int = 256, seed: int = 0,
-                mixing: bool = True, chunk_tokens: int = 8, max_num_batched_tokens: int | None = None,
+                mixing: bool = True, chunk_tokens: int = 16, max_num_batched_tokens: int | None = None,
                 max_logprobs: int | None = None,
                 **engine_kwargs) -> VllmEngine:
     """Start the shared ``AsyncLLM`` for DRAGON streams.
@@ -344,6 +344,6 @@ def make_engine(model_dir: str, *, top_k: int = 20, max_num_seqs: int = 128, max
     if mixing:
         sched = config.scheduler_config
         sched.scheduler_cls = SCHEDULER_CLS if sched.async_scheduling else SYNC_SCHEDULER_CLS
-    llm = AsyncLLM.from_vllm_config(config)
+    llm = AsyncLLM.from_vllm_config(config, disable_log_stats=True)
     return VllmEngine(llm, top_k=top_k, max_streams=min(max_streams or max_num_seqs, max_num_seqs),
                       kv_reserve_tokens=kv_reserve_tokens, mixing=mixing, chunk_tokens=chunk_tokens)
