@@ -3,6 +3,14 @@
 Counters are cumulative, as Prometheus expects: tokens/s is ``rate(dragon_tokens_total[1m])``,
 acceptance is ``rate(dragon_cloud_drafts_accepted_total) / rate(dragon_verified_steps_total)``,
 bytes/token is ``rate(dragon_link_bytes_total) / rate(dragon_tokens_total{kind="link"})``.
+
+The engine's own counters (``VllmEngine.stats()``, also in ``/health``) are exported as they are
+read at scrape time: ``dragon_engine_<name>_total`` for the cumulative ones (stream groups
+opened, engine chunks, reopens after a rollback, repairs, prompt tokens and prompt tokens served
+from the prefix cache, so the hit rate over an interval is ``rate(..._cached_tokens_total) /
+rate(..._prompt_tokens_total)``) and ``dragon_engine_<name>`` gauges for the instantaneous ones
+(open streams, queued groups, reserved and total KV blocks of the admission control, its stream
+slots).
 """
 
 from __future__ import annotations
@@ -11,8 +19,66 @@ from typing import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from dragon_core import session as s
+
+
+# cumulative engine counters -> dragon_engine_<name>_total; instantaneous values -> dragon_engine_<name>
+ENGINE_COUNTERS = {
+    "groups": "Stream groups opened (one per request)",
+    "chunks": "Input chunks fed to vLLM sessions (in-engine path: one per drafted chunk)",
+    "reopens": "Stream groups reopened after a rollback (abort + reopen with the accepted prefix)",
+    "repairs": "In-engine drafts repaired after a rejection",
+    "prompt_tokens": "Prompt tokens of opened (and reopened) streams",
+    "cached_tokens": "Prompt tokens served from vLLM's prefix cache",
+}
+ENGINE_GAUGES = {
+    "open_streams": "Open vLLM streams (documents x requests)",
+    "queued_groups": "Stream groups waiting for admission",
+    "reserved_blocks": "KV blocks reserved by the admission control",
+    "kv_blocks_capacity": "KV blocks of the engine's cache (the admission control's budget)",
+    "max_streams": "Streams the admission control lets be open at once",
+}
+
+
+def engine_stats(engine):
+    """The engine's stats (``VllmEngine.stats()``: groups, chunks, reopens, repairs, prompt and
+    prefix-cached tokens, open streams, ...) plus its admission capacity (``kv_blocks_capacity``,
+    ``max_streams``) and settings (``mixing``, ``chunk_tokens``, ``top_k``, ``block_size``), for
+    ``/health`` and ``/metrics``; ``None`` for an engine without stats."""
+    stats = getattr(engine, "stats", None)
+    if stats is None:
+        return None
+
+    def read() -> dict:
+        out = dict(stats())
+        admission = getattr(engine, "admission", None)
+        if admission is not None:
+            out.setdefault("kv_blocks_capacity", admission.max_blocks)
+            out.setdefault("max_streams", admission.max_slots)
+        for name in ("mixing", "chunk_tokens", "top_k", "block_size"):  # how it runs, for whoever reads the stats
+            if name not in out and isinstance(getattr(engine, name, None), (bool, int)):
+                out[name] = getattr(engine, name)
+        return out
+
+    return read
+
+
+class _EngineCollector:
+    """Reads the engine's stats at scrape time (they live in the engine, not in this registry)."""
+
+    def __init__(self, engine_stats: Callable[[], dict]) -> None:
+        self._engine_stats = engine_stats
+
+    def collect(self):
+        stats = self._engine_stats() or {}
+        for name, doc in ENGINE_COUNTERS.items():
+            if isinstance(stats.get(name), (int, float)):
+                yield CounterMetricFamily(f"dragon_engine_{name}", doc, value=float(stats[name]))
+        for name, doc in ENGINE_GAUGES.items():
+            if isinstance(stats.get(name), (int, float)):
+                yield GaugeMetricFamily(f"dragon_engine_{name}", doc, value=float(stats[name]))
 
 
 class CloudMetrics:
@@ -31,6 +97,8 @@ class CloudMetrics:
         self.prefix_hit = Gauge("dragon_prefix_cache_hit_ratio", "Prompt tokens served from the prefix cache",
                                 registry=r)
         self._engine_stats = engine_stats
+        if engine_stats is not None:
+            r.register(_EngineCollector(engine_stats))
 
     # ------------------------------------------------------------------ hooks
     def on_request(self, event: str, kind: str = "link") -> None:

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from dragon_vllm.backend import DragonCloud
 from dragon_vllm.link import LinkLimits, LinkServer
-from dragon_vllm.metrics import CloudMetrics
+from dragon_vllm.metrics import CloudMetrics, engine_stats
 from dragon_vllm.openai_api import OpenAIRoutes
 
 log = logging.getLogger("dragon.cloud")
@@ -24,7 +24,7 @@ class ServerConfig:
 
 
 def build_app(cloud: DragonCloud, config: ServerConfig, metrics: CloudMetrics | None = None) -> web.Application:
-    metrics = metrics or CloudMetrics(getattr(cloud.engine, "stats", None))
+    metrics = metrics or CloudMetrics(engine_stats(cloud.engine))
     cloud.metrics = metrics
     link = LinkServer(cloud, config.auth_token, config.limits, stats=metrics)
     app = web.Application(client_max_size=config.limits.max_frame_bytes)
@@ -48,7 +48,7 @@ def build_app(cloud: DragonCloud, config: ServerConfig, metrics: CloudMetrics | 
 
 
 def _health(cloud: DragonCloud, link: LinkServer):
-    engine_stats = getattr(cloud.engine, "stats", None)
+    engine_stats_now = engine_stats(cloud.engine)
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({
@@ -57,7 +57,7 @@ def _health(cloud: DragonCloud, link: LinkServer):
             "public_index": cloud.index is not None,
             "device_links": len(link.connections),
             "link_requests": link.active_requests,
-            "engine": engine_stats() if engine_stats else {},
+            "engine": engine_stats_now() if engine_stats_now else {},
         })
 
     return health
