@@ -1,9 +1,8 @@
 """Quick check of the in-engine gang path on a machine (the GPU's vLLM 0.26): open a gang of 3
 SmolLM2 streams, draft 20 greedy tokens, report the tokens, chunks and repairs as JSON
 (``--out FILE``). A hang is cut after 150 s with a traceback (faulthandler)."""
-import asyncio, os, sys, time, faulthandler
+import asyncio, sys, time, faulthandler
 faulthandler.dump_traceback_later(150, exit=True)
-import numpy as np
 
 async def main():
     from dragon_vllm.engine import make_engine

@@ -48,20 +48,27 @@ if TYPE_CHECKING:
 
 class _Row:
     """One streaming-input session of a gang: its tokens (and, for the leader, the top-K) of
-    each position of the current chunk, as vLLM streams them."""
+    each position of the current chunk, as vLLM streams them.
 
-    def __init__(self, llm, request_id: str, first: list[int], params) -> None:
+    A task per row reads vLLM's output stream for the row's whole life: vLLM submits a request
+    (and each later input chunk) only while its output stream is being read, so a gang whose rows
+    were read one after another would never be complete in the engine."""
+
+    def __init__(self, llm, request_id: str, first: list[int], params, top_k: int) -> None:
         from vllm.engine.protocol import StreamingInput
         from vllm.inputs.engine import tokens_input
 
         self._chunk, self._tokens_input = StreamingInput, tokens_input
         self._inbox: asyncio.Queue[list[int] | None] = asyncio.Queue()
         self._inbox.put_nowait(first)
-        self._outputs: AsyncIterator = llm.generate(self._chunks(), params, request_id)
+        self._top_k = top_k
         self.prompt_len = len(first)
         self.num_cached_tokens = 0
         self.tokens: list[int] = []  # tokens of the current chunk
         self.top: list[tuple[np.ndarray, np.ndarray]] = []  # leader: top-K per position
+        self._arrived = asyncio.Event()
+        self._error: BaseException | None = None
+        self._task = asyncio.create_task(self._read(llm.generate(self._chunks(), params, request_id)))
 
     async def _chunks(self):
         while (ids := await self._inbox.get()) is not None:
@@ -69,24 +76,40 @@ class _Row:
             # and 0.26 cannot serialise numpy ints
             yield self._chunk(prompt=self._tokens_input([int(t) for t in ids]))
 
+    async def _read(self, outputs: AsyncIterator) -> None:
+        try:
+            async for out in outputs:
+                self.num_cached_tokens = max(self.num_cached_tokens, int(out.num_cached_tokens or 0))
+                completion = out.outputs[0]
+                new = [int(t) for t in completion.token_ids]
+                if completion.logprobs is not None and new:
+                    flat = completion.logprobs
+                    for p in range(len(flat.start_indices) - len(new), len(flat.start_indices)):
+                        self.top.append(_top_k_at(flat, p, self._top_k))
+                self.tokens.extend(new)
+                self._arrived.set()
+            raise ProtocolError("vLLM ended a DRAGON stream")
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # surfaced to the reader; the group's request then ends
+            self._error = exc
+            self._arrived.set()
+
     def feed(self, ids: Sequence[int]) -> None:
         self.tokens, self.top = [], []
         self._inbox.put_nowait(list(ids))
 
-    async def pull(self, top_k: int) -> None:
-        """Wait for the next output of this row (one or more positions)."""
-        out = await self._outputs.__anext__()
-        self.num_cached_tokens = max(self.num_cached_tokens, int(out.num_cached_tokens or 0))
-        completion = out.outputs[0]
-        new = [int(t) for t in completion.token_ids]
-        if completion.logprobs is not None and new:
-            flat = completion.logprobs
-            for p in range(len(flat.start_indices) - len(new), len(flat.start_indices)):
-                self.top.append(_top_k_at(flat, p, top_k))
-        self.tokens.extend(new)
+    async def pull(self) -> None:
+        """Wait for this row's next output (one or more positions)."""
+        if self._error is None:
+            await self._arrived.wait()
+            self._arrived.clear()
+        if self._error is not None:
+            raise self._error
 
     async def abort(self) -> None:
-        await self._outputs.aclose()  # aborts the request in vLLM
+        self._task.cancel()  # cancelling vLLM's generate() aborts the request
+        await asyncio.gather(self._task, return_exceptions=True)
 
 
 def _top_k_at(flat, position: int, top_k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -191,7 +214,7 @@ class GangStreamGroup:
         j = self._received
         for row in self._rows:  # a step's outputs of all rows arrive together: no tasks needed
             while len(row.tokens) <= j:
-                await row.pull(self._engine.top_k)
+                await row.pull()
         ready = min(len(row.tokens) for row in self._rows)
         leader = self._rows[0]
         while self._received < ready:
@@ -247,7 +270,7 @@ class GangStreamGroup:
             params = self._engine._gang_params(self.chunk_tokens, leader=i == 0,
                                                extra=gang_args(gang, len(self.prompts), i, float(self._log_w[i]),
                                                                self.temperature))
-            rows.append(_Row(self._engine.llm, f"{gang}-{i}", prompt + self._tokens, params))
+            rows.append(_Row(self._engine.llm, f"{gang}-{i}", prompt + self._tokens, params, self._engine.top_k))
         self._rows = rows
         self._fed, self._base, self._received = list(self._tokens), len(self._tokens), 0
         self.chunks += 1
