@@ -19,7 +19,7 @@ case "${1:-}" in
     grep -E "passed|failed|error" "$OUT/tests_h200.log" | tail -5; exit $rc ;;
   streams)
     taskset -c 2-15 python -m benchmarks.bench_vllm_streams --levels 1 8 32 64 128 256 --k 4 --steps 64 \
-      --chunk-tokens 16 32 8 --device h200 --out "$OUT/vllm_streams_h200.json" > "$OUT/streams.log" 2>&1; rc=$?
+      --chunk-tokens 16 32 --device h200 --out "$OUT/vllm_streams_h200.json" > "$OUT/streams.log" 2>&1; rc=$?
     grep '^{' "$OUT/streams.log" | tail -6; tail -3 "$OUT/streams.log"; exit $rc ;;
   streams17)
     taskset -c 2-15 python -m benchmarks.bench_vllm_streams --levels 1 32 256 --k 4 --steps 48 \
@@ -27,8 +27,9 @@ case "${1:-}" in
     grep '^{' "$OUT/streams17.log" | tail -6; tail -3 "$OUT/streams17.log"; exit $rc ;;
   load)
     shift
+    # ../shared/data is not on that machine: carry the passages and questions (e.g. under .gpu/data)
     python -m benchmarks.bench_cloud_load --device h200 --device-cores 0-3 --cloud-cores 4-15 \
-      --out "$OUT/cloud_load_h200.json" "$@" > "$OUT/load.log" 2>&1; rc=$?
+      --gpu-memory-utilization 0.85 --out "$OUT/cloud_load_h200.json" "$@" > "$OUT/load.log" 2>&1; rc=$?
     grep '^{' "$OUT/load.log" | tail -8; tail -5 "$OUT/load.log"; exit $rc ;;
   *) echo "usage: $0 tests|streams|streams17|load"; exit 2 ;;
 esac
