@@ -903,6 +903,9 @@ async def plain_levels(args, hf_dir: str, level_prompts: list[tuple[int, list[li
 
     from dragon_vllm.engine import make_engine, vllm_version
 
+    # this process may have touched CUDA already (the llama.cpp recording, the GPU name); a forked
+    # engine core then fails with "CUDA error: initialization error" (seen on the H200)
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
     t0 = time.monotonic()
     engine = make_engine(hf_dir, mixing=False, top_k=args.dist_top_k, max_num_seqs=args.max_num_seqs,
                          max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
