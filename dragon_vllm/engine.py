@@ -16,8 +16,13 @@ previous chunk, so the caller alone decides what is appended (ENGINES.md §3).
 * Admission (``dragon_vllm.admission``): a group's k streams are admitted together, within
   ``max_num_seqs`` and a KV budget, so paused sessions can never starve each other.
 
-``StreamGroup.advance`` (append + read, one engine round trip) is the seam where a later
-in-engine path (several drafted tokens per chunk, mixture inside vLLM) can replace this one.
+Two kinds of group come out of ``VllmEngine.open_group``:
+
+* with retrieval scores on a mixing engine (the default, ``make_engine(mixing=True)``): a
+  ``GangStreamGroup`` (``drafting.py``): mixed and drafted inside vLLM, several tokens per chunk;
+* otherwise the per-document ``VllmStreamGroup`` below (``--per-document``, the references, the
+  engine tests): one engine round trip per token, top-K (or, with ``doc_top_k=-1``, every id) per
+  document, mixed by the caller.
 """
 
 from __future__ import annotations
