@@ -105,4 +105,7 @@ def register() -> None:
             log.error("%s", e)
             raise
         log.warning("%s (%s=1: continuing)", e, ALLOW_ENV)
+    from dragon_vllm.lifetime import die_with_parent
+
+    die_with_parent()  # vLLM's engine core and workers must not outlive their parent
     _registered = True

@@ -31,3 +31,34 @@ from e2e_world import cloud, e2e_loop, proxies, reference_engine, runtime, world
 def pytest_collection_modifyitems(config, items):
     """Tests that kill the shared cloud run last, so no other test needs it restarted."""
     items.sort(key=lambda item: item.get_closest_marker("kills_shared_cloud") is not None)
+
+
+# ---------------------------------------------------------------------------- nothing left running
+_SESSION_START = None
+
+
+def pytest_sessionstart(session):
+    """Remember when the suite began: processes of ours started later must be gone at its end."""
+    global _SESSION_START
+    import procs
+
+    me = procs.read(os.getpid())
+    _SESSION_START = me.start if me else None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite fails if it leaves a process of ours orphaned (a vLLM engine, a cloud, a netem
+    proxy): every fixture must reap what it starts. Teardown gets 20 s to finish first."""
+    import time
+
+    import procs
+
+    if _SESSION_START is None or not os.path.isdir("/proc"):
+        return
+    deadline = time.monotonic() + 20
+    while (left := procs.ours_orphaned_since(_SESSION_START)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if left:
+        lines = "\n".join(f"  pid {p.pid}: {p.cmdline[:120]}" for p in left)
+        print(f"\nprocesses left running by the test suite (orphaned):\n{lines}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
