@@ -1,6 +1,7 @@
 """The engine interface both sides implement: "k document streams of one request".
 
-This module only declares the shape (typing Protocols); it imports no engine. The device
+This module declares the shape (typing Protocols) and the one rule that reads a side's
+distribution from either kind of group (``side_dist``); it imports no engine. The device
 (llama.cpp, transformers) and the cloud (vLLM streaming-input sessions) implement it, and the
 drivers that execute a session's actions call only these methods, so the session code does not
 care which engine it drives.
@@ -14,6 +15,7 @@ from __future__ import annotations
 from typing import Protocol, Sequence, runtime_checkable
 
 
+from dragon_core.aggregate import canonical_side_dist
 from dragon_core.dist import Dist
 
 
@@ -60,8 +62,6 @@ class MixingStreamGroup(StreamGroup, Protocol):
 async def side_dist(group: StreamGroup, scores, top_k: int) -> Dist:
     """The side's canonical distribution from either kind of group: the one rule both the
     session driver and the centralized reference use."""
-    from dragon_core.aggregate import canonical_side_dist
-
     if isinstance(group, MixingStreamGroup):
         return await group.next_side_dist(top_k)
     return canonical_side_dist(await group.next_dists(), scores, top_k)

@@ -31,16 +31,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 from typing import TYPE_CHECKING, AsyncIterator, Sequence
 
 import numpy as np
 
-from dragon_core.aggregate import canonical_side_dist
+from dragon_core.aggregate import canonical_side_dist, log_mass
 from dragon_core.dist import Dist
 from dragon_core.errors import ProtocolError
 from dragon_vllm.admission import Ticket
 from dragon_vllm.mixing import gang_args
+from dragon_vllm.streaming import input_chunks, top_k_at
 
 if TYPE_CHECKING:
     from dragon_vllm.engine import VllmEngine
@@ -55,10 +55,6 @@ class _Row:
     were read one after another would never be complete in the engine."""
 
     def __init__(self, llm, request_id: str, first: list[int], params, top_k: int) -> None:
-        from vllm.engine.protocol import StreamingInput
-        from vllm.inputs.engine import tokens_input
-
-        self._chunk, self._tokens_input = StreamingInput, tokens_input
         self._inbox: asyncio.Queue[list[int] | None] = asyncio.Queue()
         self._inbox.put_nowait(first)
         self._top_k = top_k
@@ -68,13 +64,7 @@ class _Row:
         self.top: list[tuple[np.ndarray, np.ndarray]] = []  # leader: top-K per position
         self._arrived = asyncio.Event()
         self._error: BaseException | None = None
-        self._task = asyncio.create_task(self._read(llm.generate(self._chunks(), params, request_id)))
-
-    async def _chunks(self):
-        while (ids := await self._inbox.get()) is not None:
-            # a fresh list of Python ints per chunk: vLLM extends the first chunk's list in place,
-            # and 0.26 cannot serialise numpy ints
-            yield self._chunk(prompt=self._tokens_input([int(t) for t in ids]))
+        self._task = asyncio.create_task(self._read(llm.generate(input_chunks(self._inbox), params, request_id)))
 
     async def _read(self, outputs: AsyncIterator) -> None:
         try:
@@ -85,7 +75,7 @@ class _Row:
                 if completion.logprobs is not None and new:
                     flat = completion.logprobs
                     for p in range(len(flat.start_indices) - len(new), len(flat.start_indices)):
-                        self.top.append(_top_k_at(flat, p, self._top_k))
+                        self.top.append(top_k_at(flat, p, self._top_k))
                 self.tokens.extend(new)
                 self._arrived.set()
             raise ProtocolError("vLLM ended a DRAGON stream")
@@ -112,18 +102,6 @@ class _Row:
         await asyncio.gather(self._task, return_exceptions=True)
 
 
-def _top_k_at(flat, position: int, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-K (ids, log-probs) of one position of a ``FlatLogprobs``; the sampled token is listed
-    again when it is inside the top-K, so duplicates are dropped."""
-    lo, hi = flat.start_indices[position], flat.end_indices[position]
-    ids = np.asarray(flat.token_ids[lo:hi], dtype=np.int64)
-    lps = np.asarray(flat.logprobs[lo:hi], dtype=np.float64)
-    ranks = np.asarray([r if r is not None else top_k + 1 for r in flat.ranks[lo:hi]])
-    keep = ranks <= top_k
-    ids, first = np.unique(ids[keep], return_index=True)
-    return ids, lps[keep][first]
-
-
 class GangStreamGroup:
     """A request's k document streams, mixed and drafted inside vLLM
     (``dragon_core.engine.MixingStreamGroup``)."""
@@ -132,13 +110,11 @@ class GangStreamGroup:
                  temperature: float, ticket: Ticket, chunk_tokens: int) -> None:
         self._engine, self._gid, self._ticket = engine, gid, ticket
         self.prompts = prompts
-        r = np.asarray(scores, dtype=np.float64)
-        self._log_w = r - (r.max() + math.log(float(np.exp(r - r.max()).sum())))
+        self._log_w = np.asarray(scores, dtype=np.float64) - log_mass(scores)  # log softmax(R)
         self.temperature = temperature
         self.chunk_tokens = chunk_tokens
         self._tokens: list[int] = []  # the session's generated tokens
         self._rows: list[_Row] | None = None
-        self._base = 0  # position of the current chunk's first draft
         self._fed: list[int] = []  # generated tokens the rows held when the current chunk began
         self._received = 0  # positions of the current chunk that every row has reported
         self._epoch = itertools.count()
@@ -197,6 +173,16 @@ class GangStreamGroup:
             self._engine._release(self._ticket)
 
     # ------------------------------------------------------------------ chunk bookkeeping
+    @property
+    def _base(self) -> int:
+        """Position of the current chunk's first draft."""
+        return len(self._fed)
+
+    def _begin_chunk(self) -> None:
+        self._fed, self._received = list(self._tokens), 0
+        self.chunks += 1
+        self._engine._stats["chunks"] += 1
+
     def _consistent(self, length: int) -> bool:
         """Are the session's first ``length`` tokens the current chunk's path so far: what the
         rows were fed, then the drafts the engine has reported?"""
@@ -245,11 +231,9 @@ class GangStreamGroup:
             await self._reopen()
             return
         new = self._tokens[len(held):]
-        self._fed, self._base, self._received = list(self._tokens), len(self._tokens), 0
         for row in self._rows:
             row.feed(new)
-        self.chunks += 1
-        self._engine._stats["chunks"] += 1
+        self._begin_chunk()
 
     def _held(self) -> list[int] | None:
         """Generated tokens whose KV the rows hold once the current chunk is over (vLLM drops the
@@ -272,9 +256,7 @@ class GangStreamGroup:
                                                                self.temperature))
             rows.append(_Row(self._engine.llm, f"{gang}-{i}", prompt + self._tokens, params, self._engine.top_k))
         self._rows = rows
-        self._fed, self._base, self._received = list(self._tokens), len(self._tokens), 0
-        self.chunks += 1
-        self._engine._stats["chunks"] += 1
+        self._begin_chunk()
 
     async def _abort(self) -> None:
         rows, self._rows, self._received = self._rows, None, 0

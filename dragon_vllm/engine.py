@@ -39,6 +39,7 @@ from dragon_core.errors import ProtocolError
 from dragon_vllm.admission import Admission, Ticket
 from dragon_vllm.drafting import GangStreamGroup
 from dragon_vllm.plugin import LOGITS_PROCESSOR, SCHEDULER_CLS, SYNC_SCHEDULER_CLS
+from dragon_vllm.streaming import input_chunks, top_k_at
 
 MIN_VLLM = (0, 26)  # streaming-input sessions, flat_logprobs, processed_logprobs, tokens_input
 
@@ -54,20 +55,11 @@ class _Session:
     """One vLLM streaming-input session: feed a chunk of token ids, get one position's top-K."""
 
     def __init__(self, llm, request_id: str, first: list[int], params) -> None:
-        from vllm.engine.protocol import StreamingInput
-        from vllm.inputs.engine import tokens_input
-
-        self._chunk, self._tokens_input = StreamingInput, tokens_input
         self._inbox: asyncio.Queue[list[int] | None] = asyncio.Queue()
         self._inbox.put_nowait(first)
-        self._outputs: AsyncIterator = llm.generate(self._chunks(), params, request_id)
+        self._outputs: AsyncIterator = llm.generate(input_chunks(self._inbox), params, request_id)
         self.prompt_len = len(first)
         self.num_cached_tokens = 0
-
-    async def _chunks(self):
-        while (ids := await self._inbox.get()) is not None:
-            # a fresh list per chunk: vLLM's front end extends the first chunk's list in place
-            yield self._chunk(prompt=self._tokens_input(list(ids)))
 
     def feed(self, ids: Sequence[int]) -> None:
         self._inbox.put_nowait(list(ids))
@@ -76,25 +68,11 @@ class _Session:
         """(ids, log-probs) of the newest position: its top-K, or every id for ``top_k = -1``."""
         out = await self._outputs.__anext__()
         self.num_cached_tokens = max(self.num_cached_tokens, int(out.num_cached_tokens or 0))
-        return _top_k_of_last_position(out.outputs[0].logprobs, top_k)
+        return top_k_at(out.outputs[0].logprobs, -1, top_k)
 
     async def abort(self) -> None:
         # closing vLLM's generate() aborts the request and cancels the task reading our chunks
         await self._outputs.aclose()
-
-
-def _top_k_of_last_position(flat, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-K (ids, log-probs) of the newest position of a ``FlatLogprobs``, without the
-    sampled token when it is outside the top-K (it is random and discarded anyway)."""
-    lo, hi = flat.start_indices[-1], flat.end_indices[-1]
-    ids = np.asarray(flat.token_ids[lo:hi], dtype=np.int64)
-    lps = np.asarray(flat.logprobs[lo:hi], dtype=np.float64)
-    if top_k >= 0:
-        ranks = np.asarray([r if r is not None else top_k + 1 for r in flat.ranks[lo:hi]])
-        keep = ranks <= top_k
-        ids, lps = ids[keep], lps[keep]
-    ids, first = np.unique(ids, return_index=True)  # the sampled token may be listed twice
-    return ids, lps[first]
 
 
 class VllmStreamGroup:

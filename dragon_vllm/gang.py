@@ -30,6 +30,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
+from dragon_vllm.engine import vllm_version
 from dragon_vllm.mixing import gang_of
 
 log = logging.getLogger("dragon.gang")
@@ -180,14 +181,9 @@ def _pending_tokens(request: Request) -> int:
     return max(1, request.num_tokens - request.num_computed_tokens)
 
 
-def _vllm_minor() -> tuple[int, int]:
-    import vllm
-
-    return tuple(int(x) for x in vllm.__version__.split(".")[:2])  # type: ignore[return-value]
-
-
-# vLLM 0.32 counts unfinished requests through ``get_request_counts``; 0.26 reads its queues directly
-_COUNTS_THROUGH_REQUEST_COUNTS = _vllm_minor() >= (0, 32)
+# vLLM 0.32 counts unfinished requests through ``get_request_counts`` (which adds the lobby);
+# 0.26 reads its queues directly
+_COUNTS_THROUGH_REQUEST_COUNTS = vllm_version() >= (0, 32)
 
 
 class GangScheduler(GangMixin, AsyncScheduler):
