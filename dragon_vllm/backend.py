@@ -24,6 +24,7 @@ from dragon_core.errors import InvalidOptions
 from dragon_core.handshake import Identity
 from dragon_core.prompt import IncrementalText, last_user_message, passage_prompts
 from dragon_vllm.link import OpenedRequest
+from dragon_vllm.query_batcher import QueryBatcher
 
 
 class DragonCloud:
@@ -34,6 +35,7 @@ class DragonCloud:
         self.default_k, self.max_model_len, self.metrics = default_k, max_model_len, metrics
         self.emulate_decode_ms = emulate_decode_ms  # experiments only: a slower cloud on the link
         self._ids = 0
+        self._retriever = QueryBatcher(index) if index is not None else None
 
     async def warm_up(self) -> float:
         """One retrieval and two decode steps before serving, so that the first user does not pay
@@ -55,7 +57,7 @@ class DragonCloud:
     async def retrieve(self, query: str, k: int):
         if self.index is None or k <= 0:
             return []
-        return await asyncio.to_thread(self.index.search, query, k)
+        return await self._retriever.search(query, k)
 
     # ------------------------------------------------------------------ device link
     async def open_request(self, req: m.Open) -> OpenedRequest:

@@ -107,12 +107,14 @@ class GangStreamGroup:
     (``dragon_core.engine.MixingStreamGroup``)."""
 
     def __init__(self, engine: "VllmEngine", gid: int, prompts: list[list[int]], scores: Sequence[float],
-                 temperature: float, ticket: Ticket, chunk_tokens: int) -> None:
+                 temperature: float, ticket: Ticket, chunk_tokens: int, budget: int) -> None:
         self._engine, self._gid, self._ticket = engine, gid, ticket
         self.prompts = prompts
         self._log_w = np.asarray(scores, dtype=np.float64) - log_mass(scores)  # log softmax(R)
         self.temperature = temperature
-        self.chunk_tokens = chunk_tokens
+        self.chunk_tokens = chunk_tokens  # 0: open-ended (see _open_len)
+        self._budget = budget  # generated tokens the engine may draft in all (max_tokens, context room)
+        self._chunk_len = 1  # positions the current chunk drafts
         self._tokens: list[int] = []  # the session's generated tokens
         self._rows: list[_Row] | None = None
         self._fed: list[int] = []  # generated tokens the rows held when the current chunk began
@@ -155,7 +157,7 @@ class GangStreamGroup:
         position = len(self._tokens)
         while True:
             j = position - self._base
-            if self._rows is not None and 0 <= j < self.chunk_tokens and self._consistent(position):
+            if self._rows is not None and 0 <= j < self._chunk_len and self._consistent(position):
                 if self._received > j:
                     self.served_from_chunk += int(j > 0)
                     return self._dist(j, top_k)
@@ -193,7 +195,7 @@ class GangStreamGroup:
         return self._tokens[self._base:self._base + n] == drafts[:n]
 
     def _chunk_done(self) -> bool:
-        return self._received >= self.chunk_tokens
+        return self._received >= self._chunk_len
 
     async def _pull(self) -> None:
         """Wait until every row reports one more position; check that the rows agree."""
@@ -227,7 +229,8 @@ class GangStreamGroup:
         """Feed the session's tokens the rows lack and draft the next chunk, or reopen the gang
         when the rows hold tokens the session no longer has (rollback) or a chunk is in flight."""
         held = self._held()
-        if self._rows is None or held is None or self._tokens[:len(held)] != held or len(self._tokens) == len(held):
+        if (self._rows is None or held is None or self._tokens[:len(held)] != held or len(self._tokens) == len(held)
+                or not self.chunk_tokens):  # an open-ended chunk drafted its whole budget: start afresh
             await self._reopen()
             return
         new = self._tokens[len(held):]
@@ -240,7 +243,7 @@ class GangStreamGroup:
         last sampled token of a chunk); None while the chunk is still running."""
         if self._rows is None or not self._chunk_done():
             return None
-        return self._fed + self._rows[0].tokens[:self.chunk_tokens - 1]
+        return self._fed + self._rows[0].tokens[:self._chunk_len - 1]
 
     async def _reopen(self) -> None:
         await self._abort()
@@ -249,14 +252,24 @@ class GangStreamGroup:
             self.reopens += 1
             self._engine._stats["reopens"] += 1
         gang = f"dragon-{self._gid}-{epoch}"
+        self._chunk_len = self._open_len()
         rows = []
         for i, prompt in enumerate(self.prompts):
-            params = self._engine._gang_params(self.chunk_tokens, leader=i == 0,
+            params = self._engine._gang_params(self._chunk_len, leader=i == 0,
                                                extra=gang_args(gang, len(self.prompts), i, float(self._log_w[i]),
                                                                self.temperature))
             rows.append(_Row(self._engine.llm, f"{gang}-{i}", prompt + self._tokens, params, self._engine.top_k))
         self._rows = rows
         self._begin_chunk()
+
+    def _open_len(self) -> int:
+        """Positions a freshly opened gang drafts: ``chunk_tokens``, or with ``chunk_tokens = 0``
+        everything left of the budget, so that the gang decodes with no round trip to this
+        process until the session leaves its path (vLLM then aborts it) or the answer ends.
+        Later chunks of one session keep its first size (vLLM 0.26 ignores theirs)."""
+        if self.chunk_tokens:
+            return self.chunk_tokens
+        return max(1, self._budget - len(self._tokens))
 
     async def _abort(self) -> None:
         rows, self._rows, self._received = self._rows, None, 0

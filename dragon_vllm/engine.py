@@ -192,7 +192,7 @@ class VllmEngine:
     """``dragon_core.engine.Engine`` on one shared ``AsyncLLM``."""
 
     def __init__(self, llm, *, top_k: int, max_streams: int, kv_reserve_tokens: int, mixing: bool = False,
-                 chunk_tokens: int = 16) -> None:
+                 chunk_tokens: int = 0) -> None:
         self.llm = llm
         self.top_k = top_k
         self.mixing = mixing  # the gang path: streams mixed and drafted inside vLLM (drafting.py)
@@ -232,8 +232,10 @@ class VllmEngine:
         # T <= 0 means greedy; the argmax is the same at any T, and T = 1 keeps the log-probs finite
         temperature = float(temperature) if temperature > 0 else 1.0
         if gang:
+            room = self.max_model_len - longest
+            budget = min(max_tokens or room, room - 1)
             return GangStreamGroup(self, next(self._gids), prompts, scores, temperature, ticket,
-                                   self._chunk_for(longest, max_tokens))
+                                   self._chunk_for(longest, max_tokens) if self.chunk_tokens else 0, budget)
         return VllmStreamGroup(self, next(self._gids), prompts, temperature, ticket, doc_top_k)
 
     def _chunk_for(self, longest: int, max_tokens: int | None) -> int:
@@ -284,7 +286,7 @@ def make_engine(model_dir: str, *, top_k: int = 20, max_num_seqs: int = 128, max
                 max_model_len: int = 2048, block_size: int = 32, dtype: str = "auto",
                 enforce_eager: bool | None = None, kv_cache_gib: int | None = None,
                 gpu_memory_utilization: float | None = None, kv_reserve_tokens: int = 256, seed: int = 0,
-                mixing: bool = True, chunk_tokens: int = 16, max_num_batched_tokens: int | None = None,
+                mixing: bool = True, chunk_tokens: int = 0, max_num_batched_tokens: int | None = None,
                 max_logprobs: int | None = None,
                 **engine_kwargs) -> VllmEngine:
     """Start the shared ``AsyncLLM`` for DRAGON streams.
@@ -296,7 +298,7 @@ def make_engine(model_dir: str, *, top_k: int = 20, max_num_seqs: int = 128, max
 
     ``mixing`` (the default) installs the gang scheduler and the mixing logits processor, so a
     group opened with retrieval scores is mixed and drafted inside vLLM, ``chunk_tokens`` tokens
-    per chunk (``drafting.py``). A gang is scheduled whole in one step, so the per-step token
+    per chunk, or (0, the default) until the session leaves the gang's path (``drafting.py``). A gang is scheduled whole in one step, so the per-step token
     budget ``max_num_batched_tokens`` (default: 4 contexts) must hold a request's prompts.
     """
     from dragon_vllm.plugin import register

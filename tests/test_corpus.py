@@ -203,6 +203,40 @@ def test_search_from_many_threads(built):
     assert got == want
 
 
+def test_concurrent_queries_are_searched_in_batches_with_each_callers_answer(built):
+    """The cloud's ``QueryBatcher``: 40 queries at once (two values of k) take a few batched
+    searches, not 40, and each caller gets exactly what ``search`` alone gives it; a caller that
+    gives up does not break the others; the retriever's error reaches every caller of its batch."""
+    import asyncio
+
+    from dragon_vllm.query_batcher import QueryBatcher
+
+    queries = [f"{word} {i}" for i, word in enumerate(["Eiffel tower", "Lyon", "silk", "bridge"] * 10)]
+    ks = [2 if i % 3 else 5 for i in range(len(queries))]
+
+    async def main():
+        batcher = QueryBatcher(built, max_batch=16)
+        doomed = asyncio.ensure_future(batcher.search("cancelled on the way", 3))
+        tasks = [asyncio.ensure_future(batcher.search(q, k)) for q, k in zip(queries, ks)]
+        doomed.cancel()
+        got = await asyncio.gather(*tasks)
+        assert batcher.queries == len(queries) and batcher.batches < len(queries) // 4
+        for q, k, passages in zip(queries, ks, got):  # a batch embeds with padding: scores to 1e-5
+            alone = built.search(q, k)
+            assert [p.id for p in passages] == [p.id for p in alone]
+            np.testing.assert_allclose([p.score for p in passages], [p.score for p in alone], atol=1e-5)
+
+        class Broken:
+            def search_many(self, queries, k):
+                raise RuntimeError("index gone")
+
+        broken = QueryBatcher(Broken())
+        results = await asyncio.gather(*(broken.search(q, 2) for q in queries[:3]), return_exceptions=True)
+        assert all(isinstance(e, RuntimeError) and "index gone" in str(e) for e in results)
+
+    asyncio.run(main())
+
+
 def test_ivf_agrees_with_flat_when_probing_every_list(built, inputs, embedder, tmp_path):
     ivf = c.PublicIndex.build(inputs, tmp_path / "ivf", ivf_threshold=1, embedder=embedder, progress=False)
     info = ivf.manifest["index"]

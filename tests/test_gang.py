@@ -191,7 +191,12 @@ def test_more_gangs_than_seats_all_finish_each_as_if_alone(e2e_loop, reference_e
 
 
 @pytest.mark.slow
-def test_rollback_and_a_chunk_stopped_early_give_what_a_fresh_gang_gives(e2e_loop, reference_engine, tokenizer):
+@pytest.mark.parametrize("chunk_tokens", [0, 4])
+def test_rollback_and_a_chunk_stopped_early_give_what_a_fresh_gang_gives(e2e_loop, reference_engine, tokenizer,
+                                                                         chunk_tokens, monkeypatch):
+    """Open-ended drafting (the default) and fixed chunks of 4 (the path crosses chunk
+    boundaries, continued by feeding the session's tokens)."""
+    monkeypatch.setattr(reference_engine, "chunk_tokens", chunk_tokens)
     prompts, scores = _prompts(tokenizer, "What is Lyon famous for?"), [0.5, 0.1, 0.0]
 
     async def dist_after(tokens: list[int]) -> Dist:
