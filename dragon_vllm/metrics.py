@@ -11,14 +11,22 @@ from the prefix cache, so the hit rate over an interval is ``rate(..._cached_tok
 rate(..._prompt_tokens_total)``) and ``dragon_engine_<name>`` gauges for the instantaneous ones
 (open streams, queued groups, reserved and total KV blocks of the admission control, its stream
 slots).
+
+The OpenAI routes (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``) are counted by
+``observe_openai`` (a middleware, so refusals by the auth and body guards count too):
+``dragon_openai_requests_total{route,status}`` (errors by status: 400, 401, 408, 413, 499 =
+the client left, ...), ``dragon_openai_request_seconds{route}`` (a histogram: first byte of the
+request to the end of its answer, streams included), ``dragon_openai_tokens_total{route,kind}``
+(prompt and completion tokens of answers served) and ``dragon_openai_active_requests{route}``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import time
+from typing import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from dragon_core import session as s
@@ -40,6 +48,9 @@ ENGINE_GAUGES = {
     "kv_blocks_capacity": "KV blocks of the engine's cache (the admission control's budget)",
     "max_streams": "Streams the admission control lets be open at once",
 }
+OPENAI_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+# latency buckets (seconds): a refusal takes milliseconds, an answer of 1,000 tokens on a CPU a minute
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 def engine_stats(engine):
@@ -96,6 +107,14 @@ class CloudMetrics:
         self.streams = Gauge("dragon_open_streams", "Open vLLM streams (documents x requests)", registry=r)
         self.prefix_hit = Gauge("dragon_prefix_cache_hit_ratio", "Prompt tokens served from the prefix cache",
                                 registry=r)
+        self.openai_requests = Counter("dragon_openai_requests", "OpenAI-route requests by route and HTTP status",
+                                       ["route", "status"], registry=r)
+        self.openai_seconds = Histogram("dragon_openai_request_seconds", "OpenAI-route latency, to the answer's end",
+                                        ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.openai_tokens = Counter("dragon_openai_tokens", "Tokens of OpenAI-route answers",
+                                     ["route", "kind"], registry=r)
+        self.openai_active = Gauge("dragon_openai_active_requests", "OpenAI-route requests in progress", ["route"],
+                                   registry=r)
         self._engine_stats = engine_stats
         if engine_stats is not None:
             r.register(_EngineCollector(engine_stats))
@@ -122,6 +141,30 @@ class CloudMetrics:
         if kind == "link":
             self.verified.inc(st.verified)
             self.cloud_accepted.inc(st.accepted_local)
+
+    def on_openai_usage(self, route: str, usage: dict) -> None:
+        self.openai_tokens.labels(route, "prompt").inc(usage.get("prompt_tokens", 0))
+        self.openai_tokens.labels(route, "completion").inc(usage.get("completion_tokens", 0))
+
+    @web.middleware
+    async def observe_openai(self, request: web.Request,
+                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        route = request.path if request.path in OPENAI_ROUTES else None
+        if route is None:
+            return await handler(request)
+        t0, status = time.perf_counter(), 500  # an exception that escapes is a 500 to the client
+        self.openai_active.labels(route).inc()
+        try:
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            self.openai_active.labels(route).dec()
+            self.openai_requests.labels(route, str(status)).inc()
+            self.openai_seconds.labels(route).observe(time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ route
     async def handle(self, request: web.Request) -> web.Response:

@@ -11,21 +11,34 @@ the device share): out-of-range, wrong-typed or non-UTF-8 values, and any OpenAI
 not implement (``logprobs``, ``tools``, ``response_format``, penalties, ...), get a 400 in
 OpenAI's error shape with ``param`` naming the field; nothing is silently ignored. An option at
 its neutral value (``logprobs: false``, ``presence_penalty: 0``, ``n: 1``...) is accepted.
+
+Stop strings never leak a partial match (``dragon_core.stop_text``: text that could begin one
+is held back until decided), streaming or not. A prompt that cannot fit the context is refused
+after being tokenised in a thread, so a large input never stalls the event loop; bodies are
+capped and timed (``http_guard.BodyGuard``) before they are parsed. Once an answer has started,
+the client closing its connection cancels it (``http_guard.cancel_on_disconnect``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from typing import Any
+from contextlib import aclosing
+from typing import Any, AsyncIterator
 
 from aiohttp import web
 from pydantic import ValidationError
 
+from dragon_core import stop_text
 from dragon_core import validation as v
 from dragon_core.errors import InvalidOptions
+from dragon_core.prompt import last_user_message
 from dragon_vllm import vllm_compat as vc
 from dragon_vllm.backend import CloudAnswer, DragonCloud
+from dragon_vllm.http_guard import CLIENT_CLOSED, DEFAULT_BODY_TIMEOUT_S, ClientGone, cancel_on_disconnect, write_within
+from dragon_vllm.metrics import CloudMetrics
+from dragon_vllm.openai_errors import error_response
 
 # Options we implement, per route (``k`` and ``retrieval`` are DRAGON's extra fields; ``user``
 # is metadata; ``stream_options``: the last chunk always carries ``usage``).
@@ -48,16 +61,10 @@ DEFAULT_MAX_TOKENS = 128
 log = logging.getLogger("dragon.cloud.api")
 
 
-def error_response(status: int, message: str, err_type: str = "invalid_request_error",
-                   param: str | None = None) -> web.Response:
-    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
-    body = {"error": {"message": message, "type": err_type, "param": param, "code": status}}
-    return web.json_response(body, status=status)
-
-
 class OpenAIRoutes:
     def __init__(self, cloud: DragonCloud, served_model: str, *, max_tokens: int | None = None,
-                 max_k: int | None = None) -> None:
+                 max_k: int | None = None, metrics: CloudMetrics | None = None,
+                 write_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> None:
         from dragon_vllm.link import LinkLimits
 
         self.cloud = cloud
@@ -65,6 +72,8 @@ class OpenAIRoutes:
         # the server's caps: the link's by default (the context length bounds max_tokens further)
         self.max_tokens = max_tokens or min(LinkLimits().max_tokens, max(1, cloud.max_model_len - 1))
         self.max_k = max_k or LinkLimits().max_k
+        self.metrics = metrics
+        self.write_timeout_s = write_timeout_s
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/v1/models", self.models)
@@ -77,36 +86,64 @@ class OpenAIRoutes:
         return web.json_response(vc.ModelList(data=[card]).model_dump())
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        req = await self._parse(request, vc.ChatCompletionRequest, "chat")
-        if isinstance(req, web.Response):
-            return req
-        payload, req = req
-        try:
-            answer = await self.cloud.answer_chat(payload["messages"], **self._options(payload))
-        except InvalidOptions as exc:
-            return error_response(400, str(exc), param=exc.param)
-        except ValueError as exc:
-            return error_response(400, str(exc))
-        if req.stream:
-            return await self._stream(request, answer, chat=True)
-        text = await answer.text()
-        return web.json_response(self._chat_body(answer, text))
+        return await self._serve(request, vc.ChatCompletionRequest, "chat")
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        req = await self._parse(request, vc.CompletionRequest, "completions")
-        if isinstance(req, web.Response):
-            return req
-        payload, req = req
+        return await self._serve(request, vc.CompletionRequest, "completions")
+
+    async def _serve(self, request: web.Request, model_cls, route: str) -> web.StreamResponse:
+        parsed = await self._parse(request, model_cls, route)
+        if isinstance(parsed, web.Response):
+            return parsed
+        payload, req = parsed
+        try:  # from here on, the client leaving cancels everything: admission wait, decode, stream
+            return await cancel_on_disconnect(request, self._answer(request, payload, route, bool(req.stream)))
+        except ClientGone:
+            log.info("client went away before its answer was complete; decode cancelled")
+            return error_response(CLIENT_CLOSED, "client closed the request")
+
+    async def _answer(self, request: web.Request, payload: dict, route: str, stream: bool) -> web.StreamResponse:
+        opts = self._options(payload)
+        stops = opts.pop("stop")  # applied here, with hold-back (stop_text), not by the backend
+        refusal = await self._refuse_long_prompt(payload, route, opts["max_tokens"])
+        if refusal is not None:
+            return refusal
         try:
-            answer = await self.cloud.answer_text(payload["prompt"], **self._options(payload))
+            if route == "chat":
+                answer = await self.cloud.answer_chat(payload["messages"], stop=[], **opts)
+            else:
+                answer = await self.cloud.answer_text(payload["prompt"], stop=[], **opts)
         except InvalidOptions as exc:
             return error_response(400, str(exc), param=exc.param)
         except ValueError as exc:
             return error_response(400, str(exc))
-        if req.stream:
-            return await self._stream(request, answer, chat=False)
-        text = await answer.text()
-        return web.json_response(self._completion_body(answer, text))
+        try:
+            if stream:
+                return await self._stream(request, answer, stops, chat=route == "chat")
+            text = "".join([d async for d in visible_deltas(answer, stops)])
+            self._count_usage(request, answer)
+            body = self._chat_body(answer, text) if route == "chat" else self._completion_body(answer, text)
+            return web.json_response(body)
+        finally:
+            await answer.aclose()
+
+    async def _refuse_long_prompt(self, payload: dict, route: str, max_tokens: int) -> web.Response | None:
+        """A prompt that cannot fit the context gets its 400 here, tokenised off the event loop
+        (100,000 characters take ~50 ms to tokenise, and every other client would wait): what
+        reaches the backend, which tokenises on the loop, is then at most a context's worth."""
+        tokenizer = getattr(self.cloud, "tokenizer", None)
+        if tokenizer is None:
+            return None
+        n = await asyncio.to_thread(_prompt_tokens, tokenizer, payload, route)
+        if n + max_tokens > self.cloud.max_model_len:
+            return error_response(400, f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                                       f"context of {self.cloud.max_model_len} tokens",
+                                  param="messages" if route == "chat" else "prompt")
+        return None
+
+    def _count_usage(self, request: web.Request, answer: CloudAnswer) -> None:
+        if self.metrics is not None:
+            self.metrics.on_openai_usage(request.path, answer.usage())
 
     # ------------------------------------------------------------------ helpers
     async def _parse(self, request: web.Request, model_cls, route: str):
@@ -218,13 +255,19 @@ class OpenAIRoutes:
                     choices=[dict(index=0, text=text, finish_reason=answer.finish_reason, logprobs=None)],
                     usage=answer.usage(), dragon=answer.stats())
 
-    async def _stream(self, request: web.Request, answer: CloudAnswer, chat: bool) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, answer: CloudAnswer, stops: list[str],
+                      chat: bool) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         kind, obj = ("chatcmpl", "chat.completion.chunk") if chat else ("cmpl", "text_completion")
         first = True
+
+        async def send(payload: dict) -> None:
+            data = b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+            await write_within(resp, data, self.write_timeout_s)
+
         try:
-            async for delta in answer.deltas():
+            async for delta in visible_deltas(answer, stops):
                 if chat:
                     d = {"content": delta}
                     if first:
@@ -232,18 +275,51 @@ class OpenAIRoutes:
                     choice = dict(index=0, delta=d, finish_reason=None)
                 else:
                     choice = dict(index=0, text=delta, finish_reason=None)
-                await _sse(resp, dict(id=answer.id(kind), object=obj, created=answer.created,
-                                      model=self.served_model, choices=[choice]))
+                await send(dict(id=answer.id(kind), object=obj, created=answer.created,
+                                model=self.served_model, choices=[choice]))
             last = dict(index=0, delta={}, finish_reason=answer.finish_reason) if chat else \
                 dict(index=0, text="", finish_reason=answer.finish_reason)
-            await _sse(resp, dict(id=answer.id(kind), object=obj, created=answer.created, model=self.served_model,
-                                  choices=[last], usage=answer.usage(), dragon=answer.stats()))
-            await resp.write(b"data: [DONE]\n\n")
-        except (ConnectionResetError, ConnectionError):
+            await send(dict(id=answer.id(kind), object=obj, created=answer.created, model=self.served_model,
+                            choices=[last], usage=answer.usage(), dragon=answer.stats()))
+            await write_within(resp, b"data: [DONE]\n\n", self.write_timeout_s)
+            self._count_usage(request, answer)
+        except (ConnectionResetError, ConnectionError, ClientGone):
             log.info("client went away mid-stream; answer cancelled")
+            resp.force_close()
         finally:
             await answer.aclose()
         return resp
+
+
+async def visible_deltas(answer: CloudAnswer, stops: list[str]) -> AsyncIterator[str]:
+    """The answer's text deltas with the stop strings applied (``stop_text.releasable``): text
+    that could be the start of a stop string is held back until the next text decides it, and
+    the answer ends before the first stop string (finish_reason "stop")."""
+    text, shown = "", 0
+    async with aclosing(answer.deltas()) as deltas:
+        async for piece in deltas:
+            text += piece
+            upto, stopped = stop_text.releasable(text, stops, shown)
+            if upto > shown:
+                yield text[shown:upto]
+                shown = upto
+            if stopped:
+                answer.finish_reason = "stop"
+                return
+    if len(text) > shown:  # the held-back tail never became a stop string
+        yield text[shown:]
+
+
+def _prompt_tokens(tokenizer, payload: dict, route: str) -> int:
+    """Tokens of the text the backend will tokenise (a thread runs this): the prompt, the last
+    user message (retrieval on: the query), or the templated conversation (retrieval off)."""
+    if route == "completions":
+        text = payload["prompt"]
+    elif payload.get("retrieval") is False:
+        text = tokenizer.apply_chat_template(payload["messages"], add_generation_prompt=True, tokenize=False)
+    else:
+        text = last_user_message(payload["messages"])
+    return len(tokenizer.encode(text, add_special_tokens=False))
 
 
 def _same(value: Any, neutral: Any) -> bool:
@@ -258,7 +334,7 @@ def _check_messages(messages: Any) -> None:
         raise InvalidOptions("messages", "messages is required")
     if not isinstance(messages, list) or not messages:
         raise InvalidOptions("messages", "messages must be a non-empty list")
-    has_user = False
+    has_user, total = False, 0
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             raise InvalidOptions("messages", f"messages[{i}] must be an object")
@@ -282,10 +358,9 @@ def _check_messages(messages: Any) -> None:
             raise InvalidOptions("messages", f"messages[{i}]: unsupported field(s) {sorted(extra)} (tools are not supported)")
         if len(text) > v.MAX_QUERY_CHARS:
             raise InvalidOptions("messages", f"messages[{i}].content is longer than {v.MAX_QUERY_CHARS} characters")
+        total += len(text)
+        if total > v.MAX_QUERY_CHARS:  # a cap before tokenising, for the whole conversation too
+            raise InvalidOptions("messages", f"messages are longer than {v.MAX_QUERY_CHARS} characters in all")
         has_user = has_user or (role == "user" and bool(text))
     if not has_user:
         raise InvalidOptions("messages", "messages must contain a non-empty user message")
-
-
-async def _sse(resp: web.StreamResponse, payload: dict) -> None:
-    await resp.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")

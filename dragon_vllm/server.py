@@ -1,14 +1,21 @@
 """The cloud server: one aiohttp app with the device link, the OpenAI-compatible API,
-``/health`` and ``/metrics``, on one shared vLLM engine."""
+``/health`` and ``/metrics``, on one shared vLLM engine.
+
+Middlewares, outermost first: OpenAI-route metrics (so that refusals count), API keys (a 401
+before any byte of the body is read), the body guard (size cap and deadline).
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from dragon_vllm import health
+from dragon_vllm.auth import ApiKeyCheck
 from dragon_vllm.backend import DragonCloud
+from dragon_vllm.http_guard import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyGuard
 from dragon_vllm.link import LinkLimits, LinkServer
 from dragon_vllm.metrics import CloudMetrics, engine_stats
 from dragon_vllm.openai_api import OpenAIRoutes
@@ -21,16 +28,24 @@ class ServerConfig:
     served_model: str
     auth_token: str | None = None
     limits: LinkLimits = LinkLimits()
+    api_keys: list[str] = field(default_factory=list)  # empty: the OpenAI routes are open
+    protect_probes: bool = False  # /health and /metrics need an API key too
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
 def build_app(cloud: DragonCloud, config: ServerConfig, metrics: CloudMetrics | None = None) -> web.Application:
     metrics = metrics or CloudMetrics(engine_stats(cloud.engine))
     cloud.metrics = metrics
     link = LinkServer(cloud, config.auth_token, config.limits, stats=metrics)
-    app = web.Application(client_max_size=config.limits.max_frame_bytes)
+    middlewares = [metrics.observe_openai]
+    if config.api_keys:
+        middlewares.append(ApiKeyCheck(config.api_keys, config.protect_probes).middleware)
+    middlewares.append(BodyGuard(config.body_timeout_s, config.max_body_bytes).middleware)
+    app = web.Application(client_max_size=config.limits.max_frame_bytes, middlewares=middlewares)
     link.add_routes(app)
-    OpenAIRoutes(cloud, config.served_model, max_tokens=config.limits.max_tokens,
-                 max_k=config.limits.max_k).add_routes(app)
+    OpenAIRoutes(cloud, config.served_model, max_tokens=config.limits.max_tokens, max_k=config.limits.max_k,
+                 metrics=metrics, write_timeout_s=config.body_timeout_s).add_routes(app)
     app.router.add_get("/metrics", metrics.handle)
     app.router.add_get("/health", _health(cloud, link))
     app["dragon_link"], app["dragon_cloud"] = link, cloud
@@ -50,14 +65,18 @@ def build_app(cloud: DragonCloud, config: ServerConfig, metrics: CloudMetrics | 
 def _health(cloud: DragonCloud, link: LinkServer):
     engine_stats_now = engine_stats(cloud.engine)
 
-    async def health(request: web.Request) -> web.Response:
+    async def handle(request: web.Request) -> web.Response:
+        stats = engine_stats_now() if engine_stats_now else {}
+        verdict = health.assess(stats)
+        headers = {"Retry-After": str(health.RETRY_AFTER_S)} if verdict.http_status == 503 else None
         return web.json_response({
-            "status": "ok",
+            "status": verdict.status,
+            "reasons": verdict.reasons,
             "model": cloud.identity.model,
             "public_index": cloud.index is not None,
             "device_links": len(link.connections),
             "link_requests": link.active_requests,
-            "engine": engine_stats_now() if engine_stats_now else {},
-        })
+            "engine": stats,
+        }, status=verdict.http_status, headers=headers)
 
-    return health
+    return handle
