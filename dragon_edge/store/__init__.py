@@ -5,15 +5,19 @@ from dragon_edge.store.errors import (
     DocumentError,
     EmptyDocument,
     EmptyFolder,
+    FileTooLarge,
     FolderNotFound,
+    NotARegularFile,
     RetrieverMismatch,
     StoreCorrupt,
     StoreError,
+    StoreFull,
     StoreNotFound,
     StoreVersionError,
     UnknownSource,
     UnreadableDocument,
     UnsupportedDocument,
+    WouldDeleteEverything,
 )
 from dragon_edge.store.readers import pdf_supported
 
@@ -21,5 +25,6 @@ __all__ = [
     "DocumentStore", "IngestReport", "Passage", "StoreStats", "pdf_supported",
     "StoreError", "StoreNotFound", "StoreCorrupt", "StoreVersionError", "RetrieverMismatch",
     "UnknownSource", "FolderNotFound", "EmptyFolder", "DocumentError", "UnreadableDocument",
-    "UnsupportedDocument", "EmptyDocument",
+    "UnsupportedDocument", "EmptyDocument", "NotARegularFile", "FileTooLarge", "StoreFull",
+    "WouldDeleteEverything",
 ]

@@ -3,6 +3,8 @@
 One transaction per document, so a killed ingest leaves every document either fully old or
 fully new. Passage ids use AUTOINCREMENT and are never reused, and passages are immutable
 (a changed document gets new rows), so "same id set" in the faiss cache means "same content".
+Large documents are built up chunk by chunk in the staging tables (``staging.py``) and reach
+``passages`` in one final transaction, so the rule above holds for them too.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from typing import Iterator
 
 import numpy as np
 
-from dragon_edge.store.errors import StoreCorrupt, StoreVersionError
+from dragon_edge.store.errors import StoreCorrupt, StoreFull, StoreVersionError, is_disk_full
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = f"""
 BEGIN IMMEDIATE;
@@ -38,9 +40,31 @@ CREATE TABLE IF NOT EXISTS passages (
     vector BLOB NOT NULL              -- float32 little-endian, L2-normalised
 );
 CREATE INDEX IF NOT EXISTS passages_by_source ON passages(source_id);
+{{staging}}
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');
 COMMIT;
 """
+
+# v2: a large document's passages wait here, one committed chunk at a time, until it is whole
+_STAGING = """
+CREATE TABLE IF NOT EXISTS staged_sources (
+    source TEXT PRIMARY KEY,          -- the key the document will have in sources
+    sha256 TEXT NOT NULL,             -- the version being staged; another version starts over
+    size INTEGER NOT NULL,
+    mtime REAL,
+    passages_total INTEGER NOT NULL,
+    started_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS staged_passages (
+    source TEXT NOT NULL REFERENCES staged_sources(source) ON DELETE CASCADE,
+    ordinal INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    vector BLOB NOT NULL,
+    PRIMARY KEY (source, ordinal)
+);
+"""
+_SCHEMA = _SCHEMA.replace("{staging}", _STAGING)
+_MIGRATE_1_TO_2 = f"BEGIN IMMEDIATE;{_STAGING}UPDATE meta SET value = '2' WHERE key = 'schema_version';COMMIT;"
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -56,8 +80,12 @@ def connect(path: Path) -> sqlite3.Connection:
             raise StoreCorrupt(f"{path}: SQLite integrity check failed: {ok}")
         if not _tables(conn):  # new, or killed before its schema committed: nothing to lose
             conn.executescript(_SCHEMA)  # one transaction, so never half a schema
+        elif "meta" in _tables(conn) and get_meta(conn, "schema_version") == "1":
+            conn.executescript(_MIGRATE_1_TO_2)  # adds the (empty) staging tables; data untouched
         _check_version(conn, path)
     except sqlite3.DatabaseError as e:
+        if is_disk_full(e):
+            raise StoreFull(f"{path}: the disk is full; free some space and retry") from e
         raise StoreCorrupt(f"{path}: not a readable store database ({e})") from e
     return conn
 
@@ -80,10 +108,20 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("BEGIN IMMEDIATE")  # take the write lock now, not at the first write
     try:
         yield conn
+        conn.execute("COMMIT")  # inside the try: a COMMIT that fails (disk full) must roll back too
     except BaseException:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
-    conn.execute("COMMIT")
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Leave no transaction open, or every later statement (even a search) would fail or hold
+    the write lock. SQLite may already have rolled back by itself after SQLITE_FULL."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            pass  # "no transaction is active": it was rolled back already
 
 
 def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
@@ -125,3 +163,8 @@ def iter_vectors(
         rows = conn.execute(q, part).fetchall()
         if rows:
             yield np.array([r[0] for r in rows], np.int64), blob_vectors([r[1] for r in rows], dim)
+
+
+def source_passage_ids(conn: sqlite3.Connection, key: str) -> list[int]:
+    q = "SELECT p.id FROM passages p JOIN sources s ON p.source_id = s.id WHERE s.source = ?"
+    return [r[0] for r in conn.execute(q, (key,))]

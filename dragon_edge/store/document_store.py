@@ -7,14 +7,20 @@ Layout of a store directory::
 
 Scores returned by :meth:`DocumentStore.search` are exactly ``R(d)`` of
 :mod:`dragon_core.retrieval`, the logits the aggregation mixes documents with.
+
+Any folder can be ingested (issue 11): only regular files are read (``walk.py``), each up to a
+size cap (``readers.py``); large documents are committed in chunks and resume (``staging.py``);
+a full disk is a typed :class:`StoreFull` that leaves the store searchable.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import logging
 import os
+import sqlite3
 import sys
 import threading
 import time
@@ -31,7 +37,10 @@ from dragon_core.retrieval import (
     chunk_words,
     default_embedder,
 )
-from dragon_edge.store import db, index as ix, readers
+from dragon_edge.store import db, index as ix, readers, staging, walk
+from dragon_edge.store.names import display_path, source_key
+from dragon_edge.store.passages import batched, count_passages, iter_passages
+from dragon_edge.store.readers import DEFAULT_MAX_FILE_BYTES
 from dragon_edge.store.errors import (
     DocumentError,
     EmptyDocument,
@@ -40,16 +49,20 @@ from dragon_edge.store.errors import (
     RetrieverMismatch,
     StoreCorrupt,
     StoreError,
+    StoreFull,
     StoreNotFound,
     UnknownSource,
+    is_disk_full,
 )
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "store.sqlite3"
 INDEX_NAME = "index.faiss"
-CHECKPOINT_S = 30.0
-EMBED_BATCH = 64  # passages embedded per call during folder ingests  # during long ingests, refresh the faiss cache this often
+CHECKPOINT_S = 30.0  # during long ingests, refresh the faiss cache this often
+EMBED_BATCH = 64  # passages embedded per call during folder ingests
+LARGE_TEXT_CHARS = 128 * 1024  # a longer document is committed in chunks (~20k words, ~7 s to embed on 2 cores)
+CHUNK_PASSAGES = 256  # passages per committed chunk of a large document (~5 s of embedding on 2 cores)
 PAUSE_ENV = "DRAGON_STORE_TEST_PAUSE"  # test hook "point:nth:seconds" (see _pause)
 
 
@@ -69,9 +82,18 @@ class IngestReport:
     unchanged: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    resumed: list[str] = field(default_factory=list)  # large documents continued from their staged chunks
     passages_added: int = 0
     passages_removed: int = 0
     seconds: float = 0.0
+
+    def summary(self) -> str:
+        """What happened, one line, then one line per skipped entry with its reason."""
+        head = (f"added {len(self.added)}, updated {len(self.updated)}, unchanged {len(self.unchanged)}, "
+                f"removed {len(self.removed)}, skipped {len(self.skipped)}"
+                + (f", resumed {len(self.resumed)}" if self.resumed else "")
+                + f"; passages +{self.passages_added} -{self.passages_removed} in {self.seconds:.1f} s")
+        return "\n".join([head, *(f"skipped {path}: {why}" for path, why in self.skipped)])
 
 
 @dataclass(frozen=True)
@@ -88,6 +110,8 @@ class StoreStats:
     db_bytes: int
     index_bytes: int
     pdf_supported: bool
+    staged_documents: int = 0  # large documents interrupted mid-ingest; the next ingest resumes them
+    staged_passages: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,6 +127,18 @@ class _Pending:
     update: bool
 
 
+@dataclass(frozen=True)
+class _LargePending:
+    """A document too long for one transaction: embedded and committed chunk by chunk."""
+
+    key: str
+    sha: str
+    size: int
+    mtime: float | None
+    text: str
+    update: bool
+
+
 def _locked(method):
     """One operation at a time per handle (so an async SDK may call from worker threads)."""
 
@@ -110,6 +146,25 @@ def _locked(method):
     def wrapper(self, *args, **kwargs):
         with self._lock:
             return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _disk_full_is_typed(method):
+    """A full disk during a write is StoreFull, not a raw sqlite3/OSError traceback. Every
+    transaction rolled back (db.transaction), so the store is as it was after its last commit."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.Error, OSError) as exc:
+            if isinstance(exc, StoreFull) or not is_disk_full(exc):
+                raise
+            raise StoreFull(
+                f"{self.path}: the disk is full ({exc}). Everything committed before is kept and search "
+                "still works; free some space and run the same ingest again to resume."
+            ) from exc
 
     return wrapper
 
@@ -132,6 +187,7 @@ class DocumentStore:
         self._lock = threading.RLock()
         self._pause_counts: dict[str, int] = {}
         self._db_path, self._index_path = self.path / DB_NAME, self.path / INDEX_NAME
+        self.large_text_chars, self.chunk_passages = LARGE_TEXT_CHARS, CHUNK_PASSAGES
         self._open_dir(create)
         self._db = db.connect(self._db_path)
         self.recovered: str | None = None  # what open had to repair, if anything
@@ -191,7 +247,7 @@ class DocumentStore:
                 self.recovered = f"index repaired from SQLite ({changed})"
         if self.recovered:
             log.warning("%s: %s", self.path, self.recovered)
-            ix.save_index(index, self._index_path)
+            self._save(index)
         return index
 
     def _rebuild_index(self):
@@ -233,6 +289,7 @@ class DocumentStore:
 
     # -------------------------------------------------------------- writing
     @_locked
+    @_disk_full_is_typed
     def ingest(
         self,
         folder: str | os.PathLike,
@@ -240,32 +297,48 @@ class DocumentStore:
         progress: bool | None = None,
         prune: bool = False,
         strict: bool = False,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        follow_symlinks: bool = False,
     ) -> IngestReport:
-        """Ingest every supported file under ``folder`` (recursively). Unchanged files (same
-        bytes) are skipped, changed ones replaced. Unreadable files are skipped and listed in
-        the report (``strict=True`` raises instead). ``prune=True`` also deletes sources under
-        ``folder`` whose files are gone. ``progress=None`` shows a bar on a terminal."""
+        """Ingest every supported regular file under ``folder`` (recursively). Unchanged files
+        (same bytes) are skipped, changed ones replaced. FIFOs, devices, sockets, link loops,
+        links out of the folder (unless ``follow_symlinks``), files over ``max_file_bytes`` and
+        unreadable files are skipped and listed in the report with the reason (``strict=True``
+        raises on a file that cannot be read instead). Large documents are committed in chunks,
+        with a progress bar, and an interrupted ingest resumes from the last chunk.
+        ``prune=True`` also deletes sources under ``folder`` whose files are gone.
+        ``progress=None`` shows bars on a terminal. A full disk raises :class:`StoreFull`."""
         t0, report = time.perf_counter(), IngestReport()
         root = Path(folder)
         if not root.is_dir():
-            raise FolderNotFound(f"{root}: no such folder")
-        files, others = readers.list_folder(root)
-        inside = self.path.resolve()
-        others = [p for p in others if inside not in p.resolve().parents]  # the store's own files
-        report.skipped += [(str(p), readers.why_unsupported(p)) for p in others]
+            raise FolderNotFound(f"{display_path(root)}: no such folder")
+        listing = walk.list_folder(root, links_out=follow_symlinks, exclude=self.path)
+        for path, why in listing.skipped:
+            log.info("skipped %s: %s", path, why)
+        report.skipped += listing.skipped
+        files = listing.documents
         if not files:
             kinds = ", ".join(sorted(readers.supported_suffixes()))
-            raise EmptyFolder(f"{root}: no documents to ingest ({kinds}); {len(others)} other files")
+            raise EmptyFolder(f"{display_path(root)}: no documents to ingest ({kinds}); "
+                              f"{len(listing.skipped)} other files")
         self._refresh()
+        bars = dict(disable=None if progress is None else not progress)
         last_save, pending = time.monotonic(), []
-        for path in tqdm(files, desc="ingest", unit="file", disable=None if progress is None else not progress):
+        for path in tqdm(files, desc="ingest", unit="file", **bars):
             try:
-                if item := self._prepare_file(path, report):
-                    pending.append(item)
+                item = self._prepare_file(path, report, max_file_bytes)
             except DocumentError as e:
                 if strict:
                     raise
+                log.info("skipped %s: %s", e.path, e.reason)
                 report.skipped.append((e.path, e.reason))
+                continue
+            if isinstance(item, _LargePending):
+                self._write(pending, report)
+                pending = []
+                self._write_large(item, report, bars)
+            elif item is not None:
+                pending.append(item)
             if sum(len(p.passages) for p in pending) >= EMBED_BATCH:
                 self._write(pending, report)
                 pending = []
@@ -273,25 +346,33 @@ class DocumentStore:
                 self._save()
                 last_save = time.monotonic()
         self._write(pending, report)
+        self._drop_stale_staging(root, files)
         if prune:
             self._prune(root, files, report)
         self._save()
         if not (report.added or report.updated or report.unchanged):
-            raise EmptyFolder(f"{root}: none of {len(files)} documents could be read: {report.skipped[:3]}")
+            raise EmptyFolder(f"{display_path(root)}: none of {len(files)} documents could be read: "
+                              f"{report.skipped[:3]}")
         report.seconds = time.perf_counter() - t0
         return report
 
     @_locked
-    def add_file(self, path: str | os.PathLike) -> IngestReport:
+    @_disk_full_is_typed
+    def add_file(self, path: str | os.PathLike, *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> IngestReport:
         """Ingest one file; errors raise."""
         report = IngestReport()
         self._refresh()
-        if item := self._prepare_file(Path(path), report):
+        item = self._prepare_file(Path(path), report, max_file_bytes)
+        if isinstance(item, _LargePending):
+            self._write_large(item, report, dict(disable=None))
+        elif item is not None:
             self._write([item], report)
+        if item is not None:
             self._save()
         return report
 
     @_locked
+    @_disk_full_is_typed
     def add_texts(self, texts: str | Sequence[str], source: str | None = None) -> int:
         """Add texts as one source (name defaults to a content hash). Re-adding a source name
         replaces its passages; identical content is a no-op. Returns passages added."""
@@ -309,14 +390,18 @@ class DocumentStore:
         self._save()
         return len(passages)
 
-    def _prepare_file(self, path: Path, report: IngestReport) -> _Pending | None:
+    def _prepare_file(self, path: Path, report: IngestReport, max_file_bytes: int) -> _Pending | _LargePending | None:
         """Read and chunk one file; None if its bytes are unchanged since the last ingest."""
-        doc = readers.read_document(path)
-        key = str(path.resolve())
+        doc = readers.read_document(path, max_file_bytes)
+        key = source_key(path)
         old_sha = self._source_sha(key)
         if old_sha == doc.sha256:
             report.unchanged.append(key)
             return None
+        if len(doc.text) > self.large_text_chars:  # not chunked here: its word list alone can take GBs
+            if not doc.text.strip():
+                raise EmptyDocument(key, "no text")
+            return _LargePending(key, doc.sha256, doc.size, doc.mtime, doc.text, old_sha is not None)
         passages = chunk_words(doc.text, self.passage_words)
         if not passages:
             raise EmptyDocument(key, "no text")
@@ -337,12 +422,50 @@ class DocumentStore:
                 (report.updated if item.update else report.added).append(item.key)
             start = end
 
+    def _write_large(self, item: _LargePending, report: IngestReport, bars: dict) -> None:
+        """Embed and commit a large document a chunk at a time (each chunk survives an
+        interruption), continuing after the chunks an earlier run committed; then swap it in."""
+        total = count_passages(item.text, self.passage_words)
+        done = staging.staged_count(self._db, item.key, item.sha)
+        if done:
+            report.resumed.append(item.key)
+            log.info("%s: resuming at passage %d of %d", item.key, done, total)
+        else:
+            with db.transaction(self._db) as c:
+                staging.begin(c, item.key, item.sha, item.size, item.mtime, total)
+        rest = itertools.islice(iter_passages(item.text, self.passage_words), done, None)
+        name = Path(item.key).name
+        with tqdm(total=total, initial=done, desc=name[:40], unit="passage", leave=False, **bars) as bar:
+            for chunk in batched(rest, self.chunk_passages):
+                vecs = self.embedder.embed(chunk)
+                with db.transaction(self._db) as c:
+                    staging.add_chunk(c, item.key, done, chunk, vecs)
+                done += len(chunk)
+                bar.update(len(chunk))
+                self._pause("chunk")
+        with db.transaction(self._db) as c:
+            old, new = staging.promote(c, item.key)
+        if old:
+            self._index.remove_ids(np.array(old, np.int64))
+        for ids, vecs in db.iter_vectors(self._db, self._dim, np.array(new, np.int64)):
+            self._index.add_with_ids(vecs, ids)
+        report.passages_removed += len(old)
+        report.passages_added += len(new)
+        (report.updated if item.update else report.added).append(item.key)
+
+    def _drop_stale_staging(self, root: Path, files: Sequence[Path]) -> None:
+        """Staged chunks of files no longer in the folder can never be finished."""
+        present = {source_key(p) for p in files}
+        stale = [k for k in staging.keys_under(self._db, _folder_prefix(root)) if k not in present]
+        if stale:
+            with db.transaction(self._db) as c:
+                staging.drop(c, stale)
+
     def _replace_source(self, item: _Pending, vecs: np.ndarray) -> int:
         """Swap a source's passages in one transaction; returns how many were removed."""
         key = item.key
         with db.transaction(self._db) as c:
-            old = [r[0] for r in c.execute(
-                "SELECT p.id FROM passages p JOIN sources s ON p.source_id = s.id WHERE s.source = ?", (key,))]
+            old = db.source_passage_ids(c, key)
             c.execute("DELETE FROM sources WHERE source = ?", (key,))
             sid = c.execute(
                 "INSERT INTO sources (source, kind, sha256, size, mtime, added_at) VALUES (?,?,?,?,?,?)",
@@ -363,36 +486,56 @@ class DocumentStore:
         return len(old)
 
     @_locked
+    @_disk_full_is_typed
     def delete(self, source: str | os.PathLike) -> int:
         """Delete a source (a text source's name, a file path, or a folder path: every file
         under it). Returns passages removed; raises UnknownSource if nothing matched."""
         self._refresh()
         keys = self._match_sources(source)
         if not keys:
-            raise UnknownSource(f"no source {source!s} in {self.path}")
+            raise UnknownSource(f"no source {display_path(source)} in {self.path}")
+        return self._delete_keys(keys)
+
+    @_locked
+    @_disk_full_is_typed
+    def delete_all(self) -> int:
+        """Empty the store (every source, and any staged chunks). Returns passages removed."""
+        self._refresh()
         with db.transaction(self._db) as c:
-            marks = ",".join("?" * len(keys))
-            ids = [r[0] for r in c.execute(
-                f"SELECT p.id FROM passages p JOIN sources s ON p.source_id = s.id WHERE s.source IN ({marks})", keys)]
-            c.execute(f"DELETE FROM sources WHERE source IN ({marks})", keys)
+            c.execute("DELETE FROM staged_sources")
+        return self._delete_keys(self.sources())
+
+    @_locked
+    def sources_matching(self, source: str | os.PathLike) -> list[str]:
+        """What :meth:`delete` would remove: the source itself, or every file under a folder."""
+        self._refresh()
+        return self._match_sources(source)
+
+    def _delete_keys(self, keys: list[str]) -> int:
+        ids: list[int] = []
+        with db.transaction(self._db) as c:
+            for key in keys:
+                ids += db.source_passage_ids(c, key)
+            c.executemany("DELETE FROM sources WHERE source = ?", [(k,) for k in keys])
+            staging.drop(c, keys)  # a later ingest of the same file starts over
         if ids:
             self._index.remove_ids(np.array(ids, np.int64))
         self._save()
         return len(ids)
 
     def _match_sources(self, source: str | os.PathLike) -> list[str]:
-        name = os.fspath(source)
+        name = display_path(source)
         if self._source_sha(name) is not None:
             return [name]
-        p = Path(name).resolve()
-        if self._source_sha(str(p)) is not None:
-            return [str(p)]
-        prefix = str(p).rstrip(os.sep) + os.sep
+        key = source_key(source)
+        if self._source_sha(key) is not None:
+            return [key]
+        prefix = _folder_prefix(source)
         rows = self._db.execute("SELECT source FROM sources WHERE kind = 'file'").fetchall()
         return [r[0] for r in rows if r[0].startswith(prefix)]
 
     def _prune(self, root: Path, files: Iterable[Path], report: IngestReport) -> None:
-        present = {str(p.resolve()) for p in files}
+        present = {source_key(p) for p in files}
         gone = [k for k in self._match_sources(root) if k not in present]
         if gone:
             report.passages_removed += self.delete_many(gone)
@@ -418,8 +561,16 @@ class DocumentStore:
         row = self._db.execute("SELECT sha256 FROM sources WHERE source = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def _save(self) -> None:
-        ix.save_index(self._index, self._index_path, self._pause)
+    def _save(self, index=None) -> None:
+        """Write the faiss cache. On a full disk that is a warning, not an error: SQLite holds
+        every vector and the next open rebuilds the cache, so reads must not fail over it."""
+        try:
+            ix.save_index(self._index if index is None else index, self._index_path, self._pause)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            log.warning("%s: disk full, the search index cache was not written (%s); it is rebuilt "
+                        "from the database when the store is next opened", self.path, exc)
 
     def _pause(self, point: str) -> None:
         """Test hook: with DRAGON_STORE_TEST_PAUSE="point:nth:seconds", announce on stderr and
@@ -470,6 +621,7 @@ class DocumentStore:
         count = lambda table: self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]  # noqa: E731
         size = lambda p: p.stat().st_size if p.exists() else 0  # noqa: E731
         wal = self._db_path.with_name(DB_NAME + "-wal")
+        staged_documents, staged_passages = staging.totals(self._db)
         return StoreStats(
             path=str(self.path),
             sources=count("sources"),
@@ -483,6 +635,8 @@ class DocumentStore:
             db_bytes=size(self._db_path) + size(wal),
             index_bytes=size(self._index_path),
             pdf_supported=readers.pdf_supported(),
+            staged_documents=staged_documents,
+            staged_passages=staged_passages,
         )
 
     # -------------------------------------------------------------- lifecycle
@@ -497,6 +651,11 @@ class DocumentStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _folder_prefix(folder: str | os.PathLike) -> str:
+    """Source keys of files under ``folder`` start with this."""
+    return source_key(folder).rstrip(os.sep) + os.sep
 
 
 __all__ = ["DocumentStore", "Passage", "IngestReport", "StoreStats"]

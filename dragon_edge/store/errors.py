@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+
 from dragon_core.errors import DragonError
 
 
@@ -32,8 +35,21 @@ class RetrieverMismatch(StoreError):
     code = "retriever_mismatch"
 
 
+class StoreFull(StoreError, OSError):
+    """The disk (or the quota) is full. What was committed before stays, search keeps working,
+    and the same ingest resumes once space is freed."""
+
+    code = "store_full"
+
+
 class UnknownSource(StoreError, LookupError):
     code = "unknown_source"
+
+
+class WouldDeleteEverything(StoreError):
+    """A delete that would empty the store was asked for by a path, not explicitly."""
+
+    code = "would_delete_everything"
 
 
 class FolderNotFound(StoreError, FileNotFoundError):
@@ -67,3 +83,21 @@ class UnsupportedDocument(DocumentError):
 
 class EmptyDocument(DocumentError):
     code = "empty_document"
+
+
+class NotARegularFile(DocumentError):
+    """A FIFO, device, socket, loop or link that ingest must not open (it could block forever
+    or never end, e.g. a FIFO or /dev/zero named ``.txt``)."""
+
+    code = "not_a_regular_file"
+
+
+class FileTooLarge(DocumentError):
+    code = "file_too_large"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT from the OS, or SQLITE_FULL ("database or disk is full") from SQLite."""
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "is full" in str(exc)
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

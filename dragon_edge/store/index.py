@@ -35,12 +35,16 @@ def index_ids(index: faiss.IndexIDMap) -> np.ndarray:
 def save_index(index: faiss.IndexIDMap, path: Path, pause=lambda point: None) -> None:
     payload = faiss.serialize_index(index).tobytes()
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(MAGIC + hashlib.sha256(payload).digest() + payload)
-        f.flush()
-        os.fsync(f.fileno())
-    pause("index_write")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + hashlib.sha256(payload).digest() + payload)
+            f.flush()
+            os.fsync(f.fileno())
+        pause("index_write")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written tmp would hold on to the space (disk full)
+        raise
     _fsync_dir(path.parent)
 
 
