@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
+from typing import Mapping
 
 from dragon_core import messages as m
 from dragon_core.errors import HandshakeError
@@ -61,6 +62,16 @@ def check_hello(hello: m.Hello, ours: Identity, auth_token: str | None) -> None:
     for what, theirs, mine in pairs:
         if theirs != mine:
             raise FingerprintMismatch(f"{what} differs: device has {theirs!r}, cloud has {mine!r}")
+
+
+def match_token(presented: str, tokens: Mapping[str, str]) -> str | None:
+    """The name whose token ``presented`` is (None: no one's). Every token is compared, each in
+    constant time, so the time taken says nothing about which one matched or how close it was."""
+    found = None
+    for name, token in tokens.items():
+        if hmac.compare_digest(presented.encode(), token.encode()) and found is None:
+            found = name
+    return found
 
 
 def local_identity(model: str, source: str = "gguf") -> Identity:

@@ -14,9 +14,11 @@ one, so a request can start on the right side instead of spending its first step
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from dragon_core.messages import SchedulerPrior, Side
+from dragon_core.validation import check_prior
 
 
 def steady_wait(c_l: float, c_r: float, rtt: float, alpha_r: float) -> float:
@@ -72,7 +74,10 @@ class Estimates:
         return all(e.count >= n for e in (self.c_local, self.c_remote, self.rtt))
 
     def seed(self, prior: SchedulerPrior, side: Side, count: int) -> None:
-        """Start from ``prior`` as if ``count`` samples of each had been seen."""
+        """Start from ``prior`` as if ``count`` samples of each had been seen. A prior with a
+        NaN, an infinity, a negative time or a rate outside [0, 1] raises ``InvalidOptions``:
+        one such value would poison every later ΔZ (NaN compares false, so no move ever)."""
+        check_prior(prior)
         device = side == "device"
         pairs = ((self.c_local, prior.device_ms if device else prior.cloud_ms),
                  (self.c_remote, prior.cloud_ms if device else prior.device_ms),
@@ -85,9 +90,10 @@ class Estimates:
     def prior(self, side: Side) -> SchedulerPrior | None:
         """These estimates as a prior for the next request (None until every one has a value)."""
         values = [e.value for e in (self.c_local, self.c_remote, self.rtt, self.alpha_local, self.alpha_remote)]
-        if any(v is None for v in values):
-            return None
+        if any(v is None or not math.isfinite(v) for v in values):
+            return None  # a non-finite estimate is no prior (the next request learns afresh)
         c_l, c_r, rtt, a_l, a_r = values
+        a_l, a_r = (min(1.0, max(0.0, a)) for a in (a_l, a_r))  # an EWMA of 0/1 may round past 1 by an ulp
         if side == "device":
             return SchedulerPrior(c_l, c_r, rtt, a_l, a_r)
         return SchedulerPrior(c_r, c_l, rtt, a_r, a_l)

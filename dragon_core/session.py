@@ -24,7 +24,7 @@ from dragon_core import messages as m
 from dragon_core.aggregate import cross_side_weights
 from dragon_core.codec import dist_from_wire, dist_to_wire
 from dragon_core.dist import Dist
-from dragon_core.errors import ProtocolError
+from dragon_core.errors import OutOfVocabulary, ProtocolError
 from dragon_core.scheduler import GreedyScheduler, SchedulerConfig
 from dragon_core.speculative import DRAFT_CLOUD, DRAFT_DEVICE, VERIFY, draft, step_rng, synchronous_target, verify
 
@@ -213,11 +213,18 @@ class Session:
         self._unsent: list[m.Draft] = []  # sequence-wise mode sends its drafts in one batch
         self._draft_purpose = DRAFT_DEVICE if side == "device" else DRAFT_CLOUD
         self._out: list[Action] = []
+        self.peer_error: m.Error | None = None  # the peer's typed error for this request, if it sent one
 
     # ------------------------------------------------------------------ public API
     @property
     def is_aggregator(self) -> bool:
         return self.aggregator == self.side
+
+    @property
+    def awaiting_peer(self) -> bool:
+        """Nothing of ours is in flight: the session moves on only when the peer sends something
+        (the request idle rule, ``dragon_core.idle``, counts the peer's silence only then)."""
+        return self.finished is None and not self.solo and self._computing is None
 
     @property
     def decides_alone(self) -> bool:
@@ -278,6 +285,7 @@ class Session:
         elif isinstance(msg, m.Cancel):
             self._on_peer_gone(f"peer cancelled: {msg.reason}")
         elif isinstance(msg, m.Error):
+            self.peer_error = msg
             self._on_peer_gone(f"peer error {msg.code}: {msg.message}")
         else:
             raise ProtocolError(f"unexpected message {type(msg).__name__} in a session")
@@ -367,7 +375,7 @@ class Session:
             if remote is None:
                 return
             if remote.dist.vocab_size != local.dist.vocab_size or not 0 <= remote.token < local.dist.vocab_size:
-                raise ProtocolError("peer draft does not match this side's vocabulary")
+                raise OutOfVocabulary("peer draft does not match this side's vocabulary")
             self._decide(step, local, remote)
 
     def _decide(self, step: int, local: _Draft, remote: _RemoteDraft) -> None:
@@ -442,7 +450,7 @@ class Session:
     def _check_vocab(self, tokens: Sequence[int]) -> None:
         vocab = self.config.vocab_size
         if vocab and not all(0 <= token < vocab for token in tokens):
-            raise ProtocolError(f"token ids outside this model's vocabulary of {vocab}")
+            raise OutOfVocabulary(f"token ids outside this model's vocabulary of {vocab}")
 
     def _on_tokens(self, msg: m.Tokens) -> None:
         """Cloud-only mode: the cloud decided these tokens alone; the device commits them as is."""

@@ -1,21 +1,32 @@
-"""Admission control for streaming-input sessions: a FIFO queue in front of vLLM's slots.
+"""Admission control for streaming-input sessions: a fair queue in front of vLLM's slots.
 
 Why (ENGINES.md §2): a paused vLLM session keeps its model-runner slot and its KV blocks.
 If more sessions are open than ``max_num_seqs``, a stream that waits for a slot never runs,
 and a controller that waits for all k streams of its group before feeding any waits forever
 (200+ sessions hung on the H100). So a request's k streams are admitted *together*, and only
-while the open streams stay within the engine's slots and a KV-block budget; everyone else
-waits in arrival order. A group larger than the whole capacity is refused at once, so no
-wait can be endless.
+while the open streams stay within the engine's slots and a KV-block budget. A group larger
+than the whole capacity is refused at once, so no wait can be endless.
+
+Who waits how long: waiting groups are queued per *tenant* (the device identity of the link,
+``TENANT``; the OpenAI routes share the default tenant) and the tenants are served round robin,
+one group each in turn, oldest group first within a tenant. So one client with a thousand queued
+requests delays another client's request by at most one of its own, not by all of them. The
+group at the head of the round waits until it fits and nothing overtakes it, so a large group
+is never starved by a stream of small ones.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from dragon_core.errors import DragonError
+
+# The tenant whose request is opening streams. Set by the link in each request's task (a task
+# has its own copy of the context), read here, so the engine between them needs no new argument.
+TENANT: ContextVar[str] = ContextVar("dragon_admission_tenant", default="")
 
 
 class Overloaded(DragonError, ValueError):
@@ -30,38 +41,47 @@ class Ticket:
     blocks: int
 
 
+_Waiter = tuple[Ticket, asyncio.Future]
+
+
 class Admission:
-    """Counts open streams (``slots``) and reserved KV blocks; grants them in FIFO order."""
+    """Counts open streams (``slots``) and reserved KV blocks; grants them fairly across tenants."""
 
     def __init__(self, max_slots: int, max_blocks: int) -> None:
         if max_slots <= 0 or max_blocks <= 0:
             raise ValueError("admission capacity must be positive")
         self.max_slots, self.max_blocks = max_slots, max_blocks
         self.slots = self.blocks = 0
-        self._waiters: deque[tuple[Ticket, asyncio.Future]] = deque()
+        # tenants with waiting groups, in round-robin order (a dict keeps insertion order)
+        self._queues: dict[str, deque[_Waiter]] = {}
 
     @property
     def queued(self) -> int:
-        return len(self._waiters)
+        return sum(len(q) for q in self._queues.values())
 
-    async def acquire(self, slots: int, blocks: int) -> Ticket:
-        """Wait until ``slots`` streams and ``blocks`` KV blocks fit; FIFO, so no starvation."""
+    def queued_by_tenant(self) -> dict[str, int]:
+        return {tenant: len(q) for tenant, q in self._queues.items()}
+
+    async def acquire(self, slots: int, blocks: int, tenant: str | None = None) -> Ticket:
+        """Wait until ``slots`` streams and ``blocks`` KV blocks fit and it is this tenant's turn
+        (``tenant``: default ``TENANT``'s value in the caller's context)."""
+        tenant = TENANT.get() if tenant is None else tenant
         blocks = min(blocks, self.max_blocks)  # a long prompt may use the whole cache, alone
         if slots > self.max_slots:
             raise Overloaded(f"{slots} streams requested; the engine admits at most {self.max_slots}")
         ticket = Ticket(slots, blocks)
-        if not self._waiters and self._fits(ticket):
+        if not self._queues and self._fits(ticket):
             self._take(ticket)
             return ticket
         fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((ticket, fut))
+        self._queues.setdefault(tenant, deque()).append((ticket, fut))
         try:
             await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():  # granted just as we were cancelled
                 self.release(ticket)
             else:
-                self._waiters = deque(w for w in self._waiters if w[1] is not fut)
+                self._forget(tenant, fut)
                 self._wake()
             raise
         return ticket
@@ -78,11 +98,28 @@ class Admission:
         self.slots += t.slots
         self.blocks += t.blocks
 
+    def _forget(self, tenant: str, fut: asyncio.Future) -> None:
+        queue = self._queues.get(tenant)
+        if queue is None:
+            return
+        self._queues[tenant] = kept = deque(w for w in queue if w[1] is not fut)
+        if not kept:
+            del self._queues[tenant]  # its place in the round goes with it
+
     def _wake(self) -> None:
-        # strictly FIFO: the head waits until it fits, later (smaller) groups do not overtake it
-        while self._waiters and self._fits(self._waiters[0][0]):
-            ticket, fut = self._waiters.popleft()
-            if fut.done():
+        while self._queues:
+            tenant, queue = next(iter(self._queues.items()))
+            ticket, fut = queue[0]
+            if fut.done():  # abandoned: drop it, the tenant keeps its turn
+                queue.popleft()
+                if not queue:
+                    del self._queues[tenant]
                 continue
+            if not self._fits(ticket):
+                return  # the head of the round waits until it fits; nobody overtakes it
+            queue.popleft()
             self._take(ticket)
             fut.set_result(None)
+            del self._queues[tenant]
+            if queue:
+                self._queues[tenant] = queue  # served: to the back of the round

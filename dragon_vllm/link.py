@@ -7,6 +7,13 @@ frame gets a typed ``Error`` (the connection survives); a broken handshake close
 device goes away, or stays silent for longer than ``peer_timeout_s`` (``dragon_core.liveness``:
 a blackholed connection stays open for minutes otherwise), every request of that connection is
 finished and its streams closed, so the engine's KV blocks return at once.
+
+Abuse limits (docs/PROTOCOL.md, "Link limits"): a request the cloud has been waiting on for
+longer than ``request_idle_timeout_s`` with nothing from the device for it (``dragon_core.idle``)
+ends with ``Error("request_idle_timeout")`` and frees its streams, even on a connection that
+answers its pings; each device identity (a named token of ``device_tokens``, else the peer's
+address) has quotas of open requests and streams over all of its connections; and the engine's
+admission queue serves identities round robin (``dragon_vllm.admission``).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Protocol, Sequence, get_args
+from typing import Mapping, Protocol, Sequence, get_args
 
 from aiohttp import WSMsgType, web
 
@@ -27,9 +34,13 @@ from dragon_core.aggregate import log_mass
 from dragon_core.driver import SessionDriver
 from dragon_core.engine import StreamGroup
 from dragon_core import validation as v
-from dragon_core.errors import CodecError, DragonError, HandshakeError, InvalidOptions
-from dragon_core.handshake import LINK_PATH, Identity, check_hello
+from dragon_core.errors import (CodecError, DragonError, HandshakeError, InvalidOptions, QuotaExceeded,
+                                RequestIdleTimeout, RequestRejected)
+from dragon_core.handshake import LINK_PATH, AuthFailed, Identity, check_hello, match_token
+from dragon_core.idle import DEFAULT_REQUEST_IDLE_S, RequestIdle
 from dragon_core.liveness import DEFAULT_PEER_TIMEOUT_S, PeerLiveness
+from dragon_vllm.admission import TENANT
+from dragon_vllm.quota import IdentityQuotas
 
 log = logging.getLogger("dragon.cloud.link")
 
@@ -46,6 +57,13 @@ class LinkLimits:
     # a device silent for this long is gone (its requests end, their streams are freed); <= 0
     # disables. See docs/PROTOCOL.md, "Dead peers".
     peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S
+    # a request whose device sends nothing for it this long while the cloud waits on it ends
+    # (Error "request_idle_timeout"); <= 0 disables. See dragon_core/idle.py.
+    request_idle_timeout_s: float = DEFAULT_REQUEST_IDLE_S
+    # per device identity, over all its connections (0: no limit). Streams are counted as the
+    # k an Open asks for; None: half the engine's stream slots (so one identity never holds them all)
+    max_requests_per_identity: int = 64
+    max_streams_per_identity: int | None = None
 
 
 @dataclass
@@ -77,20 +95,36 @@ class LinkStats(Protocol):
     def on_session(self, session: s.Session) -> None: ...
 
 
-class RequestRejected(DragonError):
-    code = "request_rejected"
-
-
 class LinkServer:
     """aiohttp handler for ``GET /v1/dragon/link`` (WebSocket upgrade)."""
 
     def __init__(self, backend: CloudBackend, auth_token: str | None, limits: LinkLimits | None = None,
-                 stats: LinkStats | None = None) -> None:
+                 stats: LinkStats | None = None, device_tokens: Mapping[str, str] | None = None) -> None:
+        """``auth_token``: the shared token (None: no check); ``device_tokens``: ``{name: token}``,
+        each device's own token (its name is the identity quotas count)."""
         self.backend = backend
         self.auth_token = auth_token
+        self.device_tokens: dict[str, str] = dict(device_tokens or {})
         self.limits = limits or LinkLimits()
         self.stats = stats
         self.connections: set["_Connection"] = set()
+        self.quotas = IdentityQuotas(self.limits.max_requests_per_identity, self._stream_quota())
+        self.refused = {QuotaExceeded.code: 0, RequestIdleTimeout.code: 0}  # requests ended by a limit
+
+    def _stream_quota(self) -> int:
+        if self.limits.max_streams_per_identity is not None:
+            return self.limits.max_streams_per_identity
+        admission = getattr(getattr(self.backend, "engine", None), "admission", None)
+        return max(1, admission.max_slots // 2) if admission is not None else 0
+
+    def identify(self, hello: m.Hello, peer: str) -> str:
+        """Check the Hello (``HandshakeError`` saying what differs) and return the identity its
+        requests count against: a named device token's name, else the peer's address."""
+        name = match_token(hello.auth_token, self.device_tokens) if self.device_tokens else None
+        if name is None and self.device_tokens and self.auth_token is None:
+            raise AuthFailed("invalid auth token")  # named tokens only: no shared token to fall back on
+        check_hello(hello, self.backend.identity, None if name else self.auth_token)
+        return name or f"address:{peer}"
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get(LINK_PATH, self.handle)
@@ -114,6 +148,13 @@ class LinkServer:
     def active_requests(self) -> int:
         return sum(len(c.drivers) for c in self.connections)
 
+    def limits_report(self) -> dict:
+        """Quota use per identity and the requests the limits ended (for /health or a test)."""
+        usage = {name: dict(requests=u.requests, streams=u.streams) for name, u in self.quotas.usage().items()}
+        return dict(identities=usage, refused=dict(self.refused),
+                    quota=dict(requests=self.quotas.max_requests, streams=self.quotas.max_streams),
+                    request_idle_timeout_s=self.limits.request_idle_timeout_s)
+
 
 class _Connection:
     def __init__(self, server: LinkServer, ws: web.WebSocketResponse, peer: str,
@@ -126,6 +167,9 @@ class _Connection:
         self._send_lock = asyncio.Lock()
         self._nonce = itertools.count()
         self.silent: str | None = None  # why the device was given up for silence, if it was
+        self.identity = ""  # set by the handshake: what quotas and fair admission count
+        self.idle: dict[int, RequestIdle] = {}  # per running request: the idle rule's state
+        self.expired: set[int] = set()  # requests ended by the idle timeout
 
     # ------------------------------------------------------------------ lifecycle
     async def serve(self) -> None:
@@ -134,12 +178,12 @@ class _Connection:
                 return
             live = PeerLiveness.for_link(self.limits.peer_timeout_s, time.monotonic())
             reader = asyncio.create_task(self._read_loop(live))
-            others = [asyncio.create_task(self._ping_loop())]
+            others = [asyncio.create_task(self._ping_loop()), asyncio.create_task(self._watch_requests())]
             if live.enabled:
                 others.append(asyncio.create_task(self._watch(live)))
             try:
                 # the read loop ends when the device goes away; the watchdog when it goes silent
-                await asyncio.wait([reader, *others[1:]], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([reader, *others[2:]], return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for task in (reader, *others):
                     task.cancel()
@@ -161,14 +205,14 @@ class _Connection:
             hello = codec.decode(raw.data, self.limits.max_frame_bytes)
             if not isinstance(hello, m.Hello):
                 raise HandshakeError(f"expected Hello, got {type(hello).__name__}")
-            check_hello(hello, self.server.backend.identity, self.server.auth_token)
+            self.identity = self.server.identify(hello, self.peer)
         except DragonError as exc:
             await self._fail(exc)
             return False
         b = self.server.backend.identity
         await self.send(m.Welcome(m.PROTOCOL_VERSION, f"dragon-cloud/{b.model}", self.limits.max_k,
                                   self.limits.max_tokens, self.limits.max_frame_bytes))
-        log.info("device %s connected (%s)", self.peer, hello.client or "unnamed client")
+        log.info("device %s connected as %s (%s)", self.peer, self.identity, hello.client or "unnamed client")
         return True
 
     async def _fail(self, exc: DragonError) -> None:
@@ -194,6 +238,28 @@ class _Connection:
                 self.silent = f"device silent for {live.silence(now):.1f} s (peer timeout {self.limits.peer_timeout_s:g} s)"
                 log.warning("giving up device %s: %s", self.peer, self.silent)
                 return
+
+    async def _watch_requests(self) -> None:
+        """The request idle rule (``dragon_core.idle``), checked for every running request."""
+        tick = RequestIdle(self.limits.request_idle_timeout_s, 0.0).tick
+        while not self.ws.closed and tick < float("inf"):
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for rid, driver in list(self.drivers.items()):
+                idle = self.idle.get(rid)
+                if idle is not None and idle.expired(driver.session.awaiting_peer, now):
+                    await self._expire(rid, driver, idle.silence(now))
+
+    async def _expire(self, rid: int, driver: SessionDriver, silence: float) -> None:
+        """End an idle request: the device gets a typed error, the session ends (its streams close)."""
+        reason = (f"request {rid}: nothing from the device for {silence:.1f} s while the cloud waited on it "
+                  f"(request idle timeout {self.limits.request_idle_timeout_s:g} s)")
+        log.warning("%s (%s)", reason, self.identity)
+        self.idle.pop(rid, None)
+        self.expired.add(rid)
+        self.server.refused[RequestIdleTimeout.code] += 1
+        await self.send(m.Error(RequestIdleTimeout.code, reason, rid))
+        driver.feed(s.PeerLost(reason))
 
     async def _drop(self) -> None:
         """Drop a silent device's connection now: abort the socket (a send blocked on a full
@@ -243,6 +309,8 @@ class _Connection:
 
     def _route(self, rid: int, event: s.Event) -> None:
         if rid in self.drivers:
+            if rid in self.idle:
+                self.idle[rid].heard(time.monotonic())
             self.drivers[rid].feed(event)
         elif rid in self.pending:
             self.pending[rid].append(event)
@@ -254,11 +322,21 @@ class _Connection:
         if problem:
             await self.send(m.Error(RequestRejected.code, problem, req.request_id))
             return
+        streams = 0 if req.mode == "text" else req.k
+        over = self.server.quotas.claim(self.identity, streams)
+        if over:
+            self.server.refused[QuotaExceeded.code] += 1
+            await self.send(m.Error(QuotaExceeded.code, over, req.request_id))
+            return
         self.pending[req.request_id] = []
         run = self._serve_text if req.mode == "text" else self._run_request
         task = asyncio.create_task(run(req))
         self.tasks[req.request_id] = task
-        task.add_done_callback(lambda _: self.tasks.pop(req.request_id, None))
+        task.add_done_callback(lambda _: self._request_done(req.request_id, streams))
+
+    def _request_done(self, rid: int, streams: int) -> None:
+        self.tasks.pop(rid, None)
+        self.server.quotas.release(self.identity, streams)
 
     def _check_open(self, req: m.Open) -> str | None:
         lim = self.limits
@@ -296,25 +374,29 @@ class _Connection:
     async def _run_request(self, req: m.Open) -> None:
         rid = req.request_id
         group = None
+        TENANT.set(self.identity)  # this task's context: the engine's admission queues it under its identity
         try:
             opened = await self.server.backend.open_request(req)
             group = opened.group
             if self.ws.closed:
                 return
-            config = s.SessionConfig.from_open(req, self.server.backend.eos_ids)
+            # the vocabulary bounds every token id the device sends (checked before it is committed)
+            config = s.SessionConfig.from_open(req, self.server.backend.eos_ids, vocab_size=_vocab_size(self.server.backend))
             session = s.Session("cloud", config, log_mass(opened.scores))
             driver = SessionDriver(session, group, opened.scores, self.send,
                                    emulate_decode_ms=getattr(self.server.backend, "emulate_decode_ms", 0.0))
             self.drivers[rid] = driver
+            self.idle[rid] = RequestIdle(self.limits.request_idle_timeout_s, time.monotonic())
             for event in self.pending.pop(rid, []):
                 driver.feed(event)
             if self.server.stats:
                 self.server.stats.on_request("started")
             await self.send(m.Opened(rid, opened.sources))
             finish = await driver.run()
-            log.info("request %d finished: %s (%d tokens)", rid, finish.reason, len(session.committed))
+            outcome = RequestIdleTimeout.code if rid in self.expired else finish.reason
+            log.info("request %d finished: %s (%d tokens)", rid, outcome, len(session.committed))
             if self.server.stats:
-                self.server.stats.on_request(finish.reason)
+                self.server.stats.on_request(outcome)
                 self.server.stats.on_session(session)
         except asyncio.CancelledError:
             raise
@@ -324,6 +406,8 @@ class _Connection:
         finally:
             self.pending.pop(rid, None)
             self.drivers.pop(rid, None)
+            self.idle.pop(rid, None)
+            self.expired.discard(rid)
             if group is not None:
                 await group.close()
 
@@ -365,3 +449,9 @@ class _Connection:
             await self.send(m.Ping(next(self._nonce), time.monotonic()))
             await asyncio.sleep(self.limits.ping_interval_s)
 
+
+
+def _vocab_size(backend: CloudBackend) -> int:
+    """The model's vocabulary (0: unknown, the session then checks only the wire's bound)."""
+    size = getattr(backend, "vocab_size", None) or getattr(getattr(backend, "engine", None), "vocab_size", 0)
+    return int(size or 0)
