@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from dragon_core.idle import DEFAULT_REQUEST_IDLE_S
 from dragon_core.liveness import DEFAULT_PEER_TIMEOUT_S
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -48,6 +49,18 @@ def serve(
     peer_timeout_s: float = typer.Option(DEFAULT_PEER_TIMEOUT_S, "--peer-timeout-s", help=(
         "Drop a device after this many seconds without a frame from it (its requests end, their "
         "streams and KV are freed); devices ping every 0.5 s. 0 = wait for TCP.")),
+    request_idle_timeout_s: float = typer.Option(DEFAULT_REQUEST_IDLE_S, "--request-idle-timeout-s", help=(
+        "End a request the cloud has waited on this long with nothing from its device (even on a "
+        "connection that answers pings): the device gets Error request_idle_timeout, the streams "
+        "and KV are freed. 0 = never.")),
+    link_tokens_file: Optional[Path] = typer.Option(None, "--link-tokens-file", help=(
+        "Per-device link tokens, one 'NAME TOKEN' per line: each name is an identity with its own "
+        "quotas (devices on the shared --auth-token are counted by address).")),
+    max_requests_per_identity: int = typer.Option(64, "--max-requests-per-identity", min=0, help=(
+        "Open link requests per device identity over all its connections; 0 = no limit.")),
+    max_streams_per_identity: Optional[int] = typer.Option(None, "--max-streams-per-identity", min=0, help=(
+        "Engine streams (k per request) per device identity; default half of the engine's stream "
+        "slots; 0 = no limit.")),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Start the cloud: WebSocket link at /v1/dragon/link, OpenAI API at /v1, /health, /metrics."""
@@ -66,14 +79,26 @@ def serve(
     from dragon_vllm.loader import load_cloud
     from dragon_vllm.server import ServerConfig, build_app
 
+    from dragon_vllm.device_tokens import load_device_tokens
+
+    try:
+        device_tokens = load_device_tokens(link_tokens_file) if link_tokens_file else {}
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(f"--link-tokens-file: {exc}") from None
+
     async def make_app() -> web.Application:
         cloud = await load_cloud(model, index, default_k=k, top_k=top_k, max_num_seqs=max_num_seqs,
                                  max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
                                  gpu_memory_utilization=gpu_memory_utilization,
                                  emulate_decode_ms=emulate_decode_ms, mixing=in_engine,
                                  chunk_tokens=chunk_tokens)
-        limits = LinkLimits(max_k=max_k, max_tokens=max_tokens, peer_timeout_s=peer_timeout_s)
-        return build_app(cloud, ServerConfig(served_model=model, auth_token=auth_token or None, limits=limits))
+        limits = LinkLimits(max_k=max_k, max_tokens=max_tokens, peer_timeout_s=peer_timeout_s,
+                            request_idle_timeout_s=request_idle_timeout_s,
+                            max_requests_per_identity=max_requests_per_identity,
+                            max_streams_per_identity=max_streams_per_identity)
+        app = build_app(cloud, ServerConfig(served_model=model, auth_token=auth_token or None, limits=limits))
+        app["dragon_link"].device_tokens.update(device_tokens)
+        return app
 
     typer.echo(f"dragon-cloud: starting {model} on http://{host}:{port} (Ctrl-C stops)", err=True)
     web.run_app(make_app(), sock=sock, print=lambda msg: typer.echo(msg, err=True), shutdown_timeout=10.0)
