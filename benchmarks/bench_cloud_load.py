@@ -486,7 +486,9 @@ class CloudProc:
                "--port", "0", "--port-file", str(port_file), "--auth-token", TOKEN,
                "--top-k", str(args.dist_top_k), "--max-num-seqs", str(args.max_num_seqs),
                "--max-model-len", str(args.max_model_len),
-               "--max-k", str(max(16, args.cloud_k)), "--max-tokens", str(max(1024, args.max_tokens))]
+               "--max-k", str(max(16, args.cloud_k)), "--max-tokens", str(max(1024, args.max_tokens)),
+               # every simulated device connects from this host with one token: one identity, no quota
+               "--max-requests-per-identity", "0", "--max-streams-per-identity", "0"]
         if args.chunk_tokens is not None:
             cmd += ["--chunk-tokens", str(args.chunk_tokens)]
         if args.gpu_memory_utilization is not None:
