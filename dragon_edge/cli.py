@@ -2,6 +2,9 @@
 
 Without ``--cloud`` every answer is device-only; with it, the device and the cloud decode one
 answer together and only the query text and protocol frames leave the device.
+
+Errors print as one line (``error: ...``) and exit non-zero; ``--debug`` (anywhere on the
+command line, or env ``DRAGON_DEBUG=1``) shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dragon_core.liveness import DEFAULT_PEER_TIMEOUT_S
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="DRAGON on the device: private documents stay here; the cloud helps decode.")
+
+DEBUG_ENV = "DRAGON_DEBUG"
 
 DEFAULT_STORE = os.environ.get("DRAGON_STORE", str(Path.home() / ".dragon" / "store"))
 
@@ -46,6 +51,12 @@ ModeOpt = typer.Option("dragon", "--mode", callback=_check_mode, help=(
     "sends its passages' text, the device decodes) | device (device-only)."))
 
 
+@app.callback()
+def _global_options(debug: bool = typer.Option(False, "--debug", help=(
+        f"Print full tracebacks on errors (env {DEBUG_ENV}=1); may go anywhere on the command line."))) -> None:
+    """(main() reads --debug itself; this only documents it in --help.)"""
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -57,17 +68,36 @@ def _open_store(path: str, create: bool):
     return DocumentStore(Path(path).expanduser(), create=create)
 
 
+def _store_line(st) -> str:
+    stats = st.stats()
+    staged = (f"; {stats.staged_passages} passages of {stats.staged_documents} large documents staged "
+              "(the next ingest resumes them)" if stats.staged_documents else "")
+    return f"store {stats.path}: {stats.sources} sources, {stats.passages} passages{staged}"
+
+
 @app.command()
 def ingest(folder: Path = typer.Argument(..., help="Folder of .txt/.md/.pdf files to add (re-ingests changed files)."),
            store: str = StoreOpt,
            prune: bool = typer.Option(False, help="Also delete sources whose files are gone."),
+           max_file_mb: float = typer.Option(64.0, "--max-file-mb", min=0.001, help=(
+               "Skip (with the reason) files larger than this many MiB.")),
+           follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help=(
+               "Also read files that symbolic links point to outside the folder (never devices or FIFOs).")),
            verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
-    """Add a folder of private notes to the store (incremental: unchanged files are skipped)."""
+    """Add a folder of private notes to the store (incremental: unchanged files are skipped).
+    Only regular files are read; FIFOs, devices, sockets, link loops and links out of the folder
+    are skipped and listed. Large files commit in chunks: an interrupted ingest resumes."""
     _setup_logging(verbose)
     st = _open_store(store, create=True)
-    report = st.ingest(folder, prune=prune)
-    typer.echo(f"{report}")
-    typer.echo(f"store {store}: {st.stats()}")
+    try:
+        report = st.ingest(folder, prune=prune, max_file_bytes=int(max_file_mb * 2**20),
+                           follow_symlinks=follow_symlinks)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: what was committed is kept; run the same command to resume\n{_store_line(st)}",
+                   err=True)
+        raise typer.Exit(130) from None
+    typer.echo(report.summary())
+    typer.echo(_store_line(st))
 
 
 @app.command()
@@ -211,15 +241,79 @@ def chat(store: str = StoreOpt, cloud: Optional[str] = CloudOpt, token: str = To
 
 
 @app.command()
-def delete(source: str, store: str = StoreOpt) -> None:
-    """Remove one source (file path or SDK source name) and its passages from the store."""
+def delete(source: Optional[str] = typer.Argument(None, help="A source: file path, folder path or SDK source name."),
+           store: str = StoreOpt,
+           everything: bool = typer.Option(False, "--all", help="Delete every source: empty the store."),
+           yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before deleting every file under a folder.")
+           ) -> None:
+    """Remove a source and its passages from the store. A folder path (not itself a source)
+    removes every file under it after a confirmation (or --yes); emptying the store needs --all."""
+    if everything == (source is not None):
+        typer.echo("error: name one source to delete, or --all to empty the store", err=True)
+        raise typer.Exit(2)
     st = _open_store(store, create=False)
-    st.delete(source)
-    typer.echo(f"deleted {source}; store: {st.stats()}")
+    if everything:
+        removed = st.delete_all()
+        typer.echo(f"deleted every source ({removed} passages); {_store_line(st)}")
+        return
+    keys = st.sources_matching(source)
+    if keys and not _is_the_source(keys, source):
+        _confirm_folder_delete(st, source, keys, yes)
+    removed = st.delete(source)  # no match: UnknownSource, one line
+    typer.echo(f"deleted {len(keys)} source{'s' * (len(keys) != 1)} ({removed} passages); {_store_line(st)}")
 
 
-def main() -> None:
-    app()
+def _is_the_source(keys: list[str], source: str) -> bool:
+    from dragon_edge.store.names import display_path, source_key
+
+    return keys in ([display_path(source)], [source_key(source)])
+
+
+def _confirm_folder_delete(st, source: str, keys: list[str], yes: bool) -> None:
+    """``delete /`` used to empty the store without a word."""
+    from dragon_edge.store import WouldDeleteEverything
+
+    if len(keys) == st.stats().sources:
+        raise WouldDeleteEverything(
+            f"{source} is not a source but a folder holding every source in the store ({len(keys)}); "
+            "to empty the store, run: dragon-edge delete --all")
+    question = f"{source} is not a source but a folder holding {len(keys)} sources (e.g. {keys[0]}). Delete them?"
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        typer.echo(f"error: {question} Pass --yes to confirm.", err=True)
+        raise typer.Exit(2)
+    typer.confirm(question, abort=True)
+
+
+def one_line_error(exc: BaseException) -> str:
+    """``error: ...`` on one line: typed errors say what to do; others name their type."""
+    from dragon_core.errors import DragonError
+
+    text = str(exc) if isinstance(exc, (DragonError, OSError)) else f"{type(exc).__name__}: {exc}"
+    return "error: " + " ".join(text.split()) + ("" if isinstance(exc, DragonError) else
+                                                 f" (--debug or {DEBUG_ENV}=1 shows the traceback)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI. ``--debug`` is taken from anywhere on the command line (people add it at the
+    end); without it an error is one line on stderr and exit 1, not a traceback."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if "--debug" in args:
+        args = ["--debug"] + [a for a in args if a != "--debug"]
+    try:
+        app(args=args, prog_name="dragon-edge")
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        typer.echo(one_line_error(exc), err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
