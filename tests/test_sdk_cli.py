@@ -81,7 +81,7 @@ def test_sdk_cloud_unreachable_answers_degraded(store_dir):
 def _cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "dragon_edge.cli", *args], capture_output=True, text=True,
-                          timeout=600, env=env)
+                          timeout=600, env=env, stdin=subprocess.DEVNULL)  # never a terminal: no prompt waits
 
 
 def test_cli_help_ingest_search_ask(tmp_path, notes):
@@ -102,6 +102,87 @@ def test_cli_errors_are_clear(tmp_path):
     missing = _cli("search", "x", "--store", str(tmp_path / "nope"))
     assert missing.returncode != 0
     assert "nope" in (missing.stderr + missing.stdout)
+
+
+def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    missing = _cli("search", "x", "--store", str(tmp_path / "nope"))
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert missing.stderr.splitlines() == [f"error: no document store at {tmp_path / 'nope'}"]
+    for debug in (_cli("search", "x", "--store", str(tmp_path / "nope"), "--debug"),
+                  _cli("search", "x", "--store", str(tmp_path / "nope"), env_extra={"DRAGON_DEBUG": "1"})):
+        assert debug.returncode == 1 and "StoreNotFound" in debug.stderr
+        assert len(debug.stderr.splitlines()) > 5  # the whole traceback
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = _cli("ingest", str(empty), "--store", str(tmp_path / "s"))
+    assert nothing.returncode == 1 and [ln for ln in nothing.stderr.splitlines() if "error" in ln] == [
+        f"error: {empty}: no documents to ingest (.markdown, .md, .pdf, .txt); 0 other files"]
+    assert "Traceback" not in nothing.stderr
+
+
+@pytest.mark.timeout(300)
+def test_cli_ingest_of_a_hostile_folder_lists_what_it_skipped(tmp_path, notes):
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    (folder / "note.md").write_text("The attic key hangs behind the calendar.")
+    (folder / "big.txt").write_text("lorem ipsum " * 100_000)  # 1.1 MiB
+    os.mkfifo(folder / "pipe.txt")
+    (folder / "zero.txt").symlink_to("/dev/zero")
+    (folder / "loop.md").symlink_to(folder / "loop.md")
+    (folder / os.fsdecode(b"r\xe9sum\xe9.txt")).write_text("The CV lists five years at the bakery.")
+    out = _cli("ingest", str(folder), "--store", str(tmp_path / "s"), "--max-file-mb", "1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("added 2, updated 0, unchanged 0, removed 0, skipped 4;")
+    lines = out.stdout.splitlines()
+    assert f"skipped {folder}/pipe.txt: a FIFO (named pipe), not a regular file" in lines
+    assert f"skipped {folder}/loop.md: a symbolic link loop" in lines
+    assert any(ln.startswith(f"skipped {folder}/zero.txt: a symbolic link out of the folder") for ln in lines)
+    assert any(ln.startswith(f"skipped {folder}/big.txt: 1.1 MiB, over the 1 MiB cap") for ln in lines)
+    found = _cli("search", "bakery CV", "--store", str(tmp_path / "s"), "-k", "1")
+    assert "r\\xe9sum\\xe9.txt" in found.stdout  # the undecodable name, printable
+    bad = _cli("ingest", str(folder), "--store", str(tmp_path / "s"), "--max-file-mb", "0")
+    assert bad.returncode == 2 and "--max-file-mb" in bad.stderr
+
+
+def test_cli_delete_asks_for_a_folder_and_needs_all_to_empty_the_store(tmp_path, notes):
+    import shutil
+
+    from dragon_edge.store import DocumentStore
+
+    folder = tmp_path / "mine"
+    shutil.copytree(notes, folder)
+    (folder / "trips").mkdir()
+    (folder / "trips" / "rome.md").write_text("Rome in May: the hotel is near Campo de' Fiori.")
+    (folder / "trips" / "oslo.md").write_text("Oslo in June: the ferry leaves at 8.")
+    store = tmp_path / "store"
+    with DocumentStore(store) as st:
+        st.ingest(folder, progress=False)
+        before = st.sources()
+
+    def run(*args):
+        return _cli("delete", *args, "--store", str(store))
+
+    def remaining():
+        with DocumentStore(store) as st:
+            return st.sources()
+
+    everything = run("/")  # used to empty the store without a word
+    assert everything.returncode == 1 and "dragon-edge delete --all" in everything.stderr
+    assert len(everything.stderr.splitlines()) == 1 and remaining() == before
+    asked = run(str(folder / "trips"))  # a folder, not a source, and no terminal to ask on
+    assert asked.returncode == 2 and "holding 2 sources" in asked.stderr and "--yes" in asked.stderr
+    assert remaining() == before
+    yes = run(str(folder / "trips"), "--yes")
+    assert yes.returncode == 0 and yes.stdout.startswith("deleted 2 sources (2 passages)")
+    one = run(str(folder / "bike.md"))  # a source: no question
+    assert one.returncode == 0 and one.stdout.startswith("deleted 1 source (1 passages)")
+    unknown = run("no-such-note")
+    assert unknown.returncode == 1 and unknown.stderr.startswith("error: no source no-such-note")
+    left = remaining()
+    assert len(left) == len(before) - 3
+    both = run(str(folder), "--all")
+    assert both.returncode == 2 and "or --all" in both.stderr and remaining() == left
+    assert run("--all").returncode == 0 and remaining() == []
 
 
 def test_modes_pass_through_the_sdk_and_the_cli_and_unknown_ones_are_typed(store_dir):
