@@ -125,7 +125,7 @@ class OpenAIRoutes:
             body = self._chat_body(answer, text) if route == "chat" else self._completion_body(answer, text)
             return web.json_response(body)
         finally:
-            await answer.aclose()
+            await close_answer(answer)
 
     async def _refuse_long_prompt(self, payload: dict, route: str, max_tokens: int) -> web.Response | None:
         """A prompt that cannot fit the context gets its 400 here, tokenised off the event loop
@@ -287,8 +287,22 @@ class OpenAIRoutes:
             log.info("client went away mid-stream; answer cancelled")
             resp.force_close()
         finally:
-            await answer.aclose()
+            await close_answer(answer)
         return resp
+
+
+_closing: set[asyncio.Task] = set()  # answers being closed, kept alive until they are
+
+
+async def close_answer(answer: CloudAnswer) -> None:
+    """Free the answer's streams and KV, even if this request is cancelled meanwhile: a client
+    that leaves mid-stream makes the write fail (and the close start) and, a moment later, the
+    disconnect watcher cancel the request, which would otherwise interrupt the close halfway
+    and leave its streams open for good."""
+    task = asyncio.ensure_future(answer.aclose())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+    await asyncio.shield(task)
 
 
 async def visible_deltas(answer: CloudAnswer, stops: list[str]) -> AsyncIterator[str]:
