@@ -29,6 +29,17 @@ def serve(
                                                         "(before the model loads), for scripts using --port 0."),
     auth_token: str = typer.Option(os.environ.get("DRAGON_TOKEN", ""), "--auth-token",
                                    help="Token devices must present (env DRAGON_TOKEN); empty = no check."),
+    api_key: Optional[list[str]] = typer.Option(None, "--api-key", help=(
+        "Key the OpenAI routes require as 'Authorization: Bearer <key>' (repeatable; also env "
+        "DRAGON_API_KEY and --api-key-file). No key: the OpenAI routes are open.")),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="API keys, one per line."),
+    protect_probes: bool = typer.Option(False, "--protect-probes", help="/health and /metrics need an API key too."),
+    header_timeout_s: float = typer.Option(15.0, "--header-timeout-s", min=0.1, help=(
+        "Close a connection whose request headers have not all arrived within this (also the "
+        "idle keep-alive time between requests).")),
+    body_timeout_s: float = typer.Option(30.0, "--body-timeout-s", min=0.1, help=(
+        "408 for a request body not received within this; a streamed answer whose client "
+        "reads nothing for this long is ended.")),
     k: int = typer.Option(2, help="Default public passages per request (the OpenAI API's `k` overrides)."),
     top_k: int = typer.Option(20, "--top-k", help="Log-probs read per stream and step (the wire's top-K)."),
     max_num_seqs: int = typer.Option(128, help="vLLM max_num_seqs; open streams stay below it."),
@@ -77,7 +88,15 @@ def serve(
 
     from dragon_vllm.link import LinkLimits
     from dragon_vllm.loader import load_cloud
+    from dragon_vllm.auth import load_api_keys
     from dragon_vllm.server import ServerConfig, build_app
+
+    try:
+        api_keys = load_api_keys(api_key or (), api_key_file)
+    except OSError as exc:
+        raise typer.BadParameter(f"--api-key-file: {exc}") from None
+    if protect_probes and not api_keys:
+        raise typer.BadParameter("--protect-probes needs an API key (--api-key, --api-key-file or DRAGON_API_KEY)")
 
     from dragon_vllm.device_tokens import load_device_tokens
 
@@ -96,12 +115,16 @@ def serve(
                             request_idle_timeout_s=request_idle_timeout_s,
                             max_requests_per_identity=max_requests_per_identity,
                             max_streams_per_identity=max_streams_per_identity)
-        app = build_app(cloud, ServerConfig(served_model=model, auth_token=auth_token or None, limits=limits))
+        app = build_app(cloud, ServerConfig(served_model=model, auth_token=auth_token or None, limits=limits,
+                                             api_keys=api_keys, protect_probes=protect_probes,
+                                             body_timeout_s=body_timeout_s))
         app["dragon_link"].device_tokens.update(device_tokens)
         return app
 
     typer.echo(f"dragon-cloud: starting {model} on http://{host}:{port} (Ctrl-C stops)", err=True)
-    web.run_app(make_app(), sock=sock, print=lambda msg: typer.echo(msg, err=True), shutdown_timeout=10.0)
+    web.run_app(make_app(), sock=sock, print=lambda msg: typer.echo(msg, err=True), shutdown_timeout=10.0,
+                keepalive_timeout=header_timeout_s,  # aiohttp's deadline for a request's headers too
+                lingering_time=min(10.0, body_timeout_s))  # reading the rest of a refused body: bounded
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
