@@ -115,6 +115,9 @@ class AnswerStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     sources: list[Source] = field(default_factory=list)
+    # the cloud's typed error for this request ({"code", "message"}), e.g. quota_exceeded or
+    # request_idle_timeout: the answer then finished on the device (degraded)
+    cloud_error: dict | None = None
 
     @property
     def bytes_per_token(self) -> float:
@@ -249,6 +252,8 @@ class EdgeRuntime:
         # moves either way (the device's own count misses those the cloud made)
         stats.handovers = sum(a != b for a, b in zip(st.aggregator_by_step, st.aggregator_by_step[1:]))
         stats.final_aggregator = session.aggregator
+        if session.peer_error is not None:
+            stats.cloud_error = dict(code=session.peer_error.code, message=session.peer_error.message)
         stats.delta_z_ms = session.scheduler.last_delta_z
         for side in st.aggregator_by_step:
             stats.aggregator_steps[side] = stats.aggregator_steps.get(side, 0) + 1

@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator, Iterator
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from dragon_core import validation as v
-from dragon_core.errors import InvalidOptions
+from dragon_core.errors import InvalidOptions, error_from_code
 from dragon_core.prompt import last_user_message
 from dragon_edge.runtime import AnswerOptions, EdgeRuntime, Piece
 
@@ -70,10 +70,22 @@ class _AsyncCompletions:
         opts = answer_options(max_tokens, temperature, top_p, seed, dragon_options)
         runtime = await self._client.runtime()
         pieces = runtime.answer(query, opts)
+        if self._client.on_cloud_error == "raise":
+            pieces = _raise_cloud_errors(pieces)
         model = model or self._client.model
         if stream:
             return _chunks(pieces, model)
         return await _collect(pieces, model)
+
+
+async def _raise_cloud_errors(pieces: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
+    """The cloud's typed error for the request (``QuotaExceeded``, ``RequestIdleTimeout``, ...)
+    raised where the answer would end, instead of a device-only answer flagged degraded."""
+    async for piece in pieces:
+        error = piece.finished.cloud_error if piece.finished else None
+        if error:
+            raise error_from_code(error["code"], error["message"])
+        yield piece
 
 
 async def _collect(pieces: AsyncIterator[Piece], model: str) -> ChatCompletion:
@@ -134,10 +146,17 @@ class AsyncDragonClient:
 
     def __init__(self, cloud_url: str | None = None, store: str | Path | Any | None = None, *,
                  model: str = DEFAULT_MODEL, engine: str = "llamacpp", auth_token: str = "",
-                 runtime: EdgeRuntime | None = None, peer_timeout_s: float | None = None) -> None:
+                 runtime: EdgeRuntime | None = None, peer_timeout_s: float | None = None,
+                 on_cloud_error: str = "degrade") -> None:
         """``peer_timeout_s``: give the cloud up (the answer goes on device-only, flagged
         degraded) after this long without a frame from it; None: the link's default (3 s),
-        <= 0: never (wait for TCP to notice)."""
+        <= 0: never (wait for TCP to notice). ``on_cloud_error``: when the cloud refuses or ends a
+        request with a typed error (over quota, idle timeout), "degrade" finishes the answer on the
+        device (``reply.dragon["cloud_error"]`` says why), "raise" raises that error's class from
+        ``dragon_core.errors`` (``QuotaExceeded``, ``RequestIdleTimeout``, ...)."""
+        if on_cloud_error not in ("degrade", "raise"):
+            raise InvalidOptions("on_cloud_error", f"on_cloud_error must be degrade or raise, got {on_cloud_error!r}")
+        self.on_cloud_error = on_cloud_error
         self.cloud_url, self.model, self.engine_kind, self.auth_token = cloud_url, model, engine, auth_token
         self.peer_timeout_s = peer_timeout_s
         self._store_arg = store
