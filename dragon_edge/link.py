@@ -238,6 +238,8 @@ class CloudLink:
             if msg.request_id is None:
                 log.warning("cloud error: %s: %s", msg.code, msg.message)
             elif msg.request_id in self._drivers:
+                # the session records it (Session.peer_error) and goes on device-only
+                log.warning("cloud ended request %d: %s: %s", msg.request_id, msg.code, msg.message)
                 self._feed(msg.request_id, s.PeerMessage(msg))
             else:  # a request without a session (DRCG/Text) waits on its Opened future
                 fut = self._opened.get(msg.request_id)
