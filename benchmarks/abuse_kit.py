@@ -284,3 +284,31 @@ def _descendants(pid: int) -> list[int]:
         out += kids
         todo += kids
     return out
+
+
+# ---------------------------------------------------------------------------- a flood of its own
+async def flood_in_a_process(port: int, key: str | None, n_requests: int, connections: int,
+                             seed: int = 0) -> asyncio.subprocess.Process:
+    """The flood from a separate process, so that a good client measured in this one is not
+    slowed by its own event loop serving the flood's connections (a real attacker is another
+    machine); ``await proc.communicate()`` gives ``flood``'s result as JSON."""
+    import sys
+
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.abuse_kit", str(port), key or "", str(n_requests), str(connections),
+        str(seed), stdout=asyncio.subprocess.PIPE)
+
+
+async def good_during(port: int, key: str | None, proc: asyncio.subprocess.Process) -> tuple[list[float], dict]:
+    """The good client's latencies while ``proc``'s flood runs, and the flood's result."""
+    done = asyncio.ensure_future(proc.communicate())
+    latencies = await good_latencies(port, key, until=done)
+    out, _ = await done
+    return latencies, json.loads(out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    port_, key_, n_, conns_, seed_ = sys.argv[1:6]
+    print(json.dumps(asyncio.run(flood(int(port_), key_ or None, int(n_), int(conns_), int(seed_)))))

@@ -1,5 +1,5 @@
 """Abuse benchmark: a real ``dragon-cloud serve`` (vLLM, SmolLM2, the demo's public index, an
-API key) flooded with at least 1,000 abusive requests from 16 connections (bad values and
+API key) flooded with 1,000 abusive requests from 16 connections (in another process; 4 such floods) (bad values and
 types, bad JSON, wrong keys, oversized and slow bodies, half-open headers, clients leaving
 mid-answer: ``abuse_kit.abuses``) while a good client asks its question one request at a time.
 
@@ -9,7 +9,7 @@ inputs tried, 5xx, hangs, silent acceptances), and the server's streams, KV bloc
 descriptors and processes before and after. JSON (with the environment) to
 ``benchmarks/results/abuse_cpu.json``, a latency plot next to it.
 
-    python -m benchmarks.bench_abuse [--requests 1000] [--connections 16] [--good 40] [--fuzz 300]
+    python -m benchmarks.bench_abuse [--requests 1000] [--rounds 4] [--connections 16] [--good 40] [--fuzz 300]
 """
 
 from __future__ import annotations
@@ -50,11 +50,25 @@ def start_server(root: Path, args) -> tuple:
 
 
 async def measure(port: int, args) -> dict:
+    """Idle latencies, then ``rounds`` floods of ``requests`` each (from another process), the
+    good client asking again and again while each runs."""
     await kit.good_latencies(port, KEY, n=3)  # warm: first answers pay for lazy initialisation
     idle = await kit.good_latencies(port, KEY, n=args.good)
-    good = asyncio.ensure_future(kit.good_latencies(port, KEY, n=args.good))
-    flood = await kit.flood(port, KEY, args.requests, args.connections, until=good)
-    return dict(idle=idle, flood_latencies=await good, flood=flood)
+    loaded, floods = [], []
+    for r in range(args.rounds):
+        proc = await kit.flood_in_a_process(port, KEY, args.requests, args.connections, seed=r)
+        latencies, flood = await kit.good_during(port, KEY, proc)
+        loaded += latencies
+        floods.append(flood)
+    verdicts: dict = {}
+    for f in floods:
+        for k, n in f["verdicts"].items():
+            verdicts[k] = verdicts.get(k, 0) + n
+    return dict(idle=idle, flood_latencies=loaded,
+                flood=dict(rounds=args.rounds, requests_per_round=args.requests, connections=args.connections,
+                           requests=sum(f["requests"] for f in floods), verdicts=verdicts,
+                           seconds=[f["seconds"] for f in floods], failures=sum((f["failures"] for f in floods), []),
+                           by_kind=floods[0]["by_kind"]))
 
 
 def run(args) -> dict:
@@ -93,7 +107,7 @@ def plot(result: dict, path: Path) -> None:
 
     g = result["good_client"]
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for label, xs in (("idle", g["idle_s"]), (f"under a flood of {result['flood']['requests']} abusive requests",
+    for label, xs in (("idle", g["idle_s"]), (f"under floods of {result['flood']['requests_per_round']} abusive requests",
                                                 g["flood_s"])):
         xs = sorted(xs)
         ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=label)
@@ -108,7 +122,8 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=1000, help="abusive requests, at least")
+    ap.add_argument("--requests", type=int, default=1000, help="abusive requests per flood")
+    ap.add_argument("--rounds", type=int, default=4, help="floods, one after the other")
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--good", type=int, default=40, help="good requests, idle and under the flood")
     ap.add_argument("--fuzz", type=int, default=300, help="fuzzed OpenAI bodies")

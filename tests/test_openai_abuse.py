@@ -33,7 +33,7 @@ KEY = "abuse-test-key"
 TIMEOUT_S = 1.0  # the module's cloud: --header-timeout-s and --body-timeout-s
 QUESTION = "What is Lyon famous for?"
 FUZZ_EXAMPLES = 120
-FLOOD_REQUESTS, FLOOD_CONNECTIONS, GOOD_REQUESTS = 160, 16, 5
+FLOOD_REQUESTS, FLOOD_CONNECTIONS, GOOD_REQUESTS = 400, 16, 5
 
 
 # ---------------------------------------------------------------------------- the rules, pure
@@ -366,22 +366,22 @@ def test_fuzzed_openai_json_never_gives_5xx_a_hang_or_a_silent_acceptance(keyed_
 
 
 def test_flood_of_bad_and_slow_requests_leaves_the_good_client_within_3x_and_nothing_held(keyed_cloud):
-    """16 clients send 160 or more abusive requests (bad values, bad JSON, wrong key, oversized and slow
+    """16 clients (another process) send 400 abusive requests (bad values, bad JSON, wrong key, oversized and slow
     bodies, half-open headers, departures mid-answer) while a good client asks its question
-    5 times (the flood lasts as long as it does): each abuse gets its 4xx (or is cut), the good client's median latency
+    again and again while they do: each abuse gets its 4xx (or is cut), the good client's median latency
     stays within 3x of its idle median, and the server's streams, KV blocks, file descriptors
     and processes are back to where they were."""
     baseline = kit.quiet(keyed_cloud.url, keyed_cloud.proc.pid, KEY)
 
     async def main():
         idle = await kit.good_latencies(keyed_cloud.port, KEY, n=GOOD_REQUESTS)
-        good = asyncio.ensure_future(kit.good_latencies(keyed_cloud.port, KEY, n=GOOD_REQUESTS))
-        flood = await kit.flood(keyed_cloud.port, KEY, FLOOD_REQUESTS, FLOOD_CONNECTIONS, until=good)
-        return idle, await good, flood
+        proc = await kit.flood_in_a_process(keyed_cloud.port, KEY, FLOOD_REQUESTS, FLOOD_CONNECTIONS)
+        loaded, flood = await kit.good_during(keyed_cloud.port, KEY, proc)
+        return idle, loaded, flood
 
     idle, loaded, flood = asyncio.run(main())
     print(f"\nidle {kit.latency_summary(idle)}\nflood {kit.latency_summary(loaded)}\n{flood}")
-    assert flood["verdicts"] == {"ok": flood["requests"]}, flood["failures"]
+    assert flood["verdicts"] == {"ok": FLOOD_REQUESTS}, flood["failures"]
     assert statistics.median(loaded) <= 3 * statistics.median(idle), (idle, loaded)
     after = kit.settled(keyed_cloud.url, keyed_cloud.proc.pid, baseline, KEY)
     assert kit.back_to(baseline, after), (baseline, after)
