@@ -86,7 +86,8 @@ fi
 [[ -f "$TORCH_WHEEL" ]] || die "no torch 2.13.0 CPU wheel (set TORCH_WHEEL; setup.sh's pip finds it in /opt/wheels)"
 mkdir -p "$CTX_WHEELS"
 find "$CTX_WHEELS" -name '*.whl' ! -name "$(basename "$TORCH_WHEEL")" -delete
-[[ -f "$CTX_WHEELS/$(basename "$TORCH_WHEEL")" ]] || cp "$TORCH_WHEEL" "$CTX_WHEELS/"
+[[ -f "$CTX_WHEELS/$(basename "$TORCH_WHEEL")" ]] \
+    || ln "$TORCH_WHEEL" "$CTX_WHEELS/" 2>/dev/null || cp "$TORCH_WHEEL" "$CTX_WHEELS/"
 
 # This machine reaches PyPI through a TLS-inspecting proxy whose CA only the host trusts: bind
 # the host's bundle into the RUN steps (not into the image) and point pip at it (HOST_CA).
