@@ -3,7 +3,8 @@
 Three engines in one run, one after the other, on the same prompts (no network):
 
 * **gang** (the default cloud path): each request is a gang (``dragon_vllm.drafting``): its k
-  streams are mixed inside vLLM and drafted ``--chunk-tokens`` per chunk; the caller reads the
+  streams are mixed inside vLLM and drafted ``--chunk-tokens`` per chunk (0, the default:
+  open-ended, until the caller leaves the gang's path); the caller reads the
   side's canonical top-K ``Dist`` per position and appends its greedy token (one token = one
   answer step). vLLM runs Model Runner V1 here (a logits processor is configured).
 * **sessions** (the older path, ``--paths sessions``): every step reads back k top-K
@@ -94,13 +95,25 @@ async def run_sessions_group(engine, prompts: list[list[int]], steps: int, gaps:
         await group.close()
 
 
-async def run_gang_group(engine, prompts: list[list[int]], steps: int, gaps: list[float], stats: dict) -> int:
+def second_best(dist) -> int:
+    """A token the gang did not predict: the canonical distribution's second most likely id."""
+    order = np.argsort(-dist.logprobs.astype(np.float64), kind="stable")
+    return int(dist.ids[order[1]]) if len(order) > 1 else (dist.argmax() + 1) % dist.vocab_size
+
+
+async def run_gang_group(engine, prompts: list[list[int]], steps: int, gaps: list[float], stats: dict,
+                         rollback_every: int = 0, follow_engine: bool = False) -> int:
+    """``rollback_every`` > 0: every that many steps the caller appends another token than the
+    gang's (what a rejected draft does: the gang is aborted and reopened after it)."""
     group = await engine.open_group(prompts, 1.0, [0.0] * len(prompts), steps)
     try:
         last = time.perf_counter()
         for step in range(steps):
             dist = await group.next_side_dist(20)
-            await group.append([dist.argmax()])
+            detour = rollback_every and step % rollback_every == rollback_every - 1
+            predicted = group.engine_token() if follow_engine else None
+            token = dist.argmax() if predicted is None else predicted
+            await group.append([second_best(dist) if detour else token])
             now = time.perf_counter()
             if step:  # the first gap is the time to first token
                 gaps.append(now - last)
@@ -126,12 +139,26 @@ def latency_row(prefix: str, tokens: int, seconds: float, k: int, gaps: list[flo
             f"{prefix}_ms_per_token_p99": round(float(np.percentile(ms, 99)), 3)}
 
 
-async def gang_level(engine, prompts, steps: int, k: int) -> dict:
+async def gang_level(engine, prompts, steps: int, k: int, rollback_every: int = 0) -> dict:
     await asyncio.gather(*(run_gang_group(engine, p, 2, [], {}) for p in prompts))  # warm: prefix cache
     gaps: list[float] = []
     stats: dict = {}
-    tokens, seconds = await timed(run_gang_group(engine, p, steps, gaps, stats) for p in prompts)
-    return dict(latency_row("gang", tokens, seconds, k, gaps), gang_counters=stats)
+    follow = engine.follow_engine  # dummy weights: see GangStreamGroup.engine_token
+    tokens, seconds = await timed(run_gang_group(engine, p, steps, gaps, stats, rollback_every, follow)
+                                  for p in prompts)
+    return dict(latency_row("gang", tokens, seconds, k, gaps), gang_counters=stats, gang_seconds=round(seconds, 4))
+
+
+async def rollback_level(engine, prompts, steps: int, k: int, every: int, clean_seconds: float) -> dict:
+    """The cost of a rollback (abort + reopen of the gang) at this load: the same answers with a
+    forced detour every ``every`` steps, minus the clean run's time, per rollback."""
+    got = await gang_level(engine, prompts, steps, k, every)
+    reopens = got["gang_counters"].get("reopens", 0)
+    extra = got["gang_seconds"] - clean_seconds
+    return {"rollback_every": every, "rollback_stream_tokens_per_s": got["gang_stream_tokens_per_s"],
+            "rollback_ms_per_token_p50": got["gang_ms_per_token_p50"],
+            "rollback_ms_per_token_p99": got["gang_ms_per_token_p99"], "rollback_reopens": reopens,
+            "rollback_ms_each": round(1e3 * extra / reopens * len(prompts), 2) if reopens else None}
 
 
 async def sessions_level(engine, prompts, steps: int, k: int) -> dict:
@@ -215,6 +242,7 @@ async def amain(args) -> dict:
     engine_stats = {}
 
     async def gang(engine):
+        engine.follow_engine = args.shape != "real"
         for chunk in args.chunk_tokens:
             engine.chunk_tokens = chunk
             for r, prompts in levels.items():
@@ -222,6 +250,9 @@ async def amain(args) -> dict:
                 if chunk != args.chunk_tokens[0]:  # the first chunk size is the row's headline
                     got = {f"{key}_chunk{chunk}": value for key, value in got.items()}
                 rows[r].update(got)
+                if args.rollback_every and chunk == args.chunk_tokens[0]:
+                    rows[r].update(await rollback_level(engine, prompts, args.steps, args.k, args.rollback_every,
+                                                        got["gang_seconds"]))
                 print(json.dumps(rows[r]), flush=True)
         engine_stats["gang"] = engine.stats()
 
@@ -303,8 +334,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--k", type=int, default=4, help="documents (streams) per request")
     ap.add_argument("--steps", type=int, default=32, help="answer tokens per request")
     ap.add_argument("--top-k", type=int, default=20)
-    ap.add_argument("--chunk-tokens", type=int, nargs="+", default=[16],
-                    help="gang path: tokens drafted per engine chunk (several: one gang run each)")
+    ap.add_argument("--chunk-tokens", type=int, nargs="+", default=[0],
+                    help="gang path: tokens drafted per engine chunk, 0 = open-ended (the server's default); "
+                         "several: one gang run each")
+    ap.add_argument("--rollback-every", type=int, default=0,
+                    help="also time the gang path with a rejected draft every N steps (abort + reopen): the "
+                         "cost of one rollback, in ms of one gang's time")
     ap.add_argument("--paths", nargs="+", default=["gang"], choices=["gang", "sessions"],
                     help="paths to measure besides plain vLLM")
     ap.add_argument("--shape", default="real", choices=["real", "1.7b"], help="1.7b: dummy weights")

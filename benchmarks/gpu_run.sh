@@ -14,12 +14,13 @@ mkdir -p "$OUT"
 python -m dragon_core.models prepare smollm2-135m > "$OUT/prepare.log" 2>&1 || { tail -20 "$OUT/prepare.log"; exit 1; }
 case "${1:-}" in
   tests)
-    python -m pytest -x -q -p no:cacheprovider tests/test_gang.py tests/test_vllm_engine.py \
-      > "$OUT/tests_h200.log" 2>&1; rc=$?
+    # faulthandler: a hang prints every thread's stack instead of nothing
+    timeout 400 python -m pytest -x -v -p no:cacheprovider -o faulthandler_timeout=170 tests/test_gang.py \
+      tests/test_vllm_engine.py > "$OUT/tests_h200.log" 2>&1; rc=$?
     grep -E "passed|failed|error" "$OUT/tests_h200.log" | tail -5; exit $rc ;;
   streams)
     taskset -c 2-15 python -m benchmarks.bench_vllm_streams --levels 1 8 32 64 128 256 --k 4 --steps 64 \
-      --chunk-tokens 16 32 --device h200 --out "$OUT/vllm_streams_h200.json" > "$OUT/streams.log" 2>&1; rc=$?
+      --chunk-tokens 0 16 --rollback-every 6 --device h200 --out "$OUT/vllm_streams_h200.json" > "$OUT/streams.log" 2>&1; rc=$?
     grep '^{' "$OUT/streams.log" | tail -6; tail -3 "$OUT/streams.log"; exit $rc ;;
   streams17)
     taskset -c 2-15 python -m benchmarks.bench_vllm_streams --levels 1 32 256 --k 4 --steps 48 \

@@ -50,9 +50,10 @@ def serve(
         "Mix a request's document streams inside vLLM (gang scheduler + logits processor, several "
         "tokens drafted per chunk), or read each document's top-K and mix in Python, one token per "
         "engine round trip (the older, slower path).")),
-    chunk_tokens: int = typer.Option(16, "--chunk-tokens", min=1, help=(
-        "In-engine path: tokens the cloud drafts per engine chunk without a round trip; more = "
-        "fewer host round trips, more work lost when a draft is rejected.")),
+    chunk_tokens: int = typer.Option(0, "--chunk-tokens", min=0, help=(
+        "In-engine path: tokens the cloud drafts per engine chunk without a round trip; 0 (the "
+        "default) = draft until the device rejects a draft or the answer's max_tokens, with no "
+        "round trip at all in between.")),
     max_k: int = typer.Option(16, help="Largest k a device may ask for."),
     max_tokens: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
     emulate_decode_ms: float = typer.Option(0.0, help="Experiments: add this to every cloud draft on the "

@@ -165,6 +165,15 @@ class GangStreamGroup:
                 continue
             await self._start_chunk()
 
+    def engine_token(self) -> int | None:
+        """The engine's own token at the current position (its prediction of the draft), when the
+        current chunk has drafted it; benchmarks of dummy-weight shapes follow it, since a flat
+        random-weight mixture's canonical argmax is an unlisted id (the tail) at almost every step."""
+        j = len(self._tokens) - self._base
+        if self._rows is None or not 0 <= j < self._received or not self._consistent(len(self._tokens)):
+            return None
+        return self._rows[0].tokens[j]
+
     async def close(self) -> None:
         if self._closed:
             return
