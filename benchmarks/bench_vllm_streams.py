@@ -139,20 +139,21 @@ def latency_row(prefix: str, tokens: int, seconds: float, k: int, gaps: list[flo
             f"{prefix}_ms_per_token_p99": round(float(np.percentile(ms, 99)), 3)}
 
 
-async def gang_level(engine, prompts, steps: int, k: int, rollback_every: int = 0) -> dict:
+async def gang_level(engine, prompts, steps: int, k: int, rollback_every: int = 0, follow: bool = False) -> dict:
+    """``follow``: append the engine's own token (dummy weights: see ``GangStreamGroup.engine_token``)."""
     await asyncio.gather(*(run_gang_group(engine, p, 2, [], {}) for p in prompts))  # warm: prefix cache
     gaps: list[float] = []
     stats: dict = {}
-    follow = engine.follow_engine  # dummy weights: see GangStreamGroup.engine_token
     tokens, seconds = await timed(run_gang_group(engine, p, steps, gaps, stats, rollback_every, follow)
                                   for p in prompts)
     return dict(latency_row("gang", tokens, seconds, k, gaps), gang_counters=stats, gang_seconds=round(seconds, 4))
 
 
-async def rollback_level(engine, prompts, steps: int, k: int, every: int, clean_seconds: float) -> dict:
+async def rollback_level(engine, prompts, steps: int, k: int, every: int, clean_seconds: float,
+                         follow: bool = False) -> dict:
     """The cost of a rollback (abort + reopen of the gang) at this load: the same answers with a
     forced detour every ``every`` steps, minus the clean run's time, per rollback."""
-    got = await gang_level(engine, prompts, steps, k, every)
+    got = await gang_level(engine, prompts, steps, k, every, follow)
     reopens = got["gang_counters"].get("reopens", 0)
     extra = got["gang_seconds"] - clean_seconds
     return {"rollback_every": every, "rollback_stream_tokens_per_s": got["gang_stream_tokens_per_s"],
@@ -242,17 +243,17 @@ async def amain(args) -> dict:
     engine_stats = {}
 
     async def gang(engine):
-        engine.follow_engine = args.shape != "real"
+        follow = args.shape != "real"
         for chunk in args.chunk_tokens:
             engine.chunk_tokens = chunk
             for r, prompts in levels.items():
-                got = await gang_level(engine, prompts, args.steps, args.k)
+                got = await gang_level(engine, prompts, args.steps, args.k, follow=follow)
                 if chunk != args.chunk_tokens[0]:  # the first chunk size is the row's headline
                     got = {f"{key}_chunk{chunk}": value for key, value in got.items()}
                 rows[r].update(got)
                 if args.rollback_every and chunk == args.chunk_tokens[0]:
                     rows[r].update(await rollback_level(engine, prompts, args.steps, args.k, args.rollback_every,
-                                                        got["gang_seconds"]))
+                                                        got["gang_seconds"], follow))
                 print(json.dumps(rows[r]), flush=True)
         engine_stats["gang"] = engine.stats()
 
