@@ -162,7 +162,7 @@ def _opts(max_tokens: int, k: int, cloud_k: int, mode: str, temperature: float, 
     opts = dict(max_tokens=max_tokens, k=k, cloud_k=cloud_k, mode=mode, temperature=temperature or None,
                 seed=seed, aggregator=aggregator)
     from dragon_core.errors import DragonError
-    from dragon_edge.sdk import answer_options
+    from dragon_edge.runtime import answer_options
 
     try:
         answer_options(max_tokens, temperature, None, seed, dict(k=k, cloud_k=cloud_k, mode=mode, aggregator=aggregator))
@@ -240,6 +240,72 @@ def chat(store: str = StoreOpt, cloud: Optional[str] = CloudOpt, token: str = To
     asyncio.run(main())
 
 
+EDGE_API_KEY_ENV = "DRAGON_EDGE_API_KEY"
+
+
+@app.command()
+def serve(store: str = StoreOpt, cloud: Optional[str] = CloudOpt, token: str = TokenOpt,
+          engine: str = typer.Option("llamacpp", help="On-device engine: llamacpp (GGUF) or hf (transformers)."),
+          host: str = typer.Option("127.0.0.1", help=(
+              "Address to listen on. Loopback by default: only apps on this machine reach it. Any other "
+              "address needs --api-key (or --insecure): the answers come from your private documents.")),
+          port: int = typer.Option(8088, help="Port (0: a free one; see the log or --port-file)."),
+          port_file: Optional[Path] = typer.Option(None, "--port-file", help="Write the bound port to this file."),
+          api_key: Optional[list[str]] = typer.Option(None, "--api-key", help=(
+              f"Require 'Authorization: Bearer KEY' on /v1/... (repeatable; also --api-key-file and env "
+              f"{EDGE_API_KEY_ENV}). Apps pass it as the OpenAI API key.")),
+          api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="API keys, one per line."),
+          insecure: bool = typer.Option(False, "--insecure", help=(
+              "Serve on a non-loopback address without an API key (anyone who reaches it can read "
+              "answers from your private documents and add or delete documents).")),
+          model_name: str = typer.Option("smollm2-135m", "--model", help="Model (the id apps send as 'model')."),
+          peer_timeout_s: float = PeerTimeoutOpt,
+          header_timeout_s: float = typer.Option(15.0, "--header-timeout-s", min=0.1, help=(
+              "Close a connection whose request headers have not arrived within this many seconds.")),
+          body_timeout_s: float = typer.Option(30.0, "--body-timeout-s", min=0.1, help=(
+              "A request body must arrive, and a streamed answer be read, within this many seconds.")),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="Log warnings only (default: one line per "
+                                                                  "request and per answer).")) -> None:
+    """Serve the device as a local OpenAI-compatible server, with a chat page at /.
+
+    Answers are DRAGON over your private store: with the cloud when --cloud is given, else device-only.
+
+    A lost cloud finishes the answer on the device, flagged in the answer's "dragon" field.
+
+    Apps: base URL http://127.0.0.1:8088/v1, model smollm2-135m, API key: any (or your --api-key).
+
+    OpenAI routes: /v1/models, /v1/chat/completions, /v1/completions (streamed or not).
+
+    Documents: /v1/dragon/documents (GET: list; POST {"path": "/abs/path"}: ingest; DELETE ?source=...).
+
+    Also /v1/dragon/status, /health and the chat page /. Logs go to stderr.
+
+    Ctrl-C or SIGTERM stops it gracefully (running answers get 5 s).
+    """
+    from dragon_edge.serve.app import AppConfig
+    from dragon_edge.serve.server import ServeOptions, serve as run_server
+    from dragon_http.auth import load_api_keys
+    from dragon_http.loopback import is_loopback
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        keys = load_api_keys(api_key or (), api_key_file, env_key=EDGE_API_KEY_ENV)
+    except OSError as exc:
+        raise typer.BadParameter(f"--api-key-file: {exc}") from None
+    if not is_loopback(host) and not keys:
+        if not insecure:
+            typer.echo(f"error: --host {host} is not loopback: other machines could read answers from your private "
+                       f"documents. Give --api-key (or --api-key-file, env {EDGE_API_KEY_ENV}), or --insecure.",
+                       err=True)
+            raise typer.Exit(2)
+        logging.getLogger("dragon.edge.serve").warning(
+            "serving on %s without an API key (--insecure): anyone who reaches it can read your private store", host)
+    opts = ServeOptions(AppConfig(model_name, host, keys, body_timeout_s), Path(store), cloud, token, engine,
+                        port, port_file, peer_timeout_s, header_timeout_s)
+    asyncio.run(run_server(opts))
+
+
 @app.command()
 def delete(source: Optional[str] = typer.Argument(None, help="A source: file path, folder path or SDK source name."),
            store: str = StoreOpt,
@@ -256,17 +322,13 @@ def delete(source: Optional[str] = typer.Argument(None, help="A source: file pat
         removed = st.delete_all()
         typer.echo(f"deleted every source ({removed} passages); {_store_line(st)}")
         return
+    from dragon_edge.store.names import names_one_source
+
     keys = st.sources_matching(source)
-    if keys and not _is_the_source(keys, source):
+    if keys and not names_one_source(keys, source):
         _confirm_folder_delete(st, source, keys, yes)
     removed = st.delete(source)  # no match: UnknownSource, one line
     typer.echo(f"deleted {len(keys)} source{'s' * (len(keys) != 1)} ({removed} passages); {_store_line(st)}")
-
-
-def _is_the_source(keys: list[str], source: str) -> bool:
-    from dragon_edge.store.names import display_path, source_key
-
-    return keys in ([display_path(source)], [source_key(source)])
 
 
 def _confirm_folder_delete(st, source: str, keys: list[str], yes: bool) -> None:

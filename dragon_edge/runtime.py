@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Literal, Sequence
+from typing import Any, AsyncIterator, Literal, Sequence
 
 from dragon_core import messages as m
 from dragon_core import session as s
@@ -22,7 +22,7 @@ from dragon_core.driver import SessionDriver
 from dragon_core.engine import Engine
 from dragon_core.errors import DragonError, InvalidOptions
 from dragon_core.handshake import Identity
-from dragon_core.prompt import IncrementalText, passage_prompts
+from dragon_core.prompt import IncrementalText, last_user_message, passage_prompts
 from dragon_core.scheduler import initial_aggregator
 from dragon_edge.baselines import AnswerMode, LazyGroup, wire_mode
 
@@ -88,6 +88,30 @@ def check_answer_options(o: AnswerOptions) -> None:
         raise InvalidOptions("cloud_open_timeout_s", "cloud_open_timeout_s must be > 0")
 
 
+def answer_options(max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                   seed: int | None = None, extra: dict[str, Any] | None = None) -> AnswerOptions:
+    """The ``AnswerOptions`` for OpenAI-style arguments plus DRAGON's own, validated once
+    (``InvalidOptions`` / ``UnknownMode`` with a one-line message): the SDK, the CLI and
+    the local server (``dragon-edge serve``) use it."""
+    opts = AnswerOptions()
+    if max_tokens is not None:
+        opts.max_tokens = max_tokens
+    # temperature 0 (or unset) is greedy decoding, as in the OpenAI API's deterministic use
+    if temperature is not None:
+        v.check_temperature(temperature)
+    if temperature:
+        opts.greedy, opts.temperature = False, float(temperature)
+    if top_p is not None:
+        opts.top_p = v.check_top_p(top_p)
+    if seed is not None:
+        opts.seed = v.check_seed(seed)
+    for key, value in (extra or {}).items():
+        if not hasattr(opts, key):
+            raise TypeError(f"unknown option {key!r}; DRAGON options: {sorted(AnswerOptions.__dataclass_fields__)}")
+        setattr(opts, key, value)
+    return opts.validate()  # an unknown mode or a bad value fails here, at create(), not at the first chunk
+
+
 @dataclass
 class Source:
     side: str  # "device" (private) or "cloud" (public)
@@ -148,6 +172,26 @@ class EdgeRuntime:
         self.link = link
         self._local_ids = 0
         self.priors: dict[str, m.SchedulerPrior] = {}  # per cloud URL: the last request's estimates
+
+    # ------------------------------------------------------------------ the answer backend (dragon_http)
+    @property
+    def max_model_len(self) -> int:
+        """The device engine's context per stream, in tokens."""
+        return int(getattr(self.engine, "n_ctx", None) or getattr(self.engine, "max_len"))
+
+    async def answer_chat(self, messages: list[dict], **opts: Any):
+        """The OpenAI routes' entrance (``dragon_http.answer.AnswerBackend``): a DRAGON answer to
+        the last user message, as the SDK gives (``dragon_edge.answer.EdgeAnswer``)."""
+        from dragon_edge.answer import EdgeAnswer
+
+        return await EdgeAnswer.start(self, last_user_message(messages), **opts)
+
+    async def answer_text(self, prompt: str, **opts: Any):
+        """``/v1/completions``: the prompt is the question (DRAGON lays it out with the passages
+        in the chat template on both sides, as the link requires; no raw continuation)."""
+        from dragon_edge.answer import EdgeAnswer
+
+        return await EdgeAnswer.start(self, prompt, **opts)
 
     # ------------------------------------------------------------------ retrieval + prompts
     def private_passages(self, query: str, k: int):

@@ -26,32 +26,9 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from dragon_core import validation as v
 from dragon_core.errors import InvalidOptions, error_from_code
 from dragon_core.prompt import last_user_message
-from dragon_edge.runtime import AnswerOptions, EdgeRuntime, Piece
+from dragon_edge.runtime import EdgeRuntime, Piece, answer_options  # noqa: F401 (answer_options: re-exported)
 
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def answer_options(max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
-                   seed: int | None = None, extra: dict[str, Any] | None = None) -> AnswerOptions:
-    """The ``AnswerOptions`` for OpenAI-style arguments plus DRAGON's own, validated once
-    (``InvalidOptions`` / ``UnknownMode`` with a one-line message): the SDK and the CLI use it."""
-    opts = AnswerOptions()
-    if max_tokens is not None:
-        opts.max_tokens = max_tokens
-    # temperature 0 (or unset) is greedy decoding, as in the OpenAI API's deterministic use
-    if temperature is not None:
-        v.check_temperature(temperature)
-    if temperature:
-        opts.greedy, opts.temperature = False, float(temperature)
-    if top_p is not None:
-        opts.top_p = v.check_top_p(top_p)
-    if seed is not None:
-        opts.seed = v.check_seed(seed)
-    for key, value in (extra or {}).items():
-        if not hasattr(opts, key):
-            raise TypeError(f"unknown option {key!r}; DRAGON options: {sorted(AnswerOptions.__dataclass_fields__)}")
-        setattr(opts, key, value)
-    return opts.validate()  # an unknown mode or a bad value fails here, at create(), not at the first chunk
 
 
 class _AsyncCompletions:

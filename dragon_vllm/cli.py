@@ -89,7 +89,7 @@ def serve(
 
     from dragon_vllm.link import LinkLimits
     from dragon_vllm.loader import load_cloud
-    from dragon_vllm.auth import load_api_keys
+    from dragon_http.auth import load_api_keys
     from dragon_vllm.server import ServerConfig, build_app
 
     try:

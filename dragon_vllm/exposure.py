@@ -20,9 +20,7 @@ Kept out of ``dragon_vllm.cli`` on purpose: it imports nothing heavy, and a plai
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 import sys
 import urllib.error
 import urllib.request
@@ -30,31 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from dragon_http.loopback import is_loopback
+
 #: where the entrypoint records the address it started, for ``healthcheck``
 STATE_DIR = Path(os.environ.get("DRAGON_STATE_DIR", "/tmp/dragon-cloud"))
 CONTAINER_HOST = "0.0.0.0"
 INSECURE_FLAG = "--insecure"
 TOKEN_ENV, API_KEY_ENV = "DRAGON_TOKEN", "DRAGON_API_KEY"
-
-
-def is_loopback(host: str) -> bool:
-    """True iff every address ``host`` names is a loopback address. Wildcards (``0.0.0.0``,
-    ``::``, ``""``) and names that do not resolve count as exposed."""
-    host = host.strip().strip("[]")
-    if not host:
-        return False
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    if host.lower() == "localhost":
-        return True
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except (OSError, UnicodeError):
-        return False
-    addrs = {info[4][0].split("%")[0] for info in infos}
-    return bool(addrs) and all(ipaddress.ip_address(a).is_loopback for a in addrs)
 
 
 @dataclass(frozen=True)
@@ -77,7 +57,7 @@ def _value(args: Sequence[str], i: int, name: str) -> tuple[str | None, int]:
 
 
 def _file_has_key(path: str) -> bool:
-    """As ``dragon_vllm.auth.load_api_keys`` reads a keys file: a non-empty line not starting with #."""
+    """As ``dragon_http.auth.load_api_keys`` reads a keys file: a non-empty line not starting with #."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeError):

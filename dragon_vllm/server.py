@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from dragon_vllm import health
-from dragon_vllm.auth import ApiKeyCheck
+from dragon_http.auth import ApiKeyCheck
 from dragon_vllm.backend import DragonCloud
-from dragon_vllm.http_guard import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyGuard
+from dragon_http.guard import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, BodyGuard
 from dragon_vllm.link import LinkLimits, LinkServer
 from dragon_vllm.metrics import CloudMetrics, engine_stats
 from dragon_vllm.openai_api import OpenAIRoutes

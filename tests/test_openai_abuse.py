@@ -27,7 +27,7 @@ from benchmarks import abuse_kit as kit
 from benchmarks import openai_fuzz
 from dragon_core.stop_text import releasable
 from dragon_vllm import health
-from dragon_vllm.auth import ApiKeyCheck, load_api_keys
+from dragon_http.auth import ApiKeyCheck, load_api_keys
 
 KEY = "abuse-test-key"
 TIMEOUT_S = 1.0  # the module's cloud: --header-timeout-s and --body-timeout-s

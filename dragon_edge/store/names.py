@@ -20,3 +20,9 @@ def source_key(path: str | os.PathLike) -> str:
     """The store's name for the file at ``path``: its real absolute path, printable.
     ``realpath`` rather than ``Path.resolve`` because it never raises on a symlink loop."""
     return display_path(os.path.realpath(path))
+
+
+def names_one_source(keys: list[str], source: str | os.PathLike) -> bool:
+    """``keys`` (what ``DocumentStore.sources_matching(source)`` found) is ``source`` itself, not
+    the files under a folder of that name: deleting it needs no confirmation."""
+    return keys in ([display_path(source)], [source_key(source)])

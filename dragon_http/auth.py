@@ -21,7 +21,7 @@ from typing import Awaitable, Callable, Iterable
 from aiohttp import web
 
 from dragon_core.handshake import LINK_PATH
-from dragon_vllm.openai_errors import error_response
+from dragon_http.errors import error_response
 
 PROBES = ("/health", "/metrics")
 ENV_KEY = "DRAGON_API_KEY"
@@ -29,16 +29,18 @@ ENV_KEY = "DRAGON_API_KEY"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def load_api_keys(keys: Iterable[str] = (), key_file: Path | None = None, env: dict | None = None) -> list[str]:
+def load_api_keys(keys: Iterable[str] = (), key_file: Path | None = None, env: dict | None = None,
+                  env_key: str = ENV_KEY) -> list[str]:
     """The server's keys: ``--api-key`` values, one key per non-empty line of ``--api-key-file``
-    (``#`` starts a comment), and ``DRAGON_API_KEY``. Empty: no key, the routes are open."""
+    (``#`` starts a comment), and the environment variable ``env_key`` (the cloud's
+    ``DRAGON_API_KEY``; the device's server reads its own). Empty: no key, the routes are open."""
     env = os.environ if env is None else env
     found = [k.strip() for k in keys if k and k.strip()]
     if key_file is not None:
         lines = key_file.read_text(encoding="utf-8").splitlines()
         found += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if env.get(ENV_KEY, "").strip():
-        found.append(env[ENV_KEY].strip())
+    if env.get(env_key, "").strip():
+        found.append(env[env_key].strip())
     return list(dict.fromkeys(found))
 
 

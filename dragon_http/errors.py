@@ -1,5 +1,6 @@
-"""OpenAI's error shape, for every HTTP refusal of the cloud (the routes, auth, body guards), so
-that the ``openai`` package raises its typed errors (``BadRequestError``, ``AuthenticationError``...)."""
+"""OpenAI's error shape, for every HTTP refusal of both servers (the cloud's and the device's
+``dragon-edge serve``: the routes, auth, body guards), so that the ``openai`` package raises its
+typed errors (``BadRequestError``, ``AuthenticationError``...)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Nothing an HTTP client does can hold the cloud's resources forever.
+"""Nothing an HTTP client does can hold a server's resources forever (the cloud's and the device's).
 
 * **Headers**: aiohttp closes a connection whose request line and headers have not all arrived
   ``keepalive_timeout`` after it opened (or after its previous answer); ``dragon-cloud serve``
-  sets it from ``--header-timeout-s`` (``web.run_app(keepalive_timeout=...)``).
+  (and ``dragon-edge serve``) set it from ``--header-timeout-s`` (``web.run_app(keepalive_timeout=...)``).
 * **Body** (``BodyGuard``): a body larger than the cap is refused (413) before it is read, from
   its ``Content-Length``, or as soon as a chunked one passes the cap; a body that has not fully
   arrived within ``body_timeout_s`` gets a 408. Both in OpenAI's error shape.
@@ -20,7 +20,7 @@ from typing import Awaitable, Callable, TypeVar
 
 from aiohttp import web
 
-from dragon_vllm.openai_errors import error_response
+from dragon_http.errors import error_response
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
