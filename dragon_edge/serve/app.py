@@ -52,13 +52,7 @@ def build_app(runtime: EdgeRuntime, store: DocumentStore, config: AppConfig) -> 
     add_page(app)
     app.router.add_get("/health", _health)
     app.router.add_get("/v1/dragon/status", _status(runtime, store, config))
-
-    async def on_cleanup(app: web.Application) -> None:
-        await runtime.close()  # the link to the cloud, then the engine
-        store.close()
-
-    app.on_cleanup.append(on_cleanup)
-    return app
+    return app  # the runtime and the store belong to the caller (server.serve closes them)
 
 
 @web.middleware

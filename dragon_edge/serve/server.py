@@ -73,7 +73,9 @@ async def serve(opts: ServeOptions) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping: no new connections; running answers get %.0f s to finish", SHUTDOWN_GRACE_S)
-    await runner.cleanup()  # the app's cleanup closes the link, the engine and the store
+    await runner.cleanup()
+    await runtime.close()  # the link to the cloud, then the engine
+    store.close()
     log.info("stopped")
 
 
