@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,10 +141,11 @@ def options(**kw) -> AnswerOptions:
 
 
 async def ask(runtime, url: str | None, opts: AnswerOptions, frames: list | None = None, hook=None,
-              question: str = QUESTION):
+              question: str = QUESTION, arrivals: list | None = None):
     """One answer through the SDK runtime; returns (token ids, stats). ``hook`` runs once, after
     the second committed token (to inject a fault mid-answer). ``frames`` collects the link's
-    frames as the device's link code sees them (direction, bytes)."""
+    frames as the device's link code sees them (direction, bytes). ``arrivals`` collects
+    (time.monotonic(), tokens so far) for every piece."""
     runtime.link = CloudLink(url, runtime.identity, TOKEN) if url else None
     if frames is not None and runtime.link is not None:
         runtime.link.tap = lambda direction, frame: frames.append((direction, bytes(frame)))
@@ -152,6 +154,8 @@ async def ask(runtime, url: str | None, opts: AnswerOptions, frames: list | None
         async for piece in runtime.answer(question, opts):
             ids.extend(piece.token_ids)
             stats = piece.finished or stats
+            if arrivals is not None:
+                arrivals.append((time.monotonic(), len(ids)))
             if hook is not None and len(ids) >= 2:
                 hook()
                 hook = None

@@ -50,6 +50,7 @@ def test_blackholed_cloud_mid_answer_completes_degraded_within_the_deadline(loop
         step_s = steps_ms[len(steps_ms) // 2] / 1000  # median time per committed piece, uncut
 
         events: dict = {}
+        arrivals: list = []  # (time, tokens so far) per piece of the cut answer
 
         def blackhole():
             link = runtime.link
@@ -78,7 +79,7 @@ def test_blackholed_cloud_mid_answer_completes_degraded_within_the_deadline(loop
             return None
 
         async def both():
-            return await asyncio.gather(ask(runtime, url, opts, hook=later), cloud_idle_again())
+            return await asyncio.gather(ask(runtime, url, opts, hook=later, arrivals=arrivals), cloud_idle_again())
 
         t0 = time.monotonic()
         (ids, stats), cloud_freed = run(loop, both(), timeout=60)
@@ -91,6 +92,7 @@ def test_blackholed_cloud_mid_answer_completes_degraded_within_the_deadline(loop
     cut_at, n_cut = events["cut"]
     lost_at, reason, n_lost = events["lost"]
     stall_s = max(stats.per_token_latency_ms[1:]) / 1000
+    resumed_at = min(t for t, _ in arrivals if t >= lost_at)  # the first piece after the loss
     print(f"\nblackhole: cloud lost {lost_at - cut_at:.2f} s after the cut ({reason}); longest wait for a "
           f"token {stall_s:.2f} s (uncut median step {step_s * 1000:.0f} ms); answer done "
           f"{answered - cut_at:.2f} s after the cut ({answered - t0:.2f} s in all); cloud idle again "
@@ -99,9 +101,13 @@ def test_blackholed_cloud_mid_answer_completes_degraded_within_the_deadline(loop
     assert "silent" in reason
     # the last frame came at most a ping interval (0.5 s) before the cut; then the deadline + a tick
     assert DEADLINE_S - 0.55 < lost_at - cut_at < DEADLINE_S + 0.5
-    # the answer waited for the deadline, then went on: the longest gap between tokens is the
-    # deadline + about one decode (the device's pending drafts are committed at once)
-    assert DEADLINE_S * 0.75 < stall_s < DEADLINE_S + 2 * step_s + 1.0, stall_s
+    # the answer waited for the deadline, then went on at once: the first piece after the loss
+    # comes within about one decode (the device's pending drafts are committed at once). Pieces
+    # between the cut and the loss may still come from cloud distributions that arrived before
+    # the cut (a slow device lags the cloud), so the longest gap alone can be shorter than the
+    # deadline; it can never be longer than the deadline + that decode.
+    assert resumed_at - lost_at < 2 * step_s + 1.0, resumed_at - lost_at
+    assert stall_s < DEADLINE_S + 2 * step_s + 1.0, stall_s
     assert 3 <= n_cut <= n_lost < len(ids)
     assert ids[:n_lost] == want[:n_lost]  # every token decided with the cloud is exact DRAGON
     assert DEADLINE_S - 0.6 < cloud_freed - cut_at < DEADLINE_S + 2.0  # + a tick, health polling, slack
