@@ -98,6 +98,24 @@ def passage_prompts(tokenizer: Any, query: str, passages: Sequence[str], scores:
     return prompts, [float(s) for s in scores]
 
 
+CONCAT_BUDGET = 256  # DRCG's context budget in tokens (the DRAGON paper's 256)
+
+
+def concatenated_prompt(tokenizer: Any, query: str, passages: Sequence[str], *, system: str = DEFAULT_SYSTEM,
+                        budget: int = CONCAT_BUDGET) -> list[int]:
+    """Context aggregation (DRCG): every passage in one prompt, in the order given (best score
+    first), joined by blank lines and cut to ``budget`` tokens, laid out like one document
+    stream without padding (one prompt decoded once: nothing to align for a cache)."""
+    if budget <= 0:
+        raise ValueError(f"budget must be positive, got {budget}")
+    joined = _encode(tokenizer, "\n\n".join(p.strip() for p in passages if p.strip()))
+    # cut in tokens, then back to text: the template renders text; a cut inside a character is dropped
+    context = tokenizer.decode(joined[:budget], skip_special_tokens=True).rstrip("\ufffd")
+    if not context.strip():
+        return query_only_prompt(tokenizer, query, system=system)
+    return document_segments(tokenizer, context, query, system=system, pad=False).ids
+
+
 def pad_ids(tokenizer: Any) -> list[int]:
     """The padding token (one id): the space."""
     ids = _encode(tokenizer, PAD_TEXT)

@@ -9,6 +9,10 @@ Modes (``AnswerOptions.mode``, ``dragon-edge ask --mode``, the SDK's ``mode=``):
   when it finishes the answer alone from the committed tokens (flagged degraded);
 * ``text``: DRCG/Text. The cloud sends its public passages' text; the device prefills them next
   to its private ones and decodes alone. Only the query goes up;
+* ``concat``: DRCG with one concatenated prompt (context aggregation, the DRAGON paper's main
+  baseline). As for ``text``, the cloud sends its public passages' text and only the query goes
+  up; the device puts its private passages and the public ones, best score first, into **one**
+  prompt cut to 256 tokens (``dragon_core.prompt.concatenated_prompt``) and decodes it alone;
 * ``device``: device-only (the same as ``use_cloud=False``).
 """
 
@@ -21,7 +25,7 @@ from dragon_core.dist import Dist
 from dragon_core.engine import Engine, StreamGroup
 from dragon_core.errors import DragonError
 
-AnswerMode = Literal["dragon", "vdrag", "sw", "cloud", "text", "device"]
+AnswerMode = Literal["dragon", "vdrag", "sw", "cloud", "text", "concat", "device"]
 ANSWER_MODES: tuple[str, ...] = get_args(AnswerMode)
 
 
@@ -31,10 +35,11 @@ class UnknownMode(DragonError, ValueError):
 
 def wire_mode(mode: str) -> m.Mode:
     """The ``Open.mode`` for an answer mode (``device`` never reaches the wire: it runs the
-    device's session alone, which ``dragon`` describes); ``UnknownMode`` names the choices."""
+    device's session alone, which ``dragon`` describes; ``concat`` asks the cloud for what
+    ``text`` does, its passages); ``UnknownMode`` names the choices."""
     if mode not in ANSWER_MODES:
         raise UnknownMode(f"unknown mode {mode!r}; choose one of: {' | '.join(ANSWER_MODES)}")
-    return "dragon" if mode == "device" else mode  # type: ignore[return-value]
+    return {"device": "dragon", "concat": "text"}.get(mode, mode)  # type: ignore[return-value]
 
 
 class LazyGroup:

@@ -48,7 +48,8 @@ def _check_mode(value: str) -> str:
 
 ModeOpt = typer.Option("dragon", "--mode", callback=_check_mode, help=(
     "dragon | vdrag (token-wise sync) | sw (sequence-wise) | cloud (cloud-only) | text (DRCG/Text: the cloud "
-    "sends its passages' text, the device decodes) | device (device-only)."))
+    "sends its passages' text, the device decodes) | concat (DRCG: all passages in one prompt of <= 256 tokens) "
+    "| device (device-only)."))
 
 
 @app.callback()

@@ -22,7 +22,7 @@ from dragon_core.driver import SessionDriver
 from dragon_core.engine import Engine
 from dragon_core.errors import DragonError, InvalidOptions
 from dragon_core.handshake import Identity
-from dragon_core.prompt import IncrementalText, last_user_message, passage_prompts
+from dragon_core.prompt import IncrementalText, concatenated_prompt, last_user_message, passage_prompts
 from dragon_core.scheduler import initial_aggregator
 from dragon_edge.baselines import AnswerMode, LazyGroup, wire_mode
 
@@ -38,7 +38,7 @@ class AnswerOptions:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
-    mode: AnswerMode = "dragon"  # dragon | vdrag | sw | cloud | text | device (dragon_edge.baselines)
+    mode: AnswerMode = "dragon"  # dragon | vdrag | sw | cloud | text | concat | device (dragon_edge.baselines)
     # "auto": where the scheduler's estimates from earlier requests on this link say (the device
     # when there are none); "device"/"cloud" start there (and stay there if scheduling is off)
     aggregator: m.Side | Literal["auto"] = "auto"
@@ -227,9 +227,11 @@ class EdgeRuntime:
         if link is not None and mode == "text":  # DRCG/Text: only the query goes up
             public = await self._public_passages(link, open_msg, opts.cloud_open_timeout_s, stats)
             link, degraded = None, public is None  # the device decodes alone from here on
-            if public is not None:
+            if public is not None and opts.mode == "text":
                 prompts, scores = passage_prompts(self.tokenizer, query, [p.text for p in passages] + public.passages,
                                                   [p.score for p in passages] + public.scores)
+        if opts.mode == "concat":  # DRCG: one prompt, one stream (private only if the cloud gave nothing)
+            prompts, scores = [self._concatenated(query, passages, public)], [0.0]
         config = s.SessionConfig.from_open(open_msg, self.eos_ids, vocab_size=self.engine.vocab_size)
         session = s.Session("device", config, log_mass(scores), solo=link is None, degraded=degraded)
         stats.device_only = link is None and public is None
@@ -321,6 +323,15 @@ class EdgeRuntime:
         stats.sources += [Source("cloud", name, score, text)
                           for name, text, score in zip(opened.sources, opened.passages, opened.scores)]
         return opened
+
+    def _concatenated(self, query: str, passages, public: m.Opened | None) -> list[int]:
+        """DRCG's one prompt: private and public passages together, best score first (the
+        scores are comparable across sides: one retriever contract)."""
+        ranked = [(float(p.score), p.text) for p in passages]
+        if public is not None:
+            ranked += [(float(sc), text) for text, sc in zip(public.passages, public.scores)]
+        ranked.sort(key=lambda t: -t[0])  # stable: ties keep private before public
+        return concatenated_prompt(self.tokenizer, query, [text for _, text in ranked])
 
     def _placement(self, opts: AnswerOptions, link) -> dict:
         """The first aggregator, and the prior both sides' schedulers start from."""
