@@ -123,9 +123,12 @@ def serve(
         return app
 
     typer.echo(f"dragon-cloud: starting {model} on http://{host}:{port} (Ctrl-C stops)", err=True)
-    web.run_app(make_app(), sock=sock, print=lambda msg: typer.echo(msg, err=True), shutdown_timeout=10.0,
-                keepalive_timeout=header_timeout_s,  # aiohttp's deadline for a request's headers too
-                lingering_time=min(10.0, body_timeout_s))  # reading the rest of a refused body: bounded
+    from dragon_vllm.profiling import profiled_if_asked
+
+    with profiled_if_asked():  # DRAGON_PROFILE=FILE: where the event loop's time goes
+        web.run_app(make_app(), sock=sock, print=lambda msg: typer.echo(msg, err=True), shutdown_timeout=10.0,
+                    keepalive_timeout=header_timeout_s,  # aiohttp's deadline for a request's headers too
+                    lingering_time=min(10.0, body_timeout_s))  # reading the rest of a refused body: bounded
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
