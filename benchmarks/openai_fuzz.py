@@ -17,6 +17,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dragon_http.request import DEFAULT_MAX_TOKENS
+
 MODEL = "smollm2-135m"
 MAX_K = 16
 SEED_BOUND = 2**63
@@ -143,6 +145,17 @@ def _prompt_ok(p: Any) -> bool:
     return _text_ok(p)
 
 
+# A fuzzed body may leave ``max_tokens`` out (or set it to None): then the server's default
+# (128) applies, and on two loaded cores such an answer alone can take tens of seconds. The
+# deadline for a "hang" grows with the tokens the answer may legitimately take.
+PER_TOKEN_S = 0.5
+
+
+def _answer_tokens(body: dict) -> int:
+    value = body.get("max_tokens")
+    return value if _int(value) and 1 <= value <= 1024 else DEFAULT_MAX_TOKENS
+
+
 def fuzz_server(port: int, key: str | None, examples: int, timeout_s: float = 30.0) -> tuple[Counter, list]:
     """Send ``examples`` fuzzed bodies to a real server (one connection each); returns counts
     (``tried``, ``in range -> 200``..., and the violations ``5xx``, ``hang``, ``silent``) and
@@ -160,7 +173,8 @@ def fuzz_server(port: int, key: str | None, examples: int, timeout_s: float = 30
         route, body = case
         valid = in_range(route, body)
         try:
-            reply = asyncio.run(asyncio.wait_for(post_json(port, paths[route], body, key), timeout_s))
+            limit = timeout_s + PER_TOKEN_S * _answer_tokens(body)  # a long legit answer is not a hang
+            reply = asyncio.run(asyncio.wait_for(post_json(port, paths[route], body, key), limit))
             status = reply.status
         except TimeoutError:
             status = "hang"
