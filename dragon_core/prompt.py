@@ -12,13 +12,19 @@ Segment boundaries are placed where a BPE pre-tokenizer splits anyway (the space
 document goes with the document, as it does for a word), so for SmolLM2 the unpadded ids equal
 the template's own tokenization (tested).
 
-**Padding token: the space**, repeated after the document, just before the query segment's
-``"\n\nQuestion: "`` (the model sees trailing whitespace at the end of the document). Measured
-with llama.cpp on 6 document questions x 16 teacher-forced answer tokens, padded vs unpadded:
-mean total-variation distance 0.044 and greedy agreement 98% for spaces at the end; 0.052 / 96%
-for newlines at the end, 0.053 / 97% for spaces before the document, 0.058 / 97% for "\n\n"
-tokens; a special token (``<|endoftext|>``) tells the model the text ended: 0.39 / 67%. (For
-scale: llama.cpp's own kernel paths differ by TV ~0.05.) tests/test_engines.py keeps a check.
+**Padding: spaces between ``"Document:"`` and the document** (issue 13). They used to follow
+the document, just before ``"\n\nQuestion: "``; then an answer that quoted the end of a document
+went on with the run of spaces that followed it there ("The French Chef:      "), in 2-5% of NQ
+answers of the modes with padded cloud documents (benchmarks/README.md). Before the document the
+run follows ``"Document:"``, which no answer quotes, and the document's end is followed by the
+question as in the unpadded template. Measured on 30 NQ questions against the unpadded layout
+(benchmarks/bench_padding.py, results/padding.json): mean TV 0.051 and argmax agreement 0.960 along
+the unpadded answer (after the document: 0.057 / 0.958), answers ending in a whitespace run
+0/30 (after: 1/30); between the system and the user turn did as well (0.048 / 0.967, 0/30),
+at the very start much worse (0.155 / 0.849). The block alignment is
+unchanged: ``prefix + document`` still ends on a block boundary and depends on the document only.
+A special token (``<|endoftext|>``) as padding tells the model the text ended (TV 0.39).
+tests/test_engines.py keeps a check.
 
 The tokenizer is duck-typed: ``encode(text, add_special_tokens=False)`` and
 ``apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`` (transformers'
@@ -44,7 +50,7 @@ class Segments:
     """One document stream's prompt, segment by segment (token ids)."""
 
     prefix: tuple[int, ...]
-    document: tuple[int, ...]  # includes the padding
+    document: tuple[int, ...]  # the padding, then the document
     query: tuple[int, ...]
     num_pad: int = 0
 
@@ -60,7 +66,8 @@ def user_message(document: str, query: str) -> str:
 
 def document_segments(tokenizer: Any, document: str, query: str, *, system: str = DEFAULT_SYSTEM,
                       block_size: int = BLOCK_SIZE, pad: bool = True) -> Segments:
-    """Lay out one document stream: prefix, document padded to ``block_size``, query."""
+    """Lay out one document stream: prefix, padding + document (ending on a ``block_size``
+    boundary), query."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     text = _render(tokenizer, system, user_message(_DOC_MARK, _QUERY_MARK))
@@ -70,7 +77,7 @@ def document_segments(tokenizer: Any, document: str, query: str, *, system: str 
     prefix = _encode(tokenizer, fixed)
     doc = _encode(tokenizer, head[len(fixed):] + document.strip())
     num_pad = (-(len(prefix) + len(doc))) % block_size if pad else 0
-    doc += pad_ids(tokenizer) * num_pad
+    doc = pad_ids(tokenizer) * num_pad + doc  # before the document: see the module docstring
     query_ids = _encode(tokenizer, middle + query.strip() + tail)
     return Segments(tuple(prefix), tuple(doc), tuple(query_ids), num_pad)
 

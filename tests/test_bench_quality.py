@@ -33,7 +33,7 @@ def test_lm_quick_scores_every_mode(e2e_loop, runtime, tmp_path):
 
 def test_qa_quick_answers_in_every_mode(e2e_loop, runtime, world, cloud, tmp_path):
     args = bench_quality_qa.parse(["--quick", "--quiet", "--cloud-url", cloud.url, "--cloud-index",
-                                   str(world[0] / "index"), "--token", TOKEN])
+                                   str(world[0] / "index"), "--token", TOKEN, "--out", str(tmp_path / "qa.json")])
     result = run(e2e_loop, bench_quality_qa.run(args, base_runtime=runtime))
     answers = result["answers"]
     assert len(answers) == 2 and set(answers[0]) >= {*bench_quality_qa.MODES, "line", "gold_side"}

@@ -123,8 +123,9 @@ def test_padding_aligns_the_document_to_blocks(tok, block):
             plain = P.document_segments(tok, doc, q, pad=False)
             assert (len(seg.prefix) + len(seg.document)) % block == 0
             assert 0 <= seg.num_pad < block
-            # the padding is spaces appended to the unpadded document segment, nothing else moves
-            assert list(seg.document) == list(plain.document) + space * seg.num_pad
+            # the padding is spaces put before the unpadded document segment, nothing else moves
+            # (after it, answers quoting the document's end went on with the spaces: issue 13)
+            assert list(seg.document) == space * seg.num_pad + list(plain.document)
             assert (seg.prefix, seg.query) == (plain.prefix, plain.query)
         # the cacheable part depends on the document only, never on the question
         assert len({seg.prefix + seg.document for seg in segs}) == 1
@@ -135,7 +136,7 @@ def test_padding_aligns_the_document_to_blocks(tok, block):
 def test_padded_text_differs_only_by_spaces(tok):
     doc, q = DOCS[0]
     seg = P.document_segments(tok, doc, q)
-    text = template_text(tok, P.DEFAULT_SYSTEM, f"Document: {doc}{' ' * seg.num_pad}\n\nQuestion: {q}")
+    text = template_text(tok, P.DEFAULT_SYSTEM, f"Document:{' ' * seg.num_pad} {doc}\n\nQuestion: {q}")
     assert seg.num_pad > 0 and tok.decode(seg.ids) == text
 
 
