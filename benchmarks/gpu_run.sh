@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_run.sh streams    # engine level, SmolLM2-135M: gang / sessions / plain vLLM
 #   bash benchmarks/gpu_run.sh streams17  # engine level, 1.7B Llama shape, dummy weights
 #   bash benchmarks/gpu_run.sh load       # through the link: bench_cloud_load
+#   bash benchmarks/gpu_run.sh latency --conditions rtt300 rtt0 --budget-s 450   # issue 13: bench_latency_rtt,
+#        three devices on cores 0-3 / 4-7 / 8-11, the cloud and the proxies on 12-15 (data: --data DIR)
 # Stage vLLM first (../shared/gpu/README.md); results and logs go under $OUT.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
@@ -32,5 +34,10 @@ case "${1:-}" in
     python -m benchmarks.bench_cloud_load --device h200 --device-cores 0-3 --cloud-cores 4-15 \
       --gpu-memory-utilization 0.85 --out "$OUT/cloud_load_h200.json" "$@" > "$OUT/load.log" 2>&1; rc=$?
     grep '^{' "$OUT/load.log" | tail -8; tail -5 "$OUT/load.log"; exit $rc ;;
-  *) echo "usage: $0 tests|streams|streams17|load"; exit 2 ;;
+  latency)
+    shift
+    python -m benchmarks.bench_latency_rtt --device-cores 0-3 4-7 8-11 --cloud-cores 12-15 \
+      --gpu-memory-utilization 0.5 --label "H200 cloud, llama.cpp devices on 4 cores each" "$@" > "$OUT/latency.log" 2>&1; rc=$?
+    tail -40 "$OUT/latency.log"; exit $rc ;;
+  *) echo "usage: $0 tests|streams|streams17|load|latency"; exit 2 ;;
 esac

@@ -38,6 +38,28 @@ def delta_z(c_l: float, c_r: float, rtt: float, alpha_l: float, alpha_r: float) 
     return (alpha_l - 1.0) * rtt
 
 
+# The draft window: undecided drafts a side keeps ahead of its last target token. A draft is
+# verified, and its target comes back, one round trip after it was sent; the aggregator commits a
+# token every ``max(c_l, c_r)`` meanwhile. So a window shorter than ``RTT / pace`` stalls the
+# pipeline every round trip, as a TCP window shorter than the bandwidth-delay product does (at
+# RTT 300 ms and a 26 ms device, a fixed 8 gave ~41 ms per token, not 26: issue 13). A longer one
+# only risks more rolled-back drafts, so the window grows only as far as the estimates say.
+MIN_WINDOW = 8  # the fixed depth used before the estimates (and at low RTT)
+WINDOW_SLACK = 3  # steps on top of RTT / pace: the RTT's jitter and the peer's own draft time
+
+
+def draft_window(estimates: "Estimates", max_depth: int) -> int:
+    """How many undecided drafts to keep ahead: enough to cover one round trip at the commit
+    pace, at least ``MIN_WINDOW``, never more than ``max_depth`` (the request's cap)."""
+    floor = min(max_depth, MIN_WINDOW)
+    values = (estimates.rtt.value, estimates.c_local.value, estimates.c_remote.value)
+    if any(v is None or not math.isfinite(v) for v in values):
+        return floor  # one side's pace alone may be the faster one: it would overshoot
+    rtt, c_l, c_r = values
+    needed = math.ceil(rtt / max(c_l, c_r, 1e-3)) + WINDOW_SLACK
+    return max(floor, min(max_depth, needed))
+
+
 @dataclass
 class Ewma:
     """Exponentially weighted moving average; ``None`` until the first sample."""

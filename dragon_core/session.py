@@ -25,7 +25,7 @@ from dragon_core.aggregate import cross_side_weights
 from dragon_core.codec import dist_from_wire, dist_to_wire
 from dragon_core.dist import Dist
 from dragon_core.errors import OutOfVocabulary, ProtocolError
-from dragon_core.scheduler import GreedyScheduler, SchedulerConfig
+from dragon_core.scheduler import GreedyScheduler, SchedulerConfig, draft_window
 from dragon_core.speculative import DRAFT_CLOUD, DRAFT_DEVICE, VERIFY, draft, step_rng, synchronous_target, verify
 
 FinishReason = Literal["eos", "length", "cancelled", "peer_lost", "error"]
@@ -307,11 +307,18 @@ class Session:
             self._unsent.append(wire)
 
     def _can_draft_at(self, step: int) -> bool:
-        if step >= self.config.max_tokens or len(self._drafts) >= self.config.depth:
+        if step >= self.config.max_tokens or len(self._drafts) >= self._window():
             return False
         if self.config.mode == "cloud" and not self.is_aggregator:
             return False  # cloud-only: the device computes nothing while the cloud is there
         return not (self._drafts and self._drafts[-1].token in self.config.eos_ids)
+
+    def _window(self) -> int:
+        """Undecided drafts allowed ahead: the mode's fixed depth, or for DRAGON the window that
+        covers one round trip (``scheduler.draft_window``), capped by ``max_depth``."""
+        if self.config.mode in ("vdrag", "sw"):
+            return self.config.depth
+        return draft_window(self.scheduler.estimates, self.config.depth)
 
     def _pump(self) -> None:
         """Move forward as far as the current state allows: decide, send, draft."""

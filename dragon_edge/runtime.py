@@ -43,7 +43,7 @@ class AnswerOptions:
     # when there are none); "device"/"cloud" start there (and stay there if scheduling is off)
     aggregator: m.Side | Literal["auto"] = "auto"
     scheduling: bool = True
-    max_depth: int = 8
+    max_depth: int = 32  # the cap of the draft window (dragon_core.scheduler.draft_window)
     # top-K of each side's mixture on the wire (~180 B/token); 0 sends full vectors (exact mode,
     # ~196 kB/token for SmolLM2) — DRAGON is exact w.r.t. the canonical distributions either way
     dist_top_k: int = 32
@@ -236,9 +236,9 @@ class EdgeRuntime:
         session = s.Session("device", config, log_mass(scores), solo=link is None, degraded=degraded)
         stats.device_only = link is None and public is None
         temperature = opts.temperature if not opts.greedy else 1.0
-        # cloud-only: the device's streams are prefilled only if the cloud is lost mid-answer
-        group = LazyGroup(self.engine, prompts, temperature) if mode == "cloud" else \
-            await self.engine.open_group(prompts, temperature)
+        # cloud-only: the device's streams are prefilled only if the cloud is lost mid-answer;
+        # otherwise the prefill runs in the background while the Open goes up (TTFT: issue 13)
+        group = await LazyGroup(self.engine, prompts, temperature, prefill_now=mode != "cloud").started()
         queue: asyncio.Queue[tuple[int, ...] | None] = asyncio.Queue()
         sent0 = (link.bytes_sent, link.bytes_received) if link is not None else (0, 0)
 

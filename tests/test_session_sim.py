@@ -310,3 +310,40 @@ def test_cloud_only_device_commits_tokens_and_stops_at_eos():
     acts = sess.handle(s.PeerMessage(m.Tokens(1, 2, [EOS, 9])))  # anything after EOS is ignored
     assert sess.committed == [7, 8, EOS] and sess.finished == s.Finish("eos")
     assert not any(isinstance(a, (s.ComputeDist, s.Send)) for a in acts)
+
+
+# ---------------------------------------------------------------------------- the draft window
+def test_draft_window_covers_one_round_trip_within_its_floor_and_cap():
+    from dragon_core.scheduler import MIN_WINDOW, WINDOW_SLACK, Estimates, draft_window
+
+    est = Estimates()
+    assert draft_window(est, 32) == MIN_WINDOW  # nothing measured yet: the fixed depth
+    assert draft_window(est, 4) == 4  # a request's smaller cap always wins
+    est.rtt.update(300.0)
+    est.c_local.update(5.0)
+    assert draft_window(est, 32) == MIN_WINDOW  # only one side's pace known: 300/5 is not the pace
+    est.c_remote.update(26.0)  # the slower side sets the commit pace
+    assert draft_window(est, 32) == -(-300 // 26) + WINDOW_SLACK == 15
+    assert draft_window(est, 12) == 12
+    assert draft_window(est, 4) == 4
+    est.rtt.value = 1.0  # a fast link needs no more than the floor
+    assert draft_window(est, 32) == MIN_WINDOW
+
+
+@pytest.mark.parametrize("aggregator", ["device", "cloud"])
+def test_a_window_that_covers_the_round_trip_keeps_the_pipeline_full(aggregator):
+    """Sides that always agree, RTT 300 ms, a 26 ms device and a 5 ms cloud: with the window
+    (cap 32) tokens come at the device's pace; a fixed depth of 8 stalls every round trip
+    (8 drafts cover 208 ms < 300 ms). Exact either way."""
+    def run(max_depth):
+        config = make_config(max_tokens=60, eos_ids=frozenset(), mode="dragon", aggregator=aggregator,
+                             scheduling=False, max_depth=max_depth)
+        dev, cloud = sides(0, disagreement=0.0, c_dev=26.0, c_cloud=5.0)
+        pair = SimulatedPair(config, dev, cloud, *links(300.0, 3)).run()
+        assert pair.device.record.tokens == centralized_decode(config, dev, cloud)
+        times = [t for t, _ in pair.device.record.commits]
+        return (times[-1] - times[10]) / (len(times) - 11)  # the steady state, after the first round trips
+
+    windowed, fixed = run(32), run(8)
+    assert windowed < 26.0 * 1.15, windowed
+    assert fixed > 300.0 / 8 * 0.9, fixed

@@ -38,6 +38,15 @@ def _quiet_llama_logs() -> None:
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: under ``taskset`` that is the pinned set, not the machine
+    (8 threads on 4 pinned cores time-share them and decode slower than 4)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class LlamaCppEngine:
     """Opens stream groups on one GGUF model.
 
@@ -56,7 +65,7 @@ class LlamaCppEngine:
         self._model = _internals.LlamaModel(path_model=str(gguf_path), params=params, verbose=verbose)
         self.path = Path(gguf_path)
         self.n_ctx = min(n_ctx, self._model.n_ctx_train())
-        self.n_threads = n_threads or min(os.cpu_count() or 1, 8)
+        self.n_threads = n_threads or min(usable_cores(), 8)
         self.n_batch = max(n_batch, UBATCH)
         self._vocab_size = self._model.n_vocab()
         self._idle: dict[int, list[_internals.LlamaContext]] = {}  # k -> reusable contexts
