@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from dragon_core.errors import ConversionError, ModelNotInstalled, UnknownModel
+from dragon_host.files import file_sha256, install
 
 MARKER = "dragon-model.json"  # written last into a converted folder: its presence means complete
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MARKER)
@@ -227,11 +228,8 @@ def _file_digest(path: Path) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _file_digest_cached(path: str, _size: int, _mtime: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    # (size, mtime) only key the cache: a 100 MB GGUF is hashed once per process and version
+    return file_sha256(path)
 
 
 # ---------------------------------------------------------------------------- fingerprints
@@ -435,11 +433,7 @@ def prepare(name: str, force: bool = False, log=print) -> Path:
             _convert(gguf, tmp)
             marker = {"format": _FORMAT, "name": name, "dtype": "bfloat16", "source": _source_record(spec)}
             (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-            old = target.parent / f".{name}.old-{os.getpid()}"
-            if target.exists():
-                target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
+            install(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log(f"[dragon-models] {name}: converted in {time.monotonic() - t0:.0f} s")

@@ -134,7 +134,7 @@ def serve(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def index(ctx: typer.Context) -> None:
     """Build or search a public index: `dragon-cloud index build OUT INPUT...`, `... search OUT QUERY`."""
-    from dragon_vllm import corpus_cli
+    from dragon_vllm.corpus import cli as corpus_cli
 
     sys.exit(corpus_cli.main(ctx.args))
 

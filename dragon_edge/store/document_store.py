@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from dragon_core.passage import Passage
 from dragon_core.retrieval import (
     DEFAULT_PASSAGE_WORDS,
     Embedder,
@@ -64,15 +65,6 @@ EMBED_BATCH = 64  # passages embedded per call during folder ingests
 LARGE_TEXT_CHARS = 128 * 1024  # a longer document is committed in chunks (~20k words, ~7 s to embed on 2 cores)
 CHUNK_PASSAGES = 256  # passages per committed chunk of a large document (~5 s of embedding on 2 cores)
 PAUSE_ENV = "DRAGON_STORE_TEST_PAUSE"  # test hook "point:nth:seconds" (see _pause)
-
-
-@dataclass(frozen=True)
-class Passage:
-    id: int
-    text: str
-    source: str
-    score: float  # R(d) = scale * cosine(query, passage)
-    ordinal: int = 0
 
 
 @dataclass
@@ -600,7 +592,7 @@ class DocumentStore:
         for i, score in zip(ids[0].tolist(), scores.tolist()):
             if i in rows:  # -1 (fewer hits) or deleted by another process since the last refresh
                 text, source, ordinal = rows[i]
-                hits.append(Passage(i, text, source, score, ordinal))
+                hits.append(Passage(i, text, score, source=source, ordinal=ordinal))
         return hits
 
     def _passages_by_id(self, ids: list[int]) -> dict[int, tuple[str, str, int]]:

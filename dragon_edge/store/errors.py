@@ -5,20 +5,20 @@ from __future__ import annotations
 import errno
 import sqlite3
 
-from dragon_core.errors import DragonError
+from dragon_host import errors as index_errors
 
 
-class StoreError(DragonError):
+class StoreError(index_errors.PassageIndexError):
     """Base class of every document-store error."""
 
     code = "store_error"
 
 
-class StoreNotFound(StoreError, FileNotFoundError):
+class StoreNotFound(StoreError, index_errors.IndexNotFound):
     code = "store_not_found"
 
 
-class StoreCorrupt(StoreError):
+class StoreCorrupt(StoreError, index_errors.IndexCorrupt):
     """The SQLite database (the source of truth) is unreadable or inconsistent.
     A damaged faiss file is *not* this: it is rebuilt from SQLite silently."""
 
@@ -29,7 +29,7 @@ class StoreVersionError(StoreError):
     code = "store_version"
 
 
-class RetrieverMismatch(StoreError):
+class RetrieverMismatch(StoreError, index_errors.RetrieverMismatch):
     """The store's vectors were made by another embedding model than the one loaded."""
 
     code = "retriever_mismatch"

@@ -16,6 +16,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from dragon_host.files import fsync_path, install
+
 MAGIC = b"DRAGON-FAISS-1\n"
 _DIGEST = 32
 
@@ -36,16 +38,13 @@ def save_index(index: faiss.IndexIDMap, path: Path, pause=lambda point: None) ->
     payload = faiss.serialize_index(index).tobytes()
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + hashlib.sha256(payload).digest() + payload)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp.write_bytes(MAGIC + hashlib.sha256(payload).digest() + payload)
+        fsync_path(tmp)
         pause("index_write")
-        os.replace(tmp, path)
+        install(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a half-written tmp would hold on to the space (disk full)
         raise
-    _fsync_dir(path.parent)
 
 
 def load_index(path: Path, dim: int) -> faiss.IndexIDMap:
@@ -88,11 +87,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,0 +1,178 @@
+"""A built public index, opened read-only: load (with its checks) and search.
+
+Scores are ``R(d)`` of the shared score function, so the device can mix cloud and private
+documents in one softmax (the handshake compares ``retriever_fingerprint``; :meth:`PublicIndex.load`
+refuses an index built by another retriever).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from dragon_core.passage import Passage
+from dragon_core.retrieval import Embedder, default_embedder
+from dragon_host.files import file_sha256
+from dragon_vllm.corpus.build import build_index
+from dragon_vllm.corpus.errors import CorpusCorrupt, CorpusRetrieverMismatch
+from dragon_vllm.corpus.layout import INDEX_FILE, PASSAGES_FILE, read_manifest
+
+
+class PublicIndex:
+    """A built index, opened read-only. ``search`` is thread-safe (the cloud calls it from
+    ``asyncio.to_thread``)."""
+
+    def __init__(self, path: Path, manifest: dict, index, conn: sqlite3.Connection, embedder: Embedder) -> None:
+        self.path, self.manifest, self.index, self.embedder = path, manifest, index, embedder
+        self._conn = conn
+        self._db_lock = threading.Lock()  # one sqlite connection shared by threads
+        self._embed_lock = threading.Lock()  # HF fast tokenizers fail when used by two threads at once
+
+    # ---------------------------------------------------------- build
+    @classmethod
+    def build(cls, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, **options) -> "PublicIndex":
+        """Build an index of ``inputs`` in ``out_dir`` and open it (options: see
+        :func:`dragon_vllm.corpus.build.build_index`)."""
+        out, embedder = build_index(inputs, out_dir, **options)
+        return cls.load(out, embedder=embedder)
+
+    # ---------------------------------------------------------- load
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, embedder: Embedder | None = None, nprobe: int | None = None,
+             verify: bool = False) -> "PublicIndex":
+        """Open a built index. Raises :class:`CorpusNotFound`, :class:`CorpusCorrupt` (missing,
+        truncated or — with ``verify`` — altered files) or :class:`CorpusRetrieverMismatch`."""
+        root = Path(path)
+        manifest = read_manifest(root)
+        embedder = embedder or default_embedder()
+        _check_retriever(manifest, embedder, root)
+        for name in (INDEX_FILE, PASSAGES_FILE):
+            _check_file(root, name, manifest, verify)
+        index = _read_faiss(root / INDEX_FILE, manifest)
+        if nprobe is not None and manifest["index"]["type"] == "ivf":
+            import faiss
+
+            faiss.extract_index_ivf(index).nprobe = max(1, int(nprobe))
+        conn = _open_passages(root / PASSAGES_FILE, manifest)
+        return cls(root, manifest, index, conn, embedder)
+
+    # ---------------------------------------------------------- search
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["retriever_fingerprint"]
+
+    @property
+    def nprobe(self) -> int | None:
+        if self.manifest["index"]["type"] != "ivf":
+            return None
+        import faiss
+
+        return int(faiss.extract_index_ivf(self.index).nprobe)
+
+    def search(self, query: str, k: int = 4) -> list[Passage]:
+        """Top-``k`` passages by ``R(d)``, best first."""
+        return self.search_many([query], k)[0]
+
+    def search_many(self, queries: Sequence[str], k: int = 4) -> list[list[Passage]]:
+        """Batched :meth:`search`: one embedding call, one faiss search, one SQLite read."""
+        if k <= 0 or not queries:
+            return [[] for _ in queries]
+        with self._embed_lock:
+            q = self.embedder.embed(list(queries))
+        ip, ids = self.index.search(q, min(k, len(self)))
+        # Missing hits (id -1, an IVF probing too few lists) carry -FLT_MAX: zero them before scaling.
+        scores = self.embedder.score.from_inner_product(np.where(ids >= 0, ip, 0.0))
+        rows = self._rows({int(i) for i in ids.ravel() if i >= 0})
+        return [[_passage(int(i), rows[int(i)], float(s)) for i, s in zip(ids_q, sc_q) if i >= 0]
+                for ids_q, sc_q in zip(ids.tolist(), scores.tolist())]
+
+    def passage(self, pid: int) -> tuple[str, str]:
+        """(title, text) of one passage id."""
+        if not 0 <= pid < len(self):
+            raise KeyError(pid)
+        return self._rows({pid})[pid]
+
+    def _rows(self, ids: Iterable[int]) -> dict[int, tuple[str, str]]:
+        ids = sorted(ids)
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        with self._db_lock:
+            found = self._conn.execute(f"SELECT id, title, text FROM passages WHERE id IN ({marks})", ids).fetchall()
+        rows = {r[0]: (r[1], r[2]) for r in found}
+        if len(rows) != len(ids):
+            raise CorpusCorrupt(f"{self.path}: passages {sorted(set(ids) - set(rows))[:5]} are in the faiss "
+                                f"index but not in {PASSAGES_FILE}; rebuild the index")
+        return rows
+
+    def close(self) -> None:
+        with self._db_lock:
+            self._conn.close()
+
+    def __enter__(self) -> "PublicIndex":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _passage(pid: int, row: tuple[str, str], score: float) -> Passage:
+    title, text = row
+    return Passage(pid, text, score, title=title)
+
+
+# ------------------------------------------------------------------ load checks
+def _check_retriever(manifest: dict, embedder: Embedder, root: Path) -> None:
+    if manifest["score_function"] != embedder.score.id():
+        raise CorpusRetrieverMismatch(f"{root} was built for score function {manifest['score_function']}, "
+                                      f"running {embedder.score.id()}; rebuild the index")
+    if manifest["retriever_fingerprint"] != embedder.fingerprint:
+        raise CorpusRetrieverMismatch(f"{root} was built with retriever {manifest['retriever_fingerprint']}, "
+                                      f"running {embedder.fingerprint} (other model files); rebuild the index")
+
+
+def _check_file(root: Path, name: str, manifest: dict, verify: bool) -> None:
+    p, want = root / name, manifest["files"].get(name, {})
+    if not p.is_file():
+        raise CorpusCorrupt(f"{root}: {name} is missing; rebuild the index")
+    size = p.stat().st_size
+    if size != want.get("bytes"):
+        raise CorpusCorrupt(f"{root}: {name} has {size} bytes, the manifest says {want.get('bytes')}; rebuild")
+    if verify and file_sha256(p) != want.get("sha256"):
+        raise CorpusCorrupt(f"{root}: {name} checksum differs from the manifest; rebuild the index")
+
+
+def _read_faiss(path: Path, manifest: dict):
+    import faiss
+
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise CorpusCorrupt(f"faiss cannot read {path}: {str(e).strip().splitlines()[-1]}") from e
+    if index.d != manifest["dim"] or index.ntotal != manifest["passages"] or \
+            index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise CorpusCorrupt(f"{path}: {index.ntotal} vectors of dim {index.d}, the manifest says "
+                            f"{manifest['passages']} of dim {manifest['dim']} (inner product)")
+    return index
+
+
+def _open_passages(path: Path, manifest: dict) -> sqlite3.Connection:
+    # immutable=1: the file never changes in place (a rebuild swaps the directory), so no locking.
+    conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+    try:
+        n, lo, hi = conn.execute("SELECT count(*), min(id), max(id) FROM passages").fetchone()
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise CorpusCorrupt(f"{path} is not a readable passage database: {e}") from e
+    if (n, lo, hi) != (manifest["passages"], 0, manifest["passages"] - 1):
+        conn.close()
+        raise CorpusCorrupt(f"{path} holds {n} passages (ids {lo}..{hi}), the manifest says {manifest['passages']}")
+    return conn
