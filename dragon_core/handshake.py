@@ -74,6 +74,17 @@ def match_token(presented: str, tokens: Mapping[str, str]) -> str | None:
     return found
 
 
+def admit(hello: m.Hello, ours: Identity, auth_token: str | None, device_tokens: Mapping[str, str]) -> str | None:
+    """The cloud's whole check of a Hello: ``HandshakeError`` saying what differs, else the name
+    of the device token it presented (None: it used the shared token, or none was required).
+    With named tokens and no shared token, only a named token gets in."""
+    name = match_token(hello.auth_token, device_tokens) if device_tokens else None
+    if name is None and device_tokens and auth_token is None:
+        raise AuthFailed("invalid auth token")  # named tokens only: no shared token to fall back on
+    check_hello(hello, ours, None if name else auth_token)
+    return name
+
+
 def local_identity(model: str, source: str = "gguf") -> Identity:
     """This side's identity from the model registry and the retriever contract.
 

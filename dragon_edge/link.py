@@ -6,13 +6,13 @@ RTT samples (fed to every running session's scheduler) and routes frames to sess
 ``peer_timeout_s`` (``dragon_core.liveness``: a blackholed connection that TCP would notice
 only after minutes), every running session gets ``PeerLost`` and goes on device-only from its
 last committed token; the next request reconnects. Nothing here raises into the application
-once a request runs.
+once a request runs. The link's rules are ``dragon_core.connection.LinkConnection``'s (one for the
+link's life, across reconnections); this module only moves its frames and runs its timers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import random
 import time
@@ -24,13 +24,14 @@ import aiohttp
 from dragon_core import codec
 from dragon_core import messages as m
 from dragon_core import session as s
+from dragon_core.connection import (BadFrame, Event, LinkConnection, PeerError, RequestMessage, RoundTrip, Send,
+                                    Traffic)
 from dragon_core.driver import SessionDriver
-from dragon_core.errors import CodecError, DragonError, HandshakeError
+from dragon_core.errors import DragonError, HandshakeError, ProtocolError
 from dragon_core.handshake import LINK_PATH, Identity
 from dragon_core.liveness import DEFAULT_PEER_TIMEOUT_S, PeerLiveness
 
 log = logging.getLogger("dragon.edge.link")
-
 
 
 class LinkUnavailable(DragonError):
@@ -57,6 +58,9 @@ class LinkOptions:
 
 
 class CloudLink:
+    """The aiohttp shell around the device's ``LinkConnection`` (``dragon_core.connection``):
+    it moves the connection's frames, runs its timers and hands its events to the sessions."""
+
     def __init__(self, url: str, identity: Identity, auth_token: str = "", options: LinkOptions | None = None,
                  client_name: str = "dragon-edge") -> None:
         self.url = url.rstrip("/") + LINK_PATH if not url.rstrip("/").endswith(LINK_PATH) else url
@@ -64,20 +68,38 @@ class CloudLink:
         self.options = options or LinkOptions()
         self.client_name = client_name
         self.tap: Callable[[str, bytes], None] | None = None  # sees every frame: ("up"|"down", bytes)
-        self.welcome: m.Welcome | None = None
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self.rtt_ms: float | None = None
+        # one connection for the link's life: request ids and byte counts outlive a socket
+        self._conn = LinkConnection("device", peer_timeout_s=self.options.peer_timeout_s,
+                                    max_frame_bytes=self.options.max_frame_bytes)
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._drivers: dict[int, SessionDriver] = {}
         self._opened: dict[int, asyncio.Future[m.Opened]] = {}
-        self._ids = itertools.count(1)
-        self._nonce = itertools.count()
         self._tasks: list[asyncio.Task] = []
         self._send_lock = asyncio.Lock()
         self._connect_lock = asyncio.Lock()
         self._closed = False
+
+    # ------------------------------------------------------------------ what the connection knows
+    @property
+    def welcome(self) -> m.Welcome | None:
+        return self._conn.welcome
+
+    @property
+    def rtt_ms(self) -> float | None:
+        return self._conn.rtt_ms
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._conn.traffic.sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self._conn.traffic.received
+
+    def traffic(self, request_id: int) -> Traffic:
+        """The bytes of one request's frames so far (``release`` returns the final count)."""
+        return self._conn.request_traffic(request_id)
 
     # ------------------------------------------------------------------ connection
     @property
@@ -112,28 +134,32 @@ class CloudLink:
             self._http.ws_connect(self.url, max_msg_size=self.options.max_frame_bytes, timeout=timeout,
                                   autoping=True, heartbeat=None),
             self.options.connect_timeout_s)
-        hello = codec.encode(self.identity.hello(self.auth_token, self.client_name))
+        await self._handshake(ws)
+        self._ws = ws
+        live = self._conn.liveness
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks += [asyncio.create_task(self._read_loop(ws)), asyncio.create_task(self._ping_loop(ws))]
+        if live.enabled:
+            self._tasks.append(asyncio.create_task(self._watch(ws, live)))
+        log.info("connected to %s (%s)", self.url, self.welcome.server)
+
+    async def _handshake(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Hello up, the cloud's reply down (the connection raises on anything but a Welcome)."""
+        hello = self._conn.hello(self.identity.hello(self.auth_token, self.client_name))
         await ws.send_bytes(hello)
         if self.tap is not None:
             self.tap("up", hello)
         raw = await ws.receive(timeout=self.options.connect_timeout_s)
-        if raw.type != aiohttp.WSMsgType.BINARY:
+        try:
+            if raw.type != aiohttp.WSMsgType.BINARY:
+                self._conn.lost()
+                raise LinkUnavailable(f"cloud closed the link during the handshake ({raw.type.name})")
+            self._conn.receive(raw.data, time.monotonic())
+        except (HandshakeError, ProtocolError, LinkUnavailable) as exc:
             await ws.close()
-            raise LinkUnavailable(f"cloud closed the link during the handshake ({raw.type.name})")
-        reply = codec.decode(raw.data, self.options.max_frame_bytes)
-        if isinstance(reply, m.Error):
-            await ws.close()
-            raise HandshakeError(f"cloud refused the link: {reply.code}: {reply.message}")
-        if not isinstance(reply, m.Welcome):
-            await ws.close()
-            raise LinkUnavailable(f"unexpected handshake reply {type(reply).__name__}")
-        self._ws, self.welcome = ws, reply
-        live = PeerLiveness.for_link(self.options.peer_timeout_s, time.monotonic())
-        self._tasks = [t for t in self._tasks if not t.done()]
-        self._tasks += [asyncio.create_task(self._read_loop(ws, live)), asyncio.create_task(self._ping_loop(ws))]
-        if live.enabled:
-            self._tasks.append(asyncio.create_task(self._watch(ws, live)))
-        log.info("connected to %s (%s)", self.url, reply.server)
+            if isinstance(exc, ProtocolError):
+                raise LinkUnavailable(str(exc)) from exc
+            raise
 
     async def close(self) -> None:
         self._closed = True
@@ -154,7 +180,7 @@ class CloudLink:
 
     # ------------------------------------------------------------------ requests
     def new_request_id(self) -> int:
-        return next(self._ids)
+        return self._conn.new_request_id()
 
     async def open(self, req: m.Open, driver: SessionDriver) -> None:
         """Register the request's driver, then ask the cloud to join. Failures reach the session
@@ -186,81 +212,83 @@ class CloudLink:
             return None
         return fut.result()
 
-    def release(self, request_id: int) -> None:
+    def release(self, request_id: int) -> Traffic:
+        """The request is over on the device; returns the bytes its frames took on the link."""
         self._drivers.pop(request_id, None)
         fut = self._opened.pop(request_id, None)
         if fut is not None and not fut.done():
             fut.cancel()
+        return self._conn.end(request_id)
 
     async def send(self, msg: m.Message) -> bool:
         ws = self._ws
         if ws is None or ws.closed:
             return False
-        frame = codec.encode(msg)
+        return await self._write(ws, self._conn.send(msg))
+
+    async def _write(self, ws: aiohttp.ClientWebSocketResponse, frame: bytes) -> bool:
         async with self._send_lock:
             try:
                 await ws.send_bytes(frame)
             except (ConnectionError, RuntimeError, aiohttp.ClientError):
                 return False
-        self.bytes_sent += len(frame)
         if self.tap is not None:
             self.tap("up", frame)
         return True
 
     # ------------------------------------------------------------------ frames in
-    async def _read_loop(self, ws: aiohttp.ClientWebSocketResponse, live: PeerLiveness) -> None:
+    async def _read_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         try:
             async for raw in ws:
                 if raw.type == aiohttp.WSMsgType.BINARY:
-                    live.heard(time.monotonic())  # any frame is life
-                    self.bytes_received += len(raw.data)
                     if self.tap is not None:
                         self.tap("down", raw.data)
-                    self._on_frame(raw.data)
+                    for event in self._conn.receive(raw.data, time.monotonic()):
+                        self._on_event(ws, event)
                 elif raw.type == aiohttp.WSMsgType.ERROR:
                     break
         finally:
             self._on_lost(ws, "cloud connection lost")
 
-    def _on_frame(self, data: bytes) -> None:
-        try:
-            msg = codec.decode(data, self.options.max_frame_bytes)
-        except CodecError as exc:
-            log.warning("dropping a malformed frame from the cloud: %s", exc)
-            return
-        if isinstance(msg, m.Opened):
-            fut = self._opened.get(msg.request_id)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
-        elif isinstance(msg, (m.Draft, m.Target, m.Tokens, m.Cancel)):
-            self._feed(msg.request_id, s.PeerMessage(msg))
-        elif isinstance(msg, m.Error):
-            if msg.request_id is None:
-                log.warning("cloud error: %s: %s", msg.code, msg.message)
-            elif msg.request_id in self._drivers:
-                # the session records it (Session.peer_error) and goes on device-only
-                log.warning("cloud ended request %d: %s: %s", msg.request_id, msg.code, msg.message)
-                self._feed(msg.request_id, s.PeerMessage(msg))
-            else:  # a request without a session (DRCG/Text) waits on its Opened future
-                fut = self._opened.get(msg.request_id)
-                if fut is not None and not fut.done():
-                    fut.set_exception(CloudRefused(f"{msg.code}: {msg.message}"))
-        elif isinstance(msg, m.Ping):
-            asyncio.get_running_loop().create_task(self.send(m.Pong(msg.nonce, msg.sent_at)))
-        elif isinstance(msg, m.Pong):
-            self.rtt_ms = (time.monotonic() - msg.sent_at) * 1000
+    def _on_event(self, ws: aiohttp.ClientWebSocketResponse, event: Event) -> None:
+        if isinstance(event, RequestMessage):
+            self._on_request_message(event.message)
+        elif isinstance(event, Send):  # a pong
+            asyncio.get_running_loop().create_task(self._write(ws, event.frame))
+        elif isinstance(event, RoundTrip):
             for driver in self._drivers.values():
-                driver.feed(s.RttSample(self.rtt_ms))
+                driver.feed(s.RttSample(event.rtt_ms))
+        elif isinstance(event, PeerError):
+            log.warning("cloud error: %s: %s", event.error.code, event.error.message)
+        elif isinstance(event, BadFrame):
+            log.warning("dropping a frame from the cloud: %s", event.error)
 
-    def _feed(self, request_id: int, event: s.Event) -> None:
-        driver = self._drivers.get(request_id)
-        if driver is not None:
-            driver.feed(event)
+    def _on_request_message(self, msg: m.Message) -> None:
+        rid = msg.request_id
+        if isinstance(msg, m.Opened):
+            self._resolve(rid, msg)
+        elif isinstance(msg, m.Error) and rid not in self._drivers:
+            # a request without a session (DRCG/Text) waits on its Opened future
+            self._resolve(rid, CloudRefused(f"{msg.code}: {msg.message}"))
+        elif rid in self._drivers:
+            if isinstance(msg, m.Error):  # the session records it (Session.peer_error) and goes on device-only
+                log.warning("cloud ended request %d: %s: %s", rid, msg.code, msg.message)
+            self._drivers[rid].feed(s.PeerMessage(msg))
+
+    def _resolve(self, request_id: int, result: m.Opened | Exception) -> None:
+        fut = self._opened.get(request_id)
+        if fut is None or fut.done():
+            return
+        if isinstance(result, Exception):
+            fut.set_exception(result)
+        else:
+            fut.set_result(result)
 
     def _on_lost(self, ws: aiohttp.ClientWebSocketResponse, reason: str) -> None:
         if ws is not self._ws:
             return  # that connection was already given up (peer timeout) or replaced
         self._ws = None
+        self._conn.lost()
         for driver in self._drivers.values():
             driver.feed(s.PeerLost(reason))
         for fut in self._opened.values():
@@ -271,7 +299,7 @@ class CloudLink:
 
     async def _ping_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         while not ws.closed and ws is self._ws:
-            await self.send(m.Ping(next(self._nonce), time.monotonic()))
+            await self._write(ws, self._conn.ping(time.monotonic()))
             await asyncio.sleep(self.options.ping_interval_s)
 
     async def _watch(self, ws: aiohttp.ClientWebSocketResponse, live: PeerLiveness) -> None:

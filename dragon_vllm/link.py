@@ -1,8 +1,10 @@
 """The cloud's end of the device link: one aiohttp WebSocket per device, many requests on it.
 
-Frame flow: the device sends ``Hello`` (checked by ``dragon_core.handshake``), then any number of
-``Open`` requests; each runs a cloud ``Session`` through a ``SessionDriver`` on the shared
-engine. ``Draft`` / ``Target`` / ``Cancel`` frames are routed by ``request_id``. A malformed
+The link's rules (handshake order, the table of requests and routing by ``request_id``,
+ping/pong, byte counts) are ``dragon_core.connection.LinkConnection``'s; this module moves its
+frames, runs the timers and runs the requests. Frame flow: the device sends ``Hello`` (checked
+by ``dragon_core.handshake``), then any number of ``Open`` requests; each runs a cloud
+``Session`` through a ``SessionDriver`` on the shared engine. ``Draft`` / ``Target`` / ``Cancel`` frames are routed by ``request_id``. A malformed
 frame gets a typed ``Error`` (the connection survives); a broken handshake closes it. When the
 device goes away, or stays silent for longer than ``peer_timeout_s`` (``dragon_core.liveness``:
 a blackholed connection stays open for minutes otherwise), every request of that connection is
@@ -19,7 +21,6 @@ admission queue serves identities round robin (``dragon_vllm.admission``).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -31,19 +32,20 @@ from dragon_core import codec
 from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core.aggregate import log_mass
+from dragon_core.connection import (Admitted, CloudTerms, Event, LinkConnection, Refused, RequestMessage,
+                                    RequestOpened, RoundTrip, Send)
 from dragon_core.driver import SessionDriver
 from dragon_core.engine import StreamGroup
 from dragon_core import validation as v
-from dragon_core.errors import (CodecError, DragonError, HandshakeError, InvalidOptions, QuotaExceeded,
+from dragon_core.errors import (DragonError, HandshakeError, InvalidOptions, QuotaExceeded,
                                 RequestIdleTimeout, RequestRejected)
-from dragon_core.handshake import LINK_PATH, AuthFailed, Identity, check_hello, match_token
+from dragon_core.handshake import LINK_PATH, Identity
 from dragon_core.idle import DEFAULT_REQUEST_IDLE_S, RequestIdle
 from dragon_core.liveness import DEFAULT_PEER_TIMEOUT_S, PeerLiveness
 from dragon_vllm.admission import TENANT
 from dragon_vllm.quota import IdentityQuotas
 
 log = logging.getLogger("dragon.cloud.link")
-
 
 
 @dataclass(frozen=True)
@@ -117,14 +119,12 @@ class LinkServer:
         admission = getattr(getattr(self.backend, "engine", None), "admission", None)
         return max(1, admission.max_slots // 2) if admission is not None else 0
 
-    def identify(self, hello: m.Hello, peer: str) -> str:
-        """Check the Hello (``HandshakeError`` saying what differs) and return the identity its
-        requests count against: a named device token's name, else the peer's address."""
-        name = match_token(hello.auth_token, self.device_tokens) if self.device_tokens else None
-        if name is None and self.device_tokens and self.auth_token is None:
-            raise AuthFailed("invalid auth token")  # named tokens only: no shared token to fall back on
-        check_hello(hello, self.backend.identity, None if name else self.auth_token)
-        return name or f"address:{peer}"
+    def terms(self) -> CloudTerms:
+        """What each new connection holds its device to (read per connection: the device tokens
+        may be added after the server is built)."""
+        lim = self.limits
+        return CloudTerms(self.backend.identity, self.auth_token, self.device_tokens, lim.max_k, lim.max_tokens,
+                          lim.max_requests_per_connection)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get(LINK_PATH, self.handle)
@@ -157,15 +157,17 @@ class LinkServer:
 
 
 class _Connection:
+    """The aiohttp shell around one device's ``LinkConnection`` (``dragon_core.connection``):
+    it moves the connection's frames, runs the timers, and runs the requests it opens."""
+
     def __init__(self, server: LinkServer, ws: web.WebSocketResponse, peer: str,
                  transport: asyncio.BaseTransport | None = None) -> None:
         self.server, self.ws, self.peer, self.transport = server, ws, peer, transport
         self.limits = server.limits
+        self.conn = LinkConnection("cloud", server.terms(), self.limits.peer_timeout_s, self.limits.max_frame_bytes)
         self.drivers: dict[int, SessionDriver] = {}
-        self.pending: dict[int, list[s.Event]] = {}  # events that arrived while a request was opening
         self.tasks: dict[int, asyncio.Task] = {}
         self._send_lock = asyncio.Lock()
-        self._nonce = itertools.count()
         self.silent: str | None = None  # why the device was given up for silence, if it was
         self.identity = ""  # set by the handshake: what quotas and fair admission count
         self.idle: dict[int, RequestIdle] = {}  # per running request: the idle rule's state
@@ -176,8 +178,8 @@ class _Connection:
         try:
             if not await self._handshake():
                 return
-            live = PeerLiveness.for_link(self.limits.peer_timeout_s, time.monotonic())
-            reader = asyncio.create_task(self._read_loop(live))
+            live = self.conn.liveness
+            reader = asyncio.create_task(self._read_loop())
             others = [asyncio.create_task(self._ping_loop()), asyncio.create_task(self._watch_requests())]
             if live.enabled:
                 others.append(asyncio.create_task(self._watch(live)))
@@ -191,34 +193,23 @@ class _Connection:
             if self.silent:
                 await self._drop()
         finally:
+            self.conn.lost()
             await self._peer_gone()
 
     async def _handshake(self) -> bool:
+        """The device's first frame decides (the connection checks it): a Welcome or a refusal."""
         try:
             raw = await self.ws.receive(timeout=self.limits.handshake_timeout_s)
         except asyncio.TimeoutError:
-            await self._fail(HandshakeError("no Hello within the handshake timeout"))
-            return False
-        try:
-            if raw.type != WSMsgType.BINARY:
-                raise HandshakeError("expected a binary Hello frame")
-            hello = codec.decode(raw.data, self.limits.max_frame_bytes)
-            if not isinstance(hello, m.Hello):
-                raise HandshakeError(f"expected Hello, got {type(hello).__name__}")
-            self.identity = self.server.identify(hello, self.peer)
-        except DragonError as exc:
-            await self._fail(exc)
-            return False
-        b = self.server.backend.identity
-        await self.send(m.Welcome(m.PROTOCOL_VERSION, f"dragon-cloud/{b.model}", self.limits.max_k,
-                                  self.limits.max_tokens, self.limits.max_frame_bytes))
-        log.info("device %s connected as %s (%s)", self.peer, self.identity, hello.client or "unnamed client")
-        return True
+            return await self._apply(self.conn.refuse(HandshakeError("no Hello within the handshake timeout")))
+        if raw.type != WSMsgType.BINARY:
+            return await self._apply(self.conn.refuse(HandshakeError("expected a binary Hello frame")))
+        return await self._apply(self.conn.receive(raw.data, time.monotonic()))
 
-    async def _fail(self, exc: DragonError) -> None:
+    async def _fail(self, exc: DragonError) -> bool:
         log.warning("refusing device %s: %s", self.peer, exc)
-        await self.send(m.Error(exc.code, str(exc)))
         await self.ws.close(code=1008, message=exc.code.encode())
+        return False
 
     async def _peer_gone(self) -> None:
         """Running requests finish through their session (PeerLost); opening ones are cancelled."""
@@ -273,62 +264,59 @@ class _Connection:
             pass
 
     # ------------------------------------------------------------------ frames in
-    async def _read_loop(self, live: PeerLiveness) -> None:
+    async def _read_loop(self) -> None:
         async for raw in self.ws:
             if raw.type == WSMsgType.BINARY:
-                live.heard(time.monotonic())  # any frame is life
                 if self.server.stats:
                     self.server.stats.on_bytes(0, len(raw.data))
-                await self._on_frame(raw.data)
+                await self._apply(self.conn.receive(raw.data, time.monotonic()))
             elif raw.type == WSMsgType.TEXT:
-                await self.send(m.Error("malformed_frame", "text frames are not part of the protocol"))
+                await self._apply(self.conn.receive_text())
             elif raw.type == WSMsgType.ERROR:
                 log.warning("link to %s failed: %s", self.peer, self.ws.exception())
                 return
 
-    async def _on_frame(self, data: bytes) -> None:
-        try:
-            msg = codec.decode(data, self.limits.max_frame_bytes)
-        except CodecError as exc:
-            await self.send(m.Error(exc.code, str(exc)))
-            return
-        if isinstance(msg, m.Open):
-            await self._on_open(msg)
-        elif isinstance(msg, (m.Draft, m.Target, m.Tokens, m.Cancel, m.Error)):
-            rid = msg.request_id
-            if rid is not None:
-                self._route(rid, s.PeerMessage(msg))
-        elif isinstance(msg, m.Ping):
-            await self.send(m.Pong(msg.nonce, msg.sent_at))
-        elif isinstance(msg, m.Pong):
-            rtt_ms = (time.monotonic() - msg.sent_at) * 1000
-            for driver in self.drivers.values():
-                driver.feed(s.RttSample(rtt_ms))
-        else:
-            await self.send(m.Error("protocol_error", f"unexpected {type(msg).__name__} after the handshake"))
+    async def _apply(self, events: list[Event]) -> bool:
+        """Carry out the connection's events, in order; False once the device is refused."""
+        for event in events:
+            if isinstance(event, Send):
+                await self._write(event.frame)
+            elif isinstance(event, RequestMessage):
+                self._route(event.request_id, event.message)
+            elif isinstance(event, RequestOpened):
+                await self._on_open(event.open)
+            elif isinstance(event, RoundTrip):
+                for driver in self.drivers.values():
+                    driver.feed(s.RttSample(event.rtt_ms))
+            elif isinstance(event, Admitted):
+                self.identity = event.device_name or f"address:{self.peer}"
+                log.info("device %s connected as %s (%s)", self.peer, self.identity,
+                         event.hello.client or "unnamed client")
+            elif isinstance(event, Refused):
+                return await self._fail(event.error)
+        return True
 
-    def _route(self, rid: int, event: s.Event) -> None:
-        if rid in self.drivers:
-            if rid in self.idle:
-                self.idle[rid].heard(time.monotonic())
-            self.drivers[rid].feed(event)
-        elif rid in self.pending:
-            self.pending[rid].append(event)
-        # else: a request that already ended; late frames are harmless
+    def _route(self, rid: int, msg: m.Message) -> None:
+        driver = self.drivers.get(rid)
+        if driver is None:
+            return  # a text request (no session): nothing to tell
+        if rid in self.idle:
+            self.idle[rid].heard(time.monotonic())
+        driver.feed(s.PeerMessage(msg))
 
     # ------------------------------------------------------------------ requests
     async def _on_open(self, req: m.Open) -> None:
+        """The connection has put the request in its table; the cloud's own limits come next."""
         problem = self._check_open(req)
         if problem:
-            await self.send(m.Error(RequestRejected.code, problem, req.request_id))
+            await self._write(self.conn.refuse_request(req.request_id, RequestRejected.code, problem))
             return
         streams = 0 if req.mode == "text" else req.k
         over = self.server.quotas.claim(self.identity, streams)
         if over:
             self.server.refused[QuotaExceeded.code] += 1
-            await self.send(m.Error(QuotaExceeded.code, over, req.request_id))
+            await self._write(self.conn.refuse_request(req.request_id, QuotaExceeded.code, over))
             return
-        self.pending[req.request_id] = []
         run = self._serve_text if req.mode == "text" else self._run_request
         task = asyncio.create_task(run(req))
         self.tasks[req.request_id] = task
@@ -339,11 +327,9 @@ class _Connection:
         self.server.quotas.release(self.identity, streams)
 
     def _check_open(self, req: m.Open) -> str | None:
+        """The options this cloud serves (the request id and the count per connection are the
+        connection's rules)."""
         lim = self.limits
-        if req.request_id in self.drivers or req.request_id in self.pending:
-            return f"request id {req.request_id} is already in use on this connection"
-        if len(self.drivers) + len(self.pending) >= lim.max_requests_per_connection:
-            return f"too many concurrent requests on this connection (limit {lim.max_requests_per_connection})"
         if not 1 <= req.k <= lim.max_k:
             return f"k={req.k} is outside 1..{lim.max_k}"
         if not 1 <= req.max_tokens <= lim.max_tokens:
@@ -387,8 +373,8 @@ class _Connection:
                                    emulate_decode_ms=getattr(self.server.backend, "emulate_decode_ms", 0.0))
             self.drivers[rid] = driver
             self.idle[rid] = RequestIdle(self.limits.request_idle_timeout_s, time.monotonic())
-            for event in self.pending.pop(rid, []):
-                driver.feed(event)
+            for msg in self.conn.start(rid):  # what the device sent while the request was opening
+                driver.feed(s.PeerMessage(msg))
             if self.server.stats:
                 self.server.stats.on_request("started")
             await self.send(m.Opened(rid, opened.sources))
@@ -404,7 +390,7 @@ class _Connection:
             log.exception("request %d failed", rid)
             await self.send(m.Error(getattr(exc, "code", "internal_error"), str(exc) or repr(exc), rid))
         finally:
-            self.pending.pop(rid, None)
+            self.conn.end(rid)
             self.drivers.pop(rid, None)
             self.idle.pop(rid, None)
             self.expired.discard(rid)
@@ -429,13 +415,17 @@ class _Connection:
             if self.server.stats:
                 self.server.stats.on_request("error")
         finally:
-            self.pending.pop(rid, None)
+            self.conn.end(rid)
 
     # ------------------------------------------------------------------ frames out
     async def send(self, msg: m.Message) -> None:
+        if self.ws.closed or not self.conn.is_open:
+            return
+        await self._write(self.conn.send(msg))
+
+    async def _write(self, frame: bytes) -> None:
         if self.ws.closed:
             return
-        frame = codec.encode(msg)
         async with self._send_lock:  # one writer at a time; awaiting the write is the backpressure
             try:
                 await self.ws.send_bytes(frame)
@@ -445,10 +435,9 @@ class _Connection:
             self.server.stats.on_bytes(len(frame), 0)
 
     async def _ping_loop(self) -> None:
-        while not self.ws.closed:
-            await self.send(m.Ping(next(self._nonce), time.monotonic()))
+        while not self.ws.closed and self.conn.is_open:
+            await self._write(self.conn.ping(time.monotonic()))
             await asyncio.sleep(self.limits.ping_interval_s)
-
 
 
 def _vocab_size(backend: CloudBackend) -> int:
