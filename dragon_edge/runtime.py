@@ -240,7 +240,6 @@ class EdgeRuntime:
         # otherwise the prefill runs in the background while the Open goes up (TTFT: issue 13)
         group = await LazyGroup(self.engine, prompts, temperature, prefill_now=mode != "cloud").started()
         queue: asyncio.Queue[tuple[int, ...] | None] = asyncio.Queue()
-        sent0 = (link.bytes_sent, link.bytes_received) if link is not None else (0, 0)
 
         async def send(msg: m.Message) -> None:
             if link is not None:
@@ -273,13 +272,12 @@ class EdgeRuntime:
                 await asyncio.gather(run, return_exceptions=True)
             opened = link.opened_now(rid) if link is not None else None
             if link is not None:
-                link.release(rid)
+                traffic = link.release(rid)  # this request's frames only: answers may share the link
             await group.close()
         if opened is not None:
             stats.sources += [Source("cloud", name) for name in opened.sources]
         if link is not None:
-            stats.bytes_sent = link.bytes_sent - sent0[0]
-            stats.bytes_received = link.bytes_received - sent0[1]
+            stats.bytes_sent, stats.bytes_received = traffic.sent, traffic.received
         self._fill_stats(stats, session, finish)
         if mode == "cloud" and not stats.degraded:  # the private passages were never used
             stats.sources = [src for src in stats.sources if src.side == "cloud"]
@@ -309,15 +307,14 @@ class EdgeRuntime:
 
     async def _public_passages(self, link, open_msg: m.Open, timeout_s: float, stats: AnswerStats) -> m.Opened | None:
         """DRCG/Text: the cloud's top-k public passages (None, logged, if it cannot give them)."""
-        sent0, received0 = link.bytes_sent, link.bytes_received
         try:
             opened = await link.fetch_passages(open_msg, timeout_s)
         except DragonError as exc:
             log.warning("DRCG/Text got no public passages, answering device-only: %s", exc)
             return None
         finally:
-            link.release(open_msg.request_id)
-            stats.bytes_sent, stats.bytes_received = link.bytes_sent - sent0, link.bytes_received - received0
+            traffic = link.release(open_msg.request_id)  # this request's frames only
+            stats.bytes_sent, stats.bytes_received = traffic.sent, traffic.received
         k = open_msg.k  # a cloud sending more than asked does not get to fill the device's context
         opened = m.Opened(opened.request_id, opened.sources[:k], opened.passages[:k], opened.scores[:k])
         stats.sources += [Source("cloud", name, score, text)
