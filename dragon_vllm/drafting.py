@@ -38,6 +38,7 @@ import numpy as np
 from dragon_core.aggregate import canonical_side_dist, log_mass
 from dragon_core.dist import Dist
 from dragon_core.errors import ProtocolError
+from dragon_core.lockstep import Lockstep
 from dragon_vllm.admission import Ticket
 from dragon_vllm.mixing import gang_args
 from dragon_vllm.streaming import input_chunks, top_k_at
@@ -102,20 +103,21 @@ class _Row:
         await asyncio.gather(self._task, return_exceptions=True)
 
 
-class GangStreamGroup:
+class GangStreamGroup(Lockstep):
     """A request's k document streams, mixed and drafted inside vLLM
     (``dragon_core.engine.MixingStreamGroup``)."""
 
+    rollback_error = ProtocolError
+
     def __init__(self, engine: "VllmEngine", gid: int, prompts: list[list[int]], scores: Sequence[float],
                  temperature: float, ticket: Ticket, chunk_tokens: int, budget: int) -> None:
+        super().__init__(prompts)
         self._engine, self._gid, self._ticket = engine, gid, ticket
-        self.prompts = prompts
         self._log_w = np.asarray(scores, dtype=np.float64) - log_mass(scores)  # log softmax(R)
         self.temperature = temperature
         self.chunk_tokens = chunk_tokens  # 0: open-ended (see _open_len)
         self._budget = budget  # generated tokens the engine may draft in all (max_tokens, context room)
         self._chunk_len = 1  # positions the current chunk drafts
-        self._tokens: list[int] = []  # the session's generated tokens
         self._rows: list[_Row] | None = None
         self._fed: list[int] = []  # generated tokens the rows held when the current chunk began
         self._received = 0  # positions of the current chunk that every row has reported
@@ -128,33 +130,23 @@ class GangStreamGroup:
         self.repairs = 0
 
     # ------------------------------------------------------------------ StreamGroup
-    @property
-    def num_streams(self) -> int:
-        return len(self.prompts)
-
-    @property
-    def length(self) -> int:
-        return len(self._tokens)
-
     async def next_dists(self) -> list[Dist]:
         raise NotImplementedError("a gang mixes its streams inside vLLM; use next_side_dist")
 
     async def append(self, tokens: Sequence[int]) -> None:
         self._check_open()
-        self._tokens.extend(int(t) for t in tokens)
-        if self._rows is not None and not self._chunk_done() and not self._consistent(len(self._tokens)):
+        self._extend(tokens)
+        if self._rows is not None and not self._chunk_done() and not self._consistent(len(self._generated)):
             await self._abort()  # the session left the chunk's path: stop the chunk early
 
     async def rollback(self, length: int) -> None:
         self._check_open()
-        if not 0 <= length <= len(self._tokens):
-            raise ProtocolError(f"cannot roll back to {length}: the streams hold {len(self._tokens)} tokens")
-        del self._tokens[length:]  # the rows are resynchronised lazily, by the next chunk
+        self._truncate(length)  # the rows are resynchronised lazily, by the next chunk
 
     async def next_side_dist(self, top_k: int) -> Dist:
         """The side's canonical mixture after the current tokens (see the module docstring)."""
         self._check_open()
-        position = len(self._tokens)
+        position = len(self._generated)
         while True:
             j = position - self._base
             if self._rows is not None and 0 <= j < self._chunk_len and self._consistent(position):
@@ -169,8 +161,8 @@ class GangStreamGroup:
         """The engine's own token at the current position (its prediction of the draft), when the
         current chunk has drafted it; benchmarks of dummy-weight shapes follow it, since a flat
         random-weight mixture's canonical argmax is an unlisted id (the tail) at almost every step."""
-        j = len(self._tokens) - self._base
-        if self._rows is None or not 0 <= j < self._received or not self._consistent(len(self._tokens)):
+        j = len(self._generated) - self._base
+        if self._rows is None or not 0 <= j < self._received or not self._consistent(len(self._generated)):
             return None
         return self._rows[0].tokens[j]
 
@@ -190,18 +182,18 @@ class GangStreamGroup:
         return len(self._fed)
 
     def _begin_chunk(self) -> None:
-        self._fed, self._received = list(self._tokens), 0
+        self._fed, self._received = list(self._generated), 0
         self.chunks += 1
         self._engine._stats["chunks"] += 1
 
     def _consistent(self, length: int) -> bool:
         """Are the session's first ``length`` tokens the current chunk's path so far: what the
         rows were fed, then the drafts the engine has reported?"""
-        if length < self._base or self._tokens[:self._base] != self._fed:
+        if length < self._base or self._generated[:self._base] != self._fed:
             return False
         drafts = self._rows[0].tokens
         n = min(length - self._base, len(drafts))
-        return self._tokens[self._base:self._base + n] == drafts[:n]
+        return self._generated[self._base:self._base + n] == drafts[:n]
 
     def _chunk_done(self) -> bool:
         return self._received >= self._chunk_len
@@ -238,11 +230,11 @@ class GangStreamGroup:
         """Feed the session's tokens the rows lack and draft the next chunk, or reopen the gang
         when the rows hold tokens the session no longer has (rollback) or a chunk is in flight."""
         held = self._held()
-        if (self._rows is None or held is None or self._tokens[:len(held)] != held or len(self._tokens) == len(held)
+        if (self._rows is None or held is None or self._generated[:len(held)] != held or len(self._generated) == len(held)
                 or not self.chunk_tokens):  # an open-ended chunk drafted its whole budget: start afresh
             await self._reopen()
             return
-        new = self._tokens[len(held):]
+        new = self._generated[len(held):]
         for row in self._rows:
             row.feed(new)
         self._begin_chunk()
@@ -267,7 +259,7 @@ class GangStreamGroup:
             params = self._engine._gang_params(self._chunk_len, leader=i == 0,
                                                extra=gang_args(gang, len(self.prompts), i, float(self._log_w[i]),
                                                                self.temperature))
-            rows.append(_Row(self._engine.llm, f"{gang}-{i}", prompt + self._tokens, params, self._engine.top_k))
+            rows.append(_Row(self._engine.llm, f"{gang}-{i}", prompt + self._generated, params, self._engine.top_k))
         self._rows = rows
         self._begin_chunk()
 
@@ -278,7 +270,7 @@ class GangStreamGroup:
         Later chunks of one session keep its first size (vLLM 0.26 ignores theirs)."""
         if self.chunk_tokens:
             return self.chunk_tokens
-        return max(1, self._budget - len(self._tokens))
+        return max(1, self._budget - len(self._generated))
 
     async def _abort(self) -> None:
         rows, self._rows, self._received = self._rows, None, 0

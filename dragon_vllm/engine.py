@@ -36,6 +36,7 @@ import numpy as np
 
 from dragon_core.dist import Dist
 from dragon_core.errors import ProtocolError
+from dragon_core.lockstep import Lockstep
 from dragon_vllm.admission import Admission, Ticket
 from dragon_vllm.drafting import GangStreamGroup
 from dragon_vllm.plugin import LOGITS_PROCESSOR, SCHEDULER_CLS, SYNC_SCHEDULER_CLS
@@ -75,32 +76,25 @@ class _Session:
         await self._outputs.aclose()
 
 
-class VllmStreamGroup:
+class VllmStreamGroup(Lockstep):
     """The k document streams of one request (``dragon_core.engine.StreamGroup``)."""
+
+    rollback_error = ProtocolError
 
     def __init__(self, engine: "VllmEngine", gid: int, prompts: list[list[int]], temperature: float,
                  ticket: Ticket, doc_top_k: int | None = None) -> None:
+        super().__init__(prompts)
         self._engine, self._gid, self._ticket = engine, gid, ticket
         # log-probs per document: the engine's top-K, or -1: the whole vocabulary (references only)
         self.doc_top_k = engine.top_k if doc_top_k is None else doc_top_k
-        self.prompts = prompts
         self.temperature = temperature
-        self._tokens: list[int] = []  # generated tokens (accepted + appended)
         self._sessions: list[_Session] | None = None
         self._fed = 0  # generated tokens the open sessions hold
-        self._dists: list[Dist] | None = None  # distributions at position len(_tokens), if read
+        self._dists: list[Dist] | None = None  # distributions at position len(_generated), if read
         self._epoch = itertools.count()
         self._closed = False
         self.num_cached_tokens: list[int] = [0] * len(prompts)  # of the latest (re)opening
         self.reopens = 0
-
-    @property
-    def num_streams(self) -> int:
-        return len(self.prompts)
-
-    @property
-    def length(self) -> int:
-        return len(self._tokens)
 
     async def next_dists(self) -> list[Dist]:
         return await self.advance(())
@@ -109,7 +103,7 @@ class VllmStreamGroup:
         # lazy: the tokens travel with the next read, so append + read is one engine round trip
         if tokens:
             self._check_open()
-            self._tokens.extend(int(t) for t in tokens)
+            self._extend(tokens)
             self._dists = None
 
     async def advance(self, tokens: Sequence[int]) -> list[Dist]:
@@ -122,10 +116,10 @@ class VllmStreamGroup:
         if opened:
             self._open_sessions()
         else:
-            new = self._tokens[self._fed:]
+            new = self._generated[self._fed:]
             for session in self._sessions:
                 session.feed(new)
-        self._fed = len(self._tokens)
+        self._fed = len(self._generated)
         results = await asyncio.gather(*(s.read(self.doc_top_k) for s in self._sessions))
         if opened:
             self._record_cache_hits()
@@ -142,11 +136,8 @@ class VllmStreamGroup:
 
     async def rollback(self, length: int) -> None:
         self._check_open()
-        if not 0 <= length <= len(self._tokens):
-            raise ProtocolError(f"cannot roll back to {length}: the streams hold {len(self._tokens)} tokens")
-        if length == len(self._tokens):
+        if not self._truncate(length):
             return
-        del self._tokens[length:]
         self._dists = None
         if length < self._fed:  # the sessions' KV holds tokens past the accepted prefix
             await self._abort_sessions()
@@ -166,7 +157,7 @@ class VllmStreamGroup:
     def _open_sessions(self) -> None:
         epoch = next(self._epoch)
         self._sessions = [
-            _Session(self._engine.llm, f"dragon-{self._gid}-{i}-{epoch}", p + self._tokens,
+            _Session(self._engine.llm, f"dragon-{self._gid}-{i}-{epoch}", p + self._generated,
                      self._engine._params(self.temperature, self.doc_top_k))
             for i, p in enumerate(self.prompts)
         ]

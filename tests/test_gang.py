@@ -134,7 +134,7 @@ def test_the_gangs_distribution_is_the_top_k_of_the_exact_mixture(e2e_loop, refe
             for _ in range(12):
                 got = await gang.next_side_dist(20)
                 dists.append(got)
-                drafted.append(gang._rows[0].tokens[len(gang._tokens) - gang._base])  # the engine's own token
+                drafted.append(gang._rows[0].tokens[len(gang._generated) - gang._base])  # the engine's own token
                 path.append(got.argmax())
                 await gang.append([path[-1]])
             assert gang.served_from_chunk >= 9 and gang.repairs == 0

@@ -1,5 +1,6 @@
-"""What the device backends share: the lockstep bookkeeping of a stream group, temperature,
-and the worker thread that keeps blocking engine calls off the event loop.
+"""What the device backends share: the lazy feeding of a stream group (on the lockstep
+bookkeeping of ``dragon_core.lockstep``), temperature, and the worker thread that keeps
+blocking engine calls off the event loop.
 
 A backend only knows how to *feed* tokens to its k streams and how to *drop* a KV tail; this
 module decides what to feed. Appends are lazy: tokens wait until the next ``next_dists`` and
@@ -17,6 +18,7 @@ from typing import Callable, Sequence, TypeVar
 import numpy as np
 
 from dragon_core.dist import Dist
+from dragon_core.lockstep import Lockstep
 
 T = TypeVar("T")
 
@@ -65,8 +67,8 @@ def check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
-class LockstepGroup(ABC):
-    """k streams ``prompt_i + generated`` with one shared ``generated`` list.
+class LockstepGroup(Lockstep, ABC):
+    """A lockstep group whose backend holds a KV cache per stream and is fed lazily.
 
     ``_in_cache`` counts the generated tokens whose KV the engine holds. Backends implement
     ``_feed(start, tails)`` (tails[i] = stream i's tokens from generated index ``start``, where
@@ -77,9 +79,9 @@ class LockstepGroup(ABC):
 
     def __init__(self, prompts: list[list[int]], temperature: float, vocab_size: int,
                  max_len: int, worker: Worker, first_logits: np.ndarray | None) -> None:
-        self.prompts, self.temperature, self.vocab_size = prompts, temperature, vocab_size
+        super().__init__(prompts)
+        self.temperature, self.vocab_size = temperature, vocab_size
         self._max_len, self._worker = max_len, worker
-        self._generated: list[int] = []
         self._in_cache = 0
         # the prompt's last-position dists; a backend that prefills later sets them itself
         self._dists: list[Dist] | None = None if first_logits is None else self._to_dists(first_logits)
@@ -87,14 +89,6 @@ class LockstepGroup(ABC):
         self._closed = False
 
     # ------------------------------------------------------------------ StreamGroup
-    @property
-    def num_streams(self) -> int:
-        return len(self.prompts)
-
-    @property
-    def length(self) -> int:
-        return len(self._generated)
-
     async def next_dists(self) -> list[Dist]:
         async with self._lock:
             self._check_open()
@@ -119,17 +113,14 @@ class LockstepGroup(ABC):
             if longest > self._max_len:
                 raise ValueError(f"a stream would hold {longest} tokens; the context holds {self._max_len}")
             if tokens:
-                self._generated.extend(tokens)
+                self._extend(tokens)
                 self._dists = None
 
     async def rollback(self, length: int) -> None:
         async with self._lock:
             self._check_open()
-            if not 0 <= length <= len(self._generated):
-                raise ValueError(f"cannot roll back to {length}: the streams hold {len(self._generated)} tokens")
-            if length == len(self._generated):
+            if not self._truncate(length):
                 return
-            del self._generated[length:]
             self._dists = None
             if self._in_cache > length:
                 await self._worker.run(self._drop, length)
