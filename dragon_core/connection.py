@@ -193,7 +193,7 @@ class LinkConnection:
         ``CodecError``); everything else is an event."""
         self.traffic.received += len(frame)
         if self.state is State.AWAIT_WELCOME:
-            return self._on_welcome(codec.decode(frame, self.max_frame_bytes), now)
+            return self._on_welcome(frame, now)
         if self.state is State.AWAIT_HELLO:
             return self._on_hello(frame, now)
         if self.state is not State.OPEN:
@@ -206,17 +206,17 @@ class LinkConnection:
         return self._dispatch(msg, len(frame), now)
 
     def receive_text(self) -> list[Event]:
-        """A text frame: not part of the protocol (the cloud says so, the device ignores it)."""
+        """A text frame: not part of the protocol (the cloud says so; the device only reports it)."""
         if self.state is not State.OPEN:
             return []
         return self._bad(MalformedFrame("text frames are not part of the protocol"))
 
-    def _on_welcome(self, msg: m.Message, now: float) -> list[Event]:
+    def _on_welcome(self, frame: bytes, now: float) -> list[Event]:
+        self.state = State.CLOSED  # unless this is the Welcome
+        msg = codec.decode(frame, self.max_frame_bytes)
         if isinstance(msg, m.Error):
-            self.state = State.CLOSED
             raise HandshakeError(f"cloud refused the link: {msg.code}: {msg.message}")
         if not isinstance(msg, m.Welcome):
-            self.state = State.CLOSED
             raise ProtocolError(f"unexpected handshake reply {type(msg).__name__}")
         self._open(now)
         self.welcome = msg
@@ -232,7 +232,6 @@ class LinkConnection:
         except DragonError as exc:
             return self.refuse(exc)
         self._open(now)
-        t = self.terms
         welcome = m.Welcome(m.PROTOCOL_VERSION, f"dragon-cloud/{t.identity.model}", t.max_k, t.max_tokens,
                             self.max_frame_bytes)
         return [Send(self._frame(welcome)), Admitted(hello, name)]

@@ -162,6 +162,7 @@ def test_the_device_raises_on_a_refusal_or_any_other_reply():
     device.hello(IDENTITY.hello(TOKEN))
     with pytest.raises(CodecError):
         device.receive(b"junk", T0)
+    assert device.state is State.CLOSED
 
 
 def test_a_second_hello_or_a_welcome_after_the_handshake_is_a_protocol_error_not_the_end():
