@@ -24,7 +24,7 @@ the aggregator was. Each answer is appended to a JSONL file as it comes, so a ru
     python -m benchmarks.bench_latency_rtt --conditions rtt300 rtt0 --repeats 3 --questions 20 \\
         --device-cores 0-3 4-7 8-11 --cloud-cores 12-15 --out $OUT/latency_a.json
     python -m benchmarks.bench_latency_rtt --merge a.json b.json --out benchmarks/results/latency_rtt_h200.json
-    python -m benchmarks.bench_latency_rtt --quick          # CI size: 2 questions, 6 tokens, RTT 0 and 100
+    python -m benchmarks.bench_latency_rtt --quick          # CI size: 1 question, 6 tokens, RTT 0 and 100
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
 TOKEN = "bench-token"
@@ -64,11 +63,11 @@ CONDITIONS: dict[str, tuple[float, float]] = {
 
 
 # ---------------------------------------------------------------------------- one answer
-async def answer(runtime, url: str, query: str, opts_kw: dict) -> dict:
+async def answer(runtime, url: str, token: str, query: str, opts_kw: dict) -> dict:
     from dragon_edge.link import CloudLink
     from dragon_edge.runtime import AnswerOptions
 
-    runtime.link = CloudLink(url, runtime.identity, TOKEN)
+    runtime.link = CloudLink(url, runtime.identity, token)
     await runtime.link.connect()  # the handshake is per connection, not per answer: keep it out
     stats, text = None, ""
     t0 = time.monotonic()
@@ -134,10 +133,10 @@ async def _device_jobs(init: dict, jobs: "mp.Queue", log_path: Path) -> None:
         try:
             common = dict(max_tokens=init["tokens"], k=init["k"], cloud_k=init["k"])
             for warm in ("device", "dragon"):  # caches, the link's scheduler prior: discarded
-                await answer(runtime, url, questions[0]["query"], {**MODES[warm], **common})
+                await answer(runtime, url, init["token"], questions[0]["query"], {**MODES[warm], **common})
             for q in questions:
                 for mode in init["modes"]:
-                    row = await answer(runtime, url, q["query"], {**MODES[mode], **common})
+                    row = await answer(runtime, url, init["token"], q["query"], {**MODES[mode], **common})
                     row.update(condition=cond, repeat=repeat, question=q["line"], mode=mode,
                                worker=init["name"], t=time.time())
                     with log_path.open("a", encoding="utf-8") as f:
@@ -179,7 +178,7 @@ def run(args) -> dict:
             if own:
                 os.sched_setaffinity(0, own)  # the cloud's processes inherit it
             extra = ("--gpu-memory-utilization", str(args.gpu_memory_utilization)) if args.gpu_memory_utilization else ()
-            cloud, port = start_cloud(index_dir, TOKEN, root / "cloud.log", extra_args=extra, timeout_s=600)
+            cloud, port = start_cloud(index_dir, args.token, root / "cloud.log", extra_args=extra, timeout_s=600)
             os.sched_setaffinity(0, saved)
             try:
                 wait_healthy(f"http://127.0.0.1:{port}", cloud, 900)
@@ -200,7 +199,7 @@ def run(args) -> dict:
         for i, cores in enumerate(groups):
             init = dict(name=f"device{i}", device_cores=cores, cloud_cores=args.cloud_cores, store=str(store_path),
                         model=args.model, cloud=addr, questions=questions, tokens=args.tokens, k=args.k,
-                        modes=args.modes)
+                        modes=args.modes, token=args.token)
             w = ctx.Process(target=device_worker, args=(init, jobs, str(log_path)), daemon=True)
             w.start()
             workers.append(w)
@@ -376,14 +375,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cloud-cores", default=None, help="the cloud's and the proxies' cores, e.g. 12-15")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--cloud-url", help="a running cloud (its index need not be this world's)")
+    ap.add_argument("--token", default=os.environ.get("DRAGON_TOKEN", TOKEN), help="the cloud's link token")
     ap.add_argument("--budget-s", type=float, default=0.0, help="stop the devices after this long (0: never)")
     ap.add_argument("--label", default="", help="where it ran (goes into the plot title)")
     ap.add_argument("--out", type=Path, default=RESULTS / "latency_rtt.json")
     ap.add_argument("--merge", nargs="+", type=Path, help="merge these result files into --out")
-    ap.add_argument("--quick", action="store_true", help="CI size: 2 questions, 6 tokens, RTT 0 and 100, 1 repeat")
+    ap.add_argument("--quick", action="store_true", help="CI size: 1 question, 6 tokens, RTT 0 and 100, 1 repeat")
     args = ap.parse_args(argv)
     if args.quick:
-        args.questions, args.pool, args.wiki, args.tokens, args.repeats = 2, 2, 10, 6, 1
+        args.questions, args.pool, args.wiki, args.tokens, args.repeats = 1, 2, 10, 6, 1
         args.conditions = [c for c in args.conditions if c in ("rtt0", "rtt100")] or ["rtt0"]
     return args
 
