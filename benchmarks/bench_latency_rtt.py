@@ -159,12 +159,22 @@ def build_world(args, root: Path) -> tuple[Path, Path, list[dict]]:
     return Path(store.path), root / "index", questions
 
 
+def job_list(conditions: list[str], repeats: int) -> list[tuple[str, int]]:
+    """``(condition, repeat)`` in the order the devices take them: every condition once, then
+    again. ``rtt0*3`` asks that condition for 3 repeats whatever ``repeats`` says."""
+    want = {}
+    for spec in conditions:
+        name, _, n = spec.partition("*")
+        want[name] = int(n) if n else repeats
+    return [(c, r) for r in range(max(want.values(), default=0)) for c, n in want.items() if r < n]
+
+
 def run(args) -> dict:
     from benchmarks.environment import describe
     from dragon_edge.demo import start_cloud, stop, wait_healthy
 
     t0 = time.time()
-    jobs_list = [(c, r) for r in range(args.repeats) for c in args.conditions]  # all conditions once, then again
+    jobs_list = job_list(args.conditions, args.repeats)
     with tempfile.TemporaryDirectory(prefix="dragon-latency-") as tmp:
         root = Path(tmp)
         store_path, index_dir, questions = build_world(args, root)
@@ -220,7 +230,8 @@ def run(args) -> dict:
     if failed and not rows:
         raise RuntimeError(f"every device worker failed (exit codes {failed})")
     setup = dict(model=args.model, device_engine="llama.cpp (GGUF Q4_1)", tokens=args.tokens, k_per_side=args.k,
-                 questions=len(questions), repeats=args.repeats, conditions={c: CONDITIONS[c] for c in args.conditions},
+                 questions=len(questions), repeats=args.repeats, jobs=jobs_list,
+                 conditions={c: CONDITIONS[c] for c in dict.fromkeys(c for c, _ in jobs_list)},
                  modes=args.modes, device_cores=args.device_cores, cloud_cores=args.cloud_cores,
                  jitter="one-way latency RTT/2, std RTT/10 each way", seed=args.seed, label=args.label,
                  cut_by_budget=bool(cut), cloud_ready_s=round(cloud_ready_s, 1), dist_top_k=32, greedy=True)
@@ -357,9 +368,17 @@ def report(result: dict) -> None:
         print("goals at RTT 300:", json.dumps(result["goals"]))
 
 
+def condition_spec(spec: str) -> str:
+    name, _, n = spec.partition("*")
+    if name not in CONDITIONS or (n and not n.isdigit()):
+        raise argparse.ArgumentTypeError(f"{spec!r}: a condition is one of {', '.join(CONDITIONS)}, optionally *N")
+    return spec
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
+    ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), type=condition_spec,
+                    help=f"of {', '.join(CONDITIONS)}; NAME*N: N repeats of that one")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--questions", type=int, default=20, help="questions asked (the first of the QA sample)")
     ap.add_argument("--pool", type=int, default=200, help="questions whose gold passages form the corpus")
@@ -384,7 +403,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.quick:
         args.questions, args.pool, args.wiki, args.tokens, args.repeats = 1, 2, 10, 6, 1
-        args.conditions = [c for c in args.conditions if c in ("rtt0", "rtt100")] or ["rtt0"]
+        args.conditions = [c for c in args.conditions if c.partition("*")[0] in ("rtt0", "rtt100")] or ["rtt0"]
     return args
 
 
