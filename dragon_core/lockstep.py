@@ -15,13 +15,16 @@ from typing import Sequence
 class Lockstep:
     """k prompts and the generated tokens they share; ``length`` counts generated tokens only."""
 
-    # what an impossible rollback raises: a ValueError on the device (a caller's bug), a
-    # ProtocolError in the cloud (where the length comes from the peer)
+    # What an impossible rollback, and a call on a closed group, raise: on the device a
+    # ValueError and a RuntimeError (a caller's bug), in the cloud a ProtocolError (the
+    # request came from the peer, who is told so).
     rollback_error: type[Exception] = ValueError
+    closed_error: type[Exception] = RuntimeError
 
     def __init__(self, prompts: list[list[int]]) -> None:
         self.prompts = prompts
         self._generated: list[int] = []
+        self._closed = False
 
     @property
     def num_streams(self) -> int:
@@ -42,3 +45,12 @@ class Lockstep:
             return False
         del self._generated[length:]
         return True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self.closed_error("the stream group is closed")
+
+    def _mark_closed(self) -> bool:
+        """Mark the group closed; True only the first time (closing twice is allowed and a no-op)."""
+        first, self._closed = not self._closed, True
+        return first

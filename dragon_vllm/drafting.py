@@ -107,7 +107,7 @@ class GangStreamGroup(Lockstep):
     """A request's k document streams, mixed and drafted inside vLLM
     (``dragon_core.engine.MixingStreamGroup``)."""
 
-    rollback_error = ProtocolError
+    rollback_error = closed_error = ProtocolError
 
     def __init__(self, engine: "VllmEngine", gid: int, prompts: list[list[int]], scores: Sequence[float],
                  temperature: float, ticket: Ticket, chunk_tokens: int, budget: int) -> None:
@@ -122,7 +122,6 @@ class GangStreamGroup(Lockstep):
         self._fed: list[int] = []  # generated tokens the rows held when the current chunk began
         self._received = 0  # positions of the current chunk that every row has reported
         self._epoch = itertools.count()
-        self._closed = False
         self.num_cached_tokens: list[int] = [0] * len(prompts)
         self.reopens = 0
         self.chunks = 0
@@ -167,13 +166,11 @@ class GangStreamGroup(Lockstep):
         return self._rows[0].tokens[j]
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            await self._abort()
-        finally:
-            self._engine._release(self._ticket)
+        if self._mark_closed():
+            try:
+                await self._abort()
+            finally:
+                self._engine._release(self._ticket)
 
     # ------------------------------------------------------------------ chunk bookkeeping
     @property
@@ -281,7 +278,3 @@ class GangStreamGroup(Lockstep):
                 stats["cached_tokens"] += row.num_cached_tokens
                 stats["prompt_tokens"] += row.prompt_len
             await asyncio.gather(*(row.abort() for row in rows), return_exceptions=True)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ProtocolError("stream group is closed")

@@ -79,7 +79,7 @@ class _Session:
 class VllmStreamGroup(Lockstep):
     """The k document streams of one request (``dragon_core.engine.StreamGroup``)."""
 
-    rollback_error = ProtocolError
+    rollback_error = closed_error = ProtocolError
 
     def __init__(self, engine: "VllmEngine", gid: int, prompts: list[list[int]], temperature: float,
                  ticket: Ticket, doc_top_k: int | None = None) -> None:
@@ -92,7 +92,6 @@ class VllmStreamGroup(Lockstep):
         self._fed = 0  # generated tokens the open sessions hold
         self._dists: list[Dist] | None = None  # distributions at position len(_generated), if read
         self._epoch = itertools.count()
-        self._closed = False
         self.num_cached_tokens: list[int] = [0] * len(prompts)  # of the latest (re)opening
         self.reopens = 0
 
@@ -145,13 +144,11 @@ class VllmStreamGroup(Lockstep):
             self._engine._stats["reopens"] += 1
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            await self._abort_sessions()
-        finally:
-            self._engine._release(self._ticket)
+        if self._mark_closed():
+            try:
+                await self._abort_sessions()
+            finally:
+                self._engine._release(self._ticket)
 
     # ------------------------------------------------------------------ internals
     def _open_sessions(self) -> None:
@@ -173,11 +170,6 @@ class VllmStreamGroup(Lockstep):
         sessions, self._sessions, self._fed = self._sessions, None, 0
         if sessions:
             await asyncio.gather(*(s.abort() for s in sessions), return_exceptions=True)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ProtocolError("stream group is closed")
-
 
 class VllmEngine:
     """``dragon_core.engine.Engine`` on one shared ``AsyncLLM``."""

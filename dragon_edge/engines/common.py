@@ -86,7 +86,6 @@ class LockstepGroup(Lockstep, ABC):
         # the prompt's last-position dists; a backend that prefills later sets them itself
         self._dists: list[Dist] | None = None if first_logits is None else self._to_dists(first_logits)
         self._lock = asyncio.Lock()  # one engine operation per group at a time, in call order
-        self._closed = False
 
     # ------------------------------------------------------------------ StreamGroup
     async def next_dists(self) -> list[Dist]:
@@ -128,8 +127,7 @@ class LockstepGroup(Lockstep, ABC):
 
     async def close(self) -> None:
         async with self._lock:
-            if not self._closed:
-                self._closed = True
+            if self._mark_closed():
                 await self._worker.run(self._release)
 
     # ------------------------------------------------------------------ backend hooks
@@ -149,7 +147,3 @@ class LockstepGroup(Lockstep, ABC):
 
     def _to_dists(self, logits: np.ndarray) -> list[Dist]:
         return [tempered_dist(row, self.temperature) for row in logits]
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("the stream group is closed")
