@@ -30,7 +30,6 @@ How this meets the protocol (``dragon_core``), exactly:
 from __future__ import annotations
 
 import asyncio
-import itertools
 from typing import TYPE_CHECKING, AsyncIterator, Sequence
 
 import numpy as np
@@ -38,8 +37,8 @@ import numpy as np
 from dragon_core.aggregate import canonical_side_dist, log_mass
 from dragon_core.dist import Dist
 from dragon_core.errors import ProtocolError
-from dragon_core.lockstep import Lockstep
 from dragon_vllm.admission import Ticket
+from dragon_vllm.group import CloudGroup
 from dragon_vllm.mixing import gang_args
 from dragon_vllm.streaming import input_chunks, top_k_at
 
@@ -103,27 +102,20 @@ class _Row:
         await asyncio.gather(self._task, return_exceptions=True)
 
 
-class GangStreamGroup(Lockstep):
+class GangStreamGroup(CloudGroup):
     """A request's k document streams, mixed and drafted inside vLLM
     (``dragon_core.engine.MixingStreamGroup``)."""
 
-    rollback_error = closed_error = ProtocolError
-
     def __init__(self, engine: "VllmEngine", gid: int, prompts: list[list[int]], scores: Sequence[float],
                  temperature: float, ticket: Ticket, chunk_tokens: int, budget: int) -> None:
-        super().__init__(prompts)
-        self._engine, self._gid, self._ticket = engine, gid, ticket
+        super().__init__(engine, gid, prompts, temperature, ticket)
         self._log_w = np.asarray(scores, dtype=np.float64) - log_mass(scores)  # log softmax(R)
-        self.temperature = temperature
         self.chunk_tokens = chunk_tokens  # 0: open-ended (see _open_len)
         self._budget = budget  # generated tokens the engine may draft in all (max_tokens, context room)
         self._chunk_len = 1  # positions the current chunk drafts
         self._rows: list[_Row] | None = None
         self._fed: list[int] = []  # generated tokens the rows held when the current chunk began
         self._received = 0  # positions of the current chunk that every row has reported
-        self._epoch = itertools.count()
-        self.num_cached_tokens: list[int] = [0] * len(prompts)
-        self.reopens = 0
         self.chunks = 0
         self.served_from_chunk = 0  # positions answered from a chunk already drafted
         self.repairs = 0
@@ -164,13 +156,6 @@ class GangStreamGroup(Lockstep):
         if self._rows is None or not 0 <= j < self._received or not self._consistent(len(self._generated)):
             return None
         return self._rows[0].tokens[j]
-
-    async def close(self) -> None:
-        if self._mark_closed():
-            try:
-                await self._abort()
-            finally:
-                self._engine._release(self._ticket)
 
     # ------------------------------------------------------------------ chunk bookkeeping
     @property

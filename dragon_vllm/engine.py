@@ -35,10 +35,9 @@ from typing import AsyncIterator, Sequence
 import numpy as np
 
 from dragon_core.dist import Dist
-from dragon_core.errors import ProtocolError
-from dragon_core.lockstep import Lockstep
 from dragon_vllm.admission import Admission, Ticket
 from dragon_vllm.drafting import GangStreamGroup
+from dragon_vllm.group import CloudGroup
 from dragon_vllm.plugin import LOGITS_PROCESSOR, SCHEDULER_CLS, SYNC_SCHEDULER_CLS
 from dragon_vllm.streaming import input_chunks, top_k_at
 
@@ -76,24 +75,17 @@ class _Session:
         await self._outputs.aclose()
 
 
-class VllmStreamGroup(Lockstep):
+class VllmStreamGroup(CloudGroup):
     """The k document streams of one request (``dragon_core.engine.StreamGroup``)."""
-
-    rollback_error = closed_error = ProtocolError
 
     def __init__(self, engine: "VllmEngine", gid: int, prompts: list[list[int]], temperature: float,
                  ticket: Ticket, doc_top_k: int | None = None) -> None:
-        super().__init__(prompts)
-        self._engine, self._gid, self._ticket = engine, gid, ticket
+        super().__init__(engine, gid, prompts, temperature, ticket)
         # log-probs per document: the engine's top-K, or -1: the whole vocabulary (references only)
         self.doc_top_k = engine.top_k if doc_top_k is None else doc_top_k
-        self.temperature = temperature
         self._sessions: list[_Session] | None = None
         self._fed = 0  # generated tokens the open sessions hold
         self._dists: list[Dist] | None = None  # distributions at position len(_generated), if read
-        self._epoch = itertools.count()
-        self.num_cached_tokens: list[int] = [0] * len(prompts)  # of the latest (re)opening
-        self.reopens = 0
 
     async def next_dists(self) -> list[Dist]:
         return await self.advance(())
@@ -139,16 +131,9 @@ class VllmStreamGroup(Lockstep):
             return
         self._dists = None
         if length < self._fed:  # the sessions' KV holds tokens past the accepted prefix
-            await self._abort_sessions()
+            await self._abort()
             self.reopens += 1
             self._engine._stats["reopens"] += 1
-
-    async def close(self) -> None:
-        if self._mark_closed():
-            try:
-                await self._abort_sessions()
-            finally:
-                self._engine._release(self._ticket)
 
     # ------------------------------------------------------------------ internals
     def _open_sessions(self) -> None:
@@ -166,7 +151,7 @@ class VllmStreamGroup(Lockstep):
             stats["cached_tokens"] += s.num_cached_tokens
             stats["prompt_tokens"] += s.prompt_len
 
-    async def _abort_sessions(self) -> None:
+    async def _abort(self) -> None:
         sessions, self._sessions, self._fed = self._sessions, None, 0
         if sessions:
             await asyncio.gather(*(s.abort() for s in sessions), return_exceptions=True)
