@@ -119,6 +119,10 @@ async def _device_jobs(init: dict, jobs: "mp.Queue", log_path: Path) -> None:
     runtime = load_runtime(init["model"], "llamacpp", store=store)
     host, port = init["cloud"]
     questions = init["questions"]
+    # each mode learns its scheduler prior (RTT, paces, acceptance) only from its own earlier
+    # answers, i.e. the previous question's, as an app's next question would: a prior shared
+    # by all modes would carry this question's acceptance from the modes asked before it
+    priors_of: dict[str, dict] = {}
     while True:
         try:
             cond, repeat = jobs.get_nowait()
@@ -132,10 +136,12 @@ async def _device_jobs(init: dict, jobs: "mp.Queue", log_path: Path) -> None:
         url = f"http://127.0.0.1:{pport}"
         try:
             common = dict(max_tokens=init["tokens"], k=init["k"], cloud_k=init["k"])
-            for warm in ("device", "dragon"):  # caches, the link's scheduler prior: discarded
+            runtime.priors = {}
+            for warm in ("device", "dragon"):  # caches and the connection path: discarded
                 await answer(runtime, url, init["token"], questions[0]["query"], {**MODES[warm], **common})
             for q in questions:
                 for mode in init["modes"]:
+                    runtime.priors = priors_of.setdefault(mode, {})
                     row = await answer(runtime, url, init["token"], q["query"], {**MODES[mode], **common})
                     row.update(condition=cond, repeat=repeat, question=q["line"], mode=mode,
                                worker=init["name"], t=time.time())

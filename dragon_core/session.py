@@ -407,7 +407,8 @@ class Session:
             self.remote_epoch += 1
             self._remote.clear()
         ends = token in cfg.eos_ids or step + 1 >= cfg.max_tokens
-        handover = bool(cfg.scheduling and not ends and self.scheduler.should_hand_over(self.side))
+        handover = bool(cfg.scheduling and not ends
+                        and self.scheduler.should_hand_over(self.side, cfg.max_tokens - step - 1))
         my_epoch = self.epoch if acc_local else self.epoch + 1  # _commit bumps it on rejection
         self._emit(Send(m.Target(cfg.request_id, step, token, acc_remote, self.remote_epoch, my_epoch,
                                  handover, est.c_local.value or 0.0)))

@@ -248,6 +248,8 @@ class EdgeRuntime:
         driver = SessionDriver(session, group, scores, send, on_commit=lambda toks: queue.put_nowait(tuple(toks)),
                                emulate_decode_ms=opts.emulate_decode_ms)
         if link is not None:
+            if link.rtt_ms is not None:  # the link's latest round trip: the window needs it before any ping
+                driver.feed(s.RttSample(link.rtt_ms))
             await link.open(open_msg, driver)
         run = asyncio.create_task(driver.run())
         run.add_done_callback(lambda _: queue.put_nowait(None))
@@ -332,10 +334,12 @@ class EdgeRuntime:
 
     def _placement(self, opts: AnswerOptions, link) -> dict:
         """The first aggregator, and the prior both sides' schedulers start from."""
-        prior = self.priors.get(link.url) if link is not None and opts.scheduling else None
+        # the prior goes up even when the aggregator is pinned: both sides size their draft
+        # window from its RTT and paces from the first token on (scheduler.draft_window)
+        prior = self.priors.get(link.url) if link is not None else None
         aggregator = opts.aggregator
         if aggregator == "auto":
-            aggregator = initial_aggregator(prior) if opts.scheduling else "device"
+            aggregator = initial_aggregator(prior, max_tokens=opts.max_tokens) if opts.scheduling else "device"
         return dict(aggregator=aggregator, prior=prior)
 
     def _next_local_id(self) -> int:

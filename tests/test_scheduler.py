@@ -99,3 +99,20 @@ def test_prior_round_trips_between_sides_and_picks_the_start():
     assert initial_aggregator(None) == "device"
     assert initial_aggregator(prior) == "cloud"
     assert initial_aggregator(SchedulerPrior(300, 30, 100, 1.0, 0.6)) == "device"
+
+
+def test_a_move_to_the_cloud_must_repay_its_round_trip_over_the_tokens_left():
+    from dragon_core.scheduler import pays_for_the_move
+
+    # measured shape (H200, RTT 300): device 20 ms, cloud 5 ms, device drafts always right,
+    # the cloud's 95%: ΔZ ~ 14 ms/token, so 20 tokens do not repay 300 ms, 40 do
+    prior = SchedulerPrior(device_ms=20.0, cloud_ms=5.0, rtt_ms=300.0, alpha_device=1.0, alpha_cloud=0.95)
+    assert initial_aggregator(prior) == "cloud"  # no horizon: the steady-state rule alone
+    assert initial_aggregator(prior, max_tokens=20) == "device"
+    assert initial_aggregator(prior, max_tokens=40) == "cloud"
+    assert pays_for_the_move(10.0, 300.0, None) and pays_for_the_move(10.0, 300.0, 31)
+    assert not pays_for_the_move(10.0, 300.0, 30) and not pays_for_the_move(10.0, 300.0, 0)
+    seeded = _seeded(prior, "device")
+    assert seeded.should_hand_over("device") and not seeded.should_hand_over("device", tokens_left=5)
+    tie_back = _seeded(prior, "cloud")  # the way back is free: no horizon applies to the cloud's rule
+    assert tie_back.should_hand_over("cloud", tokens_left=1) == tie_back.should_hand_over("cloud")
