@@ -353,8 +353,9 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, ncol=2)
     s = result["setup"]
-    fig.suptitle(f"latency against RTT: {s['questions']} NQ questions x {s['repeats']} repeats, <= {s['tokens']} tokens, "
-                 f"device llama.cpp on its own cores ({s.get('label') or 'this machine'})", fontsize=10)
+    counts = [r["answers"] for c in conds for r in table[c].values()]
+    fig.suptitle(f"latency against RTT: NQ questions, <= {s['tokens']} tokens, {min(counts)}-{max(counts)} answers "
+                 f"per point\n{s.get('label') or 'this machine'}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
