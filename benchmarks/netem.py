@@ -5,7 +5,7 @@ through this proxy on loopback. It is byte-level (it parses nothing, so WebSocke
 works) and adds, per direction (up = client->upstream, down = upstream->client):
 
 * latency + jitter: each chunk read is delayed by ``latency + max(0, N(0, jitter))`` (the same
-  model as ``dragon_core.netsim``), but bytes are NEVER reordered: a chunk's release time is
+  model as ``dragon_core.testing.netsim``), but bytes are NEVER reordered: a chunk's release time is
   ``max(previous release, arrival + delay)``, as TCP would deliver it;
 * bandwidth: a serialisation delay through one bottleneck per direction (``size * 8 / rate``),
   released in pieces of ~5 ms of line time so a slow link trickles rather than bursts;

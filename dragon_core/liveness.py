@@ -14,7 +14,7 @@ during the stall may still be waiting in our socket. The next check, after the r
 had its turn, does.
 
 The device link (``dragon_edge.link``), the cloud link (``dragon_vllm.link``) and the simulator
-(``dragon_core.netsim``) all use this class.
+(``dragon_core.testing.netsim``) all use this class.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core.connection import (BadFrame, Event, LinkConnection, PeerError, RequestMessage, RoundTrip, Send,
                                     Traffic)
-from dragon_core.driver import SessionDriver
+from dragon_host.driver import SessionDriver
 from dragon_core.errors import DragonError, HandshakeError, ProtocolError
 from dragon_core.handshake import LINK_PATH, Identity
 from dragon_core.liveness import DEFAULT_PEER_TIMEOUT_S, PeerLiveness

@@ -18,7 +18,7 @@ from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core import validation as v
 from dragon_core.aggregate import log_mass
-from dragon_core.driver import SessionDriver
+from dragon_host.driver import SessionDriver
 from dragon_core.engine import Engine
 from dragon_core.errors import DragonError, InvalidOptions
 from dragon_core.handshake import Identity

@@ -34,7 +34,7 @@ from dragon_core import session as s
 from dragon_core.aggregate import log_mass
 from dragon_core.connection import (Admitted, CloudTerms, Event, LinkConnection, Refused, RequestMessage,
                                     RequestOpened, RoundTrip, Send)
-from dragon_core.driver import SessionDriver
+from dragon_host.driver import SessionDriver
 from dragon_core.engine import StreamGroup
 from dragon_core import validation as v
 from dragon_core.errors import (DragonError, HandshakeError, InvalidOptions, QuotaExceeded,

@@ -24,7 +24,7 @@ import pytest
 from benchmarks.netem import Shape, spawn_proxy, stop_proxy
 from dragon_core import messages as m
 from dragon_core import session as s
-from dragon_core.driver import centralized_generate
+from dragon_core.testing.reference import centralized_generate
 from dragon_core.prompt import passage_prompts
 from dragon_edge.link import CloudLink
 from dragon_edge.runtime import AnswerOptions

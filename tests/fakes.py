@@ -10,7 +10,7 @@ import numpy as np
 
 from dragon_core.aggregate import side_mixture
 from dragon_core.dist import Dist
-from dragon_core.netsim import SideSpec
+from dragon_core.testing.netsim import SideSpec
 
 VOCAB, EOS = 30, 0
 

@@ -9,8 +9,8 @@ import pytest
 from dragon_core import codec
 from dragon_core import messages as m
 from dragon_core import session as s
-from dragon_core.driver import SessionDriver
-from dragon_core.netsim import centralized_decode
+from dragon_host.driver import SessionDriver
+from dragon_core.testing.netsim import centralized_decode
 
 from fakes import EOS, ListStreams, side_spec
 

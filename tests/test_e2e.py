@@ -36,7 +36,7 @@ from benchmarks.netem import Shape, cut_proxy, spawn_proxy, stop_proxy
 from dragon_core import codec
 from dragon_core import messages as m
 from dragon_core import session as s
-from dragon_core.driver import centralized_generate
+from dragon_core.testing.reference import centralized_generate
 from dragon_core.prompt import passage_prompts
 from dragon_edge.link import CloudLink
 from dragon_edge.runtime import AnswerOptions
@@ -388,7 +388,7 @@ async def cloud_solo(runtime, index, reference_engine, opts: AnswerOptions) -> l
     """The cloud decoding alone over its public passages: a solo cloud ``Session`` (what the
     cloud's OpenAI routes run) on the reference vLLM engine with the server's settings."""
     from dragon_core.aggregate import log_mass
-    from dragon_core.driver import SessionDriver
+    from dragon_host.driver import SessionDriver
 
     pub = index.search(QUESTION, opts.cloud_k)
     prompts, scores = passage_prompts(runtime.tokenizer, QUESTION, [p.text for p in pub], [p.score for p in pub])

@@ -15,11 +15,11 @@ from dragon_core import codec
 from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core.aggregate import log_mass
-from dragon_core.driver import SessionDriver
+from dragon_host.driver import SessionDriver
 from dragon_core.errors import HandshakeError
 from dragon_core.handshake import Identity
 from dragon_core.liveness import PeerLiveness
-from dragon_core.netsim import centralized_decode, solo_decode
+from dragon_core.testing.netsim import centralized_decode, solo_decode
 from dragon_edge.demo import free_port
 from dragon_edge.baselines import LazyGroup
 from dragon_edge.link import CloudLink, CloudRefused, LinkOptions, LinkUnavailable

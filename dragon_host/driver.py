@@ -1,7 +1,7 @@
 """The asyncio adapter that runs one ``Session`` against one engine ``StreamGroup``.
 
-This is the only place where the protocol meets an event loop; it does no network I/O itself
-(the caller supplies ``send``) and knows engines only through ``dragon_core.engine``. Both the
+This is where the protocol meets an event loop; it does no network I/O itself (the caller
+supplies ``send``) and knows engines only through ``dragon_core.engine``. Both the
 device and the cloud use it, so the two sides execute actions identically.
 
 Two tasks per request: the *event* task feeds events to the session and carries out its
@@ -109,28 +109,3 @@ class SessionDriver:
             ms, self._op_ms = self._op_ms, 0.0
             self.stats.decode_ms.append(ms)
             self.feed(s.LocalDist(op.epoch, op.step, dist, ms))
-
-
-async def centralized_generate(config: s.SessionConfig, groups: Sequence[tuple[StreamGroup, Sequence[float]]],
-                               ) -> list[int]:
-    """The reference DRAGON must equal: centralized output aggregation over the documents of
-    all sides, each side's streams on its own engine, mixed with the same canonical ``Dist``s
-    and η weights the protocol uses. One token per step, no speculation, no network."""
-    from dragon_core.aggregate import cross_side_weights, log_mass
-    from dragon_core.speculative import VERIFY, step_rng, synchronous_target
-
-    if len(groups) != 2:
-        raise ValueError("centralized_generate mixes exactly two sides (device, cloud)")
-    (g_dev, r_dev), (g_cloud, r_cloud) = groups
-    _, eta_cloud = cross_side_weights(log_mass(r_dev), log_mass(r_cloud))
-    tokens: list[int] = []
-    for step in range(config.max_tokens):
-        p_dev = await side_dist(g_dev, r_dev, config.dist_top_k)
-        p_cloud = await side_dist(g_cloud, r_cloud, config.dist_top_k)
-        token = synchronous_target(p_dev, p_cloud, eta_cloud, config.sampling, step_rng(config.seed, VERIFY, step))
-        tokens.append(token)
-        if token in config.eos_ids:
-            break
-        await g_dev.append([token])
-        await g_cloud.append([token])
-    return tokens
