@@ -1,0 +1,36 @@
+"""The centralized reference a distributed answer must equal (tests and benchmarks only).
+
+Pure like the rest of ``dragon_core``: it awaits the engines' ``StreamGroup`` methods but owns no
+event loop, clock or socket; the caller runs it under whatever loop it has.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from dragon_core import session as s
+from dragon_core.aggregate import cross_side_weights, log_mass
+from dragon_core.engine import StreamGroup, side_dist
+from dragon_core.speculative import VERIFY, step_rng, synchronous_target
+
+
+async def centralized_generate(config: s.SessionConfig, groups: Sequence[tuple[StreamGroup, Sequence[float]]],
+                               ) -> list[int]:
+    """The reference DRAGON must equal: centralized output aggregation over the documents of
+    all sides, each side's streams on its own engine, mixed with the same canonical ``Dist``s
+    and η weights the protocol uses. One token per step, no speculation, no network."""
+    if len(groups) != 2:
+        raise ValueError("centralized_generate mixes exactly two sides (device, cloud)")
+    (g_dev, r_dev), (g_cloud, r_cloud) = groups
+    _, eta_cloud = cross_side_weights(log_mass(r_dev), log_mass(r_cloud))
+    tokens: list[int] = []
+    for step in range(config.max_tokens):
+        p_dev = await side_dist(g_dev, r_dev, config.dist_top_k)
+        p_cloud = await side_dist(g_cloud, r_cloud, config.dist_top_k)
+        token = synchronous_target(p_dev, p_cloud, eta_cloud, config.sampling, step_rng(config.seed, VERIFY, step))
+        tokens.append(token)
+        if token in config.eos_ids:
+            break
+        await g_dev.append([token])
+        await g_cloud.append([token])
+    return tokens
