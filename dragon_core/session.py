@@ -8,9 +8,8 @@ distribution (``dragon_core.dist.Dist``). Results that arrive after a rollback c
 epoch and are dropped, so the driver never has to cancel anything.
 
 One class serves both sides, the aggregating role that moves between them (Greedy Scheduling),
-and the baselines: ``mode="vdrag"`` (token-wise synchronous), ``mode="sw"`` (sequence-wise) and
-``mode="cloud"`` (cloud-only: the cloud decides every token alone and streams it in ``Tokens``
-frames; the device computes nothing unless the cloud is lost). A session whose peer is gone
+and the baselines: what each mode changes (draft depth, synchronous decisions, whole-sequence
+sends, the cloud-only ``Tokens`` stream) is a row of ``dragon_core.modes``. A session whose peer is gone
 continues alone (``solo``): its drafts *are* samples of its own distribution, so every draft is
 committed as is.
 """
@@ -25,6 +24,7 @@ from dragon_core.aggregate import cross_side_weights
 from dragon_core.codec import dist_from_wire, dist_to_wire
 from dragon_core.dist import Dist
 from dragon_core.errors import OutOfVocabulary, ProtocolError
+from dragon_core.request import RequestSpec, spec_fields
 from dragon_core.scheduler import GreedyScheduler, SchedulerConfig, draft_window
 from dragon_core.speculative import DRAFT_CLOUD, DRAFT_DEVICE, VERIFY, draft, step_rng, synchronous_target, verify
 
@@ -32,47 +32,34 @@ FinishReason = Literal["eos", "length", "cancelled", "peer_lost", "error"]
 
 
 # ---------------------------------------------------------------------------- configuration
-@dataclass(frozen=True)
-class SessionConfig:
-    """Everything both sides must agree on; the device sends it in ``Open``."""
+@dataclass(frozen=True, kw_only=True)
+class SessionConfig(RequestSpec):
+    """One side's configuration: the request's spec (what both sides agree on; the device sends
+    it in ``Open``) plus what only this side knows."""
 
     request_id: int
-    max_tokens: int
-    seed: int
     eos_ids: frozenset[int]
-    sampling: m.Sampling = m.Sampling()
-    mode: m.Mode = "dragon"
-    aggregator: m.Side = "device"
-    scheduling: bool = True
-    max_depth: int = 8
-    dist_top_k: int = 0
     # "epoch" drops stale drafts; "step" mimics the reference code (tests show it is inexact)
     tagging: Literal["epoch", "step"] = "epoch"
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    prior: m.SchedulerPrior | None = None  # estimates from earlier requests on this link
     vocab_size: int = 0  # this side's vocabulary (0: unknown); token ids a peer sends must fit it
 
     def __post_init__(self) -> None:
-        if self.mode == "cloud":  # cloud-only: the cloud decides every token; nothing to schedule
-            object.__setattr__(self, "aggregator", "cloud")
+        if self.rule.aggregator is not None:  # a pinned aggregator has nothing to schedule
+            object.__setattr__(self, "aggregator", self.rule.aggregator)
             object.__setattr__(self, "scheduling", False)
 
     @property
     def depth(self) -> int:
-        if self.mode == "vdrag":
-            return 1
-        if self.mode == "sw":
-            return self.max_tokens
-        return max(1, self.max_depth)
+        return self.rule.depth_for(self.max_depth, self.max_tokens)
 
     @staticmethod
-    def from_open(msg: m.Open, eos_ids: Sequence[int], **overrides) -> "SessionConfig":
-        return SessionConfig(
-            request_id=msg.request_id, max_tokens=msg.max_tokens, seed=msg.seed,
-            eos_ids=frozenset(eos_ids), sampling=msg.sampling, mode=msg.mode,
-            aggregator=msg.aggregator, scheduling=msg.scheduling, max_depth=msg.max_depth,
-            dist_top_k=msg.dist_top_k, prior=msg.prior, **overrides,
-        )
+    def from_spec(spec: RequestSpec, request_id: int, eos_ids: Sequence[int], **local) -> "SessionConfig":
+        return SessionConfig(**spec_fields(spec), request_id=request_id, eos_ids=frozenset(eos_ids), **local)
+
+    @staticmethod
+    def from_open(msg: m.Open, eos_ids: Sequence[int], **local) -> "SessionConfig":
+        return SessionConfig.from_spec(RequestSpec.from_open(msg), msg.request_id, eos_ids, **local)
 
 
 # ---------------------------------------------------------------------------- events (inputs)
@@ -134,10 +121,13 @@ class Append:
 
 @dataclass(frozen=True)
 class ComputeDist:
-    """Compute the local mixture at the end of the streams (which hold ``step`` tokens)."""
+    """Compute the local mixture at the end of the streams (which hold ``step`` tokens), as
+    the wire carries it: its ``dist_top_k`` most likely ids (0: the full vector). The session
+    says so because the compressed mixture *is* the canonical one both sides aggregate."""
 
     epoch: int
     step: int
+    dist_top_k: int = 0
 
 
 @dataclass(frozen=True)
@@ -229,7 +219,7 @@ class Session:
     @property
     def decides_alone(self) -> bool:
         """No peer draft to verify: a solo session, or either side of a cloud-only request."""
-        return self.solo or self.config.mode == "cloud"
+        return self.solo or self.config.rule.streams_tokens
 
     def handle(self, event: Event) -> list[Action]:
         """Process one event; return the actions it causes (in the order to execute them)."""
@@ -309,14 +299,14 @@ class Session:
     def _can_draft_at(self, step: int) -> bool:
         if step >= self.config.max_tokens or len(self._drafts) >= self._window():
             return False
-        if self.config.mode == "cloud" and not self.is_aggregator:
+        if self.config.rule.streams_tokens and not self.is_aggregator:
             return False  # cloud-only: the device computes nothing while the cloud is there
         return not (self._drafts and self._drafts[-1].token in self.config.eos_ids)
 
     def _window(self) -> int:
         """Undecided drafts allowed ahead: the mode's fixed depth, or for DRAGON the window that
         covers one round trip (``scheduler.draft_window``), capped by ``max_depth``."""
-        if self.config.mode in ("vdrag", "sw"):
+        if self.config.rule.depth != "window":
             return self.config.depth
         return draft_window(self.scheduler.estimates, self.config.depth)
 
@@ -331,12 +321,12 @@ class Session:
         if self._computing is None and self._can_draft_at(next_step):
             self._sync_streams(self.committed + [d.token for d in self._drafts])
             self._computing = (self.epoch, next_step)
-            self._emit(ComputeDist(self.epoch, next_step))
+            self._emit(ComputeDist(self.epoch, next_step, self.config.dist_top_k))
 
     def _flush_drafts(self) -> None:
         if not self._unsent or self.is_aggregator:
             return
-        if self.config.mode == "sw" and self._can_draft_at(len(self.committed) + len(self._drafts)):
+        if self.config.rule.sends_whole_sequence and self._can_draft_at(len(self.committed) + len(self._drafts)):
             return  # sequence-wise: send only the whole sequence
         for msg in self._unsent:
             self._emit(Send(msg))
@@ -389,7 +379,7 @@ class Session:
         cfg = self.config
         _, eta_remote = cross_side_weights(self.log_h, remote.log_h)
         rng = step_rng(cfg.seed, VERIFY, step)
-        if cfg.mode == "vdrag":
+        if cfg.rule.synchronous:
             token = synchronous_target(local.dist, remote.dist, eta_remote, cfg.sampling, rng)
         else:
             token = verify(local.token, local.dist, remote.token, remote.dist, eta_remote, cfg.sampling, rng).token
@@ -462,7 +452,7 @@ class Session:
 
     def _on_tokens(self, msg: m.Tokens) -> None:
         """Cloud-only mode: the cloud decided these tokens alone; the device commits them as is."""
-        if self.config.mode != "cloud" or self.is_aggregator:
+        if not self.config.rule.streams_tokens or self.is_aggregator:
             raise ProtocolError("Tokens frames belong to a cloud-only request, sent by the cloud")
         if msg.step != len(self.committed):
             raise ProtocolError(f"tokens from step {msg.step}, expected {len(self.committed)}")
@@ -486,7 +476,7 @@ class Session:
         step = len(self.committed)
         self.committed.append(token)
         self.stats.aggregator_by_step.append(self.aggregator)
-        if self.config.mode == "cloud" and self.side == "cloud" and not self.solo:
+        if self.config.rule.streams_tokens and self.side == "cloud" and not self.solo:
             # sent before Finish, so the device gets the last token before the cloud lets go
             self._emit(Send(m.Tokens(self.config.request_id, step, [token])))
         self._emit(Commit(step, (token,)))

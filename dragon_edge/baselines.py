@@ -1,46 +1,19 @@
-"""The answer modes a request may choose, and the two pieces the non-DRAGON baselines need.
+"""The stream group the device's answers start with: ``LazyGroup``.
 
-Modes (``AnswerOptions.mode``, ``dragon-edge ask --mode``, the SDK's ``mode=``):
-
-* ``dragon``: DRAGON (speculative aggregation, Greedy Scheduling);
-* ``vdrag``: token-wise synchronous aggregation; ``sw``: sequence-wise (DRDG/SW);
-* ``cloud``: cloud-only. The cloud decodes alone over its public passages and streams its
-  tokens; the device computes nothing (its streams are a ``LazyGroup``) unless the cloud is lost,
-  when it finishes the answer alone from the committed tokens (flagged degraded);
-* ``text``: DRCG/Text. The cloud sends its public passages' text; the device prefills them next
-  to its private ones and decodes alone. Only the query goes up;
-* ``concat``: DRCG with one concatenated prompt (context aggregation, the DRAGON paper's main
-  baseline). As for ``text``, the cloud sends its public passages' text and only the query goes
-  up; the device puts its private passages and the public ones, best score first, into **one**
-  prompt cut to 256 tokens (``dragon_core.prompt.concatenated_prompt``) and decodes it alone;
-* ``device``: device-only (the same as ``use_cloud=False``).
+What each answer mode does is ``dragon_core.modes``' table (re-exported here for the callers
+that import the mode names from the device package).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Literal, Sequence, get_args
+from typing import Sequence
 
-from dragon_core import messages as m
 from dragon_core.dist import Dist
 from dragon_core.engine import Engine, StreamGroup
-from dragon_core.errors import DragonError
+from dragon_core.modes import ANSWER_MODES, AnswerMode, UnknownMode, wire_mode
 
-AnswerMode = Literal["dragon", "vdrag", "sw", "cloud", "text", "concat", "device"]
-ANSWER_MODES: tuple[str, ...] = get_args(AnswerMode)
-
-
-class UnknownMode(DragonError, ValueError):
-    code = "unknown_mode"
-
-
-def wire_mode(mode: str) -> m.Mode:
-    """The ``Open.mode`` for an answer mode (``device`` never reaches the wire: it runs the
-    device's session alone, which ``dragon`` describes; ``concat`` asks the cloud for what
-    ``text`` does, its passages); ``UnknownMode`` names the choices."""
-    if mode not in ANSWER_MODES:
-        raise UnknownMode(f"unknown mode {mode!r}; choose one of: {' | '.join(ANSWER_MODES)}")
-    return {"device": "dragon", "concat": "text"}.get(mode, mode)  # type: ignore[return-value]
+__all__ = ["ANSWER_MODES", "AnswerMode", "LazyGroup", "UnknownMode", "wire_mode"]
 
 
 class LazyGroup:

@@ -37,7 +37,7 @@ PeerTimeoutOpt = typer.Option(DEFAULT_PEER_TIMEOUT_S, "--peer-timeout-s", help=(
 
 
 def _check_mode(value: str) -> str:
-    from dragon_edge.baselines import UnknownMode, wire_mode
+    from dragon_core.modes import UnknownMode, wire_mode
 
     try:
         wire_mode(value)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from dragon_core.errors import InvalidOptions
-from dragon_edge.baselines import UnknownMode
+from dragon_core.modes import UnknownMode
 from dragon_edge.runtime import AnswerOptions, check_answer_options
 
 # top_k, temperature, top_p, seed and max_tokens come from OpenAI's fields; emulate_decode_ms
