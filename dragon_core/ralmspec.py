@@ -1,0 +1,74 @@
+"""RaLMSpec's rules for speculative iterative retrieval (issue 16; docs/RALMSPEC.md), pure.
+
+Iterative RAG re-retrieves every ``n`` generated tokens with the question + the text so far as the
+query. RaLMSpec keeps decoding on documents retrieved *speculatively* from a per-request cache
+(the top-20 of each real retrieval, scored with the same function), and verifies ``s``
+speculative retrievals with one batched real retrieval; at the first step whose speculative
+documents differ from the real ones it rolls back, so the output equals the non-speculative
+system's. This module holds the three rules both the cloud and the simulator need:
+
+* ``first_mismatch``: where a verified batch goes wrong (the rollback point);
+* ``SpeculationAccuracy``: γ, the share of speculative retrievals that were right over the last
+  five verification rounds, capped at 0.6 (a lucky streak must not stretch the stride);
+* ``optimal_stride`` (OS³): the stride ``s`` maximising the expected verified steps per unit of
+  time, ``(1 − γ^s) / ((1 − γ)(s·a + b))``, with ``a`` one decoding + cache-retrieval step and
+  ``b`` one verification (a batched real retrieval).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+GAMMA_CAP = 0.6  # RaLMSpec's cap on the estimated speculation accuracy
+WINDOW = 5  # verification rounds the accuracy is estimated over
+MAX_STRIDE = 16
+
+
+def first_mismatch(speculated: Sequence[Sequence[int]], real: Sequence[Sequence[int]]) -> int | None:
+    """The first retrieval step whose speculative top-k (ids, in rank order) differs from the
+    real one, or None when the whole batch was right. Order matters: the mixture weights follow
+    the ranks' scores, so the same set in another order is another distribution."""
+    if len(speculated) != len(real):
+        raise ValueError(f"{len(speculated)} speculative steps but {len(real)} verified")
+    for step, (s, r) in enumerate(zip(speculated, real)):
+        if list(s) != list(r):
+            return step
+    return None
+
+
+@dataclass
+class SpeculationAccuracy:
+    """γ over the last ``WINDOW`` verification rounds (right steps ÷ verified steps), capped."""
+
+    rounds: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
+
+    def record(self, verified: int, right: int) -> None:
+        if not 0 <= right <= verified:
+            raise ValueError(f"{right} right of {verified} verified")
+        if verified:
+            self.rounds.append((verified, right))
+
+    @property
+    def gamma(self) -> float:
+        verified = sum(v for v, _ in self.rounds)
+        if not verified:
+            return GAMMA_CAP  # nothing seen yet: the cap is RaLMSpec's starting guess
+        return min(GAMMA_CAP, sum(r for _, r in self.rounds) / verified)
+
+
+def expected_rate(stride: int, gamma: float, step_cost: float, verify_cost: float) -> float:
+    """Verified steps per unit of time at stride ``s``: ``(1 − γ^s) / ((1 − γ)(s·a + b))``
+    (``s`` when γ = 1 would be exact; γ is capped below 1)."""
+    if stride < 1:
+        raise ValueError("the stride is at least 1")
+    accepted = stride if gamma >= 1 else (1 - gamma ** stride) / (1 - gamma)
+    return accepted / (stride * step_cost + verify_cost)
+
+
+def optimal_stride(gamma: float, step_cost: float, verify_cost: float, max_stride: int = MAX_STRIDE) -> int:
+    """OS³: the stride in ``1..max_stride`` with the highest expected rate (the smallest on ties)."""
+    if step_cost <= 0 or verify_cost < 0:
+        raise ValueError("costs must be positive (verification may be free)")
+    return max(range(1, max_stride + 1), key=lambda s: (expected_rate(s, gamma, step_cost, verify_cost), -s))
