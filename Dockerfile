@@ -94,6 +94,7 @@ RUN { [ -z "$HOST_CA" ] || export PIP_CERT="$HOST_CA"; } \
 # Only what the cloud needs (.dockerignore keeps .venv, .gpu, .git out of the context).
 COPY pyproject.toml README.md /opt/dragon/
 COPY dragon_core /opt/dragon/dragon_core
+COPY dragon_host /opt/dragon/dragon_host
 COPY dragon_http /opt/dragon/dragon_http
 COPY dragon_vllm /opt/dragon/dragon_vllm
 COPY dragon_edge /opt/dragon/dragon_edge

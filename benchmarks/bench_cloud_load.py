@@ -1007,8 +1007,8 @@ def build_index(args, workdir: Path) -> Path:
 def run(args, save=None) -> dict:
     """The whole benchmark; ``save(result)`` is called after every level (a run cut short by a
     time limit still leaves its finished levels on disk)."""
-    from dragon_core.handshake import local_identity
-    from dragon_core.models import get_model
+    from dragon_host.identity import local_identity
+    from dragon_host.models import get_model
     from dragon_core.prompt import eos_token_ids
     from dragon_edge.loader import load_tokenizer
     from dragon_vllm.corpus import PublicIndex

@@ -231,7 +231,8 @@ def phase_complete(work: Path) -> dict:
     """A ~256 kB file: killed mid-way, resumed to the end, checked against a fresh embedding."""
     import numpy as np
 
-    from dragon_core.retrieval import chunk_words, default_embedder
+    from dragon_core.retrieval import chunk_words
+    from dragon_host.embedder import default_embedder
 
     folder, store = work / "mid", work / "store-mid"
     folder.mkdir()

@@ -40,7 +40,8 @@ import aiohttp
 
 from dragon_core import codec
 from dragon_core import messages as m
-from dragon_core.handshake import LINK_PATH, local_identity
+from dragon_core.handshake import LINK_PATH
+from dragon_host.identity import local_identity
 
 MODEL = "smollm2-135m"
 GREEDY, GOOD = "greedy-device-token-0001", "good-device-token-000002"

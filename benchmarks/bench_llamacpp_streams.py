@@ -98,7 +98,7 @@ async def run(args) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    from dragon_core.models import get_model
+    from dragon_host.models import get_model
     from dragon_edge.engines.llamacpp import LlamaCppEngine
 
     spec = get_model(args.model)

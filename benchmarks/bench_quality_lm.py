@@ -204,7 +204,7 @@ async def run(args: argparse.Namespace, engine=None, tokenizer=None, embedder=No
     from tqdm import tqdm
 
     from benchmarks.environment import describe
-    from dragon_core.retrieval import default_embedder
+    from dragon_host.embedder import default_embedder
     from dragon_edge.loader import load_tokenizer
 
     t0 = time.time()

@@ -321,7 +321,7 @@ def _default_model() -> str | None:
     if os.environ.get("DRAGON_HF_DIR"):
         return os.environ["DRAGON_HF_DIR"]
     try:
-        from dragon_core import models
+        from dragon_host import models
 
         return str(models.get_model("smollm2-135m").hf_dir())
     except Exception:

@@ -6,7 +6,7 @@ faulthandler.dump_traceback_later(150, exit=True)
 
 async def main():
     from dragon_vllm.engine import make_engine
-    from dragon_core.models import get_model
+    from dragon_host.models import get_model
     from transformers import AutoTokenizer
     d = str(get_model("smollm2-135m").hf_dir())
     tok = AutoTokenizer.from_pretrained(d)

@@ -13,7 +13,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=
 export DRAGON_CACHE=${DRAGON_CACHE:-/tmp/dragon-cache} NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python -m dragon_core.models prepare smollm2-135m > "$OUT/prepare.log" 2>&1 || { tail -20 "$OUT/prepare.log"; exit 1; }
+python -m dragon_host.models prepare smollm2-135m > "$OUT/prepare.log" 2>&1 || { tail -20 "$OUT/prepare.log"; exit 1; }
 case "${1:-}" in
   tests)
     # faulthandler: a hang prints every thread's stack instead of nothing

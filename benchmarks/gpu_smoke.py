@@ -34,14 +34,15 @@ def versions() -> dict:
 
 
 def model_checks() -> dict:
-    from dragon_core import models
+    from dragon_host import models
+    from dragon_host.models.fingerprint import gguf_tokenizer, hf_tokenizer
 
     spec = models.get_model("smollm2-135m")
     folder = models.prepare("smollm2-135m")
     gguf, hf = models.fingerprints("smollm2-135m", "gguf"), models.fingerprints("smollm2-135m", "hf")
     meta = models.read_gguf_metadata(spec.gguf_path())
     return {"folder": str(folder), "gguf": gguf.__dict__, "hf": hf.__dict__, "equal": gguf == hf,
-            "special_gguf": models._gguf_tokenizer(meta)["special"], "special_hf": models._hf_tokenizer(folder)["special"]}
+            "special_gguf": gguf_tokenizer(meta)["special"], "special_hf": hf_tokenizer(folder)["special"]}
 
 
 def demo_answer(work: Path) -> dict:

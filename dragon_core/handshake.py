@@ -83,16 +83,3 @@ def admit(hello: m.Hello, ours: Identity, auth_token: str | None, device_tokens:
         raise AuthFailed("invalid auth token")  # named tokens only: no shared token to fall back on
     check_hello(hello, ours, None if name else auth_token)
     return name
-
-
-def local_identity(model: str, source: str = "gguf") -> Identity:
-    """This side's identity from the model registry and the retriever contract.
-
-    ``source`` says which copy of the weights this side runs ("gguf" on the device, "hf" on
-    the cloud); the fingerprints are equal when one is the conversion of the other.
-    """
-    from dragon_core.models import fingerprints
-    from dragon_core.retrieval import retriever_fingerprint, score_function_id
-
-    fp = fingerprints(model, source)  # type: ignore[arg-type]
-    return Identity(model, fp.model, fp.tokenizer, retriever_fingerprint(), score_function_id())

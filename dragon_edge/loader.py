@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import os
 
-from dragon_core.handshake import local_identity
-from dragon_core.models import get_model
 from dragon_core.prompt import eos_token_ids
+from dragon_host.identity import local_identity
+from dragon_host.models import get_model
 from dragon_edge.link import CloudLink
 from dragon_edge.runtime import EdgeRuntime
 

@@ -7,9 +7,9 @@ import logging
 import os
 from pathlib import Path
 
-from dragon_core.handshake import local_identity
-from dragon_core.models import get_model
 from dragon_core.prompt import eos_token_ids
+from dragon_host.identity import local_identity
+from dragon_host.models import get_model
 from dragon_vllm.backend import DragonCloud
 
 log = logging.getLogger("dragon.cloud")

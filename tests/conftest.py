@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from dragon_core.models import ModelSpec, get_model  # noqa: E402
+from dragon_host.models import ModelSpec, get_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

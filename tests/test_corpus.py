@@ -16,6 +16,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from dragon_core import retrieval as r  # noqa: E402
+from dragon_host import embedder as emb  # noqa: E402
 from dragon_vllm import corpus as c  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,8 +70,8 @@ def write_inputs(d: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def embedder() -> r.Embedder:
-    return r.default_embedder()
+def embedder() -> emb.Embedder:
+    return emb.default_embedder()
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def test_build_persists_passages_and_manifest(built, inputs, embedder):
                 expected += [(d.title, t) for t in r.chunk_words(d.text, 64)]
     assert [built.passage(i) for i in range(len(built))] == expected
     assert m["passages"] == len(built) == len(expected) and m["index"]["type"] == "flat"
-    assert m["retriever_fingerprint"] == embedder.fingerprint == r.retriever_fingerprint()
+    assert m["retriever_fingerprint"] == embedder.fingerprint == emb.retriever_fingerprint()
     assert m["score_function"] == r.score_function_id()
     assert [s["documents"] for s in m["sources"]] == [2, 1, 4] and m["sources"][2]["duplicates"] == 1
     assert m["sources"][2]["skipped"] == 1
@@ -308,7 +309,7 @@ def test_load_rejects_another_retriever(built, embedder, tmp_path):
     with pytest.raises(c.CorpusRetrieverMismatch, match="rebuild"):
         c.PublicIndex.load(d, embedder=embedder)
     # The real index, opened by an embedder with another score function (scale 5 vs 10).
-    other = r.Embedder(embedder.model_dir, score=r.ScoreFunction(scale=5.0))
+    other = emb.Embedder(embedder.model_dir, score=r.ScoreFunction(scale=5.0))
     with pytest.raises(c.CorpusRetrieverMismatch, match="score function"):
         c.PublicIndex.load(built.path, embedder=other)
 

@@ -39,7 +39,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from dragon_core import prompt as P  # noqa: E402
-from dragon_core.models import get_model  # noqa: E402
+from dragon_host.models import get_model  # noqa: E402
 
 MODEL = "smollm2-135m"
 DOCS = [

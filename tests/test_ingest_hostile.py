@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from dragon_core.retrieval import chunk_words, default_embedder
+from dragon_core.retrieval import chunk_words
+from dragon_host.embedder import default_embedder
 from dragon_edge.store import DocumentStore, FileTooLarge, NotARegularFile, StoreFull
 from dragon_edge.store import index as ix
 from dragon_edge.store import readers

@@ -525,6 +525,6 @@ def test_real_cloud_refuses_an_out_of_vocabulary_target_before_committing_it(clo
 
 
 def cloud_hello(token: str) -> m.Hello:
-    from dragon_core.handshake import local_identity
+    from dragon_host.identity import local_identity
 
     return local_identity("smollm2-135m", "hf").hello(token, "test_link_abuse")

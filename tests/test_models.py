@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dragon_core import models
+from dragon_host import models
 from dragon_core.errors import ModelNotInstalled, UnknownModel
-from dragon_core.models import ModelSpec
+from dragon_host.models import ModelSpec
 
 # How the GGUF's tensors map onto the converted folder (transformers' llama GGUF mapping). The
 # output layer is tied to token_embd (no output.weight in the GGUF, no lm_head in the folder).
@@ -242,14 +242,14 @@ def test_missing_package_names_the_pip_command():
 def test_retriever_entry_points_at_the_sentence_transformers_folder():
     path = models.get_retriever("all-minilm-l6-v2").path()
     assert (path / "modules.json").is_file() and (path / "model.safetensors").is_file()
-    from dragon_core.retrieval import locate_model_dir
+    from dragon_host.embedder import locate_model_dir
 
     assert path == locate_model_dir()
 
 
 def test_prepare_is_a_no_op_when_ready(smollm2: ModelSpec):
     """Runs in a fresh interpreter: a ready model is found without importing torch."""
-    code = ("import sys; from dragon_core import models; p = models.prepare('smollm2-135m', log=lambda *_: None);"
+    code = ("import sys; from dragon_host import models; p = models.prepare('smollm2-135m', log=lambda *_: None);"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; print(p)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -257,7 +257,7 @@ def test_prepare_is_a_no_op_when_ready(smollm2: ModelSpec):
 
 
 def test_import_is_light():
-    code = "import sys, dragon_core.models; print(sorted(m for m in ('torch', 'transformers', 'gguf', 'llama_cpp') if m in sys.modules))"
+    code = "import sys, dragon_host.models; print(sorted(m for m in ('torch', 'transformers', 'gguf', 'llama_cpp') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -284,7 +284,8 @@ def test_cli(smollm2: ModelSpec, capsys):
 def test_converted_tokenizer_has_the_ggufs_special_tokens(smollm2: ModelSpec):
     """BOS/EOS/UNK/PAD of the converted folder are the GGUF's own ids (transformers 5.17's GGUF
     loader guessed ``eos = <|im_start|>`` and no pad, and every handshake was then refused)."""
-    from dragon_core.models import _gguf_tokenizer, _hf_tokenizer, read_gguf_metadata
+    from dragon_host.models.fingerprint import gguf_tokenizer as _gguf_tokenizer, hf_tokenizer as _hf_tokenizer
+    from dragon_host.models.gguf import read_gguf_metadata
 
     meta = read_gguf_metadata(smollm2.gguf_path())
     want, got = _gguf_tokenizer(meta)["special"], _hf_tokenizer(smollm2.hf_dir())["special"]
@@ -295,7 +296,8 @@ def test_converted_tokenizer_has_the_ggufs_special_tokens(smollm2: ModelSpec):
 def test_special_token_check_refuses_a_wrong_eos(smollm2: ModelSpec, tmp_path: Path):
     """The check that runs after every conversion fails on the tokenizer 5.17 wrote."""
     from dragon_core.errors import ConversionError
-    from dragon_core.models import _check_special_tokens, read_gguf_metadata
+    from dragon_host.models.convert import _check_special_tokens
+    from dragon_host.models.gguf import read_gguf_metadata
 
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm2.hf_dir() / name, tmp_path / name)

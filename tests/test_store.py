@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from dragon_core.errors import DragonError
-from dragon_core.retrieval import chunk_words, default_embedder
+from dragon_core.retrieval import chunk_words
+from dragon_host.embedder import default_embedder
 from dragon_edge.store import (
     DocumentStore,
     EmptyDocument,

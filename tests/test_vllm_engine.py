@@ -102,7 +102,7 @@ DOCS = [
 def _model_dir() -> str:
     if path := os.environ.get("DRAGON_HF_DIR"):
         return path
-    from dragon_core import models
+    from dragon_host import models
 
     return str(models.prepare("smollm2-135m"))  # idempotent; converts once (~1 min)
 

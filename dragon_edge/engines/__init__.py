@@ -16,7 +16,7 @@ KINDS = ("llamacpp", "hf")
 
 
 def load_engine(kind: str, model: str, **kwargs: Any) -> Engine:
-    """Load a registered model (``dragon_core.models``) on the engine ``kind``."""
+    """Load a registered model (``dragon_host.models``) on the engine ``kind``."""
     if kind == "llamacpp":
         from dragon_edge.engines.llamacpp import LlamaCppEngine
 

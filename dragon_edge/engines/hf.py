@@ -45,7 +45,7 @@ class HFEngine:
 
     @classmethod
     def from_name(cls, model: str, **kwargs) -> "HFEngine":
-        from dragon_core.models import get_model
+        from dragon_host.models import get_model
 
         return cls(get_model(model).hf_dir(), **kwargs)
 

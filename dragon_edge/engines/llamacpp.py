@@ -75,7 +75,7 @@ class LlamaCppEngine:
 
     @classmethod
     def from_name(cls, model: str, **kwargs) -> "LlamaCppEngine":
-        from dragon_core.models import get_model
+        from dragon_host.models import get_model
 
         return cls(get_model(model).gguf_path(), **kwargs)
 

@@ -32,12 +32,8 @@ import numpy as np
 from tqdm import tqdm
 
 from dragon_core.passage import Passage
-from dragon_core.retrieval import (
-    DEFAULT_PASSAGE_WORDS,
-    Embedder,
-    chunk_words,
-    default_embedder,
-)
+from dragon_core.retrieval import DEFAULT_PASSAGE_WORDS, chunk_words
+from dragon_host.embedder import Embedder, default_embedder
 from dragon_edge.store import db, index as ix, readers, staging, walk
 from dragon_edge.store.names import display_path, source_key
 from dragon_edge.store.passages import batched, count_passages, iter_passages

@@ -2,7 +2,7 @@
 that is renamed into place only when complete (``dragon_host.files.install``).
 
 Passages are 64-word chunks (``dragon_core.retrieval.chunk_words``, as on the device) embedded
-with the shared :class:`~dragon_core.retrieval.Embedder`, so their scores are ``R(d)`` of the
+with the shared :class:`~dragon_host.embedder.Embedder`, so their scores are ``R(d)`` of the
 score function the device uses.
 """
 
@@ -20,7 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from dragon_core.retrieval import DEFAULT_PASSAGE_WORDS, Embedder, chunk_words, default_embedder
+from dragon_core.retrieval import DEFAULT_PASSAGE_WORDS, chunk_words
+from dragon_host.embedder import Embedder, default_embedder
 from dragon_host.files import file_sha256, fsync_path, install
 from dragon_vllm.corpus.errors import CorpusError, CorpusInputError, EmptyCorpus
 from dragon_vllm.corpus.layout import FORMAT, FORMAT_VERSION, INDEX_FILE, MANIFEST, PASSAGES_FILE

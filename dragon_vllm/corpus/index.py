@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from dragon_core.passage import Passage
-from dragon_core.retrieval import Embedder, default_embedder
+from dragon_host.embedder import Embedder, default_embedder
 from dragon_host.files import file_sha256
 from dragon_vllm.corpus.build import build_index
 from dragon_vllm.corpus.errors import CorpusCorrupt, CorpusRetrieverMismatch
