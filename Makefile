@@ -9,7 +9,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m dragon_edge.demo
+	$(PY) -m dragon_demo
 
 test: setup
 	$(PY) -m pytest -q

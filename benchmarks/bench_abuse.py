@@ -30,7 +30,7 @@ KEY = "bench-abuse-key"
 
 
 def start_server(root: Path, args) -> tuple:
-    from dragon_edge.demo import build_demo_world, start_cloud
+    from dragon_demo import build_demo_world, start_cloud
 
     build_demo_world(root)
     proc, port = start_cloud(root / "index", "bench-link-token", root / "cloud.log", timeout_s=300, extra_args=(
@@ -73,7 +73,7 @@ async def measure(port: int, args) -> dict:
 
 def run(args) -> dict:
     from benchmarks.bench_cloud_load import environment
-    from dragon_edge.demo import stop
+    from dragon_demo import stop
 
     with tempfile.TemporaryDirectory() as tmp:
         proc, port, url = start_server(Path(tmp), args)

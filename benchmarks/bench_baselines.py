@@ -72,7 +72,7 @@ async def one_rtt(runtime, url: str, tokens: int, repeats: int) -> dict:
 
 def run(rtts: list[float], tokens: int, repeats: int) -> dict:
     from benchmarks.netem import Shape, spawn_proxy, stop_proxy
-    from dragon_edge.demo import build_demo_world, start_cloud, stop, wait_healthy
+    from dragon_demo import build_demo_world, start_cloud, stop, wait_healthy
     from dragon_edge.loader import load_runtime
 
     result: dict = dict(tokens=tokens, repeats=repeats, question=QUESTION, modes=MODES, rtt={},

@@ -517,7 +517,7 @@ class CloudProc:
         self.healthy_s: float | None = None
 
     def wait_healthy(self, timeout_s: float) -> None:
-        from dragon_edge.demo import wait_healthy
+        from dragon_demo import wait_healthy
 
         try:
             wait_healthy(self.url, self.proc, timeout_s)
@@ -572,7 +572,7 @@ class CloudProc:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        from dragon_edge.demo import stop
+        from dragon_demo import stop
 
         stop(self.proc)
 

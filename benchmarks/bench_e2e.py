@@ -79,7 +79,7 @@ async def scenario(runtime, url: str, slow: str, slow_ms: float, tokens: int, re
 
 def run(rtt_ms: float, slow_ms: float, tokens: int, repeats: int) -> dict:
     from benchmarks.netem import Shape, spawn_proxy, stop_proxy
-    from dragon_edge.demo import build_demo_world, start_cloud, stop, wait_healthy
+    from dragon_demo import build_demo_world, start_cloud, stop, wait_healthy
     from dragon_edge.loader import load_runtime
 
     result: dict = dict(rtt_ms=rtt_ms, slow_ms=slow_ms, tokens=tokens, repeats=repeats, scenarios={})

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "edge_serve.json")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from dragon_edge.demo import build_private_store
+    from dragon_demo import build_private_store
 
     env = describe(["llama_cpp_python", "aiohttp", "openai"])
     with tempfile.TemporaryDirectory(prefix="bench_edge_serve_") as tmp:

@@ -177,7 +177,7 @@ def job_list(conditions: list[str], repeats: int) -> list[tuple[str, int]]:
 
 def run(args) -> dict:
     from benchmarks.environment import describe
-    from dragon_edge.demo import start_cloud, stop, wait_healthy
+    from dragon_demo import start_cloud, stop, wait_healthy
 
     t0 = time.time()
     jobs_list = job_list(args.conditions, args.repeats)

@@ -232,7 +232,7 @@ def summary_s(xs: list[float]) -> dict:
 
 # ---------------------------------------------------------------------------- driver
 def run_setting(name: str, extra: tuple[str, ...], world: Path, tokens_file: Path, args) -> dict:
-    from dragon_edge.demo import start_cloud, stop, wait_healthy
+    from dragon_demo import start_cloud, stop, wait_healthy
 
     log = world / f"cloud-{name}.log"
     proc, port = start_cloud(world / "index", "", log, ("--link-tokens-file", str(tokens_file), *extra))
@@ -262,7 +262,7 @@ def main() -> None:
     ap.add_argument("--control", action="store_true", help="also run the flood against a cloud without limits")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
-    from dragon_edge.demo import build_demo_world
+    from dragon_demo import build_demo_world
 
     result = dict(benchmark="bench_link_abuse", environment=environment(), flags=vars(args) | {"out": str(args.out)},
                   settings={})

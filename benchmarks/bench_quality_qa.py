@@ -221,7 +221,7 @@ def goals(table: dict, ci: dict) -> dict:
 
 # ---------------------------------------------------------------------------- the run
 async def run(args: argparse.Namespace, base_runtime=None) -> dict[str, Any]:
-    from dragon_edge.demo import start_cloud, stop, wait_healthy
+    from dragon_demo import start_cloud, stop, wait_healthy
     from dragon_edge.runtime import EdgeRuntime
     from dragon_vllm.corpus import PublicIndex
 

@@ -46,7 +46,7 @@ def model_checks() -> dict:
 
 
 def demo_answer(work: Path) -> dict:
-    from dragon_edge.demo import QUESTION, ask, build_demo_world, start_cloud, stop, wait_healthy
+    from dragon_demo import QUESTION, ask, build_demo_world, start_cloud, stop, wait_healthy
 
     build_demo_world(work)
     token = "gpu-smoke"

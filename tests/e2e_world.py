@@ -55,7 +55,7 @@ class CloudProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        from dragon_edge.demo import start_cloud, stop, wait_healthy
+        from dragon_demo import start_cloud, stop, wait_healthy
 
         self.proc, self.port = start_cloud(self.root / "index", TOKEN, self.root / "cloud.log")
         try:
@@ -82,7 +82,7 @@ def e2e_loop():
 @pytest.fixture(scope="session")
 def world(tmp_path_factory, smollm2):
     """``(root, public index, private store)`` of the demo, built once."""
-    from dragon_edge.demo import build_demo_world
+    from dragon_demo import build_demo_world
 
     root = tmp_path_factory.mktemp("e2e")
     index, store = build_demo_world(root)
@@ -91,7 +91,7 @@ def world(tmp_path_factory, smollm2):
 
 @pytest.fixture(scope="session")
 def cloud(world):
-    from dragon_edge.demo import stop
+    from dragon_demo import stop
 
     os.environ["DRAGON_TOKEN"] = TOKEN
     handle = CloudProcess(world[0], 0, None)  # type: ignore[arg-type]

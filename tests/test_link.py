@@ -20,7 +20,7 @@ from dragon_core.errors import HandshakeError
 from dragon_core.handshake import Identity
 from dragon_core.liveness import PeerLiveness
 from dragon_core.testing.netsim import centralized_decode, solo_decode
-from dragon_edge.demo import free_port
+from dragon_demo import free_port
 from dragon_edge.baselines import LazyGroup
 from dragon_edge.link import CloudLink, CloudRefused, LinkOptions, LinkUnavailable
 from dragon_vllm.link import LINK_PATH, LinkLimits, LinkServer, OpenedRequest

@@ -130,7 +130,7 @@ class KeyedCloud:
 
 @pytest.fixture(scope="module")
 def keyed_cloud(world):
-    from dragon_edge.demo import start_cloud, stop
+    from dragon_demo import start_cloud, stop
 
     root = world[0]
     log = root / "keyed_cloud.log"

@@ -62,7 +62,7 @@ from dragon_core import messages as m
 from dragon_core.dist import Dist
 from dragon_core.handshake import LINK_PATH
 from dragon_core.scheduler import initial_aggregator
-from dragon_edge.demo import PUBLIC_CORPUS
+from dragon_demo import PUBLIC_CORPUS
 from e2e_world import PUBLIC_QUESTION, QUESTION, ask, options, run
 
 MAX_TOKENS = 10

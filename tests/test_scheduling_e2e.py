@@ -21,7 +21,7 @@ import pytest
 
 from benchmarks.netem import Shape, spawn_proxy, stop_proxy
 from dragon_core.scheduler import initial_aggregator
-from dragon_edge.demo import start_cloud, stop, wait_healthy
+from dragon_demo import start_cloud, stop, wait_healthy
 from dragon_edge.link import CloudLink
 from dragon_edge.runtime import AnswerOptions
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dragon_edge.demo import PRIVATE_NOTES
+from dragon_demo import PRIVATE_NOTES
 
 pytestmark = pytest.mark.slow
 
