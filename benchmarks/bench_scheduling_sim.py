@@ -20,7 +20,8 @@ import numpy as np
 
 from dragon_core import session as s
 from dragon_core.dist import Dist
-from dragon_core.testing.netsim import LinkSpec, SideSpec, SimulatedPair, centralized_decode
+from dragon_core.testing.netsim import LinkSpec, SideSpec, SimulatedPair
+from dragon_core.testing.reference import centralized_decode
 from dragon_core.scheduler import SchedulerConfig
 
 RESULTS = Path(__file__).parent / "results"

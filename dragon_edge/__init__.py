@@ -1,0 +1,34 @@
+"""The device: private documents, a local engine, and the link to the cloud.
+
+    from dragon_edge import DragonClient
+    client = DragonClient(cloud_url="http://127.0.0.1:8000", store="~/.dragon/store")
+
+The names below are imported on first use, so ``import dragon_edge.store`` (or the CLI's
+``--help``) does not pay for the SDK, aiohttp and openai.
+
+* ``sdk``: ``DragonClient`` / ``AsyncDragonClient``, shaped like the OpenAI client;
+* ``runtime``: ``EdgeRuntime``, one answer from retrieval to the last token;
+* ``store/``: ``DocumentStore``, the private passages on disk;
+* ``link``: the WebSocket client to the cloud; ``loader``: build a runtime from options;
+* ``engines/``: llama.cpp and transformers stream groups; ``serve/``: ``dragon-edge serve``;
+* ``cli``: ``dragon-edge``; ``baselines``: the non-DRAGON modes benchmarks compare against.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_HOMES = {
+    "DragonClient": "dragon_edge.sdk",
+    "AsyncDragonClient": "dragon_edge.sdk",
+    "EdgeRuntime": "dragon_edge.runtime",
+    "DocumentStore": "dragon_edge.store",
+}
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'dragon_edge' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

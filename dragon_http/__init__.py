@@ -11,5 +11,8 @@ the device can use it.
 * ``auth``: API keys;
 * ``answer``: the protocol a runtime implements;
 * ``request``: parsing and validating an OpenAI request;
-* ``openai_routes``: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
+* ``openai_routes``: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``;
+* ``loopback``: keeping a loopback server local.
 """
+
+__all__ = ["errors", "guard", "auth", "answer", "request", "openai_routes", "loopback"]

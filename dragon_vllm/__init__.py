@@ -1,0 +1,34 @@
+"""The cloud: vLLM serves the public corpus's side of every DRAGON answer.
+
+The names below are imported on first use (vLLM takes seconds to import).
+
+* ``cli``: ``dragon-cloud serve | index``; ``loader``: build a ``DragonCloud`` from names;
+* ``backend``: ``DragonCloud``, public retrieval + prompt layout + the shared vLLM engine;
+* ``server``: the aiohttp app; ``link``: the WebSocket end devices connect to;
+  ``openai_api``: the shared OpenAI routes over ``DragonCloud``;
+* ``engine``, ``group``, ``gang``, ``drafting``, ``mixing``, ``streaming``: vLLM stream groups;
+* ``plugin``, ``vllm_compat``: the vLLM version gate and the protocol models per version;
+* ``corpus/``: ``PublicIndex``, the public passages (``corpus_cli``: its command line);
+* ``query_batcher``: many requests' queries embedded together;
+* ``admission``, ``quota``, ``device_tokens``, ``lifetime``, ``health``, ``metrics``, ``profiling``,
+  ``exposure``: serving a crowd of devices safely.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_HOMES = {
+    "DragonCloud": "dragon_vllm.backend",
+    "ServerConfig": "dragon_vllm.server",
+    "build_app": "dragon_vllm.server",
+    "PublicIndex": "dragon_vllm.corpus",
+}
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'dragon_vllm' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

@@ -10,7 +10,7 @@ from dragon_core import codec
 from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_host.driver import SessionDriver
-from dragon_core.testing.netsim import centralized_decode
+from dragon_core.testing.reference import centralized_decode
 
 from fakes import EOS, ListStreams, side_spec
 

@@ -19,7 +19,7 @@ from dragon_host.driver import SessionDriver
 from dragon_core.errors import HandshakeError
 from dragon_core.handshake import Identity
 from dragon_core.liveness import PeerLiveness
-from dragon_core.testing.netsim import centralized_decode, solo_decode
+from dragon_core.testing.reference import centralized_decode, solo_decode
 from dragon_demo import free_port
 from dragon_edge.baselines import LazyGroup
 from dragon_edge.link import CloudLink, CloudRefused, LinkOptions, LinkUnavailable

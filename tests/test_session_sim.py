@@ -13,7 +13,8 @@ from dragon_core import session as s
 from dragon_core.aggregate import cross_side_weights, target_probs, transform
 from dragon_core.dist import Dist
 from dragon_core.messages import Sampling
-from dragon_core.testing.netsim import LinkSpec, SideSpec, SimulatedPair, centralized_decode
+from dragon_core.testing.netsim import LinkSpec, SideSpec, SimulatedPair
+from dragon_core.testing.reference import centralized_decode
 from dragon_core.scheduler import SchedulerConfig, initial_aggregator
 
 EOS = 0
@@ -245,7 +246,7 @@ def frames_of(link) -> list:
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampling"])
 def test_cloud_only_equals_the_clouds_solo_decode_and_the_device_computes_nothing(rtt, greedy):
     from dragon_core import messages as m
-    from dragon_core.testing.netsim import solo_decode
+    from dragon_core.testing.reference import solo_decode
 
     for world in range(3):
         config = make_config(mode="cloud", aggregator="device", scheduling=True, max_tokens=30,
@@ -267,7 +268,7 @@ def test_cloud_only_equals_the_clouds_solo_decode_and_the_device_computes_nothin
 
 
 def test_cloud_only_cloud_lost_mid_answer_device_continues_from_the_committed_tokens():
-    from dragon_core.testing.netsim import solo_decode
+    from dragon_core.testing.reference import solo_decode
 
     config = make_config(mode="cloud", max_tokens=30, eos_ids=frozenset())
     dev, cloud = sides(1, c_cloud=20.0)

@@ -4,3 +4,5 @@
 Nothing here touches files, clocks or event loops, so it lives inside ``dragon_core`` and is held
 to the same import boundary (tests/test_core_is_pure.py).
 """
+
+__all__ = ["netsim", "reference"]

@@ -24,10 +24,8 @@ import numpy as np
 from dragon_core import codec
 from dragon_core import messages as m
 from dragon_core import session as s
-from dragon_core.aggregate import cross_side_weights
 from dragon_core.dist import Dist
 from dragon_core.liveness import PeerLiveness
-from dragon_core.speculative import DRAFT_CLOUD, DRAFT_DEVICE, VERIFY, draft, step_rng, synchronous_target
 
 
 class EventLoop:
@@ -210,29 +208,3 @@ class SimulatedPair:
             self.loop.at(0.0, lambda side=side: self._ping(side))
         self.loop.run(self.done)
         return self
-
-
-# ---------------------------------------------------------------------------- the reference
-def centralized_decode(config: s.SessionConfig, device: SideSpec, cloud: SideSpec) -> list[int]:
-    """Centralized output aggregation over both sides' documents (what DRAGON must equal)."""
-    tokens: list[int] = []
-    _, eta_cloud = cross_side_weights(device.log_h, cloud.log_h)
-    for step in range(config.max_tokens):
-        prefix = tuple(tokens)
-        token = synchronous_target(device.dist_fn(prefix), cloud.dist_fn(prefix), eta_cloud, config.sampling,
-                                   step_rng(config.seed, VERIFY, step))
-        tokens.append(token)
-        if token in config.eos_ids:
-            break
-    return tokens
-
-
-def solo_decode(config: s.SessionConfig, spec: SideSpec, side: m.Side, prefix: tuple[int, ...] = ()) -> list[int]:
-    """One side decoding alone from ``prefix`` (cloud-only, device-only, a degraded finish): the
-    tokens a session that decides alone commits — its own draft rule and draft randomness."""
-    purpose = DRAFT_DEVICE if side == "device" else DRAFT_CLOUD
-    tokens = list(prefix)
-    while len(tokens) < config.max_tokens and not (tokens and tokens[-1] in config.eos_ids):
-        step = len(tokens)
-        tokens.append(draft(spec.dist_fn(tuple(tokens)), config.sampling, step_rng(config.seed, purpose, step)))
-    return tokens

@@ -1,4 +1,8 @@
-"""The centralized reference a distributed answer must equal (tests and benchmarks only).
+"""The references a distributed answer must equal (tests and benchmarks only).
+
+* ``centralized_generate``: on real engines (``StreamGroup``s), one token per step;
+* ``centralized_decode``: on the simulator's fake sides (``netsim.SideSpec``);
+* ``solo_decode``: one side deciding alone (cloud-only, device-only, a degraded finish).
 
 Pure like the rest of ``dragon_core``: it awaits the engines' ``StreamGroup`` methods but owns no
 event loop, clock or socket; the caller runs it under whatever loop it has.
@@ -8,10 +12,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core.aggregate import cross_side_weights, log_mass
 from dragon_core.engine import StreamGroup, side_dist
-from dragon_core.speculative import VERIFY, step_rng, synchronous_target
+from dragon_core.speculative import DRAFT_CLOUD, DRAFT_DEVICE, VERIFY, draft, step_rng, synchronous_target
+from dragon_core.testing.netsim import SideSpec
 
 
 async def centralized_generate(config: s.SessionConfig, groups: Sequence[tuple[StreamGroup, Sequence[float]]],
@@ -33,4 +39,29 @@ async def centralized_generate(config: s.SessionConfig, groups: Sequence[tuple[S
             break
         await g_dev.append([token])
         await g_cloud.append([token])
+    return tokens
+
+
+def centralized_decode(config: s.SessionConfig, device: SideSpec, cloud: SideSpec) -> list[int]:
+    """Centralized output aggregation over both sides' documents (what DRAGON must equal)."""
+    tokens: list[int] = []
+    _, eta_cloud = cross_side_weights(device.log_h, cloud.log_h)
+    for step in range(config.max_tokens):
+        prefix = tuple(tokens)
+        token = synchronous_target(device.dist_fn(prefix), cloud.dist_fn(prefix), eta_cloud, config.sampling,
+                                   step_rng(config.seed, VERIFY, step))
+        tokens.append(token)
+        if token in config.eos_ids:
+            break
+    return tokens
+
+
+def solo_decode(config: s.SessionConfig, spec: SideSpec, side: m.Side, prefix: tuple[int, ...] = ()) -> list[int]:
+    """One side decoding alone from ``prefix`` (cloud-only, device-only, a degraded finish): the
+    tokens a session that decides alone commits — its own draft rule and draft randomness."""
+    purpose = DRAFT_DEVICE if side == "device" else DRAFT_CLOUD
+    tokens = list(prefix)
+    while len(tokens) < config.max_tokens and not (tokens and tokens[-1] in config.eos_ids):
+        step = len(tokens)
+        tokens.append(draft(spec.dist_fn(tuple(tokens)), config.sampling, step_rng(config.seed, purpose, step)))
     return tokens

@@ -9,3 +9,5 @@ answers over the user's private documents, with the cloud's help when one is con
 * ``app``: the aiohttp application (the shared routes of ``dragon_http`` over ``EdgeRuntime``);
 * ``server``: start, log, stop gracefully.
 """
+
+__all__ = ["extras", "documents", "page", "app", "server"]
