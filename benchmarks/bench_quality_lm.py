@@ -1,6 +1,6 @@
 """Language-modelling quality: WikiText-2 perplexity with and without retrieval (issue 13, item 1).
 
-The DRAGON paper's setup (ALGORITHMS.md §5), scaled to this machine:
+The DRAGON paper's setup (docs/ALGORITHMS.md §5), scaled to this machine:
 
 * **windows**: the WikiText-2 *test* text (raw) is tokenized once and cut into non-overlapping
   windows of ``--window`` tokens (256); a seeded sample of ``--windows`` of them is scored. The

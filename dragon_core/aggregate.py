@@ -1,4 +1,4 @@
-"""Output aggregation (ALGORITHMS.md §2) and the transformed targets of §3.
+"""Output aggregation (docs/ALGORITHMS.md §2) and the transformed targets of §3.
 
 Per side ``s``: ``log p^s = logsumexp_d(log_softmax(R)_d + log p_d)`` and ``log h^s = logsumexp(R)``.
 Across sides: ``η^s = h^s / (h^l + h^r)`` and ``p = η^l p^l + η^r p^r`` — the same distribution

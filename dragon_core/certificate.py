@@ -177,7 +177,7 @@ def _max_without(values: np.ndarray, index: int) -> float:
 # ---------------------------------------------------------------------------- waiting debt
 @dataclass
 class WaitingDebt:
-    """Whether waiting for the cloud's evidence is still paying off (ALGORITHMS.md §6, kept
+    """Whether waiting for the cloud's evidence is still paying off (docs/ALGORITHMS.md §6, kept
     in docs/CONCORD.md): ``D ← ρ·D + c_t − g·f_t``, with ``c_t`` the time spent waiting at step
     ``t`` in local-step units and ``f_t = 1`` when the evidence changed the token the device alone
     would have committed. Wait at the next step iff ``D <= d_max``: ``d_max = inf`` always waits

@@ -2,7 +2,7 @@
 
 The device's first frame is a ``Hello``; the cloud answers ``Welcome`` or an ``Error`` and
 closes. The two sides must run the same protocol version, the same model and tokenizer
-(ALGORITHMS.md §1: same vocabulary) and the same retriever and score function (§2: the
+(docs/ALGORITHMS.md §1: same vocabulary) and the same retriever and score function (§2: the
 retrieval scores are compared across sides); the auth token is compared in constant time.
 """
 

@@ -1,6 +1,6 @@
 """Every message the two sides exchange, as typed msgspec structs.
 
-What may cross the link (ALGORITHMS.md §1): the query text, draft token ids, each side's
+What may cross the link (docs/ALGORITHMS.md §1): the query text, draft token ids, each side's
 *mixed* next-token distribution, the scalar ``log h``, step numbers, target tokens with accept
 flags, and control messages. Nothing here can carry a private passage, its embedding, its KV
 or a per-document distribution: there is no field for them. The only passage text on the wire

@@ -2,7 +2,7 @@
 
 The cloud's public index and the device's private store must produce *comparable* scores
 ``R(d)``: the aggregation mixes documents of both sides in one softmax over ``R``
-(docs/ALGORITHMS.md, "Retrieval scores"), so the handshake compares the retriever fingerprint
+(docs/ALGORITHMS.md §2), so the handshake compares the retriever fingerprint
 (model files + score function) and refuses on mismatch. This module is the pure contract;
 loading the model and hashing its files is host I/O (``dragon_host.embedder``).
 """
@@ -17,7 +17,7 @@ import numpy as np
 MODEL_NAME = "all-MiniLM-L6-v2"
 EMBED_DIM = 384
 DEFAULT_SCALE = 10.0
-DEFAULT_PASSAGE_WORDS = 64  # DRAGON's passage length (docs/ALGORITHMS.md, "Passages")
+DEFAULT_PASSAGE_WORDS = 64  # DRAGON's passage length (docs/ALGORITHMS.md §5)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Greedy Scheduling (ALGORITHMS.md §4): which side aggregates.
+"""Greedy Scheduling (docs/ALGORITHMS.md §4): which side aggregates.
 
 ``l`` is the current aggregator, ``r`` the other side. ``c`` = per-draft decode latency,
 ``rtt`` = round trip, ``α`` = acceptance rate of that side's drafts. The aggregator moves to

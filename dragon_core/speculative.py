@@ -1,4 +1,4 @@
-"""Speculative Aggregation (ALGORITHMS.md §3, DRAGON's Algorithm 1), exact by construction.
+"""Speculative Aggregation (docs/ALGORITHMS.md §3, DRAGON's Algorithm 1), exact by construction.
 
 Each side drafts from ``q^s = transform(p^s)``; the aggregator runs standard speculative sampling
 of each draft against the transformed target ``q = transform(η^l p^l + η^r p^r)`` and keeps one

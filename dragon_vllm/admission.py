@@ -1,6 +1,6 @@
 """Admission control for streaming-input sessions: a fair queue in front of vLLM's slots.
 
-Why (ENGINES.md §2): a paused vLLM session keeps its model-runner slot and its KV blocks.
+Why (docs/ENGINES.md §2): a paused vLLM session keeps its model-runner slot and its KV blocks.
 If more sessions are open than ``max_num_seqs``, a stream that waits for a slot never runs,
 and a controller that waits for all k streams of its group before feeding any waits forever
 (200+ sessions hung on the H100). So a request's k streams are admitted *together*, and only

@@ -4,10 +4,10 @@ vLLM ``AsyncLLM``, so vLLM's scheduler batches every user's per-document decodin
 One session per (request, document). A group advances in lockstep: the chosen token(s) go to
 all k sessions as one input chunk each (``max_tokens=1``), and each session's single output
 brings the top-K log-probs of its next position. vLLM discards the token it sampled for the
-previous chunk, so the caller alone decides what is appended (ENGINES.md §3).
+previous chunk, so the caller alone decides what is appended (docs/ENGINES.md §3).
 
 * Temperature: the engine runs with ``logprobs_mode="processed_logprobs"``, so the returned
-  log-probs are ``log_softmax(z / T)`` — the per-document ``p_d`` of ALGORITHMS.md — not the
+  log-probs are ``log_softmax(z / T)`` — the per-document ``p_d`` of docs/ALGORITHMS.md — not the
   raw ``T = 1`` values. No top-k/top-p/penalties are ever sent to vLLM, so nothing else is
   folded in.
 * Rollback: no public truncate in vLLM, so the no-patch path: abort the sessions and reopen

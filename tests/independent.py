@@ -3,7 +3,7 @@ test: no ``dragon_core.aggregate`` (mixture, canonical form, η, ``transform``),
 driver. Only the engines' per-document distributions (``Dist.probs()``: what an engine said)
 are shared.
 
-The formulas (ALGORITHMS.md §2, dist.py's canonical form):
+The formulas (docs/ALGORITHMS.md §2, dist.py's canonical form):
 
 * per side ``s``: ``p^s = Σ_d softmax(R^s)_d · p_d``. A side whose engine mixes its documents
   itself and reports the mixture's top ``engine_top_k`` (the cloud's vLLM gang) first reduces

@@ -1,4 +1,4 @@
-"""Greedy Scheduling's ΔZ rule (ALGORITHMS.md §4)."""
+"""Greedy Scheduling's ΔZ rule (docs/ALGORITHMS.md §4)."""
 
 from __future__ import annotations
 

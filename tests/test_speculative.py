@@ -1,4 +1,4 @@
-"""Exactness of aggregation and of Speculative Aggregation (ALGORITHMS.md §2–3)."""
+"""Exactness of aggregation and of Speculative Aggregation (docs/ALGORITHMS.md §2–3)."""
 
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ def _lock(path: Path) -> Iterator[None]:
 
 def prepare(name: str, force: bool = False, log=print) -> Path:
     """Convert the model's GGUF into a bf16 safetensors folder with tokenizer and chat
-    template (docs/ENGINES.md, models). Idempotent; written to a temporary folder, then renamed."""
+    template (docs/ENGINES.md §5). Idempotent; written to a temporary folder, then renamed."""
     spec = get_model(name)
     target = spec.target_dir()
     with _lock(target.parent / f".{name}.lock"):

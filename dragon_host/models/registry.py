@@ -113,7 +113,7 @@ MODELS: dict[str, ModelSpec] = {
         ),
     )
 }
-# Gemma-3-270m (docs/ENGINES.md, models) is not registered: its GGUF is assembled from four chunk
+# Gemma-3-270m (docs/ENGINES.md §5) is not registered: its GGUF is assembled from four chunk
 # packages by code in the package, and nothing needs a second vocabulary yet.
 
 RETRIEVERS: dict[str, RetrieverSpec] = {
