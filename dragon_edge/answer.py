@@ -38,7 +38,7 @@ class EdgeAnswer:
         opts = answer_options(max_tokens, temperature, top_p, seed, extra)
         prompt_tokens = await asyncio.to_thread(
             lambda: len(runtime.tokenizer.encode(query, add_special_tokens=False)))
-        pieces = runtime.answer(query, opts)
+        pieces = runtime.answer(query, opts, stop)
         try:
             first = await anext(pieces)
         except BaseException:

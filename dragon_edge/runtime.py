@@ -1,30 +1,36 @@
 """The device runtime: everything one answer needs, wired together.
 
-Per question: retrieve from the private store, lay out one prompt per passage, open the k
-local streams, ask the cloud to join over the link (if there is one), and run the device
-``Session`` through a ``SessionDriver``. Committed tokens are detokenised incrementally and
-streamed out. The cloud sees the query text and the protocol frames, nothing else.
+Per question: retrieve from the private store, lay out the prompts as the mode says
+(``dragon_core.modes``), open the k local streams, ask the cloud to join over the link (if there
+is one) with the request's ``RequestSpec``, and run the device ``Session`` as an
+``AnswerStream`` (driver, text deltas, stop strings, cancellation). The cloud sees the query
+text and the protocol frames, nothing else.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Literal, Sequence
 
 from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core import validation as v
 from dragon_core.aggregate import log_mass
-from dragon_host.driver import SessionDriver
 from dragon_core.engine import Engine
 from dragon_core.errors import DragonError, InvalidOptions
 from dragon_core.handshake import Identity
-from dragon_core.prompt import IncrementalText, concatenated_prompt, last_user_message, passage_prompts
+from dragon_core.modes import AnswerMode, ModeRule, mode_rule
+from dragon_core.prompt import concatenated_prompt, last_user_message, passage_prompts
+from dragon_core.request import RequestSpec
 from dragon_core.scheduler import initial_aggregator
-from dragon_edge.baselines import AnswerMode, LazyGroup, wire_mode
+from dragon_edge.baselines import LazyGroup
+from dragon_edge.stats import AnswerStats, Source, finish_stats
+from dragon_host.answer_stream import AnswerStream
+from dragon_host.slow_group import slowed
+
+__all__ = ["AnswerOptions", "AnswerStats", "EdgeRuntime", "Piece", "Source", "answer_options", "check_answer_options"]
 
 log = logging.getLogger("dragon.edge")
 
@@ -38,7 +44,7 @@ class AnswerOptions:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
-    mode: AnswerMode = "dragon"  # dragon | vdrag | sw | cloud | text | concat | device (dragon_edge.baselines)
+    mode: AnswerMode = "dragon"  # dragon | vdrag | sw | cloud | text | concat | device (dragon_core.modes)
     # "auto": where the scheduler's estimates from earlier requests on this link say (the device
     # when there are none); "device"/"cloud" start there (and stay there if scheduling is off)
     aggregator: m.Side | Literal["auto"] = "auto"
@@ -50,6 +56,13 @@ class AnswerOptions:
     use_cloud: bool = True
     emulate_decode_ms: float = 0.0  # experiments: a slower device
     cloud_open_timeout_s: float = 30.0
+
+    def spec(self, query: str, *, aggregator: m.Side, prior: m.SchedulerPrior | None) -> RequestSpec:
+        """The request as both sides see it (the first aggregator and the prior: ``_placement``)."""
+        return RequestSpec(query=query, k=self.cloud_k, max_tokens=self.max_tokens, seed=self.seed,
+                           sampling=m.Sampling(self.greedy, self.temperature, self.top_k, self.top_p),
+                           mode=mode_rule(self.mode).wire, aggregator=aggregator, scheduling=self.scheduling,
+                           max_depth=self.max_depth, dist_top_k=self.dist_top_k, prior=prior)
 
     def validate(self) -> "AnswerOptions":
         """``InvalidOptions`` (one line, naming the field) for any option out of range or of the
@@ -77,7 +90,7 @@ def check_answer_options(o: AnswerOptions) -> None:
     v.check_seed(o.seed)
     if not isinstance(o.mode, str):
         raise InvalidOptions("mode", f"mode must be a string, got {o.mode!r}")
-    wire_mode(o.mode)  # UnknownMode (a DragonError) names the choices
+    mode_rule(o.mode)  # UnknownMode (a DragonError) names the choices
     if o.aggregator not in ("auto", "device", "cloud"):
         raise InvalidOptions("aggregator", f"aggregator must be auto, device or cloud, got {o.aggregator!r}")
     v.check_int("max_depth", o.max_depth, 1, v.MAX_DEPTH)
@@ -110,48 +123,6 @@ def answer_options(max_tokens: int | None = None, temperature: float | None = No
             raise TypeError(f"unknown option {key!r}; DRAGON options: {sorted(AnswerOptions.__dataclass_fields__)}")
         setattr(opts, key, value)
     return opts.validate()  # an unknown mode or a bad value fails here, at create(), not at the first chunk
-
-
-@dataclass
-class Source:
-    side: str  # "device" (private) or "cloud" (public)
-    name: str
-    score: float | None = None
-    text: str | None = None  # private passages stay local: only shown to the app itself
-
-
-@dataclass
-class AnswerStats:
-    mode: str = ""  # the mode that ran ("device" when use_cloud=False); ``degraded``: it had to finish on the device
-    tokens: int = 0
-    degraded: bool = False
-    finish_reason: str = ""
-    device_only: bool = False
-    ttft_s: float | None = None
-    per_token_latency_ms: list[float] = field(default_factory=list)
-    acceptance_device: float | None = None
-    acceptance_cloud: float | None = None
-    rollbacks: int = 0
-    handovers: int = 0
-    aggregator_steps: dict[str, int] = field(default_factory=dict)
-    final_aggregator: str | None = None
-    delta_z_ms: float | None = None  # the scheduler's last ΔZ, where this side aggregated
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    sources: list[Source] = field(default_factory=list)
-    # the cloud's typed error for this request ({"code", "message"}), e.g. quota_exceeded or
-    # request_idle_timeout: the answer then finished on the device (degraded)
-    cloud_error: dict | None = None
-
-    @property
-    def bytes_per_token(self) -> float:
-        return (self.bytes_sent + self.bytes_received) / max(1, self.tokens)
-
-    def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "sources"}
-        d["bytes_per_token"] = self.bytes_per_token
-        d["sources"] = [{k: v for k, v in src.__dict__.items() if v is not None} for src in self.sources]
-        return d
 
 
 @dataclass
@@ -200,112 +171,82 @@ class EdgeRuntime:
         return self.store.search(query, k)
 
     # ------------------------------------------------------------------ answering
-    async def answer(self, query: str, opts: AnswerOptions) -> AsyncIterator[Piece]:
+    async def answer(self, query: str, opts: AnswerOptions, stops: Sequence[str] = ()) -> AsyncIterator[Piece]:
+        """The answer's text as tokens commit, then a last piece with the stats; ``stops``:
+        stop strings (the answer ends before the first, with its decode cancelled)."""
         t0 = time.monotonic()
         check_answer_options(opts)  # InvalidOptions / UnknownMode before any work
         v.check_text("query", query)
-        mode = wire_mode(opts.mode)
+        rule = mode_rule(opts.mode)
         passages = self.private_passages(query, opts.k)
-        prompts, scores = passage_prompts(self.tokenizer, query, [p.text for p in passages],
-                                          [p.score for p in passages])
+        prompts, scores = self._prompts(rule, query, passages, None)
         stats = AnswerStats(mode=opts.mode if opts.use_cloud else "device",  # what runs, as asked
                             sources=[Source("device", p.source, float(p.score), p.text) for p in passages])
-        link = self.link if opts.use_cloud and opts.mode != "device" else None
-        degraded = False
-        if link is not None:
-            try:
-                await link.connect()
-            except DragonError as exc:
-                log.warning("answering device-only: %s", exc)
-                link, degraded = None, True
+        link, degraded = await self._connect(opts, rule)
         rid = link.new_request_id() if link is not None else self._next_local_id()
-        open_msg = m.Open(rid, query, k=opts.cloud_k, max_tokens=opts.max_tokens, seed=opts.seed,
-                          sampling=m.Sampling(opts.greedy, opts.temperature, opts.top_k, opts.top_p),
-                          mode=mode, scheduling=opts.scheduling, max_depth=opts.max_depth,
-                          dist_top_k=opts.dist_top_k, **self._placement(opts, link))
+        spec = opts.spec(query, **self._placement(opts, link))
         public = None
-        if link is not None and mode == "text":  # DRCG/Text: only the query goes up
-            public = await self._public_passages(link, open_msg, opts.cloud_open_timeout_s, stats)
+        if link is not None and rule.crosses == "passages":  # DRCG: only the query goes up
+            public = await self._public_passages(link, spec.to_open(rid), opts.cloud_open_timeout_s, stats)
             link, degraded = None, public is None  # the device decodes alone from here on
-            if public is not None and opts.mode == "text":
-                prompts, scores = passage_prompts(self.tokenizer, query, [p.text for p in passages] + public.passages,
-                                                  [p.score for p in passages] + public.scores)
-        if opts.mode == "concat":  # DRCG: one prompt, one stream (private only if the cloud gave nothing)
-            prompts, scores = [self._concatenated(query, passages, public)], [0.0]
-        config = s.SessionConfig.from_open(open_msg, self.eos_ids, vocab_size=self.engine.vocab_size)
+            if public is not None:
+                prompts, scores = self._prompts(rule, query, passages, public)
+        config = s.SessionConfig.from_spec(spec, rid, self.eos_ids, vocab_size=self.engine.vocab_size)
         session = s.Session("device", config, log_mass(scores), solo=link is None, degraded=degraded)
         stats.device_only = link is None and public is None
-        temperature = opts.temperature if not opts.greedy else 1.0
         # cloud-only: the device's streams are prefilled only if the cloud is lost mid-answer;
         # otherwise the prefill runs in the background while the Open goes up (TTFT: issue 13)
-        group = await LazyGroup(self.engine, prompts, temperature, prefill_now=mode != "cloud").started()
-        queue: asyncio.Queue[tuple[int, ...] | None] = asyncio.Queue()
-
-        async def send(msg: m.Message) -> None:
-            if link is not None:
-                await link.send(msg)
-
-        driver = SessionDriver(session, group, scores, send, on_commit=lambda toks: queue.put_nowait(tuple(toks)),
-                               emulate_decode_ms=opts.emulate_decode_ms)
+        lazy = await LazyGroup(self.engine, prompts, spec.engine_temperature, prefill_now=rule.device_prefills).started()
+        stream = AnswerStream(session, slowed(lazy, opts.emulate_decode_ms), scores, _sender(link),
+                              self.tokenizer, self.eos_ids, stops)
         if link is not None:
             if link.rtt_ms is not None:  # the link's latest round trip: the window needs it before any ping
-                driver.feed(s.RttSample(link.rtt_ms))
-            await link.open(open_msg, driver)
-        run = asyncio.create_task(driver.run())
-        run.add_done_callback(lambda _: queue.put_nowait(None))
-        decoded = IncrementalText(self.tokenizer, self.eos_ids)
-        emitted = ""
-        last = t0
+                stream.driver.feed(s.RttSample(link.rtt_ms))
+            await link.open(spec.to_open(rid), stream.driver)
+        stream.start()
+        tail, last = "", t0
         try:
-            while (toks := await queue.get()) is not None:
-                now = time.monotonic()
-                stats.ttft_s = stats.ttft_s if stats.ttft_s is not None else now - t0
-                stats.per_token_latency_ms.append((now - last) * 1000)
-                last = now
-                text = decoded.push(toks)
-                if text is None:
-                    continue  # half a UTF-8 character: wait for the rest
-                delta, emitted = text[len(emitted):], text
-                yield Piece(delta, toks)
-            finish = await run
+            async for delta in stream.deltas():
+                if not delta.tokens:  # the session finished: the text left, with the stats below
+                    tail = delta.text
+                    continue
+                stats.ttft_s = stats.ttft_s if stats.ttft_s is not None else delta.at - t0
+                stats.per_token_latency_ms.append((delta.at - last) * 1000)
+                last = delta.at
+                yield Piece(delta.text, delta.tokens)  # text may be empty: half a character, a held tail
+            finish = await stream.finish()
         finally:
-            if not run.done():
-                driver.feed(s.CancelRequest("the application stopped reading"))
-                await asyncio.gather(run, return_exceptions=True)
+            await stream.cancel()
             opened = link.opened_now(rid) if link is not None else None
             if link is not None:
-                traffic = link.release(rid)  # this request's frames only: answers may share the link
-            await group.close()
-        if opened is not None:
-            stats.sources += [Source("cloud", name) for name in opened.sources]
-        if link is not None:
-            stats.bytes_sent, stats.bytes_received = traffic.sent, traffic.received
-        self._fill_stats(stats, session, finish)
-        if mode == "cloud" and not stats.degraded:  # the private passages were never used
-            stats.sources = [src for src in stats.sources if src.side == "cloud"]
-        # only modes where both sides draft measure what the scheduler needs (cloud-only and text don't)
-        if link is not None and mode in ("dragon", "vdrag", "sw") and not stats.degraded \
+                stats.count_traffic(link.release(rid))
+            await stream.close()
+        finish_stats(stats, session, finish, rule, opened)
+        if link is not None and rule.both_draft and not stats.degraded \
                 and (prior := session.scheduler.estimates.prior("device")):
             self.priors[link.url] = prior
-        yield Piece(decoded.text()[len(emitted):], (), finished=stats)
+        yield Piece(tail, (), finished=stats)
 
-    def _fill_stats(self, stats: AnswerStats, session: s.Session, finish: s.Finish) -> None:
-        st = session.stats
-        stats.tokens = len(session.committed)
-        stats.degraded = finish.degraded or session.degraded
-        stats.finish_reason = finish.reason
-        stats.rollbacks = st.rollbacks
-        # moves either way (the device's own count misses those the cloud made)
-        stats.handovers = sum(a != b for a, b in zip(st.aggregator_by_step, st.aggregator_by_step[1:]))
-        stats.final_aggregator = session.aggregator
-        if session.peer_error is not None:
-            stats.cloud_error = dict(code=session.peer_error.code, message=session.peer_error.message)
-        stats.delta_z_ms = session.scheduler.last_delta_z
-        for side in st.aggregator_by_step:
-            stats.aggregator_steps[side] = stats.aggregator_steps.get(side, 0) + 1
-        if st.verified:
-            stats.acceptance_device = st.accepted_local / st.verified
-            stats.acceptance_cloud = st.accepted_remote / st.verified
+    async def _connect(self, opts: AnswerOptions, rule: ModeRule):
+        """The link this answer uses (None: device-only), and whether that is a degradation."""
+        link = self.link if opts.use_cloud and rule.uses_link else None
+        if link is None:
+            return None, False
+        try:
+            await link.connect()
+        except DragonError as exc:
+            log.warning("answering device-only: %s", exc)
+            return None, True
+        return link, False
+
+    def _prompts(self, rule: ModeRule, query: str, passages, public: m.Opened | None):
+        """The device's prompts and their scores, laid out as the mode says."""
+        if rule.prompts == "concatenated":  # DRCG: one prompt, one stream
+            return [self._concatenated(query, passages, public)], [0.0]
+        texts, scores = [p.text for p in passages], [p.score for p in passages]
+        if rule.prompts == "with_public" and public is not None:
+            texts, scores = texts + public.passages, scores + public.scores
+        return passage_prompts(self.tokenizer, query, texts, scores)
 
     async def _public_passages(self, link, open_msg: m.Open, timeout_s: float, stats: AnswerStats) -> m.Opened | None:
         """DRCG/Text: the cloud's top-k public passages (None, logged, if it cannot give them)."""
@@ -315,8 +256,7 @@ class EdgeRuntime:
             log.warning("DRCG/Text got no public passages, answering device-only: %s", exc)
             return None
         finally:
-            traffic = link.release(open_msg.request_id)  # this request's frames only
-            stats.bytes_sent, stats.bytes_received = traffic.sent, traffic.received
+            stats.count_traffic(link.release(open_msg.request_id))
         k = open_msg.k  # a cloud sending more than asked does not get to fill the device's context
         opened = m.Opened(opened.request_id, opened.sources[:k], opened.passages[:k], opened.scores[:k])
         stats.sources += [Source("cloud", name, score, text)
@@ -350,3 +290,11 @@ class EdgeRuntime:
         if self.link is not None:
             await self.link.close()
         await self.engine.close()
+
+
+def _sender(link):
+    """Where the session's frames go: the link, or nowhere for a device-only answer."""
+    async def send(msg: m.Message) -> None:
+        if link is not None:
+            await link.send(msg)
+    return send

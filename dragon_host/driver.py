@@ -36,10 +36,9 @@ class DriverStats:
 
 class SessionDriver:
     def __init__(self, session: s.Session, group: StreamGroup, scores: Sequence[float], send: SendFn,
-                 on_commit: CommitFn | None = None, emulate_decode_ms: float = 0.0) -> None:
-        """``emulate_decode_ms`` adds that much to every draft (experiments: a slow device/cloud)."""
+                 on_commit: CommitFn | None = None) -> None:
+        """A slower side, for experiments, is a slower group (``dragon_host.slow_group``)."""
         self.session = session
-        self.emulate_decode_s = emulate_decode_ms / 1000
         self.group = group
         self.scores = np.asarray(scores, dtype=np.float64)
         self._send = send
@@ -100,9 +99,7 @@ class SessionDriver:
         elif isinstance(op, s.Append):
             await self.group.append(op.tokens)
         elif isinstance(op, s.ComputeDist):
-            if self.emulate_decode_s:
-                await asyncio.sleep(self.emulate_decode_s)
-            dist = await side_dist(self.group, self.scores, self.session.config.dist_top_k)
+            dist = await side_dist(self.group, self.scores, op.dist_top_k)  # the wire's form, as the session says
         # a draft's latency includes the rollback/append work that prepared it
         self._op_ms += (time.perf_counter() - t0) * 1000
         if isinstance(op, s.ComputeDist):

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from typing import AsyncIterator, Sequence
@@ -18,11 +17,13 @@ from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core import validation as v
 from dragon_core.aggregate import log_mass
-from dragon_host.driver import SessionDriver
 from dragon_core.engine import Engine, side_dist
 from dragon_core.errors import InvalidOptions
 from dragon_core.handshake import Identity
-from dragon_core.prompt import IncrementalText, last_user_message, passage_prompts
+from dragon_core.prompt import last_user_message, passage_prompts
+from dragon_core.request import RequestSpec
+from dragon_host.answer_stream import AnswerStream
+from dragon_host.slow_group import slowed
 from dragon_vllm.link import OpenedRequest
 from dragon_vllm.query_batcher import QueryBatcher
 
@@ -65,9 +66,9 @@ class DragonCloud:
         prompts, scores = passage_prompts(self.tokenizer, req.query, [p.text for p in passages],
                                           [p.score for p in passages])
         self._check_length(prompts, req.max_tokens)
-        temperature = 1.0 if req.sampling.greedy else req.sampling.temperature
-        group = await self.engine.open_group(prompts, temperature, scores, req.max_tokens)
-        return OpenedRequest(group, scores, [_source_name(p) for p in passages])
+        group = await self.engine.open_group(prompts, RequestSpec.from_open(req).engine_temperature, scores,
+                                             req.max_tokens)
+        return OpenedRequest(slowed(group, self.emulate_decode_ms), scores, [_source_name(p) for p in passages])
 
     async def public_passages(self, req: m.Open) -> m.Opened:
         """DRCG/Text: the top-k public passages themselves (text + score), for the device to
@@ -105,18 +106,16 @@ class DragonCloud:
         v.check_request(max_tokens=max_tokens, max_tokens_cap=self.max_model_len, temperature=temperature,
                         top_p=top_p, top_k=top_k, seed=seed)
         self._check_length(prompts, max_tokens)
-        greedy = not temperature
-        sampling = m.Sampling(greedy=greedy, temperature=float(temperature or 1.0),
+        sampling = m.Sampling(greedy=not temperature, temperature=float(temperature or 1.0),
                               top_k=int(top_k or 0) if (top_k or 0) > 0 else 0, top_p=float(top_p or 1.0))
         self._ids += 1
-        config = s.SessionConfig(request_id=self._ids, max_tokens=max_tokens, seed=seed if seed is not None else self._ids,
-                                 eos_ids=self.eos_ids, sampling=sampling, aggregator="cloud", scheduling=False)
-        session = s.Session("cloud", config, log_mass(scores), solo=True)
-        group = await self.engine.open_group(prompts, 1.0 if greedy else sampling.temperature, scores, max_tokens)
-        answer = CloudAnswer(self, session, group, scores, stop, [_source_name(p) for p in passages],
-                             sum(len(p) for p in prompts))
-        answer.start()
-        return answer
+        spec = RequestSpec(max_tokens=max_tokens, seed=seed if seed is not None else self._ids, sampling=sampling,
+                           aggregator="cloud", scheduling=False)
+        session = s.Session("cloud", s.SessionConfig.from_spec(spec, self._ids, self.eos_ids), log_mass(scores),
+                            solo=True)
+        group = await self.engine.open_group(prompts, spec.engine_temperature, scores, max_tokens)
+        stream = AnswerStream(session, group, scores, _no_send, self.tokenizer, self.eos_ids, stop).start()
+        return CloudAnswer(stream, [_source_name(p) for p in passages], sum(len(p) for p in prompts))
 
     def _check_length(self, prompts, max_tokens: int) -> None:
         longest = max(len(p) for p in prompts)
@@ -126,47 +125,26 @@ class DragonCloud:
 
 
 class CloudAnswer:
-    """One running API answer: text deltas as tokens commit; honours stop strings."""
+    """One running API answer (``dragon_http.answer.Answer``): an ``AnswerStream``'s text."""
 
-    def __init__(self, cloud: DragonCloud, session: s.Session, group, scores, stop: list[str], sources: list[str],
-                 prompt_tokens: int) -> None:
-        self.cloud, self.session, self.group, self.stop = cloud, session, group, [x for x in stop if x]
+    def __init__(self, stream: AnswerStream, sources: list[str], prompt_tokens: int) -> None:
+        self.stream, self.session = stream, stream.session
         self.sources, self.prompt_tokens = sources, prompt_tokens
         self.created = int(time.time())
         self._uid = uuid.uuid4().hex[:16]
-        self._queue: asyncio.Queue[tuple[int, ...] | None] = asyncio.Queue()
-        self.driver = SessionDriver(session, group, scores, _no_send, on_commit=lambda t: self._queue.put_nowait(tuple(t)))
-        self._task: asyncio.Task | None = None
         self.finish_reason = "stop"
         self._t0 = time.monotonic()
-        self._closed = False
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self.driver.run())
-        self._task.add_done_callback(lambda _: self._queue.put_nowait(None))
 
     def id(self, prefix: str) -> str:
         return f"{prefix}-{self._uid}"
 
     async def deltas(self) -> AsyncIterator[str]:
-        decoded, emitted = IncrementalText(self.cloud.tokenizer, self.cloud.eos_ids), ""
-        while (toks := await self._queue.get()) is not None:
-            text = decoded.push(toks)
-            if text is None:
-                continue
-            cut = _first_stop(text, self.stop)
-            if cut is not None:
-                text = text[:cut]
-                if len(text) > len(emitted):
-                    yield text[len(emitted):]
-                self.finish_reason = "stop"
-                await self.aclose()
-                return
-            if len(text) > len(emitted):
-                yield text[len(emitted):]
-                emitted = text
-        finish = await self._task
-        self.finish_reason = "length" if finish.reason == "length" else "stop"
+        async for delta in self.stream.deltas():
+            if delta.text:
+                yield delta.text
+        if not self.stream.stopped:
+            finish = await self.stream.finish()
+            self.finish_reason = "length" if finish.reason == "length" else "stop"
         await self.aclose()
 
     async def text(self) -> str:
@@ -182,21 +160,11 @@ class CloudAnswer:
 
     async def aclose(self) -> None:
         """Stop decoding (if still running) and free the streams; safe to call twice."""
-        if self._task is not None and not self._task.done():
-            self.driver.feed(s.CancelRequest("client closed"))
-            await asyncio.gather(self._task, return_exceptions=True)
-        if not self._closed:
-            self._closed = True
-            await self.group.close()
+        await self.stream.close("client closed")
 
 
 async def _no_send(msg: m.Message) -> None:  # a solo session has no peer
     return None
-
-
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    hits = [i for i in (text.find(x) for x in stops) if i >= 0]
-    return min(hits) if hits else None
 
 
 def _source_name(passage) -> str:

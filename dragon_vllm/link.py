@@ -42,6 +42,7 @@ from dragon_core.errors import (DragonError, HandshakeError, InvalidOptions, Quo
 from dragon_core.handshake import LINK_PATH, Identity
 from dragon_core.idle import DEFAULT_REQUEST_IDLE_S, RequestIdle
 from dragon_core.liveness import DEFAULT_PEER_TIMEOUT_S, PeerLiveness
+from dragon_core.modes import mode_rule
 from dragon_vllm.admission import TENANT
 from dragon_vllm.quota import IdentityQuotas
 
@@ -311,13 +312,14 @@ class _Connection:
         if problem:
             await self._write(self.conn.refuse_request(req.request_id, RequestRejected.code, problem))
             return
-        streams = 0 if req.mode == "text" else req.k
+        rule = mode_rule(req.mode)  # known: _check_open refused any other
+        streams = req.k if rule.cloud_streams else 0
         over = self.server.quotas.claim(self.identity, streams)
         if over:
             self.server.refused[QuotaExceeded.code] += 1
             await self._write(self.conn.refuse_request(req.request_id, QuotaExceeded.code, over))
             return
-        run = self._serve_text if req.mode == "text" else self._run_request
+        run = self._run_request if rule.cloud_streams else self._serve_text
         task = asyncio.create_task(run(req))
         self.tasks[req.request_id] = task
         task.add_done_callback(lambda _: self._request_done(req.request_id, streams))
@@ -369,8 +371,7 @@ class _Connection:
             # the vocabulary bounds every token id the device sends (checked before it is committed)
             config = s.SessionConfig.from_open(req, self.server.backend.eos_ids, vocab_size=_vocab_size(self.server.backend))
             session = s.Session("cloud", config, log_mass(opened.scores))
-            driver = SessionDriver(session, group, opened.scores, self.send,
-                                   emulate_decode_ms=getattr(self.server.backend, "emulate_decode_ms", 0.0))
+            driver = SessionDriver(session, group, opened.scores, self.send)
             self.drivers[rid] = driver
             self.idle[rid] = RequestIdle(self.limits.request_idle_timeout_s, time.monotonic())
             for msg in self.conn.start(rid):  # what the device sent while the request was opening
