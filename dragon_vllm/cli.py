@@ -41,7 +41,9 @@ def serve(
         "408 for a request body not received within this; a streamed answer whose client "
         "reads nothing for this long is ended.")),
     k: int = typer.Option(2, help="Default public passages per request (the OpenAI API's `k` overrides)."),
-    top_k: int = typer.Option(20, "--top-k", help="Log-probs read per stream and step (the wire's top-K)."),
+    logprobs_k: int = typer.Option(20, "--logprobs-k", "--top-k", help=(
+        "Log-probs read from vLLM per stream and step (--top-k: the old name). Not a request's "
+        "top_k (sampling) nor its dist_top_k (the wire's compression).")),
     max_num_seqs: int = typer.Option(128, help="vLLM max_num_seqs; open streams stay below it."),
     max_model_len: int = typer.Option(2048),
     kv_cache_gib: Optional[float] = typer.Option(None, help="CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)."),
@@ -107,7 +109,7 @@ def serve(
         raise typer.BadParameter(f"--link-tokens-file: {exc}") from None
 
     async def make_app() -> web.Application:
-        cloud = await load_cloud(model, index, default_k=k, top_k=top_k, max_num_seqs=max_num_seqs,
+        cloud = await load_cloud(model, index, default_k=k, logprobs_k=logprobs_k, max_num_seqs=max_num_seqs,
                                  max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
                                  gpu_memory_utilization=gpu_memory_utilization,
                                  emulate_decode_ms=emulate_decode_ms, mixing=in_engine,

@@ -241,7 +241,7 @@ class GangStreamGroup(CloudGroup):
             params = self._engine._gang_params(self._chunk_len, leader=i == 0,
                                                extra=gang_args(gang, len(self.prompts), i, float(self._log_w[i]),
                                                                self.temperature))
-            rows.append(_Row(self._engine.llm, f"{gang}-{i}", prompt + self._generated, params, self._engine.top_k))
+            rows.append(_Row(self._engine.llm, f"{gang}-{i}", prompt + self._generated, params, self._engine.logprobs_k))
         self._rows = rows
         self._begin_chunk()
 

@@ -82,7 +82,7 @@ class VllmStreamGroup(CloudGroup):
                  ticket: Ticket, doc_top_k: int | None = None) -> None:
         super().__init__(engine, gid, prompts, temperature, ticket)
         # log-probs per document: the engine's top-K, or -1: the whole vocabulary (references only)
-        self.doc_top_k = engine.top_k if doc_top_k is None else doc_top_k
+        self.doc_top_k = engine.logprobs_k if doc_top_k is None else doc_top_k
         self._sessions: list[_Session] | None = None
         self._fed = 0  # generated tokens the open sessions hold
         self._dists: list[Dist] | None = None  # distributions at position len(_generated), if read
@@ -159,10 +159,10 @@ class VllmStreamGroup(CloudGroup):
 class VllmEngine:
     """``dragon_core.engine.Engine`` on one shared ``AsyncLLM``."""
 
-    def __init__(self, llm, *, top_k: int, max_streams: int, kv_reserve_tokens: int, mixing: bool = False,
+    def __init__(self, llm, *, logprobs_k: int, max_streams: int, kv_reserve_tokens: int, mixing: bool = False,
                  chunk_tokens: int = 0) -> None:
         self.llm = llm
-        self.top_k = top_k
+        self.logprobs_k = logprobs_k  # log-probs read from vLLM per stream and step (not a request's top_k)
         self.mixing = mixing  # the gang path: streams mixed and drafted inside vLLM (drafting.py)
         self.chunk_tokens = chunk_tokens
         cache = llm.vllm_config.cache_config
@@ -175,6 +175,11 @@ class VllmEngine:
         self._stats = dict(groups=0, reopens=0, prompt_tokens=0, cached_tokens=0, chunks=0, repairs=0)
         sched = llm.vllm_config.scheduler_config
         self.max_batch_tokens: int = int(getattr(sched, "max_num_scheduled_tokens", None) or sched.max_num_batched_tokens)
+
+    @property
+    def top_k(self) -> int:
+        """The old name of ``logprobs_k`` (callers written before the three top-Ks were named)."""
+        return self.logprobs_k
 
     @property
     def vocab_size(self) -> int:
@@ -239,7 +244,7 @@ class VllmEngine:
         # greedy in vLLM: the processor already applied 1/T and wrote the mixture, so every row
         # takes its argmax; only the leader returns the (mixture's) top-K
         return SamplingParams(max_tokens=chunk_tokens, temperature=0.0, ignore_eos=True,
-                              logprobs=self.top_k if leader else None, flat_logprobs=True, detokenize=False,
+                              logprobs=self.logprobs_k if leader else None, flat_logprobs=True, detokenize=False,
                               output_kind=RequestOutputKind.DELTA, extra_args=extra)
 
     def _params(self, temperature: float, top_k: int):
@@ -250,7 +255,8 @@ class VllmEngine:
                               detokenize=False, output_kind=RequestOutputKind.DELTA)
 
 
-def make_engine(model_dir: str, *, top_k: int = 20, max_num_seqs: int = 128, max_streams: int | None = None,
+def make_engine(model_dir: str, *, logprobs_k: int = 20, top_k: int | None = None, max_num_seqs: int = 128,
+                max_streams: int | None = None,
                 max_model_len: int = 2048, block_size: int = 32, dtype: str = "auto",
                 enforce_eager: bool | None = None, kv_cache_gib: int | None = None,
                 gpu_memory_utilization: float | None = None, kv_reserve_tokens: int = 256, seed: int = 0,
@@ -268,7 +274,10 @@ def make_engine(model_dir: str, *, top_k: int = 20, max_num_seqs: int = 128, max
     group opened with retrieval scores is mixed and drafted inside vLLM, ``chunk_tokens`` tokens
     per chunk, or (0, the default) until the session leaves the gang's path (``drafting.py``). A gang is scheduled whole in one step, so the per-step token
     budget ``max_num_batched_tokens`` (default: 4 contexts) must hold a request's prompts.
+
+    ``logprobs_k``: log-probs read per stream and step (``top_k`` is its old name, still taken).
     """
+    logprobs_k = logprobs_k if top_k is None else top_k
     from dragon_vllm.plugin import register
 
     register()  # the version gate, also where the package is not installed (PYTHONPATH on the GPU machine)
@@ -288,7 +297,7 @@ def make_engine(model_dir: str, *, top_k: int = 20, max_num_seqs: int = 128, max
     args = AsyncEngineArgs(
         model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
         max_model_len=max_model_len, block_size=block_size, enable_prefix_caching=True,
-        max_num_seqs=max_num_seqs, max_logprobs=max_logprobs or max(top_k, 20), logprobs_mode="processed_logprobs",
+        max_num_seqs=max_num_seqs, max_logprobs=max_logprobs or max(logprobs_k, 20), logprobs_mode="processed_logprobs",
         enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
         disable_log_stats=True, max_num_batched_tokens=max_num_batched_tokens or 4 * max_model_len,
         logits_processors=[LOGITS_PROCESSOR] if mixing else None, **engine_kwargs,
@@ -298,5 +307,5 @@ def make_engine(model_dir: str, *, top_k: int = 20, max_num_seqs: int = 128, max
         sched = config.scheduler_config
         sched.scheduler_cls = SCHEDULER_CLS if sched.async_scheduling else SYNC_SCHEDULER_CLS
     llm = AsyncLLM.from_vllm_config(config, disable_log_stats=True)
-    return VllmEngine(llm, top_k=top_k, max_streams=min(max_streams or max_num_seqs, max_num_seqs),
+    return VllmEngine(llm, logprobs_k=logprobs_k, max_streams=min(max_streams or max_num_seqs, max_num_seqs),
                       kv_reserve_tokens=kv_reserve_tokens, mixing=mixing, chunk_tokens=chunk_tokens)

@@ -15,7 +15,7 @@ from dragon_vllm.backend import DragonCloud
 log = logging.getLogger("dragon.cloud")
 
 
-async def load_cloud(model: str, index_dir: Path | None = None, *, default_k: int = 2, top_k: int = 20,
+async def load_cloud(model: str, index_dir: Path | None = None, *, default_k: int = 2, logprobs_k: int = 20,
                      max_num_seqs: int = 128, max_model_len: int = 2048, kv_cache_gib: float | None = None,
                      gpu_memory_utilization: float | None = None, emulate_decode_ms: float = 0.0,
                      warm_up: bool = True, **engine_kwargs) -> DragonCloud:
@@ -38,7 +38,7 @@ async def load_cloud(model: str, index_dir: Path | None = None, *, default_k: in
         if index.fingerprint != identity.retriever_fingerprint:
             raise RuntimeError(f"index {index_dir} was built with another retriever ({index.fingerprint})")
         log.info("public index %s: %d passages", index_dir, len(index))
-    engine = make_engine(str(hf_dir), top_k=top_k, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+    engine = make_engine(str(hf_dir), logprobs_k=logprobs_k, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                          kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization, **engine_kwargs)
     cloud = DragonCloud(engine, tokenizer, identity, eos_token_ids(tokenizer), index, default_k=default_k,
                         max_model_len=max_model_len, emulate_decode_ms=emulate_decode_ms)

@@ -56,7 +56,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 def engine_stats(engine):
     """The engine's stats (``VllmEngine.stats()``: groups, chunks, reopens, repairs, prompt and
     prefix-cached tokens, open streams, ...) plus its admission capacity (``kv_blocks_capacity``,
-    ``max_streams``) and settings (``mixing``, ``chunk_tokens``, ``top_k``, ``block_size``), for
+    ``max_streams``) and settings (``mixing``, ``chunk_tokens``, ``logprobs_k``, ``block_size``), for
     ``/health`` and ``/metrics``; ``None`` for an engine without stats."""
     stats = getattr(engine, "stats", None)
     if stats is None:
@@ -68,7 +68,7 @@ def engine_stats(engine):
         if admission is not None:
             out.setdefault("kv_blocks_capacity", admission.max_blocks)
             out.setdefault("max_streams", admission.max_slots)
-        for name in ("mixing", "chunk_tokens", "top_k", "block_size"):  # how it runs, for whoever reads the stats
+        for name in ("mixing", "chunk_tokens", "logprobs_k", "block_size"):  # how it runs, for whoever reads the stats
             if name not in out and isinstance(getattr(engine, name, None), (bool, int)):
                 out[name] = getattr(engine, name)
         return out
