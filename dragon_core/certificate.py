@@ -108,7 +108,9 @@ def mixture_evidence(stream_ids: Sequence[np.ndarray], stream_probs: Sequence[np
 def supplement(probs: np.ndarray, theta: float, sent: Evidence) -> Evidence:
     """The cloud's answer to an evidence request: every id with ``p^c >= θ`` not sent yet,
     joined to what was sent. Every id left unlisted is below ``θ`` now, so the tail becomes at
-    most ``θ`` (a float64 on the wire, compared exactly): that is what makes the asking end."""
+    most ``θ`` (a float64 on the wire, compared exactly). So each request lists a new id or the
+    next check settles the step: the asking ends within the vocabulary's size, in practice at
+    once (``θ`` can fall when new evidence changes the candidate ``ŷ``)."""
     p = np.asarray(probs, dtype=np.float64)
     listed = np.zeros(p.size, dtype=bool)
     listed[sent.ids] = True

@@ -64,7 +64,9 @@ def test_asking_for_the_ids_above_theta_ends_on_the_dense_token(case):
         assert 0 < verdict.theta < evidence.tail
         evidence = supplement(pc, verdict.theta, evidence)
         rounds += 1
-        assert rounds <= 1  # θ never falls (L(ŷ) only grows, the unlisted only shrink): one request, then certified or dense
+        # a request lists at least one new id, or the next check settles the step (certified or
+        # dense); θ may fall when the candidate changes (hypothesis found one), so no fixed count
+        assert rounds <= VOCAB + 1
     token = verdict.token if verdict.token is not None else dense_argmax(pd, pc, eta_d, eta_c)
     assert token == dense_argmax(pd, pc, eta_d, eta_c)
 
