@@ -300,9 +300,9 @@ def test_the_cloud_exports_its_engine_stats_in_metrics_and_health():
     counters = dict(groups=3, reopens=1, prompt_tokens=100, cached_tokens=40, chunks=9, repairs=0, open_streams=4,
                     queued_groups=1, reserved_blocks=12)
     engine = SimpleNamespace(stats=lambda: dict(counters), admission=SimpleNamespace(max_blocks=900, max_slots=48),
-                             mixing=True, chunk_tokens=16, top_k=20, block_size=32)
+                             mixing=True, chunk_tokens=16, logprobs_k=20, block_size=32)
     read = engine_stats(engine)
-    assert read() == dict(counters, kv_blocks_capacity=900, max_streams=48, mixing=True, chunk_tokens=16, top_k=20,
+    assert read() == dict(counters, kv_blocks_capacity=900, max_streams=48, mixing=True, chunk_tokens=16, logprobs_k=20,
                           block_size=32)
     assert engine_stats(SimpleNamespace()) is None
     metrics = b.parse_prometheus(generate_latest(CloudMetrics(read).registry).decode())
