@@ -53,12 +53,24 @@ def check_temperature(value: Any, param: str = "temperature") -> float:
     return t
 
 
+# Below this an OpenAI ``temperature`` means greedy decoding, as it does inside vLLM (its
+# sampling epsilon): ``log_softmax(z / T)`` overflows for T near 0 (the fuzz test's T = 1.2e-38
+# gave a NaN distribution and an answer that never came), and no sampler can tell T = 1e-6 from
+# the argmax anyway.
+GREEDY_BELOW = 1e-5
+
+
+def temperature_is_greedy(temperature: float | None) -> bool:
+    """The OpenAI reading: unset, 0, or below ``GREEDY_BELOW`` is greedy decoding."""
+    return temperature is None or temperature < GREEDY_BELOW
+
+
 def check_sampling_temperature(greedy: bool, temperature: Any, param: str = "temperature") -> None:
-    """Sampling needs a temperature above 0: temperature 0 is greedy decoding, said with
-    ``greedy=true`` (the one way both sides read it)."""
-    if not greedy and temperature == 0:
-        raise InvalidOptions(param, f"{param}=0 with greedy=false: temperature 0 means greedy decoding, "
-                                    f"set greedy=true")
+    """Sampling needs a temperature of at least ``GREEDY_BELOW``: below it (0 included) is greedy
+    decoding, said with ``greedy=true`` (the one way both sides read it)."""
+    if not greedy and temperature_is_greedy(temperature):
+        raise InvalidOptions(param, f"{param}={temperature} with greedy=false: a temperature below "
+                                    f"{GREEDY_BELOW:g} means greedy decoding, set greedy=true")
 
 
 def check_top_p(value: Any, param: str = "top_p") -> float:

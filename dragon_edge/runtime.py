@@ -109,10 +109,11 @@ def answer_options(max_tokens: int | None = None, temperature: float | None = No
     opts = AnswerOptions()
     if max_tokens is not None:
         opts.max_tokens = max_tokens
-    # temperature 0 (or unset) is greedy decoding, as in the OpenAI API's deterministic use
+    # temperature 0 (or unset, or below vLLM's epsilon) is greedy decoding, as in the OpenAI API's
+    # deterministic use
     if temperature is not None:
         v.check_temperature(temperature)
-    if temperature:
+    if not v.temperature_is_greedy(temperature):
         opts.greedy, opts.temperature = False, float(temperature)
     if top_p is not None:
         opts.top_p = v.check_top_p(top_p)

@@ -106,7 +106,8 @@ class DragonCloud:
         v.check_request(max_tokens=max_tokens, max_tokens_cap=self.max_model_len, temperature=temperature,
                         top_p=top_p, top_k=top_k, seed=seed)
         self._check_length(prompts, max_tokens)
-        sampling = m.Sampling(greedy=not temperature, temperature=float(temperature or 1.0),
+        greedy = v.temperature_is_greedy(temperature)
+        sampling = m.Sampling(greedy=greedy, temperature=1.0 if greedy else float(temperature),
                               top_k=int(top_k or 0) if (top_k or 0) > 0 else 0, top_p=float(top_p or 1.0))
         self._ids += 1
         spec = RequestSpec(max_tokens=max_tokens, seed=seed if seed is not None else self._ids, sampling=sampling,

@@ -549,3 +549,17 @@ def test_fuzzed_fields_of_a_valid_request_never_give_5xx_and_4xx_starts_nothing(
     cloud, status = asyncio.run(_fuzz_post(route, body))
     assert 200 <= status < 300 or 400 <= status < 500, (status, body)
     assert len(cloud.calls) == (1 if status < 300 else 0) and cloud.open_answers == 0
+
+
+def test_a_temperature_below_vllms_epsilon_is_greedy_on_both_sides():
+    """The fuzz test's T = 1.2e-38 overflowed log_softmax(z / T) and the answer never came: below
+    ``GREEDY_BELOW`` an OpenAI temperature means greedy decoding (as inside vLLM), and a request
+    that asks to *sample* at such a temperature is refused with the parameter named."""
+    from dragon_edge.runtime import answer_options
+
+    assert v.temperature_is_greedy(None) and v.temperature_is_greedy(0.0) and v.temperature_is_greedy(1.2e-38)
+    assert not v.temperature_is_greedy(v.GREEDY_BELOW) and not v.temperature_is_greedy(0.7)
+    assert answer_options(temperature=1.2e-38).greedy and not answer_options(temperature=0.5).greedy
+    with pytest.raises(InvalidOptions, match="temperature"):
+        v.check_sampling_temperature(False, 1.2e-38)
+    v.check_sampling_temperature(True, 1.2e-38)  # greedy: the temperature is not used
