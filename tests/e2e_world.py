@@ -69,6 +69,18 @@ class CloudProcess:
         with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
             return json.loads(r.read())
 
+    def wait_idle(self, timeout_s: float = 60.0) -> None:
+        """Until no link request and no engine stream is open: an earlier test's answer that the
+        cloud is still closing (it closes a round trip after the device) would share the engine's
+        batches, and vLLM's CPU kernels are not batch-invariant, so a near-tie could flip."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            h = self.health()
+            if not h.get("link_requests") and not (h.get("engine") or {}).get("open_streams"):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"the cloud did not go idle within {timeout_s:.0f} s: {self.health()}")
+
 
 # ---------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")

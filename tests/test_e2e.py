@@ -435,9 +435,10 @@ class EngineSpy:
 
 
 @pytest.mark.parametrize("rtt", [0, 50])
-def test_baseline_cloud_only_equals_the_clouds_solo_decode(loop, runtime, proxies, cloud_only_reference,
+def test_baseline_cloud_only_equals_the_clouds_solo_decode(loop, runtime, cloud, proxies, cloud_only_reference,
                                                            greedy_reference, openai_client, rtt):
     frames: list[tuple[str, bytes]] = []
+    cloud.wait_idle()  # the reference ran alone on its engine: so does this answer (batch-invariance)
     with EngineSpy(runtime) as spy:
         ids, stats = run(loop, ask(runtime, proxies[rtt], options(mode="cloud"), frames))
     assert ids == cloud_only_reference, f"cloud-only at RTT {rtt} ms diverged"
