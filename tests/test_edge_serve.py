@@ -218,9 +218,7 @@ def test_documents_added_listed_answered_from_and_deleted_over_http(edge, client
     listed = [d["source"] for d in http("GET", edge.url + "/v1/dragon/documents")[1]["data"]]
     assert str(folder / "locker.md") in listed and any(s.endswith("wifi.md") for s in listed)
 
-    # this wording is answered from the note with any padding layout and unpadded alike;
-    # "What is my gym locker code?" got "7319" only with the padding after the document
-    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the code of my gym locker?"}],
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is my gym locker code?"}],
                                            max_tokens=16, extra_body={"use_cloud": False, "k": 1})
     assert "7319" in reply.choices[0].message.content, reply.choices[0].message.content
     assert reply.model_extra["dragon"]["sources"][0]["name"] == str(folder / "locker.md")
