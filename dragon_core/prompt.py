@@ -12,19 +12,19 @@ Segment boundaries are placed where a BPE pre-tokenizer splits anyway (the space
 document goes with the document, as it does for a word), so for SmolLM2 the unpadded ids equal
 the template's own tokenization (tested).
 
-**Padding: spaces between the system turn and the user turn** (issue 13). They used to follow
-the document, just before ``"\n\nQuestion: "``; an answer that quoted the end of a document then
-went on with the run of spaces that followed it ("The French Chef:      "): 0.5-2.5% of 200 NQ
-answers per mode (benchmarks/README.md). Put between ``"Document:"`` and the document, the run
-taught the model "a label, a colon, spaces": answers like ``"The answer is:            "``
-ended in a whitespace run as often (1.5-2.0% of 200). Between the turns the run follows the
-system's end-of-turn, where no answer goes: the measured layout closest to the unpadded one
-(30 NQ questions, benchmarks/bench_padding.py, results/padding.json: TV 0.048 and argmax
-agreement 0.967 along the unpadded answer, answers ending in a whitespace run 0/30, the same
-answer as unpadded 57%; after the document 0.057 / 0.958 / 1/30 / 47%; at the very start of the
-sequence 0.155 / 0.849). The block alignment is unchanged: ``prefix + document`` still ends on a
-block boundary and depends on the document only. A special token (``<|endoftext|>``) as padding
-tells the model the text ended (TV 0.39). tests/test_engines.py keeps a check.
+**Padding: spaces between ``"Document:"`` and the document** (issue 13). They used to follow
+the document, just before ``"\n\nQuestion: "``; then an answer that quoted the end of a document
+went on with the run of spaces that followed it there ("The French Chef:      "), in 2-5% of NQ
+answers of the modes with padded cloud documents (benchmarks/README.md). Before the document the
+run follows ``"Document:"``, which no answer quotes, and the document's end is followed by the
+question as in the unpadded template. Measured on 30 NQ questions against the unpadded layout
+(benchmarks/bench_padding.py, results/padding.json): mean TV 0.051 and argmax agreement 0.960 along
+the unpadded answer (after the document: 0.057 / 0.958), answers ending in a whitespace run
+0/30 (after: 1/30); between the system and the user turn did as well (0.048 / 0.967, 0/30),
+at the very start much worse (0.155 / 0.849). The block alignment is
+unchanged: ``prefix + document`` still ends on a block boundary and depends on the document only.
+A special token (``<|endoftext|>``) as padding tells the model the text ended (TV 0.39).
+tests/test_engines.py keeps a check.
 
 The tokenizer is duck-typed: ``encode(text, add_special_tokens=False)`` and
 ``apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`` (transformers'
@@ -50,7 +50,7 @@ class Segments:
     """One document stream's prompt, segment by segment (token ids)."""
 
     prefix: tuple[int, ...]
-    document: tuple[int, ...]  # the padding, then the user turn up to and with the document
+    document: tuple[int, ...]  # the padding, then the document
     query: tuple[int, ...]
     num_pad: int = 0
 
@@ -73,11 +73,11 @@ def document_segments(tokenizer: Any, document: str, query: str, *, system: str 
     text = _render(tokenizer, system, user_message(_DOC_MARK, _QUERY_MARK))
     head, rest = text.split(_DOC_MARK)
     middle, tail = rest.split(_QUERY_MARK)
-    fixed = _system_turn(tokenizer, system, head)  # the padding goes after it: see the module docstring
+    fixed = head.rstrip(" ")  # the space before the document belongs to the document's first word
     prefix = _encode(tokenizer, fixed)
     doc = _encode(tokenizer, head[len(fixed):] + document.strip())
     num_pad = (-(len(prefix) + len(doc))) % block_size if pad else 0
-    doc = pad_ids(tokenizer) * num_pad + doc
+    doc = pad_ids(tokenizer) * num_pad + doc  # before the document: see the module docstring
     query_ids = _encode(tokenizer, middle + query.strip() + tail)
     return Segments(tuple(prefix), tuple(doc), tuple(query_ids), num_pad)
 
@@ -140,20 +140,6 @@ def eos_token_ids(tokenizer: Any) -> tuple[int, ...]:
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
     ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
     return tuple(sorted(int(i) for i in ids))
-
-
-def _system_turn(tokenizer: Any, system: str, head: str) -> str:
-    """The system turn as the template renders it, if the rendered prompt starts with it (the
-    padding then sits between the two turns); else, for templates that merge the turns, the
-    text up to the document (minus the space that belongs to the document's first word)."""
-    try:
-        turn = tokenizer.apply_chat_template([{"role": "system", "content": system}], tokenize=False,
-                                             add_generation_prompt=False)
-    except Exception:  # a template that refuses a lone system message
-        turn = None
-    if isinstance(turn, str) and turn and head.startswith(turn):
-        return turn
-    return head.rstrip(" ")
 
 
 def _render(tokenizer: Any, system: str, user: str) -> str:
