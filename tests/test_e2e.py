@@ -409,6 +409,47 @@ async def cloud_solo(runtime, index, reference_engine, opts: AnswerOptions) -> l
     return tokens
 
 
+# vLLM's CPU kernels are not batch-invariant and the model runs in bf16 (8-bit mantissa: a logit
+# near 20 rounds by up to ~0.06): the live cloud (its prefix cache warmed by earlier tests, other
+# batch shapes) and the reference engine can flip a greedy choice where the top two are that
+# close. Measured on this layout: both agree for 8 tokens, then one takes EOS and the other token
+# 657, whose log-probs in the reference's mixture differ by 0.061 (and the reference itself took
+# either, run to run). So a divergence is accepted only at a step where the reference's own
+# mixture puts the two tokens within NEAR_TIE nats; wherever the reference is decisive the tokens
+# must be equal, and everything before the divergence must be equal.
+NEAR_TIE = 0.15
+
+
+async def cloud_mixture_after(runtime, index, reference_engine, prefix: list[int], opts: AnswerOptions):
+    """The cloud's side mixture (log-probs, whole vocabulary) after ``prefix``, on the reference engine."""
+    import numpy as np
+
+    from dragon_core.aggregate import side_mixture
+
+    pub = index.search(QUESTION, opts.cloud_k)
+    prompts, scores = passage_prompts(runtime.tokenizer, QUESTION, [p.text for p in pub], [p.score for p in pub])
+    group = await reference_engine.open_group(prompts, 1.0, doc_top_k=-1)
+    try:
+        if prefix:
+            await group.append(prefix)
+        dists = await group.next_dists()
+    finally:
+        await group.close()
+    mixed, _ = side_mixture(np.stack([d.logprobs for d in dists]), scores)
+    return mixed
+
+
+def assert_equal_up_to_a_near_tie(loop, runtime, world, reference_engine, ids: list[int], ref: list[int], what: str):
+    if ids == ref:
+        return
+    k = next((i for i, (a, b) in enumerate(zip(ids, ref)) if a != b), min(len(ids), len(ref)))
+    assert k < min(len(ids), len(ref)), f"{what}: one answer is a prefix of the other ({len(ids)} vs {len(ref)} tokens)"
+    lp = run(loop, cloud_mixture_after(runtime, world[1], reference_engine, ref[:k], options()))
+    gap = abs(float(lp[ids[k]]) - float(lp[ref[k]]))
+    assert gap < NEAR_TIE, f"{what} diverged at step {k} ({ids[k]} vs {ref[k]}) where the reference is decisive " \
+                           f"(log-prob gap {gap:.4f})"
+
+
 @pytest.fixture(scope="module")
 def cloud_only_reference(loop, runtime, world, reference_engine):
     return run(loop, cloud_solo(runtime, world[1], reference_engine, options()))
@@ -435,13 +476,14 @@ class EngineSpy:
 
 
 @pytest.mark.parametrize("rtt", [0, 50])
-def test_baseline_cloud_only_equals_the_clouds_solo_decode(loop, runtime, cloud, proxies, cloud_only_reference,
-                                                           greedy_reference, openai_client, rtt):
+def test_baseline_cloud_only_equals_the_clouds_solo_decode(loop, runtime, world, reference_engine, cloud, proxies,
+                                                           cloud_only_reference, greedy_reference, openai_client, rtt):
     frames: list[tuple[str, bytes]] = []
     cloud.wait_idle()  # the reference ran alone on its engine: so does this answer (batch-invariance)
     with EngineSpy(runtime) as spy:
         ids, stats = run(loop, ask(runtime, proxies[rtt], options(mode="cloud"), frames))
-    assert ids == cloud_only_reference, f"cloud-only at RTT {rtt} ms diverged"
+    assert_equal_up_to_a_near_tie(loop, runtime, world, reference_engine, ids, cloud_only_reference,
+                                  f"cloud-only at RTT {rtt} ms")
     assert ids != greedy_reference  # without the private note the answer differs: the check can fail
     assert stats.mode == "cloud" and not stats.degraded and not stats.device_only
     assert stats.aggregator_steps == {"cloud": len(ids)} and stats.acceptance_cloud is None
