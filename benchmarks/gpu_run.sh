@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_run.sh streams    # engine level, SmolLM2-135M: gang / sessions / plain vLLM
 #   bash benchmarks/gpu_run.sh streams17  # engine level, 1.7B Llama shape, dummy weights
 #   bash benchmarks/gpu_run.sh load       # through the link: bench_cloud_load
+#   bash benchmarks/gpu_run.sh profile WHEEL_DIR --questions Q --passages P   # py-spy of the gang at 256 requests,
+#        engine level and through the link (raw stacks -> $OUT/spy_*.txt; benchmarks/pyspy_summary.py reads them)
 #   bash benchmarks/gpu_run.sh latency --conditions rtt300 rtt0 --budget-s 450   # issue 13: bench_latency_rtt,
 #        three devices on cores 0-3 / 4-7 / 8-11, the cloud and the proxies on 12-15 (data: --data DIR)
 # Stage vLLM first (../shared/gpu/README.md); results and logs go under $OUT.
@@ -34,10 +36,21 @@ case "${1:-}" in
     python -m benchmarks.bench_cloud_load --device h200 --device-cores 0-3 --cloud-cores 4-15 \
       --gpu-memory-utilization 0.85 --out "$OUT/cloud_load_h200.json" "$@" > "$OUT/load.log" 2>&1; rc=$?
     grep '^{' "$OUT/load.log" | tail -8; tail -5 "$OUT/load.log"; exit $rc ;;
+  profile)
+    shift; wheels=$1; shift
+    pip install -q --no-deps --target /tmp/pyspy "$wheels"/py_spy-*.whl > /dev/null 2>&1
+    spy="/tmp/pyspy/bin/py-spy record --subprocesses --nonblocking --format raw --rate 100"
+    $spy -o "$OUT/spy_streams.txt" -- taskset -c 2-15 python -m benchmarks.bench_vllm_streams --levels 256 --k 4 \
+      --steps 64 --chunk-tokens 0 --device h200 --out "$OUT/vllm_streams_prof.json" > "$OUT/streams_prof.log" 2>&1
+    grep '^{' "$OUT/streams_prof.log" | tail -2
+    $spy -o "$OUT/spy_load.txt" -- python -m benchmarks.bench_cloud_load --device h200 --device-cores 0-3 \
+      --cloud-cores 4-15 --gpu-memory-utilization 0.85 --levels 256 --no-plain --max-questions 64 \
+      --out "$OUT/cloud_load_prof.json" "$@" > "$OUT/load_prof.log" 2>&1; rc=$?
+    grep '^{' "$OUT/load_prof.log" | tail -2 | cut -c1-600; tail -3 "$OUT/load_prof.log"; ls -la "$OUT"; exit $rc ;;
   latency)
     shift
     python -m benchmarks.bench_latency_rtt --device-cores 0-3 4-7 8-11 --cloud-cores 12-15 \
       --gpu-memory-utilization 0.5 --label "H200 cloud, llama.cpp devices on 4 cores each" "$@" > "$OUT/latency.log" 2>&1; rc=$?
     tail -40 "$OUT/latency.log"; exit $rc ;;
-  *) echo "usage: $0 tests|streams|streams17|load|latency"; exit 2 ;;
+  *) echo "usage: $0 tests|streams|streams17|load|profile|latency"; exit 2 ;;
 esac
