@@ -43,6 +43,10 @@ case "${1:-}" in
     $spy -o "$OUT/spy_streams.txt" -- taskset -c 2-15 python -m benchmarks.bench_vllm_streams --levels 256 --k 4 \
       --steps 64 --chunk-tokens 0 --device h200 --out "$OUT/vllm_streams_prof.json" > "$OUT/streams_prof.log" 2>&1
     grep '^{' "$OUT/streams_prof.log" | tail -2
+    # the same without Model Runner V2 for plain decoding: how much of the gap is V1 (which a processor forces)
+    VLLM_USE_V2_MODEL_RUNNER=0 taskset -c 2-15 python -m benchmarks.bench_vllm_streams --levels 64 256 --k 4 --steps 64 \
+      --chunk-tokens 0 --device h200 --out "$OUT/vllm_streams_v1.json" > "$OUT/streams_v1.log" 2>&1
+    grep '^{' "$OUT/streams_v1.log" | tail -2
     $spy -o "$OUT/spy_load.txt" -- python -m benchmarks.bench_cloud_load --device h200 --device-cores 0-3 \
       --cloud-cores 4-15 --gpu-memory-utilization 0.85 --levels 256 --no-plain --max-questions 64 \
       --out "$OUT/cloud_load_prof.json" "$@" > "$OUT/load_prof.log" 2>&1; rc=$?
