@@ -25,7 +25,7 @@ Every side's documents run on the same engine here (the paper also ran one model
 quality does not depend on where a stream is computed, up to the engines' numerics.
 
     python -m benchmarks.bench_quality_lm [--windows 64] [--ks 1 2 4 8] [--data DIR]
-    python -m benchmarks.bench_quality_lm --quick      # a CI-sized run (tests/test_bench_quality.py)
+    python -m benchmarks.bench_quality_lm --quick      # a CI-sized run (tests/e2e/test_bench_quality.py)
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ VERIFIED: dict[tuple[int, int], str] = {
 }
 ALLOW_ENV = "DRAGON_ALLOW_UNVERIFIED_VLLM"
 # Test hook only: pretend vLLM has this version, so the refusal can be exercised end to end
-# (tests/test_plugin.py) without installing another vLLM.
+# (tests/engines/test_plugin.py) without installing another vLLM.
 FAKE_VERSION_ENV = "DRAGON_FAKE_VLLM_VERSION"
 
 # Names vLLM is given for DRAGON's in-engine parts. Strings, not imports: this module must stay

@@ -2,7 +2,7 @@
 (``netsim``) and the centralized references a distributed answer must equal (``reference``).
 
 Nothing here touches files, clocks or event loops, so it lives inside ``dragon_core`` and is held
-to the same import boundary (tests/test_core_is_pure.py).
+to the same import boundary (tests/core/test_core_is_pure.py).
 """
 
 __all__ = ["netsim", "reference"]

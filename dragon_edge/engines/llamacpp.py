@@ -10,7 +10,7 @@ Bit-exactness: with flash attention on and physical batches (``n_ubatch``) of at
 tokens, a position's logits do not depend on how the tokens were batched (one by one, in
 chunks, several sequences in one batch, prefix copied from another sequence). Larger
 ubatches switch kernels and move log-probs by up to ~1 nat on rare tokens (TV ~0.05,
-measured), so append/rollback would drift from a fresh run. tests/test_engines.py checks
+measured), so append/rollback would drift from a fresh run. tests/engines/test_engines.py checks
 equality with a fresh full-context run bit for bit.
 """
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-CORE = Path(__file__).resolve().parent.parent / "dragon_core"
+CORE = Path(__file__).resolve().parents[2] / "dragon_core"
 
 # Standard-library modules that compute and nothing else: no files, clocks, sockets, threads,
 # event loops or processes.

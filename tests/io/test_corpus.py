@@ -19,7 +19,7 @@ from dragon_core import retrieval as r  # noqa: E402
 from dragon_host import embedder as emb  # noqa: E402
 from dragon_vllm import corpus as c  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Distinct topics, so a topical query has exactly one right answer.
 LOBSTER = ("Homarus gammarus , known as the European lobster , is a species of clawed lobster from the eastern "

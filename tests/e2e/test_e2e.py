@@ -6,7 +6,7 @@ shared world of e2e_world.py).
   differs from the device's alone, asserted): greedy DRAGON (aggregator on the device, on the
   cloud, handed over mid-answer, live scheduling), VDRAG and SW at emulated RTT 0 / 50 / 300 ms,
   full vectors and top-32, equal centralized output aggregation token for token; the reference
-  is the formula written out in tests/independent.py (it shares no mixture code with
+  is the formula written out in tests/e2e/independent.py (it shares no mixture code with
   dragon_core) over the same engines' per-document distributions; at RTT 300 ms rejections and
   rollbacks are asserted to have happened;
 * sampling through the wire: the joint law of the first two sampled tokens equals the
@@ -79,7 +79,7 @@ async def close_sides(groups) -> None:
 @pytest.fixture(scope="module")
 def public_answers(loop, runtime, world, reference_engine):
     """On PUBLIC_QUESTION, for full vectors (0) and top-32: the centralized greedy answer from the
-    independent formula (tests/independent.py), and the device-only answer."""
+    independent formula (tests/e2e/independent.py), and the device-only answer."""
     async def build():
         out = {}
         for top_k in (0, 32):
@@ -187,7 +187,7 @@ def sampling_options(case: str, **kw) -> AnswerOptions:
 def sampling_plans(loop, runtime, world, reference_engine):
     """Per case, everything fixed before sampling: the centralized law of the first STEPS
     tokens, two wrong laws (device-only: the cloud dropped; and the two sides' weights η
-    swapped), all from tests/independent.py, the pooled χ² cells, and the smallest n (a multiple
+    swapped), all from tests/e2e/independent.py, the pooled χ² cells, and the smallest n (a multiple
     of 10, at least N_MIN) whose power (see ``power``) reaches POWER against device-only and
     POWER_SWAPPED against swapped weights."""
     async def law(case: str, use_cloud: bool = True, swap: bool = False):

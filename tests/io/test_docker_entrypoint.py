@@ -21,7 +21,7 @@ import pytest
 from dragon_vllm import exposure
 from dragon_vllm.exposure import Exposure, is_loopback, parse, refusal
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 
 

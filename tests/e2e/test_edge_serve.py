@@ -286,7 +286,7 @@ def test_a_non_loopback_address_needs_a_key_or_insecure():
 def test_chat_page_in_headless_chromium_streams_an_answer_and_marks_the_passages(edge, e2e_loop):
     """Runs when Debian's ``chromium`` is installed (``apt-get install chromium``: 131 packages,
     330 MB, not in CI's setup). ``DRAGON_CHAT_SCREENSHOT=docs/chat_page.png`` keeps the
-    screenshot (the README's manual command: ``python tests/headless_chromium.py URL PNG``)."""
+    screenshot (the README's manual command: ``python tests/e2e/headless_chromium.py URL PNG``)."""
     from headless_chromium import find_chromium, watch_page
 
     if find_chromium() is None:

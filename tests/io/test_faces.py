@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("dragon_core", "dragon_host", "dragon_http", "dragon_edge", "dragon_vllm", "dragon_demo")
 
 

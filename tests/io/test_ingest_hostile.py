@@ -31,7 +31,7 @@ from dragon_edge.store.document_store import DB_NAME, INDEX_NAME, PAUSE_ENV
 from dragon_edge.store.passages import count_passages, iter_passages
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LATIN1_NAME = os.fsdecode(b"caf\xe9-notes.txt")  # not UTF-8: a lone surrogate in Python
 
 NOTES = {

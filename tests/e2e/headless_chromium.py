@@ -8,7 +8,7 @@ from one that arrived in one block).
 
 As a command (the README's manual check; writes the screenshot)::
 
-    python tests/headless_chromium.py "http://127.0.0.1:8088/?q=What+is+the+home+wifi+password%3F" docs/chat_page.png
+    python tests/e2e/headless_chromium.py "http://127.0.0.1:8088/?q=What+is+the+home+wifi+password%3F" docs/chat_page.png
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from dragon_edge.store import index as ix
 from dragon_edge.store.document_store import DB_NAME, INDEX_NAME, PAUSE_ENV
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 NOTES = {
     "wifi.md": "# Home network\nThe home wifi password is tangerine-42. The router sits in the hallway closet.",
