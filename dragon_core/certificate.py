@@ -14,7 +14,7 @@ than points make the wire's fp16 rounding (and a mixture computed from per-docum
 part of the bound instead of a fudge factor; ``ε`` covers only the device's float64 arithmetic.
 
 When the certificate fails, the evidence that can settle the step is exactly the ids with
-``p^c ≥ θ``, ``θ = (L(ŷ) − ε − max_{y unlisted} η^d p^d(y)) / η^c``: an unlisted token needs at
+``p^c ≥ θ``, ``θ = (L(ŷ) − 2ε − max_{y unlisted} η^d p^d(y)) / η^c``: an unlisted token needs at
 least that much cloud mass to reach ``L(ŷ)``. After the cloud lists them it may lower ``τ`` to
 ``θ``. If ``θ ≤ 0`` (the device cannot rule anything out) the step needs the dense distribution.
 Ties never certify (the margin is strict), so the dense rule, lowest id among equals, decides them.
@@ -154,7 +154,9 @@ def certify(device_probs: np.ndarray, eta_device: float, eta_cloud: float, evide
     unlisted[evidence.ids] = False
     unlisted[best] = False
     strongest_unlisted = float(base[unlisted].max()) if unlisted.any() else 0.0
-    theta = (lower[best] - eps - strongest_unlisted) / eta_cloud if eta_cloud > 0 else 0.0
+    # 2ε, not ε: once every id at or above θ is listed, the tail is θ itself, and the next
+    # check must then pass the strict ε margin (with ε it lands exactly on it and goes dense)
+    theta = (lower[best] - 2 * eps - strongest_unlisted) / eta_cloud if eta_cloud > 0 else 0.0
     if theta <= 0 or theta >= evidence.tail:  # nothing left to rule out by asking for more ids
         return Verdict(None, dense=True)
     return Verdict(None, theta=float(theta))

@@ -17,6 +17,7 @@ import msgspec
 import numpy as np
 
 from dragon_core import messages as m
+from dragon_core.concord_wire import check_concord_open, check_evidence
 from dragon_core.dist import Dist
 from dragon_core.errors import FrameTooLarge, InvalidDistribution, MalformedFrame, UnsupportedVersion
 
@@ -120,7 +121,7 @@ def _check_wire_shape(w: m.WireDist) -> None:
 _NON_NEGATIVE = frozenset({"request_id", "epoch", "step", "token", "recipient_epoch", "sender_epoch",
                            "nonce", "protocol_version", "max_depth", "dist_top_k", "top_k"})
 _POSITIVE = frozenset({"k", "max_tokens", "max_k", "max_frame_bytes"})
-_FINITE = frozenset({"log_h", "sent_at"})
+_FINITE = frozenset({"log_h", "sent_at", "theta"})
 _FINITE_NON_NEGATIVE = frozenset({"decode_ms", "sender_decode_ms"})
 
 
@@ -134,6 +135,7 @@ def _check(msg: m.Message) -> None:
         if not 0.0 < s.top_p <= 1.0:
             raise MalformedFrame(f"open: top_p {s.top_p} outside (0, 1]")
         _check_field("sampling", "top_k", s.top_k)
+        check_concord_open(msg)
     elif isinstance(msg, m.Draft):
         dist_from_wire(msg.dist)  # a decoded Draft must always convert
         if msg.token >= msg.dist.vocab_size:
@@ -141,6 +143,10 @@ def _check(msg: m.Message) -> None:
     elif isinstance(msg, m.Tokens):
         if not msg.tokens or not all(0 <= t < MAX_VOCAB for t in msg.tokens):
             raise MalformedFrame(f"tokens: need 1+ ids in [0, {MAX_VOCAB}), got {msg.tokens[:8]}")
+    elif isinstance(msg, m.Evidence):
+        check_evidence(msg, MAX_VOCAB)
+        if msg.dist is not None:
+            dist_from_wire(msg.dist)  # a dense reply must always convert
     elif isinstance(msg, m.Opened):
         if len(msg.scores) != len(msg.passages) or not all(math.isfinite(x) for x in msg.scores):
             raise MalformedFrame("opened: one finite score per passage")

@@ -17,8 +17,9 @@ PROTOCOL_VERSION = 1
 
 Side = Literal["device", "cloud"]
 # Wire modes (baselines of the same link): "cloud" = cloud-only (the cloud decodes alone and
-# streams its tokens), "text" = DRCG/Text (the cloud only sends its passages' text).
-Mode = Literal["dragon", "vdrag", "sw", "cloud", "text"]
+# streams its tokens), "text" = DRCG/Text (the cloud only sends its passages' text), "concord" =
+# CONCORD (the device aggregates from the cloud's evidence; docs/CONCORD.md).
+Mode = Literal["dragon", "vdrag", "sw", "cloud", "text", "concord"]
 
 
 def other_side(side: Side) -> Side:
@@ -111,6 +112,8 @@ class Open(msgspec.Struct, tag="open", frozen=True, array_like=True):
     dist_top_k: int = 0  # 0: send full distributions (exact mode)
     retrieval: bool = True
     prior: SchedulerPrior | None = None
+    concord_top_m: int = 1  # CONCORD: mixture entries the cloud's evidence lists per step
+    concord_debt_max: float = 4.0  # CONCORD: wait for evidence while the debt is <= this (inf: always)
 
 
 class Opened(msgspec.Struct, tag="opened", frozen=True, array_like=True):
@@ -157,7 +160,9 @@ class Target(msgspec.Struct, tag="target", frozen=True, array_like=True):
 
 
 class Tokens(msgspec.Struct, tag="tokens", frozen=True, array_like=True):
-    """Cloud-only mode: tokens the cloud committed alone, from ``step`` on (no drafts to verify)."""
+    """Tokens the deciding side committed, from ``step`` on (no drafts to verify): the cloud's
+    in cloud-only mode (cloud -> device), the device's in CONCORD (device -> cloud: the prefix
+    the cloud's evidence is computed on)."""
 
     request_id: int
     step: int
@@ -169,4 +174,33 @@ class Cancel(msgspec.Struct, tag="cancel", frozen=True, array_like=True):
     reason: str = ""
 
 
-Message = Hello | Welcome | Ping | Pong | Error | Open | Opened | Draft | Target | Tokens | Cancel
+class Evidence(msgspec.Struct, tag="ev", frozen=True, array_like=True):
+    """CONCORD, cloud -> device: facts about the cloud's mixture ``p^c`` at ``step`` (on the
+    prefix of ``step`` committed tokens). ``p^c(ids[i])`` rounded to the nearest float16 is
+    ``values[i]``; the last of the ``n + 1`` values is a tail bound, rounded up, on every id not
+    listed in this step's evidence so far. A reply to an ``EvidenceRequest`` lists only new ids;
+    a dense reply carries the whole canonical mixture in ``dist``. Short tag and packed arrays:
+    this frame crosses every step, its bytes are CONCORD's per-token cost. Nothing here is the
+    device's: the cloud's own mixture only, as in DRAGON. (msgspec writes the three optional
+    fields as one nil byte each: 24 bytes for a one-entry frame.)"""
+
+    request_id: int
+    step: int
+    ids: bytes  # n int32, little-endian, distinct
+    values: bytes  # n + 1 float16, little-endian: the listed p^c, then the tail bound
+    log_h: float | None = None  # the cloud's retrieval mass: in the request's first Evidence
+    upper: bytes | None = None  # n float16: upper ends when ``values`` are interval lower ends
+    dist: WireDist | None = None  # the dense fall-back: the cloud's canonical mixture
+
+
+class EvidenceRequest(msgspec.Struct, tag="ask", frozen=True, array_like=True):
+    """CONCORD, device -> cloud: list every id of ``step``'s mixture with ``p^c >= theta`` not
+    listed yet; ``theta <= 0``: send the whole mixture. ``theta`` is one scalar of the device's
+    certificate, no distribution (docs/CONCORD.md, privacy)."""
+
+    request_id: int
+    step: int
+    theta: float
+
+
+Message = Hello | Welcome | Ping | Pong | Error | Open | Opened | Draft | Target | Tokens | Cancel | Evidence | EvidenceRequest

@@ -17,9 +17,12 @@ Answer modes (``AnswerOptions.mode``, ``dragon-edge ask --mode``, the SDK's ``mo
   to its private ones and decodes alone. Only the query goes up;
 * ``concat``: DRCG with one concatenated prompt (context aggregation): as ``text`` on the wire;
   the device puts its private and the public passages, best score first, into one prompt;
+* ``concord``: CONCORD (docs/CONCORD.md). The device aggregates and commits every token; the
+  cloud runs its streams on the committed prefix the device sends and publishes evidence about
+  its mixture; the device waits for it while waiting pays (greedy decoding only);
 * ``device``: device-only (the same as ``use_cloud=False``); never reaches the wire.
 
-The wire carries five of them (``messages.Mode``): ``concat`` asks the cloud for what ``text``
+The wire carries six of them (``messages.Mode``): ``concat`` asks the cloud for what ``text``
 does, and ``device`` runs the device's session alone, which ``dragon`` describes.
 """
 
@@ -31,12 +34,13 @@ from typing import Literal, get_args
 from dragon_core import messages as m
 from dragon_core.errors import DragonError
 
-AnswerMode = Literal["dragon", "vdrag", "sw", "cloud", "text", "concat", "device"]
+AnswerMode = Literal["dragon", "vdrag", "sw", "cloud", "text", "concat", "concord", "device"]
 ANSWER_MODES: tuple[str, ...] = get_args(AnswerMode)
 
 # What crosses the link after the Open: both sides' drafts and the aggregator's targets; the
-# cloud's committed tokens (cloud-only); the cloud's public passages, once (DRCG); nothing.
-Crossing = Literal["drafts", "tokens", "passages", "nothing"]
+# cloud's committed tokens (cloud-only); the cloud's public passages, once (DRCG); the device's
+# committed tokens up and the cloud's evidence down (CONCORD); nothing.
+Crossing = Literal["drafts", "tokens", "passages", "evidence", "nothing"]
 # How many undecided drafts a side may hold: the scheduler's window (one round trip's worth,
 # capped by max_depth); one (token-wise synchronous); the whole answer (sequence-wise).
 Depth = Literal["window", "one", "all"]
@@ -75,7 +79,7 @@ class ModeRule:
     @property
     def cloud_streams(self) -> bool:
         """The cloud opens decode streams for the request (not for passage text alone)."""
-        return self.crosses in ("drafts", "tokens")
+        return self.crosses in ("drafts", "tokens", "evidence")
 
     @property
     def streams_tokens(self) -> bool:
@@ -94,6 +98,7 @@ MODES: dict[str, ModeRule] = {rule.name: rule for rule in (
     ModeRule("cloud", "cloud", "tokens", aggregator="cloud", device_prefills=False, device_passages=False),
     ModeRule("text", "text", "passages", prompts="with_public"),
     ModeRule("concat", "text", "passages", prompts="concatenated"),
+    ModeRule("concord", "concord", "evidence", depth="one", aggregator="device"),
     ModeRule("device", "dragon", "nothing"),
 )}
 

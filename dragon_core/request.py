@@ -41,6 +41,10 @@ class RequestSpec:
     query: str = ""  # the cloud retrieves with it (empty for a session that asks no cloud)
     k: int = 0  # public passages the cloud retrieves
     retrieval: bool = True
+    concord_top_m: int = 1  # CONCORD: entries of the cloud's mixture its evidence lists per step
+    # CONCORD: the device waits for the cloud's evidence while its waiting debt is <= this;
+    # inf: every step (exact dense greedy), -inf: never (device-only). docs/CONCORD.md
+    concord_debt_max: float = 4.0
 
     @property
     def rule(self) -> ModeRule:

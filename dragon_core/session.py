@@ -9,7 +9,9 @@ epoch and are dropped, so the driver never has to cancel anything.
 
 One class serves both sides, the aggregating role that moves between them (Greedy Scheduling),
 and the baselines: what each mode changes (draft depth, synchronous decisions, whole-sequence
-sends, the cloud-only ``Tokens`` stream) is a row of ``dragon_core.modes``. A session whose peer is gone
+sends, the cloud-only ``Tokens`` stream) is a row of ``dragon_core.modes``; CONCORD's evidence
+exchange is its own module (``dragon_core.concord``), which the session hands its decoding to.
+A session whose peer is gone
 continues alone (``solo``): its drafts *are* samples of its own distribution, so every draft is
 committed as is.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
+from dragon_core import concord  # a module reference: concord calls back into this module
 from dragon_core import messages as m
 from dragon_core.aggregate import cross_side_weights
 from dragon_core.codec import dist_from_wire, dist_to_wire
@@ -76,11 +79,13 @@ class LocalDist:
     step: int
     dist: Dist
     decode_ms: float = 0.0
+    at_ms: float | None = None  # the host's clock when it was ready (CONCORD times its waits)
 
 
 @dataclass(frozen=True)
 class PeerMessage:
-    msg: m.Draft | m.Target | m.Tokens | m.Cancel | m.Error
+    msg: m.Draft | m.Target | m.Tokens | m.Evidence | m.EvidenceRequest | m.Cancel | m.Error
+    at_ms: float | None = None  # the host's clock when it arrived (CONCORD times its waits)
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,21 @@ class SessionStats:
     stale_dropped: int = 0
     handovers: int = 0
     aggregator_by_step: list[str] = field(default_factory=list)
+    # CONCORD (docs/CONCORD.md): how each step was committed, and what its evidence cost
+    steps_certified: int = 0  # by the certificate (the step's evidence, maybe supplemented)
+    steps_dense: int = 0  # from the cloud's dense mixture (the certificate could not settle it)
+    steps_local: int = 0  # without the cloud's evidence (debt, or the cloud lost): not exact
+    steps_supplemented: int = 0  # consulted steps that asked for ids above θ at least once
+    evidence_requests: int = 0  # EvidenceRequests sent (θ > 0 and dense)
+    evidence_late: int = 0  # evidence for a step committed locally, read for the debt
+    local_overruled: int = 0  # ... whose evidence pointed to another token than the local one
+    waited_ms: float = 0.0  # time the device spent waiting for evidence (host clock)
+    concord_by_step: list[str] = field(default_factory=list)  # "certified" | "dense" | "local"
+
+    @property
+    def steps_consulted(self) -> int:
+        """CONCORD steps committed from the cloud's evidence: each equals dense greedy."""
+        return self.steps_certified + self.steps_dense
 
 
 # ---------------------------------------------------------------------------- the session
@@ -204,6 +224,9 @@ class Session:
         self._draft_purpose = DRAFT_DEVICE if side == "device" else DRAFT_CLOUD
         self._out: list[Action] = []
         self.peer_error: m.Error | None = None  # the peer's typed error for this request, if it sent one
+        self._concord = None  # CONCORD's role on this side, when the mode's evidence crosses
+        if config.rule.crosses == "evidence":
+            self._concord = (concord.ConcordDevice if side == "device" else concord.ConcordCloud)(self)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -251,7 +274,7 @@ class Session:
         if isinstance(event, LocalDist):
             self._on_local_dist(event)
         elif isinstance(event, PeerMessage):
-            self._on_peer(event.msg)
+            self._on_peer(event.msg, event.at_ms)
         elif isinstance(event, RttSample):
             self.scheduler.estimates.rtt.update(event.rtt_ms)
         elif isinstance(event, PeerLost):
@@ -263,9 +286,12 @@ class Session:
         else:
             raise TypeError(f"unknown event {event!r}")
 
-    def _on_peer(self, msg: m.Message) -> None:
+    def _on_peer(self, msg: m.Message, at_ms: float | None = None) -> None:
         if self.solo:
             return  # late frames from a peer we already gave up on
+        if self._concord is not None and not isinstance(msg, (m.Cancel, m.Error)):
+            self._concord.on_peer(msg, at_ms)
+            return
         if isinstance(msg, m.Draft):
             self._on_remote_draft(msg)
         elif isinstance(msg, m.Target):
@@ -289,6 +315,9 @@ class Session:
             self.stats.stale_dropped += 1  # built on a prefix that was rolled back meanwhile
             return
         self.scheduler.estimates.c_local.update(ev.decode_ms)
+        if self._concord is not None:
+            self._concord.on_local_dist(ev)
+            return
         token = draft(ev.dist, self.config.sampling, step_rng(self.config.seed, self._draft_purpose, ev.step, ev.epoch))
         self._drafts.append(_Draft(ev.step, token, ev.dist))
         self.stats.drafts += 1
@@ -312,6 +341,9 @@ class Session:
 
     def _pump(self) -> None:
         """Move forward as far as the current state allows: decide, send, draft."""
+        if self._concord is not None:
+            self._concord.pump()
+            return
         if self.finished is None and self.is_aggregator:
             self._decide_ready_steps()
         if self.finished is not None:

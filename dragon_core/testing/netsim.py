@@ -148,8 +148,9 @@ class _SimSide:
             cost = self.spec.decode_ms(loop.now, a.step)
             self.busy_until = max(loop.now, self.busy_until) + cost
             self.record.engine_calls += 1
-            ev = s.LocalDist(a.epoch, a.step, self.spec.dist_fn(prefix), cost)
-            loop.at(self.busy_until, lambda: self.handle(ev))
+            done = self.busy_until
+            ev = s.LocalDist(a.epoch, a.step, self.spec.dist_fn(prefix), cost, at_ms=done)
+            loop.at(done, lambda: self.handle(ev))
         elif isinstance(a, s.Send):
             self.pair.send(self, a.msg)
         elif isinstance(a, s.Commit):
@@ -186,7 +187,7 @@ class SimulatedPair:
         elif isinstance(msg, m.Pong):
             receiver.handle(s.RttSample(self.loop.now - msg.sent_at))
         else:
-            receiver.handle(s.PeerMessage(msg))
+            receiver.handle(s.PeerMessage(msg, at_ms=self.loop.now))
 
     def _ping(self, side: _SimSide) -> None:
         if self.done() or side.session.finished is not None:

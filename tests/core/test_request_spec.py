@@ -27,6 +27,12 @@ def test_both_sessions_configuration_derives_from_the_spec():
     assert s.SessionConfig.from_spec(SPEC, 9, [0], vocab_size=50) == config
 
 
+def test_concord_pins_the_aggregator_on_the_device():
+    config = s.SessionConfig(request_id=1, max_tokens=8, seed=0, eos_ids=frozenset(), mode="concord",
+                             aggregator="cloud", scheduling=True)
+    assert (config.aggregator, config.scheduling, config.depth) == ("device", False, 1)
+
+
 def test_cloud_only_pins_the_aggregator_on_the_cloud():
     config = s.SessionConfig(request_id=1, max_tokens=8, seed=0, eos_ids=frozenset(), mode="cloud",
                              aggregator="device", scheduling=True)
@@ -43,7 +49,8 @@ def test_depth_rule_per_mode(mode, depth):
 def test_every_answer_mode_has_a_row_and_maps_onto_a_wire_mode():
     assert set(MODES) == set(ANSWER_MODES)
     assert {mode: wire_mode(mode) for mode in ANSWER_MODES} == dict(
-        dragon="dragon", vdrag="vdrag", sw="sw", cloud="cloud", text="text", concat="text", device="dragon")
+        dragon="dragon", vdrag="vdrag", sw="sw", cloud="cloud", text="text", concat="text", concord="concord",
+        device="dragon")
     assert all(MODES[rule.wire].crosses == rule.crosses or rule.name in ("device",) for rule in MODES.values())
     with pytest.raises(UnknownMode, match="dragon | vdrag"):
         mode_rule("fast")
@@ -51,7 +58,7 @@ def test_every_answer_mode_has_a_row_and_maps_onto_a_wire_mode():
 
 def test_what_each_mode_does():
     assert [name for name, r in MODES.items() if r.both_draft] == ["dragon", "vdrag", "sw"]
-    assert [name for name, r in MODES.items() if r.cloud_streams] == ["dragon", "vdrag", "sw", "cloud"]
+    assert [name for name, r in MODES.items() if r.cloud_streams] == ["dragon", "vdrag", "sw", "cloud", "concord"]
     assert [name for name, r in MODES.items() if not r.device_prefills] == ["cloud"]
     assert [name for name, r in MODES.items() if not r.uses_link] == ["device"]
 

@@ -1,0 +1,252 @@
+"""CONCORD's two roles inside a ``Session`` (issue 14; docs/CONCORD.md, docs/ALGORITHMS.md §6).
+
+A session whose mode row crosses ``"evidence"`` hands its decoding to one of these; the session
+keeps everything the modes share (events, actions, stream sync, commits, cancel, a lost peer,
+protocol errors). Greedy decoding only.
+
+* ``ConcordDevice`` aggregates. Each step it computes its own mixture ``p^d`` on the committed
+  prefix, and either commits locally (the waiting debt says waiting does not pay, or the cloud
+  is gone) or consults the cloud's evidence for the step: a certified token commits at once,
+  otherwise it asks for the ids that can settle the step (``θ``), and last for the dense
+  mixture. Every committed token goes up as ``Tokens``; evidence for a step already committed
+  (late) only updates the debt and the stats.
+* ``ConcordCloud`` follows: it computes its mixture on the prefix it was sent (skipping ahead
+  when the device outran it), publishes the step's ``Evidence`` and answers requests for more.
+
+Time enters only through the events' ``at_ms`` (the host's clock, like ``liveness``); without it
+a wait is counted as one round trip of the scheduler's RTT estimate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dragon_core import concord_wire as cw
+from dragon_core import messages as m
+from dragon_core import session as sess  # a module reference: the session imports this module too
+from dragon_core.aggregate import cross_side_weights
+from dragon_core.certificate import Evidence, WaitingDebt, certify
+from dragon_core.codec import dist_from_wire, dist_to_wire
+from dragon_core.dist import Dist
+from dragon_core.errors import OutOfVocabulary, ProtocolError
+from dragon_core.speculative import DRAFT_DEVICE, VERIFY, draft, step_rng, synchronous_target
+
+RHO, GAIN = 0.9, 8.0  # the debt's decay and the gain of a step the evidence changed (§6's start)
+LATE_KEPT = 64  # locally committed steps whose p^d waits for late evidence (older ones are dropped)
+
+
+class ConcordDevice:
+    def __init__(self, session: "sess.Session") -> None:
+        if not session.config.sampling.greedy:
+            raise ValueError("concord certifies greedy tokens; sampling is not supported")
+        self.s = session
+        self.debt = WaitingDebt(d_max=session.config.concord_debt_max, rho=RHO, gain=GAIN)
+        self.cloud_log_h: float | None = None
+        self._local: Dist | None = None  # p^d at the current step
+        self._local_at: float | None = None  # when it was ready (host clock)
+        self._consult: bool | None = None  # this step's choice, made when p^d is ready
+        self._evidence: dict[int, Evidence] = {}  # the current step's, merged
+        self._dense: Dist | None = None  # the current step's dense reply
+        self._asked: float | None = None  # θ of the request in flight (<= 0: dense)
+        self._supplemented = False
+        self._waits = 0  # times this step stopped to wait for the cloud (first evidence, replies)
+        self._now: float | None = None  # host time of the event being handled
+        self._late: dict[int, tuple[int, Dist]] = {}  # step -> (local token, p^d), awaiting evidence
+
+    # ------------------------------------------------------------------ events
+    def on_local_dist(self, ev: "sess.LocalDist") -> None:
+        self._local, self._local_at, self._now = ev.dist, ev.at_ms, ev.at_ms
+        self._consult = not self.s.solo and self.debt.should_wait()
+
+    def on_peer(self, msg: m.Message, at_ms: float | None) -> None:
+        if not isinstance(msg, m.Evidence):
+            raise ProtocolError(f"unexpected {type(msg).__name__} in a concord request (device)")
+        step = len(self.s.committed)
+        if msg.log_h is not None:
+            self.cloud_log_h = msg.log_h
+        if msg.step > step:
+            raise ProtocolError(f"evidence for step {msg.step}, but only {step} tokens were committed")
+        bounds = cw.bounds_from_wire(msg, self.s.config.vocab_size)
+        if msg.step < step:
+            self._on_late(msg.step, bounds)
+            return
+        if msg.dist is not None:
+            self._dense = self._checked(dist_from_wire(msg.dist))
+        else:
+            held = self._evidence.get(step)
+            self._evidence[step] = cw.merge(held, bounds, self._asked if held is not None else None)
+        self._asked = None
+        self._now = at_ms
+
+    # ------------------------------------------------------------------ moving on
+    def pump(self) -> None:
+        s = self.s
+        if s.finished is None and self._local is not None:
+            self._try_commit()
+        step = len(s.committed)
+        if s.finished is None and self._local is None and s._computing is None and step < s.config.max_tokens:
+            s._sync_streams(list(s.committed))
+            s._computing = (s.epoch, step)
+            s._emit(_compute(s, step))
+
+    def _try_commit(self) -> None:
+        step, local = len(self.s.committed), self._local
+        own = draft(local, self.s.config.sampling, step_rng(self.s.config.seed, DRAFT_DEVICE, step))
+        if self.s.solo or not self._consult:
+            self._tally("local")
+            self._late[step] = (own, local)
+            self._commit(own)
+            return
+        if self._dense is not None:
+            _, eta_c = self._etas()
+            token = synchronous_target(local, self._dense, eta_c, self.s.config.sampling, step_rng(self.s.config.seed, VERIFY, step))
+            self._tally("dense")
+            self._commit_consulted(token, own)
+            return
+        evidence = self._evidence.get(step)
+        if evidence is None or self.cloud_log_h is None or self._asked is not None:
+            self._waits = max(self._waits, 1)
+            return  # waiting for the cloud
+        eta_d, eta_c = self._etas()
+        verdict = certify(local.probs(), eta_d, eta_c, evidence)
+        if verdict.token is not None:
+            self._tally("certified")
+            self._commit_consulted(verdict.token, own)
+            return
+        self._asked = 0.0 if verdict.dense else verdict.theta
+        self._supplemented |= not verdict.dense
+        self._waits += 1
+        self.s.stats.evidence_requests += 1
+        self.s._emit(_send(m.EvidenceRequest(self.s.config.request_id, step, self._asked)))
+
+    def _tally(self, kind: str) -> None:
+        stats = self.s.stats
+        setattr(stats, f"steps_{kind}", getattr(stats, f"steps_{kind}") + 1)
+        stats.concord_by_step.append(kind)
+
+    def _commit_consulted(self, token: int, own: int) -> None:
+        self.s.stats.steps_supplemented += int(self._supplemented)
+        self.debt.record(self._waited_steps(), token != own)
+        self._commit(token)
+
+    def _commit(self, token: int) -> None:
+        s, step = self.s, len(self.s.committed)
+        if not s.solo:
+            s._emit(_send(m.Tokens(s.config.request_id, step, [token])))
+        held = self._evidence.pop(step, None)
+        self._local = self._dense = self._consult = self._asked = None
+        self._supplemented, self._waits = False, 0
+        if held is not None and step in self._late:
+            self._on_late(step, held)  # evidence that came but was not waited for
+        while len(self._late) > LATE_KEPT:
+            self._late.pop(min(self._late))
+        s._record_commit(token)
+
+    # ------------------------------------------------------------------ statistics
+    def _on_late(self, step: int, bounds: Evidence) -> None:
+        """Evidence for a step committed locally: did it change the token? (The debt's ``f_t``.)"""
+        kept = self._late.pop(step, None)
+        if kept is None or self.cloud_log_h is None:
+            return
+        own, local = kept
+        eta_d, eta_c = self._etas()
+        verdict = certify(local.probs(), eta_d, eta_c, bounds)
+        lower = eta_d * local.probs()
+        lower[bounds.ids] += eta_c * bounds.lo
+        guess = verdict.token if verdict.token is not None else int(np.argmax(lower))
+        changed = guess != own
+        self.s.stats.evidence_late += 1
+        self.s.stats.local_overruled += int(changed)
+        self.debt.record(0.0, changed)
+
+    def _waited_steps(self) -> float:
+        """The wait of this step in local-step units (the debt's ``c_t``): from ``p^d`` ready to
+        the commit, on the host's clock; without one, a round trip (the RTT estimate) per wait."""
+        est = self.s.scheduler.estimates
+        if not self._waits:
+            waited = 0.0
+        elif self._local_at is not None and self._now is not None:
+            waited = max(0.0, self._now - self._local_at)
+        else:
+            waited = self._waits * (est.rtt.value or 0.0)
+        self.s.stats.waited_ms += waited
+        return waited / max(est.c_local.value or 0.0, 1e-3)
+
+    def _etas(self) -> tuple[float, float]:
+        _, eta_c = cross_side_weights(self.s.log_h, self.cloud_log_h)
+        return 1.0 - eta_c, eta_c  # as DRAGON's target: (1 − η^c) p^d + η^c p^c
+
+    def _checked(self, dist: Dist) -> Dist:
+        if self._local is not None and dist.vocab_size != self._local.vocab_size:
+            raise OutOfVocabulary("the cloud's mixture does not match this side's vocabulary")
+        return dist
+
+
+class ConcordCloud:
+    def __init__(self, session: "sess.Session") -> None:
+        if not session.config.sampling.greedy:
+            raise ValueError("concord certifies greedy tokens; sampling is not supported")
+        self.s = session
+        self._dist: Dist | None = None  # the mixture at ``_step`` (kept for requests)
+        self._step = -1  # no mixture yet: step 0's is computed at once, on the prompts alone
+        self._listed = np.zeros(0, dtype=np.int64)  # ids the step's evidence listed so far
+        self._asks: list[m.EvidenceRequest] = []  # requests for the step being computed
+        self._sent_log_h = False
+
+    def on_local_dist(self, ev: "sess.LocalDist") -> None:
+        s = self.s
+        self._dist, self._step = ev.dist, ev.step
+        log_h = None if self._sent_log_h else s.log_h
+        frame, self._listed = cw.first_evidence(s.config.request_id, ev.step, ev.dist.probs(),
+                                                s.config.concord_top_m, log_h)
+        self._sent_log_h = True
+        s._emit(_send(frame))
+        asks, self._asks = [a for a in self._asks if a.step == ev.step], []
+        for ask in asks:
+            self._answer(ask)
+
+    def on_peer(self, msg: m.Message, at_ms: float | None) -> None:
+        s = self.s
+        if isinstance(msg, m.Tokens):
+            if msg.step != len(s.committed):
+                raise ProtocolError(f"tokens from step {msg.step}, expected {len(s.committed)}")
+            s._check_vocab(msg.tokens)
+            for token in msg.tokens:
+                if s.finished is None:
+                    s._record_commit(token)
+        elif isinstance(msg, m.EvidenceRequest):
+            if msg.step != len(s.committed):
+                raise ProtocolError(f"evidence request for step {msg.step}, the prefix is {len(s.committed)}")
+            if self._step == msg.step:
+                self._answer(msg)
+            else:
+                self._asks.append(msg)  # answered once the step's mixture is computed
+        else:
+            raise ProtocolError(f"unexpected {type(msg).__name__} in a concord request (cloud)")
+
+    def pump(self) -> None:
+        s = self.s
+        step = len(s.committed)
+        if s.finished is None and s._computing is None and self._step < step < s.config.max_tokens:
+            s._sync_streams(list(s.committed))
+            s._computing = (s.epoch, step)
+            s._emit(_compute(s, step))
+
+    def _answer(self, ask: m.EvidenceRequest) -> None:
+        s = self.s
+        if ask.theta <= 0:
+            s._emit(_send(cw.dense_evidence(s.config.request_id, ask.step, dist_to_wire(self._dist))))
+            return
+        frame, self._listed = cw.supplement_evidence(s.config.request_id, ask.step, self._dist.probs(),
+                                                     ask.theta, self._listed)
+        s._emit(_send(frame))
+
+
+def _send(msg: m.Message) -> "sess.Send":
+    return sess.Send(msg)
+
+
+def _compute(s: "sess.Session", step: int) -> "sess.ComputeDist":
+    """This side's mixture on the committed prefix, in the form the wire (and the dense
+    reference) uses: the request's ``dist_top_k``."""
+    return sess.ComputeDist(s.epoch, step, s.config.dist_top_k)

@@ -1,0 +1,119 @@
+"""CONCORD's evidence on the wire (issue 14; docs/CONCORD.md): the cloud builds
+``messages.Evidence`` frames from its mixture, the device reads them back as the certificate's
+sound intervals (``certificate.Evidence``), and the codec checks their bounds.
+
+What travels: each listed ``p^c`` rounded to the nearest float16 (the device widens it by that
+rounding, ``certificate.widen_fp16``) and a tail bound rounded *up* to a float16, so every fact
+stays true after the trip. A reply to an ``EvidenceRequest`` lists only ids not sent before, and
+the device itself lowers the tail to the ``θ`` it asked for (the cloud listed every id at or above
+it), so ``θ`` never has to come back exactly. Pure: numpy only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from dragon_core import messages as m
+from dragon_core.certificate import Evidence, round_up_fp16, widen_fp16
+from dragon_core.errors import MalformedFrame, ProtocolError
+
+MAX_TOP_M = 4096  # evidence entries a request may ask the cloud to list per step
+
+
+# ---------------------------------------------------------------------------- the cloud
+def first_evidence(request_id: int, step: int, probs: np.ndarray, top_m: int,
+                   log_h: float | None) -> tuple[m.Evidence, np.ndarray]:
+    """The step's evidence: the ``top_m`` largest ``p^c`` (ties to the lowest id) and
+    ``τ = min(p_(m), 1 − Σ top-m)``. Returns the frame and the ids it lists."""
+    p = np.asarray(probs, dtype=np.float64)
+    ids = np.argsort(-p, kind="stable")[:max(0, min(top_m, p.size))]
+    tail = 1.0 if ids.size == 0 else min(float(p[ids[-1]]), max(0.0, 1.0 - float(p[ids].sum())))
+    if ids.size == p.size:
+        tail = 0.0  # nothing left unlisted
+    return _frame(request_id, step, ids, p[ids], tail, log_h), ids
+
+
+def supplement_evidence(request_id: int, step: int, probs: np.ndarray, theta: float,
+                        listed: np.ndarray) -> tuple[m.Evidence, np.ndarray]:
+    """The reply to ``EvidenceRequest(theta > 0)``: every id with ``p^c >= θ`` not listed yet
+    (largest first), and a tail bound on what stays unlisted. Returns the frame and the ids
+    listed after it."""
+    p = np.asarray(probs, dtype=np.float64)
+    unlisted = np.ones(p.size, dtype=bool)
+    unlisted[listed] = False
+    new = np.flatnonzero((p >= theta) & unlisted)
+    new = new[np.argsort(-p[new], kind="stable")]
+    unlisted[new] = False
+    tail = float(p[unlisted].max()) if unlisted.any() else 0.0
+    return _frame(request_id, step, new, p[new], tail, None), np.concatenate([listed, new])
+
+
+def dense_evidence(request_id: int, step: int, dist: m.WireDist) -> m.Evidence:
+    """The reply to ``EvidenceRequest(theta <= 0)``: the whole canonical mixture."""
+    return m.Evidence(request_id, step, b"", np.array([1.0], dtype="<f2").tobytes(), dist=dist)
+
+
+def _frame(request_id: int, step: int, ids: np.ndarray, values: np.ndarray, tail: float,
+           log_h: float | None) -> m.Evidence:
+    packed = np.concatenate([values.astype("<f2"), np.array([round_up_fp16(min(1.0, tail))], dtype="<f2")])
+    return m.Evidence(request_id, step, ids.astype("<i4").tobytes(), packed.tobytes(), log_h)
+
+
+# ---------------------------------------------------------------------------- the device
+def bounds_from_wire(msg: m.Evidence, vocab_size: int = 0) -> Evidence:
+    """The intervals a frame proves (``vocab_size``: this side's vocabulary, 0 unknown)."""
+    ids = np.frombuffer(msg.ids, dtype="<i4").astype(np.int64)
+    values = np.frombuffer(msg.values, dtype="<f2").astype(np.float64)
+    if vocab_size and ids.size and int(ids.max()) >= vocab_size:
+        raise ProtocolError(f"evidence lists ids outside this model's vocabulary of {vocab_size}")
+    lo, hi = widen_fp16(values[:-1])
+    if msg.upper is not None:
+        _, hi = widen_fp16(np.frombuffer(msg.upper, dtype="<f2").astype(np.float64))
+    return Evidence(ids, lo, np.maximum(hi, lo), float(values[-1]))
+
+
+def merge(held: Evidence | None, new: Evidence, theta: float | None) -> Evidence:
+    """``held`` joined with a reply to the request for ``θ`` (None: the step's first evidence).
+    Every id at or above ``θ`` is listed now, so ``θ`` bounds the rest as well."""
+    if held is None:
+        return new
+    if np.intersect1d(held.ids, new.ids).size:
+        raise ProtocolError("evidence lists an id twice for one step")
+    tail = min(held.tail, new.tail, theta if theta is not None and theta > 0 else 1.0)
+    return Evidence(np.concatenate([held.ids, new.ids]), np.concatenate([held.lo, new.lo]),
+                    np.concatenate([held.hi, new.hi]), tail)
+
+
+# ---------------------------------------------------------------------------- codec bounds
+def check_evidence(msg: m.Evidence, max_vocab: int) -> None:
+    """Sizes, ids and values of an ``Evidence`` frame (the codec calls it; its ``dist`` is
+    checked there like a ``Draft``'s)."""
+    n, rest = divmod(len(msg.ids), 4)
+    if rest or n > max_vocab:
+        raise MalformedFrame(f"evidence: {len(msg.ids)} id bytes is not 0..{max_vocab} int32 ids")
+    if len(msg.values) != 2 * (n + 1):
+        raise MalformedFrame(f"evidence: {n} ids need {2 * (n + 1)} float16 value bytes, got {len(msg.values)}")
+    if msg.upper is not None and len(msg.upper) != 2 * n:
+        raise MalformedFrame(f"evidence: {n} ids need {2 * n} float16 upper bytes, got {len(msg.upper)}")
+    ids = np.frombuffer(msg.ids, dtype="<i4")
+    if ids.size and (ids.min() < 0 or ids.max() >= max_vocab or np.unique(ids).size != ids.size):
+        raise MalformedFrame(f"evidence: ids must be distinct and in [0, {max_vocab})")
+    values = np.frombuffer(msg.values, dtype="<f2").astype(np.float64)
+    if not np.all((values >= 0) & (values <= 1)):  # NaN fails both
+        raise MalformedFrame("evidence: probabilities and the tail must be in [0, 1]")
+    if msg.upper is not None:
+        upper = np.frombuffer(msg.upper, dtype="<f2").astype(np.float64)
+        if not np.all((upper >= values[:-1]) & (upper <= 1)):
+            raise MalformedFrame("evidence: upper ends must be in [value, 1]")
+
+
+def check_concord_open(msg: m.Open) -> None:
+    """An ``Open``'s CONCORD settings (checked on every Open; they matter in mode concord)."""
+    if not 0 <= msg.concord_top_m <= MAX_TOP_M:
+        raise MalformedFrame(f"open: concord_top_m {msg.concord_top_m} outside [0, {MAX_TOP_M}]")
+    if math.isnan(msg.concord_debt_max):
+        raise MalformedFrame("open: concord_debt_max must be a number (inf and -inf are allowed)")
+    if msg.mode == "concord" and not msg.sampling.greedy:
+        raise MalformedFrame("open: concord certifies greedy tokens; sampling is not supported")

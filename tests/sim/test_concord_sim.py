@@ -1,0 +1,207 @@
+"""CONCORD (mode "concord", docs/CONCORD.md) over the deterministic network simulator: every step
+that consulted the cloud commits the dense greedy token of its own prefix; with ``D_max = inf``
+the whole answer is dense greedy DRAGON (RTT 0-300 ms, jitter, full and top-K distributions);
+``D_max = -inf`` is device-only; a cloud lost mid-answer leaves a degraded, locally finished
+answer; nothing of the device's distribution or retrieval mass goes up."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from dragon_core import codec
+from dragon_core import messages as m
+from dragon_core import session as s
+from dragon_core.aggregate import cross_side_weights
+from dragon_core.dist import Dist
+from dragon_core.messages import Sampling
+from dragon_core.speculative import VERIFY, step_rng, synchronous_target
+from dragon_core.testing.netsim import LinkSpec, SideSpec, SimulatedPair
+from dragon_core.testing.reference import centralized_decode, solo_decode
+
+EOS = 0
+INF = float("inf")
+
+
+def fake_side(side_id: int, vocab: int, world: int, disagreement: float, top_k: int = 0):
+    """Logits = a shared part + a side's own part, a pure function of the prefix."""
+
+    def dist_fn(prefix: tuple[int, ...]) -> Dist:
+        shared = np.random.default_rng([world, 7, *prefix]).normal(0, 2.5, vocab)
+        own = np.random.default_rng([world, side_id, *prefix]).normal(0, disagreement, vocab)
+        z = shared + own
+        z[EOS] -= 3.0 if len(prefix) < 12 else -1.0  # EOS becomes likely late
+        return Dist.top_k(z, top_k) if top_k else Dist.full(z)
+
+    return dist_fn
+
+
+def sides(world: int, *, top_k: int = 0, disagreement: float = 1.5, c_dev: float = 30.0, c_cloud: float = 10.0,
+          vocab: int = 40) -> tuple[SideSpec, SideSpec]:
+    dev = SideSpec(0.3, fake_side(1, vocab, world, disagreement, top_k), lambda now, step: c_dev)
+    cloud = SideSpec(1.1, fake_side(2, vocab, world, disagreement, top_k), lambda now, step: c_cloud)
+    return dev, cloud
+
+
+def config(**kw) -> s.SessionConfig:
+    base = dict(request_id=1, max_tokens=24, seed=5, eos_ids=frozenset({EOS}), mode="concord", vocab_size=40)
+    base.update(kw)
+    return s.SessionConfig(**base)
+
+
+def links(rtt_ms: float, seed: int) -> tuple[LinkSpec, LinkSpec]:
+    one_way = rtt_ms / 2
+    return LinkSpec(one_way, one_way / 5, seed=seed), LinkSpec(one_way, one_way / 5, seed=seed + 1)
+
+
+def dense_token(cfg: s.SessionConfig, dev: SideSpec, cloud: SideSpec, prefix: tuple[int, ...]) -> int:
+    """Dense greedy DRAGON's token on ``prefix`` (the formula ``centralized_decode`` uses)."""
+    _, eta_cloud = cross_side_weights(dev.log_h, cloud.log_h)
+    return synchronous_target(dev.dist_fn(prefix), cloud.dist_fn(prefix), eta_cloud, cfg.sampling,
+                              step_rng(cfg.seed, VERIFY, len(prefix)))
+
+
+def run(cfg, dev, cloud, rtt=50.0, seed=0, **kw) -> SimulatedPair:
+    return SimulatedPair(cfg, dev, cloud, *links(rtt, seed), **kw).run()
+
+
+@pytest.mark.parametrize("rtt", [0.0, 50.0, 100.0, 300.0])
+@pytest.mark.parametrize("top_k", [0, 8])
+@pytest.mark.parametrize("top_m", [0, 1, 3])
+def test_unbounded_debt_is_dense_greedy_token_for_token(rtt, top_k, top_m):
+    for world in range(4):
+        cfg = config(concord_debt_max=INF, concord_top_m=top_m, dist_top_k=top_k)
+        dev, cloud = sides(world, top_k=top_k)
+        pair = run(cfg, dev, cloud, rtt, seed=world * 10)
+        want = centralized_decode(cfg, dev, cloud)
+        assert pair.device.record.tokens == want, f"world {world}"
+        assert pair.cloud.record.tokens == want, f"world {world}"  # the cloud followed the prefix
+        stats = pair.device.session.stats
+        assert stats.steps_local == 0 and stats.steps_consulted == len(want)
+        assert pair.device.record.finish.reason in ("eos", "length") and not pair.device.record.finish.degraded
+
+
+@pytest.mark.parametrize("rtt", [0.0, 50.0, 100.0, 300.0])
+@pytest.mark.parametrize("debt_max", [4.0, 1.0, 0.0])
+@pytest.mark.parametrize("disagreement", [0.3, 1.5])
+def test_every_consulted_step_commits_the_dense_greedy_token(rtt, debt_max, disagreement):
+    kinds_seen: set[str] = set()
+    for world in range(4):
+        cfg = config(concord_debt_max=debt_max, max_tokens=30)
+        dev, cloud = sides(world, disagreement=disagreement)
+        pair = run(cfg, dev, cloud, rtt, seed=world)
+        tokens, stats = pair.device.record.tokens, pair.device.session.stats
+        assert len(stats.concord_by_step) == len(tokens) == stats.steps_certified + stats.steps_dense + stats.steps_local
+        for step, kind in enumerate(stats.concord_by_step):
+            if kind != "local":
+                assert tokens[step] == dense_token(cfg, dev, cloud, tuple(tokens[:step])), (world, step, kind)
+        assert pair.cloud.record.tokens == tokens
+        kinds_seen.update(stats.concord_by_step)
+    if rtt >= 100.0:  # waiting costs several local steps: the debt sends some steps local
+        assert "local" in kinds_seen
+    assert "certified" in kinds_seen
+
+
+def test_minus_infinite_debt_is_device_only_and_never_asks():
+    for world in range(3):
+        cfg = config(concord_debt_max=-INF)
+        dev, cloud = sides(world)
+        pair = run(cfg, dev, cloud, 100.0, seed=world)
+        assert pair.device.record.tokens == solo_decode(cfg, dev, "device")
+        stats = pair.device.session.stats
+        assert stats.steps_local == len(pair.device.record.tokens) and stats.evidence_requests == 0
+        up = [codec.decode(f) for f in pair.up.frames]
+        assert not any(isinstance(msg, m.EvidenceRequest) for msg in up)
+        assert stats.evidence_late > 0  # late evidence still arrives and is read for the statistics
+
+
+def test_agreeing_sides_certify_mostly_with_the_first_entry():
+    cfg = config(concord_debt_max=INF, concord_top_m=1, max_tokens=20, eos_ids=frozenset())
+    dev, cloud = sides(2, disagreement=0.05)
+    pair = run(cfg, dev, cloud, 0.0)
+    stats = pair.device.session.stats
+    assert stats.steps_certified == 20 and stats.steps_dense == 0
+    assert stats.steps_supplemented <= 2  # a near-tie of the two sides' top tokens may need an id more
+    evidence = [codec.decode(f) for f in pair.down.frames]
+    sizes = [len(f) for f, msg in zip(pair.down.frames, evidence) if isinstance(msg, m.Evidence)]
+    assert max(sizes[1:]) <= 24  # a one-entry evidence frame (log h rides only in the first)
+
+
+def test_a_late_or_disagreeing_cloud_is_supplemented_or_dense_and_still_exact():
+    """Sides that disagree: the first entry often cannot certify, the device asks (θ) and
+    sometimes needs the dense mixture; every such step is still dense greedy."""
+    asked = dense = 0
+    for world in range(6):
+        cfg = config(concord_debt_max=INF, concord_top_m=1, max_tokens=30)
+        dev, cloud = sides(world, disagreement=3.0)
+        pair = run(cfg, dev, cloud, 60.0, seed=world)
+        assert pair.device.record.tokens == centralized_decode(cfg, dev, cloud)
+        asked += pair.device.session.stats.steps_supplemented
+        dense += pair.device.session.stats.steps_dense
+    assert asked > 0
+
+
+@pytest.mark.parametrize("debt_max", [INF, 4.0])
+def test_cloud_lost_mid_answer_device_finishes_locally_flagged_degraded(debt_max):
+    cfg = config(concord_debt_max=debt_max, max_tokens=30, eos_ids=frozenset())
+    dev, cloud = sides(1)
+    up, down = links(60.0, seed=4)
+    up.cut_at_ms = down.cut_at_ms = 400.0
+    pair = SimulatedPair(cfg, dev, cloud, up, down, peer_timeout_ms=300.0).run()
+    rec, stats = pair.device.record, pair.device.session.stats
+    assert rec.finish.reason == "length" and rec.finish.degraded and len(rec.tokens) == 30
+    cut = next(i for i, (t, _) in enumerate(rec.commits) if t >= 400.0)
+    assert 0 < cut < 30
+    for step, kind in enumerate(stats.concord_by_step[:cut]):  # before the cut: exact where consulted
+        if kind != "local":
+            assert rec.tokens[step] == dense_token(cfg, dev, cloud, tuple(rec.tokens[:step]))
+    assert set(stats.concord_by_step[cut + 1:]) == {"local"}  # after: the device's own tokens
+    assert rec.tokens == solo_decode(cfg, dev, "device", tuple(rec.tokens[:cut + 1]))
+
+
+def test_nothing_of_the_devices_distribution_or_retrieval_mass_goes_up():
+    """The tap: every frame the device sent, decoded, is a prefix token list, an evidence
+    request (one scalar θ) or link control; the raw bytes hold none of the device's
+    distribution values (f16/f32/f64, both byte orders) nor its log h."""
+    cfg = config(concord_debt_max=INF, max_tokens=24)
+    dev, cloud = sides(3, disagreement=3.0)
+    pair = run(cfg, dev, cloud, 50.0)
+    up_msgs = [codec.decode(f) for f in pair.up.frames]
+    assert {type(msg) for msg in up_msgs} <= {m.Tokens, m.EvidenceRequest, m.Ping, m.Pong}
+    assert any(isinstance(msg, m.EvidenceRequest) for msg in up_msgs)  # the test covers requests
+    tokens = pair.device.record.tokens
+    sent = [t for msg in up_msgs if isinstance(msg, m.Tokens) for t in msg.tokens]
+    assert sent == tokens  # token ids only: the committed prefix, once each
+    raw = b"".join(pair.up.frames)
+    needles = {struct.pack(order + "d", dev.log_h) for order in "<>"}
+    for step in range(len(tokens)):
+        p = dev.dist_fn(tuple(tokens[:step])).probs()
+        for value in np.sort(p)[-3:]:  # the device's most telling entries
+            for order in "<>":
+                needles |= {struct.pack(order + "d", value), struct.pack(order + "f", value),
+                            np.array([value], dtype=order + "f2").tobytes() * 2}
+    assert not [n for n in needles if n in raw]
+    # positive control: the same search finds the cloud's evidence values in the down stream
+    down = b"".join(pair.down.frames)
+    first = next(codec.decode(f) for f in pair.down.frames if isinstance(codec.decode(f), m.Evidence))
+    assert first.values[:2] in down
+
+
+@pytest.mark.parametrize("rtt", [50.0, 300.0])
+def test_the_debt_cuts_waiting_when_the_cloud_is_far(rtt):
+    """At a long RTT the default debt commits most steps locally and the answer finishes sooner
+    than exact (D_max = inf) CONCORD; at least one step per answer still consulted the cloud."""
+    dev, cloud = sides(0, disagreement=0.3)
+    exact = run(config(concord_debt_max=INF, max_tokens=30, eos_ids=frozenset()), dev, cloud, rtt)
+    debt = run(config(max_tokens=30, eos_ids=frozenset()), dev, cloud, rtt)
+    assert debt.device.record.finish_ms < exact.device.record.finish_ms
+    assert debt.device.session.stats.steps_consulted >= 1
+    if rtt >= 300.0:
+        assert debt.device.session.stats.steps_local > debt.device.session.stats.steps_consulted
+
+
+def test_concord_refuses_sampling():
+    with pytest.raises(ValueError, match="greedy"):
+        s.Session("device", config(sampling=Sampling(False, 0.7)), 0.3)
