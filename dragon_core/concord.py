@@ -64,6 +64,8 @@ class ConcordDevice:
         step = len(self.s.committed)
         if msg.log_h is not None:
             self.cloud_log_h = msg.log_h
+        elif self.cloud_log_h is None:  # without η nothing certifies: waiting would never end
+            raise ProtocolError("the cloud's first evidence must carry its log h")
         if msg.step > step:
             raise ProtocolError(f"evidence for step {msg.step}, but only {step} tokens were committed")
         bounds = cw.bounds_from_wire(msg, self.s.config.vocab_size)

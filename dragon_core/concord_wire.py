@@ -25,13 +25,14 @@ MAX_TOP_M = 4096  # evidence entries a request may ask the cloud to list per ste
 # ---------------------------------------------------------------------------- the cloud
 def first_evidence(request_id: int, step: int, probs: np.ndarray, top_m: int,
                    log_h: float | None) -> tuple[m.Evidence, np.ndarray]:
-    """The step's evidence: the ``top_m`` largest ``p^c`` (ties to the lowest id) and
-    ``τ = min(p_(m), 1 − Σ top-m)``. Returns the frame and the ids it lists."""
+    """The step's evidence: the ``top_m`` largest ``p^c`` (ties to the lowest id) and the tail
+    bound. The cloud holds its whole mixture here, so the tail is the largest unlisted value
+    ``p_(m+1)``, never above §6's ``min(p_(m), 1 − Σ top-m)`` and, unlike ``1 − Σ``, not fooled
+    by a mixture whose float sum is a hair off 1. Returns the frame and the ids it lists."""
     p = np.asarray(probs, dtype=np.float64)
-    ids = np.argsort(-p, kind="stable")[:max(0, min(top_m, p.size))]
-    tail = 1.0 if ids.size == 0 else min(float(p[ids[-1]]), max(0.0, 1.0 - float(p[ids].sum())))
-    if ids.size == p.size:
-        tail = 0.0  # nothing left unlisted
+    order = np.argsort(-p, kind="stable")
+    ids, rest = order[:max(0, min(top_m, p.size))], order[max(0, min(top_m, p.size)):]
+    tail = float(p[rest[0]]) if rest.size else 0.0
     return _frame(request_id, step, ids, p[ids], tail, log_h), ids
 
 

@@ -1,0 +1,248 @@
+"""CONCORD's frames (``messages.Evidence``, ``messages.EvidenceRequest``, the ``Open``'s concord
+settings; ``dragon_core.concord_wire``): round trips, bounds, fuzzing that gives only typed errors,
+and the evidence a frame proves never violated by the cloud's mixture it came from; through the
+wire, a certified token is always the dense argmax (ties and float16 edges included)."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from dragon_core import codec
+from dragon_core import concord_wire as cw
+from dragon_core import messages as m
+from dragon_core.certificate import certify, dense_argmax
+from dragon_core.dist import Dist
+from dragon_core.errors import CodecError, MalformedFrame, ProtocolError
+
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                      HealthCheck.filter_too_much])
+VOCAB = 12
+
+
+# ------------------------------------------------------------------ strategies
+def _probs(draw, size: int) -> np.ndarray:
+    """Distributions that break bounds: peaked, flat, exact ties, values at float16's edges."""
+    kind = draw(st.sampled_from(["random", "peaked", "ties", "fp16-edge", "tiny"]))
+    if kind == "ties":
+        raw = np.array([draw(st.integers(0, 3)) for _ in range(size)], dtype=np.float64)
+    elif kind == "fp16-edge":
+        base = float(np.float16(draw(st.floats(1e-7, 0.5))))
+        raw = np.array([base * (1 + draw(st.integers(0, 2)) * 2 ** -10) for _ in range(size)])
+    elif kind == "tiny":  # subnormal float16 territory next to one big entry
+        raw = np.array([draw(st.floats(0.0, 6e-8)) for _ in range(size)])
+        raw[draw(st.integers(0, size - 1))] = 1.0
+    else:
+        raw = np.array([draw(st.floats(0.0, 1.0)) for _ in range(size)])
+        if kind == "peaked":
+            raw[draw(st.integers(0, size - 1))] += draw(st.floats(1.0, 100.0))
+    assume(raw.sum() > 0)
+    return raw / raw.sum()
+
+
+@st.composite
+def evidence_frames(draw) -> m.Evidence:
+    p = _probs(draw, VOCAB)
+    kind = draw(st.sampled_from(["first", "supplement", "dense"]))
+    if kind == "dense":
+        return cw.dense_evidence(draw(st.integers(0, 2**40)), draw(st.integers(0, 5000)),
+                                 codec.dist_to_wire(Dist.full(np.log(np.maximum(p, 1e-30)))))
+    frame, listed = cw.first_evidence(draw(st.integers(0, 2**40)), draw(st.integers(0, 5000)), p,
+                                      draw(st.integers(0, VOCAB)), draw(st.none() | st.floats(-50, 50)))
+    if kind == "supplement":
+        frame, _ = cw.supplement_evidence(frame.request_id, frame.step, p, draw(st.floats(1e-6, 1.0)), listed)
+    return frame
+
+
+concord_messages = st.one_of(
+    evidence_frames(),
+    st.builds(m.EvidenceRequest, request_id=st.integers(0, 2**63 - 1), step=st.integers(0, 1 << 20),
+              theta=st.floats(-1.0, 1.0)),
+    st.builds(m.Open, request_id=st.integers(0, 2**40), query=st.text(max_size=20), k=st.integers(1, 16),
+              max_tokens=st.integers(1, 512), seed=st.integers(0, 99), mode=st.just("concord"),
+              concord_top_m=st.integers(0, cw.MAX_TOP_M),
+              concord_debt_max=st.floats(allow_nan=False)),
+)
+
+
+def decode_checked(frame: bytes) -> m.Message | None:
+    """A Message (that survives re-encoding and reads back as evidence) or a CodecError."""
+    try:
+        msg = codec.decode(frame)
+    except CodecError:
+        return None
+    assert codec.decode(codec.encode(msg)) == msg
+    if isinstance(msg, m.Evidence):
+        bounds = cw.bounds_from_wire(msg)
+        assert np.all(bounds.lo <= bounds.hi) and 0 <= bounds.tail <= 1
+    return msg
+
+
+# ------------------------------------------------------------------ round trips and sizes
+@settings(FUZZ, max_examples=400)
+@given(concord_messages)
+def test_concord_messages_round_trip(msg):
+    assert codec.decode(codec.encode(msg)) == msg
+
+
+def test_one_entry_evidence_is_24_bytes_and_its_first_frame_carries_log_h():
+    p = np.array([0.7, 0.2, 0.1])
+    first, _ = cw.first_evidence(7, 0, p, 1, log_h=1.25)
+    assert codec.decode(codec.encode(first)).log_h == 1.25
+    for step, size in ((100, 24), (300, 26)):  # msgpack: steps past 127 take two bytes more
+        later, _ = cw.first_evidence(7, step, p, 1, log_h=None)
+        assert len(codec.encode(later)) == size
+    assert len(codec.encode(m.EvidenceRequest(7, 300, 0.0123))) == 21
+
+
+def test_open_carries_the_concord_settings_and_refuses_bad_ones():
+    good = m.Open(1, "q", 2, 16, 0, mode="concord", concord_top_m=2, concord_debt_max=-math.inf)
+    assert codec.decode(codec.encode(good)) == good
+    bad = [m.Open(1, "q", 2, 16, 0, concord_top_m=-1), m.Open(1, "q", 2, 16, 0, concord_top_m=cw.MAX_TOP_M + 1),
+           m.Open(1, "q", 2, 16, 0, concord_debt_max=math.nan),
+           m.Open(1, "q", 2, 16, 0, mode="concord", sampling=m.Sampling(False, 0.7))]
+    for msg in bad:
+        with pytest.raises(MalformedFrame):
+            codec.decode(codec.encode(msg))
+
+
+def _raw(**fields) -> bytes:
+    base = dict(request_id=1, step=0, ids=np.array([3], "<i4").tobytes(),
+                values=np.array([0.5, 0.25], "<f2").tobytes(), log_h=None, upper=None, dist=None)
+    base.update(fields)
+    return codec.HEADER + msgspec.msgpack.encode(["ev", *base.values()])
+
+
+@pytest.mark.parametrize("fields", [
+    dict(ids=b"\x01\x00\x00"),  # not whole int32s
+    dict(values=np.array([0.5], "<f2").tobytes()),  # no tail
+    dict(values=np.array([0.5, 0.25, 0.1], "<f2").tobytes()),  # one value too many
+    dict(ids=np.array([3, 3], "<i4").tobytes(), values=np.array([0.5, 0.2, 0.1], "<f2").tobytes()),  # an id twice
+    dict(ids=np.array([-1], "<i4").tobytes()),
+    dict(ids=np.array([codec.MAX_VOCAB], "<i4").tobytes()),
+    dict(values=np.array([1.5, 0.25], "<f2").tobytes()),  # a probability above 1
+    dict(values=np.array([0.5, -0.25], "<f2").tobytes()),  # a negative tail
+    dict(values=np.array([np.nan, 0.25], "<f2").tobytes()),
+    dict(values=np.array([np.inf, 0.25], "<f2").tobytes()),
+    dict(upper=np.array([0.25], "<f2").tobytes()),  # upper end below the lower end
+    dict(upper=np.array([0.6, 0.7], "<f2").tobytes()),  # one upper too many
+    dict(log_h=math.inf), dict(step=-1), dict(request_id=-5),
+    dict(dist=[10, b"\x00" * 3, None, 0.0]),  # a dense reply that is not a distribution
+])
+def test_evidence_bounds_are_enforced(fields):
+    with pytest.raises(MalformedFrame):
+        codec.decode(_raw(**fields))
+
+
+def test_evidence_request_theta_must_be_finite():
+    for theta in (math.nan, math.inf, -math.inf):
+        with pytest.raises(MalformedFrame):
+            codec.decode(codec.encode(m.EvidenceRequest(1, 0, theta)))
+
+
+def test_evidence_ids_outside_the_devices_vocabulary_are_a_protocol_error():
+    frame, _ = cw.first_evidence(1, 0, np.array([0.1, 0.2, 0.7]), 1, None)
+    with pytest.raises(ProtocolError, match="vocabulary"):
+        cw.bounds_from_wire(frame, vocab_size=2)
+
+
+# ------------------------------------------------------------------ fuzzing
+@st.composite
+def mutated_frames(draw) -> bytes:
+    frame = bytearray(codec.encode(draw(concord_messages)))
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["flip", "byte", "truncate", "insert", "delete"]))
+        i = draw(st.integers(0, max(0, len(frame) - 1)))
+        if op == "flip" and frame:
+            frame[i] ^= 1 << draw(st.integers(0, 7))
+        elif op == "byte" and frame:
+            frame[i] = draw(st.integers(0, 255))
+        elif op == "truncate":
+            del frame[i:]
+        elif op == "insert":
+            frame[i:i] = draw(st.binary(min_size=1, max_size=8))
+        elif op == "delete":
+            del frame[i:i + draw(st.integers(1, 8))]
+    return bytes(frame)
+
+
+@settings(FUZZ, max_examples=3000)
+@given(mutated_frames())
+def test_fuzz_mutated_concord_frames_give_only_typed_errors(data):
+    decode_checked(data)
+
+
+hostile = st.sampled_from([-1, 0, 2**64 - 1, math.nan, math.inf, -math.inf, 1e308, b"", b"\xff" * 7,
+                           b"\x00" * 6, "", None, [], {}])
+
+
+@settings(FUZZ, max_examples=2000)
+@given(st.sampled_from(["ev", "ask"]), st.lists(hostile | st.binary(max_size=12) | st.floats() | st.integers(-9, 9),
+                                                 max_size=8))
+def test_fuzz_concord_schema_with_hostile_fields(tag, fields):
+    decode_checked(codec.HEADER + msgspec.msgpack.encode([tag, *fields]))
+
+
+# ------------------------------------------------------------------ soundness through the wire
+def _assert_proves_the_truth(frame_bounds, p):
+    assert np.all(frame_bounds.lo <= p[frame_bounds.ids]) and np.all(p[frame_bounds.ids] <= frame_bounds.hi)
+    unlisted = np.setdiff1d(np.arange(p.size), frame_bounds.ids)
+    assert np.all(p[unlisted] <= frame_bounds.tail)
+
+
+@settings(FUZZ, max_examples=800)
+@given(st.data())
+def test_evidence_read_off_the_wire_is_never_violated_by_the_clouds_mixture(data):
+    p = _probs(data.draw, VOCAB)
+    frame, listed = cw.first_evidence(1, 0, p, data.draw(st.integers(0, VOCAB)), 0.0)
+    held = cw.bounds_from_wire(codec.decode(codec.encode(frame)))
+    _assert_proves_the_truth(held, p)
+    theta = data.draw(st.floats(1e-9, 1.0))
+    reply, _ = cw.supplement_evidence(1, 0, p, theta, listed)
+    merged = cw.merge(held, cw.bounds_from_wire(codec.decode(codec.encode(reply))), theta)
+    _assert_proves_the_truth(merged, p)
+    assert merged.tail <= theta
+
+
+@settings(FUZZ, max_examples=1000)
+@given(st.data())
+def test_through_the_wire_a_certified_token_is_the_dense_argmax_and_asking_ends_on_it(data):
+    """The device's loop over real frames: certify, ask for θ, merge, ..., dense last."""
+    pd, pc = _probs(data.draw, VOCAB), _probs(data.draw, VOCAB)
+    if data.draw(st.booleans()):
+        pc = pd.copy()  # the two sides' dense scores tie exactly
+    eta_c = data.draw(st.sampled_from([0.5, 0.2, 0.8, data.draw(st.floats(0.01, 0.99))]))
+    eta_d = 1.0 - eta_c
+    want = dense_argmax(pd, pc, eta_d, eta_c)
+    frame, listed = cw.first_evidence(1, 0, pc, data.draw(st.integers(0, VOCAB)), 0.0)
+    held = cw.bounds_from_wire(codec.decode(codec.encode(frame)))
+    for _ in range(VOCAB + 2):
+        verdict = certify(pd, eta_d, eta_c, held)
+        if verdict.token is not None:
+            assert verdict.token == want
+            return
+        if verdict.dense:
+            return  # the dense mixture decides: the reference itself
+        reply, listed = cw.supplement_evidence(1, 0, pc, verdict.theta, listed)
+        held = cw.merge(held, cw.bounds_from_wire(codec.decode(codec.encode(reply))), verdict.theta)
+    raise AssertionError("asking did not end")
+
+
+def test_an_exact_tie_never_certifies():
+    p = np.array([0.4, 0.4, 0.2])
+    frame, _ = cw.first_evidence(1, 0, p, 3, 0.0)
+    verdict = certify(p, 0.5, 0.5, cw.bounds_from_wire(frame))
+    assert verdict.token is None
+
+
+def test_merge_refuses_an_id_listed_twice():
+    p = np.array([0.5, 0.3, 0.2])
+    frame, _ = cw.first_evidence(1, 0, p, 2, 0.0)
+    held = cw.bounds_from_wire(frame)
+    with pytest.raises(ProtocolError):
+        cw.merge(held, held, 0.1)
