@@ -1,5 +1,5 @@
 """In-memory stand-ins for engines, for unit tests of the protocol machinery around them
-(drivers, links). The real engines have their own tests."""
+(drivers, links), and random distributions. The real engines have their own tests."""
 
 from __future__ import annotations
 
@@ -60,3 +60,9 @@ def side_spec(docs: Sequence[int], scores: Sequence[float], world: int) -> SideS
         return Dist.full(side_mixture(rows, scores)[0])
 
     return SideSpec(side_mixture(np.zeros((len(docs), 1)), scores)[1], dist_fn)
+
+
+def random_logprobs(rng: np.random.Generator, v: int, sharpness: float = 2.0) -> np.ndarray:
+    """A random normalised log-prob vector of ``v`` ids (larger ``sharpness``: more peaked)."""
+    z = rng.normal(0, sharpness, v)
+    return z - np.log(np.exp(z).sum())

@@ -1,8 +1,6 @@
-"""Wire codec: round trips, bit-identical distributions, and decode as a trust boundary.
+"""Wire codec: round trips, bit-identical distributions, malformed and out-of-bounds frames.
 
-The fuzz tests (>= 10,000 frames in all) check one property: for any bytes, ``decode`` returns a
-``Message`` or raises a ``CodecError`` — never another exception. A frame that does decode must
-re-encode to an equal message (so no NaN or out-of-range value slipped through).
+Decode as a trust boundary under fuzzing (>= 10,000 frames) is tests/sim/test_codec_fuzz.py.
 """
 
 from __future__ import annotations
@@ -13,103 +11,13 @@ import pickle
 import msgspec
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings
 
+from codec_strategies import FUZZ, dists, messages
 from dragon_core import codec
 from dragon_core import messages as m
 from dragon_core.dist import Dist
-from dragon_core.errors import CodecError, FrameTooLarge, InvalidDistribution, MalformedFrame, UnsupportedVersion
-
-FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-# ------------------------------------------------------------------ strategies
-u63 = st.integers(0, 2**63 - 1)
-small_nat = st.integers(0, 1 << 20)
-finite = st.floats(allow_nan=False, allow_infinity=False)
-text = st.text(max_size=40)
-
-
-@st.composite
-def dists(draw, max_vocab: int = 600) -> Dist:
-    """Random canonical Dists: full or top-K, flat to near one-hot, some ids impossible (-inf)."""
-    v = draw(st.integers(1, max_vocab))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    lp = rng.normal(0, draw(st.sampled_from([0.01, 1.0, 5.0, 40.0])), v)
-    if v > 1 and draw(st.booleans()):
-        lp[rng.random(v) < 0.3] = -np.inf
-        lp[rng.integers(v)] = 0.0  # keep one finite entry
-    if draw(st.booleans()):
-        return Dist.full(lp)
-    return Dist.top_k(lp, draw(st.integers(1, v)))
-
-
-wire_dists = dists().map(codec.dist_to_wire)
-sampling = st.builds(m.Sampling, greedy=st.booleans(), temperature=st.floats(1e-3, 10.0),
-                     top_k=small_nat, top_p=st.floats(1e-3, 1.0))
-
-
-@st.composite
-def drafts(draw) -> m.Draft:
-    w = draw(wire_dists)
-    return m.Draft(draw(u63), draw(small_nat), draw(small_nat), draw(st.integers(0, w.vocab_size - 1)), w,
-                   draw(finite), draw(st.floats(0, 1e6)))
-
-
-messages = st.one_of(
-    st.builds(m.Hello, protocol_version=small_nat, model=text, model_fingerprint=text, tokenizer_fingerprint=text,
-              retriever_fingerprint=text, score_function=text, auth_token=text, client=text),
-    st.builds(m.Welcome, protocol_version=small_nat, server=text, max_k=st.integers(1, 1000),
-              max_tokens=st.integers(1, 1 << 20), max_frame_bytes=st.integers(1, 1 << 30)),
-    st.builds(m.Ping, nonce=u63, sent_at=finite),
-    st.builds(m.Pong, nonce=u63, sent_at=finite),
-    st.builds(m.Error, code=text, message=text, request_id=st.none() | u63),
-    st.builds(m.Open, request_id=u63, query=st.text(max_size=200), k=st.integers(1, 1000),
-              max_tokens=st.integers(1, 1 << 20), seed=st.integers(-(2**63), 2**63 - 1), sampling=sampling,
-              mode=st.sampled_from(["dragon", "vdrag", "sw", "cloud", "text"]), aggregator=st.sampled_from(["device", "cloud"]),
-              scheduling=st.booleans(), max_depth=st.integers(0, 64), dist_top_k=st.integers(0, 1000),
-              retrieval=st.booleans()),
-    st.builds(m.Opened, request_id=u63, sources=st.lists(text, max_size=5)),
-    st.lists(st.tuples(text, st.text(max_size=300), finite), max_size=5).flatmap(
-        lambda ps: st.builds(m.Opened, request_id=u63, sources=st.just([n for n, _, _ in ps]),
-                             passages=st.just([x for _, x, _ in ps]), scores=st.just([r for _, _, r in ps]))),
-    st.builds(m.Tokens, request_id=u63, step=small_nat, tokens=st.lists(st.integers(0, codec.MAX_VOCAB - 1),
-                                                                          min_size=1, max_size=8)),
-    drafts(),
-    st.builds(m.Target, request_id=u63, step=small_nat, token=small_nat, accepted=st.booleans(),
-              recipient_epoch=small_nat, sender_epoch=small_nat, handover=st.booleans(),
-              sender_decode_ms=st.floats(0, 1e6)),
-    st.builds(m.Cancel, request_id=u63, reason=text),
-)
-frames = messages.map(codec.encode)
-
-# any msgpack-encodable value (ints within msgpack's range, floats incl. NaN/inf)
-msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
-    | st.binary(max_size=40),
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
-    max_leaves=20,
-)
-TAGS = ["hello", "welcome", "ping", "pong", "error", "open", "opened", "draft", "target", "tokens", "cancel"]
-FIELDS = sorted({f for t in m.Message.__args__ + (m.WireDist, m.Sampling) for f in t.__struct_fields__})
-# dicts that look like messages: a real tag and real field names with arbitrary values
-tagged_dicts = st.builds(lambda tag, fields: {**fields, "type": tag}, st.sampled_from(TAGS),
-                         st.dictionaries(st.sampled_from(FIELDS), msgpack_values, max_size=10))
-
-
-def decode_checked(frame) -> m.Message | None:
-    """The fuzz property: a Message (that survives re-encoding) or a CodecError, nothing else."""
-    try:
-        msg = codec.decode(frame)
-    except CodecError as e:
-        event(type(e).__name__)  # --hypothesis-show-statistics shows how deep the fuzzing gets
-        return None
-    event(f"decoded {type(msg).__name__}")
-    assert isinstance(msg, m.Message.__args__)
-    assert codec.decode(codec.encode(msg)) == msg
-    if isinstance(msg, m.Draft):
-        codec.dist_from_wire(msg.dist)
-    return msg
+from dragon_core.errors import FrameTooLarge, InvalidDistribution, MalformedFrame, UnsupportedVersion
 
 
 def same_probs(a: Dist, b: Dist) -> bool:
@@ -315,74 +223,3 @@ def test_dist_to_wire_refuses_non_canonical_dtypes():
         codec.dist_to_wire(Dist(3, d.logprobs.astype(np.float32), d.ids, d.tail_mass))
     with pytest.raises(InvalidDistribution):
         codec.dist_to_wire(Dist(3, np.log([0.5, 0.3, 0.2])))  # float64 full vector
-
-
-# ------------------------------------------------------------------ fuzzing (>= 10,000 frames)
-@settings(FUZZ, max_examples=2500)
-@given(st.binary(max_size=400) | st.binary(max_size=400).map(lambda b: codec.HEADER + b))
-def test_fuzz_random_bytes(data):
-    decode_checked(data)
-
-
-@st.composite
-def mutated_frames(draw) -> bytes:
-    frame = bytearray(draw(frames))
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["flip", "byte", "truncate", "splice", "insert", "delete"]))
-        i = draw(st.integers(0, max(0, len(frame) - 1)))
-        if op == "flip" and frame:
-            frame[i] ^= 1 << draw(st.integers(0, 7))
-        elif op == "byte" and frame:
-            frame[i] = draw(st.integers(0, 255))
-        elif op == "truncate":
-            del frame[i:]
-        elif op == "splice":
-            other = draw(frames)
-            j = draw(st.integers(0, len(other)))
-            frame[i:] = other[j:]
-        elif op == "insert":
-            frame[i:i] = draw(st.binary(min_size=1, max_size=8))
-        elif op == "delete":
-            del frame[i:i + draw(st.integers(1, 8))]
-    return bytes(frame)
-
-
-@settings(FUZZ, max_examples=4000)
-@given(mutated_frames())
-def test_fuzz_mutated_valid_frames(data):
-    decode_checked(data)
-
-
-@settings(FUZZ, max_examples=1500)
-@given(msgpack_values | tagged_dicts)
-def test_fuzz_valid_msgpack_wrong_schema(value):
-    decode_checked(codec.HEADER + msgspec.msgpack.encode(value))
-
-
-@st.composite
-def schema_mutations(draw) -> bytes:
-    """Valid message dicts with fields deleted, retyped or given hostile values, or a wrong tag."""
-    msg = draw(messages)
-    d = msgspec.to_builtins(msg, builtin_types=(bytes,))  # array_like: [tag, field, ...]
-    target = d[1 + msg.__struct_fields__.index("dist")] if isinstance(msg, m.Draft) and draw(st.booleans()) else d
-    for _ in range(draw(st.integers(1, 3))):
-        if not target:
-            break
-        key = draw(st.integers(0, len(target) - 1))
-        op = draw(st.sampled_from(["delete", "random", "hostile", "retag"]))
-        if op == "delete":
-            target.pop(key)
-        elif op == "random":
-            target[key] = draw(msgpack_values)
-        elif op == "hostile":
-            target[key] = draw(st.sampled_from([-1, 0, 2**64 - 1, -(2**63), math.nan, math.inf, -math.inf,
-                                                1e308, b"", b"\xff" * 7, "", None, [], {}]))
-        else:
-            d[0] = draw(st.sampled_from(TAGS) | st.text(max_size=8))
-    return codec.HEADER + msgspec.msgpack.encode(d)
-
-
-@settings(FUZZ, max_examples=2500)
-@given(schema_mutations())
-def test_fuzz_schema_mutations(data):
-    decode_checked(data)
