@@ -1,11 +1,13 @@
 """The DRAGON protocol, pure: numpy and msgspec, no files, clocks, sockets or event loops.
 
 Both sides (``dragon_edge``, ``dragon_vllm``) and the simulator (``testing.netsim``) run this
-same code; ``tests/test_core_is_pure.py`` holds the boundary. The names below are imported on
+same code; ``tests/core/test_core_is_pure.py`` holds the boundary. The names below are imported on
 first use; the modules, one concept each, are listed in docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
+
+from dragon_core.exports import lazy_exports
 
 _HOMES = {
     "Session": "dragon_core.session",
@@ -22,9 +24,4 @@ _HOMES = {
 
 __all__ = list(_HOMES)
 
-
-def __getattr__(name: str):
-    if name not in _HOMES:
-        raise AttributeError(f"module 'dragon_core' has no attribute {name!r}")
-    # __import__ rather than importlib: the package's own import boundary allows no importlib
-    return getattr(__import__(_HOMES[name], fromlist=[name]), name)
+__getattr__ = lazy_exports(__name__, _HOMES)

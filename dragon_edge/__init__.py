@@ -16,7 +16,7 @@ The names below are imported on first use, so ``import dragon_edge.store`` (or t
 
 from __future__ import annotations
 
-import importlib
+from dragon_core.exports import lazy_exports
 
 _HOMES = {
     "DragonClient": "dragon_edge.sdk",
@@ -27,8 +27,4 @@ _HOMES = {
 
 __all__ = list(_HOMES)
 
-
-def __getattr__(name: str):
-    if name not in _HOMES:
-        raise AttributeError(f"module 'dragon_edge' has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOMES[name]), name)
+__getattr__ = lazy_exports(__name__, _HOMES)

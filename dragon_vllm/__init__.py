@@ -16,7 +16,7 @@ The names below are imported on first use (vLLM takes seconds to import).
 
 from __future__ import annotations
 
-import importlib
+from dragon_core.exports import lazy_exports
 
 _HOMES = {
     "DragonCloud": "dragon_vllm.backend",
@@ -27,8 +27,4 @@ _HOMES = {
 
 __all__ = list(_HOMES)
 
-
-def __getattr__(name: str):
-    if name not in _HOMES:
-        raise AttributeError(f"module 'dragon_vllm' has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOMES[name]), name)
+__getattr__ = lazy_exports(__name__, _HOMES)
