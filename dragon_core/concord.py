@@ -146,7 +146,8 @@ class ConcordDevice:
 
     # ------------------------------------------------------------------ statistics
     def _on_late(self, step: int, bounds: Evidence) -> None:
-        """Evidence for a step committed locally: did it change the token? (The debt's ``f_t``.)"""
+        """Evidence for a step committed locally: did it change the token? (The debt's ``f_t``:
+        the certified token if the evidence certifies one, else the best lower bound's.)"""
         kept = self._late.pop(step, None)
         if kept is None or self.cloud_log_h is None:
             return
@@ -179,7 +180,8 @@ class ConcordDevice:
         return 1.0 - eta_c, eta_c  # as DRAGON's target: (1 − η^c) p^d + η^c p^c
 
     def _checked(self, dist: Dist) -> Dist:
-        if self._local is not None and dist.vocab_size != self._local.vocab_size:
+        vocab = self._local.vocab_size if self._local is not None else self.s.config.vocab_size
+        if vocab and dist.vocab_size != vocab:
             raise OutOfVocabulary("the cloud's mixture does not match this side's vocabulary")
         return dist
 
@@ -203,7 +205,8 @@ class ConcordCloud:
                                                 s.config.concord_top_m, log_h)
         self._sent_log_h = True
         s._emit(_send(frame))
-        asks, self._asks = [a for a in self._asks if a.step == ev.step], []
+        asks = [a for a in self._asks if a.step == ev.step]
+        self._asks = [a for a in self._asks if a.step > ev.step]  # for a prefix still to come
         for ask in asks:
             self._answer(ask)
 
