@@ -80,7 +80,20 @@ def dist_to_wire(d: Dist) -> m.WireDist:
 
 
 def dist_from_wire(w: m.WireDist) -> Dist:
-    """The sender's ``Dist``, bit for bit (so both sides compute identical ``probs()``)."""
+    """The sender's ``Dist``, bit for bit (so both sides compute identical ``probs()``).
+
+    Converted once per ``WireDist``: ``decode`` converts a Draft's to check it, and the session
+    that reads the draft then gets that same ``Dist``."""
+    converted = w.__dict__.get(_CONVERTED)
+    if converted is None:
+        converted = w.__dict__[_CONVERTED] = _convert(w)
+    return converted
+
+
+_CONVERTED = "converted"  # where a WireDist keeps its Dist (messages.WireDist has a __dict__ for it)
+
+
+def _convert(w: m.WireDist) -> Dist:
     _check_wire_shape(w)
     try:
         if w.ids is None:
@@ -137,7 +150,7 @@ def _check(msg: m.Message) -> None:
         _check_field("sampling", "top_k", s.top_k)
         check_concord_open(msg)
     elif isinstance(msg, m.Draft):
-        dist_from_wire(msg.dist)  # a decoded Draft must always convert
+        dist_from_wire(msg.dist)  # a decoded Draft must always convert (kept: the session reads it)
         if msg.token >= msg.dist.vocab_size:
             raise MalformedFrame(f"draft: token {msg.token} outside vocabulary of {msg.dist.vocab_size}")
     elif isinstance(msg, m.Tokens):

@@ -35,8 +35,12 @@ class Sampling(msgspec.Struct, frozen=True, array_like=True):
     top_p: float = 1.0  # 1.0: off
 
 
-class WireDist(msgspec.Struct, frozen=True, array_like=True):
-    """A ``Dist`` on the wire: raw little-endian arrays (int32 ids, f16/f32 log-probs)."""
+class WireDist(msgspec.Struct, frozen=True, array_like=True, dict=True):
+    """A ``Dist`` on the wire: raw little-endian arrays (int32 ids, f16/f32 log-probs).
+
+    ``dict=True`` only so that ``codec.dist_from_wire`` can keep the ``Dist`` it converted this
+    into: a received draft's distribution is converted once, when its frame is decoded, and not
+    again by the session. Neither the frame nor equality sees it."""
 
     vocab_size: int
     logprobs: bytes

@@ -47,6 +47,20 @@ def test_dist_round_trip_is_bit_identical(d):
     assert back.argmax() == d.argmax()
 
 
+def test_a_received_drafts_distribution_is_converted_once(monkeypatch):
+    """decode converts the Draft's distribution to check it; whoever reads it next (the session)
+    gets that same Dist, not a second conversion. The frame and equality do not see it."""
+    d = Dist.top_k(np.log(np.full(50, 1 / 50)), 5)
+    frame = codec.encode(m.Draft(1, 0, 3, 2, codec.dist_to_wire(d), 0.0))
+    calls = []
+    convert = codec._convert
+    monkeypatch.setattr(codec, "_convert", lambda w: calls.append(w) or convert(w))
+    msg = codec.decode(frame)
+    assert len(calls) == 1
+    assert codec.dist_from_wire(msg.dist) is codec.dist_from_wire(msg.dist) and len(calls) == 1
+    assert codec.encode(msg) == frame and msg == codec.decode(frame)
+
+
 def test_full_vocabulary_of_262144_fits_default_frame():
     rng = np.random.default_rng(1)
     d = Dist.full(rng.normal(0, 3, 262_144))
