@@ -10,6 +10,8 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dragon_core import codec
 from dragon_core import messages as m
@@ -25,13 +27,14 @@ EOS = 0
 INF = float("inf")
 
 
-def fake_side(side_id: int, vocab: int, world: int, disagreement: float, top_k: int = 0):
-    """Logits = a shared part + a side's own part, a pure function of the prefix."""
+def fake_side(side_id: int, vocab: int, world: int, disagreement: float, top_k: int = 0, ties: bool = False):
+    """Logits = a shared part + a side's own part, a pure function of the prefix; ``ties``
+    rounds them to whole numbers, so ids tie exactly (and, with no disagreement, both sides)."""
 
     def dist_fn(prefix: tuple[int, ...]) -> Dist:
         shared = np.random.default_rng([world, 7, *prefix]).normal(0, 2.5, vocab)
         own = np.random.default_rng([world, side_id, *prefix]).normal(0, disagreement, vocab)
-        z = shared + own
+        z = np.round(shared + own) if ties else shared + own
         z[EOS] -= 3.0 if len(prefix) < 12 else -1.0  # EOS becomes likely late
         return Dist.top_k(z, top_k) if top_k else Dist.full(z)
 
@@ -39,9 +42,9 @@ def fake_side(side_id: int, vocab: int, world: int, disagreement: float, top_k: 
 
 
 def sides(world: int, *, top_k: int = 0, disagreement: float = 1.5, c_dev: float = 30.0, c_cloud: float = 10.0,
-          vocab: int = 40) -> tuple[SideSpec, SideSpec]:
-    dev = SideSpec(0.3, fake_side(1, vocab, world, disagreement, top_k), lambda now, step: c_dev)
-    cloud = SideSpec(1.1, fake_side(2, vocab, world, disagreement, top_k), lambda now, step: c_cloud)
+          vocab: int = 40, ties: bool = False) -> tuple[SideSpec, SideSpec]:
+    dev = SideSpec(0.3, fake_side(1, vocab, world, disagreement, top_k, ties), lambda now, step: c_dev)
+    cloud = SideSpec(1.1, fake_side(2, vocab, world, disagreement, top_k, ties), lambda now, step: c_cloud)
     return dev, cloud
 
 
@@ -205,3 +208,40 @@ def test_the_debt_cuts_waiting_when_the_cloud_is_far(rtt):
 def test_concord_refuses_sampling():
     with pytest.raises(ValueError, match="greedy"):
         s.Session("device", config(sampling=Sampling(False, 0.7)), 0.3)
+
+
+@settings(deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(world=st.integers(0, 10_000), rtt=st.floats(0.0, 400.0), jitter=st.floats(0.0, 1.0),
+       debt_max=st.sampled_from([INF, 8.0, 4.0, 1.0, 0.0, -1.0]), top_m=st.integers(0, 4),
+       top_k=st.sampled_from([0, 4, 16]), disagreement=st.sampled_from([0.0, 0.3, 1.5, 4.0]),
+       ties=st.booleans(), c_dev=st.floats(1.0, 80.0), c_cloud=st.floats(1.0, 80.0))
+def test_any_world_every_consulted_step_is_dense_greedy(world, rtt, jitter, debt_max, top_m, top_k, disagreement,
+                                                        ties, c_dev, c_cloud):
+    """Random worlds (exact ties among ids and between the sides included), link speeds (jitter
+    up to the one-way latency), debts, list sizes and side speeds: every consulted step is dense
+    greedy on its prefix; with D_max = inf, all of them."""
+    cfg = config(concord_debt_max=debt_max, concord_top_m=top_m, dist_top_k=top_k, max_tokens=20)
+    dev, cloud = sides(world, top_k=top_k, disagreement=disagreement, c_dev=c_dev, c_cloud=c_cloud, ties=ties)
+    one_way = rtt / 2
+    up, down = LinkSpec(one_way, one_way * jitter, seed=world), LinkSpec(one_way, one_way * jitter, seed=world + 1)
+    pair = SimulatedPair(cfg, dev, cloud, up, down).run()
+    tokens, stats = pair.device.record.tokens, pair.device.session.stats
+    for step, kind in enumerate(stats.concord_by_step):
+        if kind != "local":
+            assert tokens[step] == dense_token(cfg, dev, cloud, tuple(tokens[:step]))
+    if debt_max == INF:
+        assert tokens == centralized_decode(cfg, dev, cloud) and stats.steps_local == 0
+    assert pair.cloud.record.tokens == tokens and not pair.device.record.finish.degraded
+
+
+def test_exact_ties_are_never_certified_the_dense_reply_decides_them():
+    """Whole-number logits, the same on both sides: ids tie exactly; the certificate refuses
+    them (strict margin) and the dense reply gives DRAGON's own token (the lowest id)."""
+    dense = 0
+    for world in range(8):
+        cfg = config(concord_debt_max=INF, max_tokens=20)
+        dev, cloud = sides(world, disagreement=0.0, ties=True)
+        pair = run(cfg, dev, cloud, 50.0, seed=world)
+        assert pair.device.record.tokens == centralized_decode(cfg, dev, cloud)
+        dense += pair.device.session.stats.steps_dense
+    assert dense > 0
