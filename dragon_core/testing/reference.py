@@ -2,7 +2,8 @@
 
 * ``centralized_generate``: on real engines (``StreamGroup``s), one token per step;
 * ``centralized_decode``: on the simulator's fake sides (``netsim.SideSpec``);
-* ``solo_decode``: one side deciding alone (cloud-only, device-only, a degraded finish).
+* ``solo_decode``: one side deciding alone (cloud-only, device-only, a degraded finish);
+* ``greedy_generate``: a plain greedy decode on one engine (a baseline's answer, a benchmark's).
 
 Pure like the rest of ``dragon_core``: it awaits the engines' ``StreamGroup`` methods but owns no
 event loop, clock or socket; the caller runs it under whatever loop it has.
@@ -10,12 +11,13 @@ event loop, clock or socket; the caller runs it under whatever loop it has.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import AbstractSet, Callable, Sequence
 
 from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core.aggregate import cross_side_weights, log_mass
-from dragon_core.engine import StreamGroup, side_dist
+from dragon_core.dist import Dist
+from dragon_core.engine import Engine, StreamGroup, side_dist
 from dragon_core.speculative import DRAFT_CLOUD, DRAFT_DEVICE, VERIFY, draft, step_rng, synchronous_target
 from dragon_core.testing.netsim import SideSpec
 
@@ -65,3 +67,22 @@ def solo_decode(config: s.SessionConfig, spec: SideSpec, side: m.Side, prefix: t
         step = len(tokens)
         tokens.append(draft(spec.dist_fn(tuple(tokens)), config.sampling, step_rng(config.seed, purpose, step)))
     return tokens
+
+
+async def greedy_generate(engine: Engine, prompts: Sequence[Sequence[int]], choose: Callable[[list[Dist]], int],
+                          eos: AbstractSet[int], max_tokens: int) -> list[int]:
+    """A plain decode on one engine at temperature 1: ``choose`` picks each token from the
+    streams' distributions (one stream's argmax, or the argmax of their mixture); stops after
+    an ``eos`` token or ``max_tokens``. The group is closed whatever happens."""
+    group = await engine.open_group(prompts, 1.0)
+    out: list[int] = []
+    try:
+        while len(out) < max_tokens:
+            token = choose(await group.next_dists())
+            out.append(token)
+            if token in eos:
+                break
+            await group.append([token])
+    finally:
+        await group.close()
+    return out

@@ -12,6 +12,7 @@ import pytest
 from e2e_world import QUESTION, ask, options, run
 
 from dragon_core import prompt as P
+from dragon_core.testing.reference import greedy_generate
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
 
@@ -22,22 +23,6 @@ def template_ids(tok, user: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
-async def greedy(engine, prompt: list[int], max_tokens: int, eos) -> list[int]:
-    """A plain decode: one stream, argmax, stop at an end-of-turn token."""
-    group = await engine.open_group([prompt], 1.0)
-    out: list[int] = []
-    try:
-        while len(out) < max_tokens:
-            token = (await group.next_dists())[0].argmax()
-            out.append(token)
-            if token in eos:
-                break
-            await group.append([token])
-    finally:
-        await group.close()
-    return out
-
-
 def test_concat_answer_equals_a_plain_decode_of_the_concatenated_prompt(e2e_loop, runtime, world, cloud):
     opts = options(mode="concat")
     ids, stats = run(e2e_loop, ask(runtime, cloud.url, opts))
@@ -46,7 +31,9 @@ def test_concat_answer_equals_a_plain_decode_of_the_concatenated_prompt(e2e_loop
     ranked = sorted([(p.score, p.text) for p in private] + [(p.score, p.text) for p in public], key=lambda t: -t[0])
     prompt = template_ids(runtime.tokenizer, P.user_message("\n\n".join(t for _, t in ranked), QUESTION))
     assert len(prompt) < 256 + 64  # the demo's four passages fit the budget: nothing was cut
-    want = run(e2e_loop, greedy(runtime.engine, prompt, opts.max_tokens, runtime.eos_ids))
+    # a plain decode: one stream, argmax, stop at an end-of-turn token
+    want = run(e2e_loop, greedy_generate(runtime.engine, [prompt], lambda dists: dists[0].argmax(),
+                                         runtime.eos_ids, opts.max_tokens))
     assert ids == want
     assert stats.mode == "concat" and not stats.degraded and not stats.device_only
     assert {s.side for s in stats.sources} == {"device", "cloud"}  # the public text came down and was used
