@@ -236,6 +236,8 @@ async def amain(args) -> dict:
     common = dict(top_k=args.top_k, max_num_seqs=max_seqs, max_model_len=1024, dtype=args.dtype,
                   kv_cache_gib=args.kv_gib, max_num_batched_tokens=max(8192, max_seqs * 4),
                   gpu_memory_utilization=args.gpu_memory_utilization, **extra)
+    if args.cudagraph_max:  # both engines alike: the decode batch of R*k rows as one CUDA graph
+        common["compilation_config"] = {"max_cudagraph_capture_size": args.cudagraph_max}
     tok = AutoTokenizer.from_pretrained(args.model)
     passages = load_passages(args.passages, 64)
     levels = {r: build_prompts(tok, passages, r, args.k, 32) for r in args.levels}
@@ -277,7 +279,7 @@ async def amain(args) -> dict:
             row["ratio_vs_no_logprobs"] = round(row["gang_stream_tokens_per_s"]
                                                 / row["plain_no_logprobs_stream_tokens_per_s"], 3)
     return dict(benchmark="vllm_streams", device=args.device, shape=args.shape, vllm=".".join(map(str, vllm_version())),
-                dtype=args.dtype, top_k=args.top_k, chunk_tokens=args.chunk_tokens, max_num_seqs=max_seqs,
+                dtype=args.dtype, top_k=args.top_k, cudagraph_max=args.cudagraph_max, chunk_tokens=args.chunk_tokens, max_num_seqs=max_seqs,
                 paths=args.paths, cpu_count=os.cpu_count(), loadavg_at_end=os.getloadavg(),
                 machine=platform.machine(), gpu=_gpu_name(), engine_stats=engine_stats, levels=list(rows.values()))
 
@@ -346,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shape", default="real", choices=["real", "1.7b"], help="1.7b: dummy weights")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--cudagraph-max", type=int, default=None,
+                    help="vLLM max_cudagraph_capture_size for both engines (default: vLLM's, 512 on the GPU)")
     ap.add_argument("--kv-gib", type=int, default=None, help="CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)")
     ap.add_argument("--passages", default=os.environ.get("DRAGON_PASSAGES"))
     ap.add_argument("--device", default="cpu", help="label for the result file")
