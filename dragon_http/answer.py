@@ -7,8 +7,9 @@ the options below, and turn the ``Answer`` into OpenAI's JSON or server-sent eve
 
 Options every backend receives (already validated): ``max_tokens`` (int), ``temperature``,
 ``top_p``, ``top_k`` (None = the default; ``temperature`` 0 or None = greedy), ``seed`` and
-``stop`` (always ``[]``: the routes apply stop strings themselves, with hold-back), plus the
-fields its ``RequestExtras`` adds (``dragon_http.request``).
+``stop`` (a list of strings, maybe empty: the backend's answer stream ends the answer before the
+first, with hold-back, and sets ``finish_reason`` "stop"), plus the fields its ``RequestExtras``
+adds (``dragon_http.request``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class Answer(Protocol):
     """One running answer."""
 
     created: int  # unix seconds, for OpenAI's ``created``
-    finish_reason: str  # "stop" or "length"; the routes set "stop" when a stop string ends it
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
 
     def id(self, prefix: str) -> str:
         """OpenAI's response id with this prefix (``chatcmpl``, ``cmpl``)."""

@@ -5,8 +5,9 @@ One implementation for both runtimes: the answer comes from an ``AnswerBackend``
 are validated by ``dragon_http.request`` before any work, with the runtime's ``RequestExtras``
 for DRAGON's own fields, and refused in OpenAI's error shape (4xx, ``param`` naming the field).
 
-Stop strings never leak a partial match (``dragon_core.stop_text``: text that could begin one
-is held back until decided), streaming or not. A prompt that cannot fit the context is refused
+Stop strings go to the backend with the other options: its answer stream applies them
+(``dragon_host.answer_stream`` over ``dragon_core.text_stream``: text that could begin one is
+held back until decided, and the decode is cancelled at the first), streaming or not. A prompt that cannot fit the context is refused
 after being tokenised in a thread, so a large input never stalls the event loop; bodies are
 capped and timed (``guard.BodyGuard``) before they are parsed. Once an answer has started, the
 client closing its connection cancels it (``guard.cancel_on_disconnect``). Answers carry
@@ -24,7 +25,6 @@ from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
-from dragon_core import stop_text
 from dragon_core.errors import InvalidOptions
 from dragon_core.prompt import last_user_message
 from dragon_http import request as rq
@@ -88,23 +88,22 @@ class OpenAIRoutes:
 
     async def _answer(self, request: web.Request, payload: dict, route: str, stream: bool) -> web.StreamResponse:
         opts = rq.options(payload, self.max_tokens, self.extras)
-        stops = opts.pop("stop")  # applied here, with hold-back (stop_text), not by the backend
         refusal = await self._refuse_long_prompt(payload, route, opts["max_tokens"])
         if refusal is not None:
             return refusal
         try:
             if route == "chat":
-                answer = await self.backend.answer_chat(payload["messages"], stop=[], **opts)
+                answer = await self.backend.answer_chat(payload["messages"], **opts)
             else:
-                answer = await self.backend.answer_text(payload["prompt"], stop=[], **opts)
+                answer = await self.backend.answer_text(payload["prompt"], **opts)
         except InvalidOptions as exc:
             return error_response(400, str(exc), param=exc.param)
         except ValueError as exc:
             return error_response(400, str(exc))
         try:
             if stream:
-                return await self._stream(request, answer, stops, chat=route == "chat")
-            text = "".join([d async for d in visible_deltas(answer, stops)])
+                return await self._stream(request, answer, chat=route == "chat")
+            text = "".join([d async for d in deltas(answer)])
             self._count_usage(request, answer)
             body = self._chat_body(answer, text) if route == "chat" else self._completion_body(answer, text)
             return web.json_response(body)
@@ -167,7 +166,7 @@ class OpenAIRoutes:
                     choices=[dict(index=0, text=text, finish_reason=answer.finish_reason, logprobs=None)],
                     usage=answer.usage(), dragon=answer.stats())
 
-    async def _stream(self, request: web.Request, answer: Answer, stops: list[str], chat: bool) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, answer: Answer, chat: bool) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         kind, obj = ("chatcmpl", "chat.completion.chunk") if chat else ("cmpl", "text_completion")
@@ -178,7 +177,7 @@ class OpenAIRoutes:
             await write_within(resp, data, self.write_timeout_s)
 
         try:
-            async for delta in visible_deltas(answer, stops):
+            async for delta in deltas(answer):
                 if chat:
                     d = {"content": delta}
                     if first:
@@ -216,23 +215,13 @@ async def close_answer(answer: Answer) -> None:
     await asyncio.shield(task)
 
 
-async def visible_deltas(answer: Answer, stops: list[str]) -> AsyncIterator[str]:
-    """The answer's text deltas with the stop strings applied (``stop_text.releasable``): text
-    that could be the start of a stop string is held back until the next text decides it, and
-    the answer ends before the first stop string (finish_reason "stop")."""
-    text, shown = "", 0
-    async with aclosing(answer.deltas()) as deltas:
-        async for piece in deltas:
-            text += piece
-            upto, stopped = stop_text.releasable(text, stops, shown)
-            if upto > shown:
-                yield text[shown:upto]
-                shown = upto
-            if stopped:
-                answer.finish_reason = "stop"
-                return
-    if len(text) > shown:  # the held-back tail never became a stop string
-        yield text[shown:]
+async def deltas(answer: Answer) -> AsyncIterator[str]:
+    """The answer's non-empty text deltas (its stop strings already applied by the backend's
+    answer stream); the backend's generator is closed however the reading ends."""
+    async with aclosing(answer.deltas()) as pieces:
+        async for piece in pieces:
+            if piece:
+                yield piece
 
 
 def _prompt_tokens(tokenizer, payload: dict, route: str) -> int:

@@ -105,8 +105,8 @@ def validate(p: dict, route: str, max_tokens_cap: int, extras: RequestExtras) ->
 
 
 def options(p: dict, max_tokens_cap: int, extras: RequestExtras) -> dict[str, Any]:
-    """The backend's keyword arguments for a validated request (``stop`` included: the routes
-    take it out and apply it themselves)."""
+    """The backend's keyword arguments for a validated request (``stop`` included: the backend's
+    answer stream applies it)."""
     max_tokens = p.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = p.get("max_tokens")

@@ -266,13 +266,13 @@ GOOD = [
     (CHAT, chat(max_tokens=1, temperature=0, top_p=1, top_k=-1, n=1, seed=-7, k=16, retrieval=False),
      dict(max_tokens=1, temperature=0, top_k=None, seed=-7, k=16, retrieval=False)),
     (CHAT, chat(max_completion_tokens=7, temperature=2, top_p=0.01, top_k=0, stop="x"),
-     dict(max_tokens=7, temperature=2, top_p=0.01, top_k=None, stop=[])),  # stops: applied by the route
+     dict(max_tokens=7, temperature=2, top_p=0.01, top_k=None, stop=["x"])),  # stops: the answer stream's
     (CHAT, chat(top_k=40, logprobs=False, presence_penalty=0, frequency_penalty=0.0, user="u",
                 response_format={"type": "text"}, tools=[]),
      dict(top_k=40)),
     (CHAT, chat(messages=[{"role": "system", "content": "Be brief."},
                           {"role": "user", "content": [{"type": "text", "text": "Capital of France?"}]}]), {}),
-    (COMP, comp(prompt=["one prompt"], max_tokens=1024, stop=["a", "b"]), dict(max_tokens=1024, stop=[])),
+    (COMP, comp(prompt=["one prompt"], max_tokens=1024, stop=["a", "b"]), dict(max_tokens=1024, stop=["a", "b"])),
     (COMP, comp(echo=False, logprobs=None, best_of=1), {}),
 ]
 
