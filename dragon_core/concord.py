@@ -32,7 +32,7 @@ from dragon_core.errors import OutOfVocabulary, ProtocolError
 from dragon_core.speculative import DRAFT_DEVICE, VERIFY, draft, step_rng, synchronous_target
 
 RHO, GAIN = 0.9, 8.0  # the debt's decay and the gain of a step the evidence changed (§6's start)
-LATE_KEPT = 64  # locally committed steps whose p^d waits for late evidence (older ones are dropped)
+LATE_KEPT = 16  # local steps whose p^d awaits late evidence (~RTT / local step; a full p^d holds ~0.6 MB)
 
 
 class ConcordDevice:
