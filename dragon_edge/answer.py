@@ -66,8 +66,9 @@ class EdgeAnswer:
         return dict(prompt_tokens=self.prompt_tokens, completion_tokens=n, total_tokens=self.prompt_tokens + n)
 
     def stats(self) -> dict:
-        """The SDK's ``dragon`` field; ``{"finished": false}`` for an answer cut short (a stop
-        string), whose decode was cancelled before the runtime counted it."""
+        """The SDK's ``dragon`` field; ``{"finished": false}`` for an answer closed before the
+        runtime counted it (its reader left). A stop string ends the answer in the runtime's
+        answer stream, which then counts it like any other."""
         return self._stats.as_dict() if self._stats is not None else {"finished": False}
 
     async def aclose(self) -> None:

@@ -18,6 +18,7 @@ from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core import validation as v
 from dragon_core.aggregate import log_mass
+from dragon_core.connection import Traffic
 from dragon_core.engine import Engine
 from dragon_core.errors import DragonError, InvalidOptions
 from dragon_core.handshake import Identity
@@ -26,7 +27,7 @@ from dragon_core.prompt import concatenated_prompt, last_user_message, passage_p
 from dragon_core.request import RequestSpec
 from dragon_core.scheduler import initial_aggregator
 from dragon_edge.baselines import LazyGroup
-from dragon_edge.stats import AnswerStats, Source, finish_stats
+from dragon_edge.stats import AnswerStats, Source, Timing, answer_stats
 from dragon_host.answer_stream import AnswerStream
 from dragon_host.slow_group import slowed
 
@@ -135,6 +136,23 @@ class Piece:
     finished: AnswerStats | None = None
 
 
+@dataclass
+class _Plan:
+    """One answer, decided before its decode starts (``EdgeRuntime._plan``)."""
+
+    rule: ModeRule
+    spec: RequestSpec
+    rid: int
+    passages: list  # the private passages retrieved
+    prompts: list[list[int]]  # the device's streams, laid out as the mode says
+    scores: list[float]
+    link: Any  # the CloudLink the answer runs over; None: the device decodes alone
+    degraded: bool  # the cloud was wanted and could not be had
+    public: m.Opened | None = None  # DRCG/Text: the cloud's public passages (text)
+    opened: m.Opened | None = None  # what the cloud said when it joined (its sources)
+    traffic: Traffic | None = None  # this request's bytes on the link
+
+
 class EdgeRuntime:
     def __init__(self, engine: Engine, tokenizer, identity: Identity, eos_ids: Sequence[int], store=None,
                  link=None) -> None:
@@ -175,58 +193,80 @@ class EdgeRuntime:
     async def answer(self, query: str, opts: AnswerOptions, stops: Sequence[str] = ()) -> AsyncIterator[Piece]:
         """The answer's text as tokens commit, then a last piece with the stats; ``stops``:
         stop strings (the answer ends before the first, with its decode cancelled)."""
-        t0 = time.monotonic()
-        check_answer_options(opts)  # InvalidOptions / UnknownMode before any work
-        v.check_text("query", query)
-        rule = mode_rule(opts.mode)
-        passages = self.private_passages(query, opts.k)
-        prompts, scores = self._prompts(rule, query, passages, None)
-        stats = AnswerStats(mode=opts.mode if opts.use_cloud else "device",  # what runs, as asked
-                            sources=[Source("device", p.source, float(p.score), p.text) for p in passages])
-        link, degraded = await self._connect(opts, rule)
-        rid = link.new_request_id() if link is not None else self._next_local_id()
-        spec = opts.spec(query, **self._placement(opts, link))
-        public = None
-        if link is not None and rule.crosses == "passages":  # DRCG: only the query goes up
-            public = await self._public_passages(link, spec.to_open(rid), opts.cloud_open_timeout_s, stats)
-            link, degraded = None, public is None  # the device decodes alone from here on
-            if public is not None:
-                prompts, scores = self._prompts(rule, query, passages, public)
-        config = s.SessionConfig.from_spec(spec, rid, self.eos_ids, vocab_size=self.engine.vocab_size)
-        session = s.Session("device", config, log_mass(scores), solo=link is None, degraded=degraded)
-        stats.device_only = link is None and public is None
-        # cloud-only: the device's streams are prefilled only if the cloud is lost mid-answer;
-        # otherwise the prefill runs in the background while the Open goes up (TTFT: issue 13)
-        lazy = await LazyGroup(self.engine, prompts, spec.engine_temperature, prefill_now=rule.device_prefills).started()
-        stream = AnswerStream(session, slowed(lazy, opts.emulate_decode_ms), scores, _sender(link),
-                              self.tokenizer, self.eos_ids, stops)
-        if link is not None:
-            if link.rtt_ms is not None:  # the link's latest round trip: the window needs it before any ping
-                stream.driver.feed(s.RttSample(link.rtt_ms))
-            await link.open(spec.to_open(rid), stream.driver)
-        stream.start()
-        tail, last = "", t0
+        timing = Timing(time.monotonic())
+        plan = await self._plan(query, opts)
+        stream = await self._start(plan, opts, stops)
+        tail = ""
         try:
             async for delta in stream.deltas():
                 if not delta.tokens:  # the session finished: the text left, with the stats below
                     tail = delta.text
                     continue
-                stats.ttft_s = stats.ttft_s if stats.ttft_s is not None else delta.at - t0
-                stats.per_token_latency_ms.append((delta.at - last) * 1000)
-                last = delta.at
+                timing.token(delta.at)
                 yield Piece(delta.text, delta.tokens)  # text may be empty: half a character, a held tail
             finish = await stream.finish()
         finally:
-            await stream.cancel()
-            opened = link.opened_now(rid) if link is not None else None
-            if link is not None:
-                stats.count_traffic(link.release(rid))
-            await stream.close()
-        finish_stats(stats, session, finish, rule, opened)
-        if link is not None and rule.both_draft and not stats.degraded \
+            await self._end(plan, stream)
+        yield Piece(tail, (), finished=self._finished(plan, opts, stream.session, finish, timing))
+
+    async def _plan(self, query: str, opts: AnswerOptions) -> "_Plan":
+        """Everything decided before decoding: the mode, the private passages, the link (or
+        none), the request's spec and id, and for DRCG the cloud's public passages."""
+        check_answer_options(opts)  # InvalidOptions / UnknownMode before any work
+        v.check_text("query", query)
+        rule = mode_rule(opts.mode)
+        passages = self.private_passages(query, opts.k)
+        prompts, scores = self._prompts(rule, query, passages, None)
+        link, degraded = await self._connect(opts, rule)
+        rid = link.new_request_id() if link is not None else self._next_local_id()
+        plan = _Plan(rule, opts.spec(query, **self._placement(opts, link)), rid, passages, prompts, scores,
+                     link, degraded)
+        if link is not None and rule.crosses == "passages":  # DRCG: only the query goes up
+            plan.public, plan.traffic = await self._public_passages(link, plan.spec.to_open(rid),
+                                                                    opts.cloud_open_timeout_s)
+            plan.link, plan.degraded = None, plan.public is None  # the device decodes alone from here on
+            if plan.public is not None:
+                plan.prompts, plan.scores = self._prompts(rule, query, passages, plan.public)
+        return plan
+
+    async def _start(self, plan: "_Plan", opts: AnswerOptions, stops: Sequence[str]) -> AnswerStream:
+        """The device's session on its streams, running, with the cloud joined over the link."""
+        spec, link = plan.spec, plan.link
+        config = s.SessionConfig.from_spec(spec, plan.rid, self.eos_ids, vocab_size=self.engine.vocab_size)
+        session = s.Session("device", config, log_mass(plan.scores), solo=link is None, degraded=plan.degraded)
+        # cloud-only: the device's streams are prefilled only if the cloud is lost mid-answer;
+        # otherwise the prefill runs in the background while the Open goes up (TTFT: issue 13)
+        lazy = await LazyGroup(self.engine, plan.prompts, spec.engine_temperature,
+                               prefill_now=plan.rule.device_prefills).started()
+        stream = AnswerStream(session, slowed(lazy, opts.emulate_decode_ms), plan.scores, _sender(link),
+                              self.tokenizer, self.eos_ids, stops)
+        if link is not None:
+            if link.rtt_ms is not None:  # the link's latest round trip: the window needs it before any ping
+                stream.driver.feed(s.RttSample(link.rtt_ms))
+            await link.open(spec.to_open(plan.rid), stream.driver)
+        return stream.start()
+
+    async def _end(self, plan: "_Plan", stream: AnswerStream) -> None:
+        """Stop the decode if it still runs, give the request back to the link (what the cloud
+        said when it opened, and this request's bytes), free the streams."""
+        await stream.cancel()
+        if plan.link is not None:
+            plan.opened = plan.link.opened_now(plan.rid)
+            plan.traffic = plan.link.release(plan.rid)
+        await stream.close()
+
+    def _finished(self, plan: "_Plan", opts: AnswerOptions, session: s.Session, finish: s.Finish,
+                  timing: Timing) -> AnswerStats:
+        """The answer's stats, and the scheduler's estimates kept for the next request here."""
+        link = plan.link
+        stats = answer_stats(mode=opts.mode if opts.use_cloud else "device", rule=plan.rule,  # what runs, as asked
+                             private=plan.passages, public=plan.public, opened=plan.opened,
+                             device_only=link is None and plan.public is None, session=session, finish=finish,
+                             timing=timing, traffic=plan.traffic)
+        if link is not None and plan.rule.both_draft and not stats.degraded \
                 and (prior := session.scheduler.estimates.prior("device")):
             self.priors[link.url] = prior
-        yield Piece(tail, (), finished=stats)
+        return stats
 
     async def _connect(self, opts: AnswerOptions, rule: ModeRule):
         """The link this answer uses (None: device-only), and whether that is a degradation."""
@@ -249,20 +289,20 @@ class EdgeRuntime:
             texts, scores = texts + public.passages, scores + public.scores
         return passage_prompts(self.tokenizer, query, texts, scores)
 
-    async def _public_passages(self, link, open_msg: m.Open, timeout_s: float, stats: AnswerStats) -> m.Opened | None:
-        """DRCG/Text: the cloud's top-k public passages (None, logged, if it cannot give them)."""
+    async def _public_passages(self, link, open_msg: m.Open, timeout_s: float):
+        """DRCG/Text: the cloud's top-k public passages (None, logged, if it cannot give them),
+        and the bytes that request took on the link."""
+        opened = None
         try:
             opened = await link.fetch_passages(open_msg, timeout_s)
         except DragonError as exc:
             log.warning("DRCG/Text got no public passages, answering device-only: %s", exc)
-            return None
         finally:
-            stats.count_traffic(link.release(open_msg.request_id))
+            traffic = link.release(open_msg.request_id)
+        if opened is None:
+            return None, traffic
         k = open_msg.k  # a cloud sending more than asked does not get to fill the device's context
-        opened = m.Opened(opened.request_id, opened.sources[:k], opened.passages[:k], opened.scores[:k])
-        stats.sources += [Source("cloud", name, score, text)
-                          for name, text, score in zip(opened.sources, opened.passages, opened.scores)]
-        return opened
+        return m.Opened(opened.request_id, opened.sources[:k], opened.passages[:k], opened.scores[:k]), traffic
 
     def _concatenated(self, query: str, passages, public: m.Opened | None) -> list[int]:
         """DRCG's one prompt: private and public passages together, best score first (the

@@ -1,12 +1,14 @@
-"""What an answer reports about itself (the SDK's ``dragon`` field): ``AnswerStats``, filled
-once, at the end, by ``finish_stats``."""
+"""What an answer reports about itself (the SDK's ``dragon`` field): ``AnswerStats``, built
+once, at the end, by ``answer_stats`` (the tokens' timing is kept as they come by ``Timing``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from dragon_core import messages as m
 from dragon_core import session as s
+from dragon_core.connection import Traffic
 from dragon_core.modes import ModeRule
 
 
@@ -56,8 +58,42 @@ class AnswerStats:
         self.bytes_sent, self.bytes_received = traffic.sent, traffic.received
 
 
-def finish_stats(stats: AnswerStats, session: s.Session, finish: s.Finish, rule: ModeRule,
-                 opened: m.Opened | None) -> AnswerStats:
+@dataclass
+class Timing:
+    """When the answer started and when each token came: time to first token, and the gap
+    before each token (the first one's counted from the start)."""
+
+    t0: float
+    ttft_s: float | None = None
+    per_token_latency_ms: list[float] = field(default_factory=list)
+    last: float | None = None
+
+    def token(self, at: float) -> None:
+        if self.ttft_s is None:
+            self.ttft_s = at - self.t0
+        self.per_token_latency_ms.append((at - (self.t0 if self.last is None else self.last)) * 1000)
+        self.last = at
+
+
+def answer_stats(*, mode: str, rule: ModeRule, private: Sequence, public: m.Opened | None, opened: m.Opened | None,
+                 device_only: bool, session: s.Session, finish: s.Finish, timing: Timing,
+                 traffic: Traffic | None) -> AnswerStats:
+    """The stats of one finished answer: its sources (the private passages; DRCG's public ones
+    with their text, DRAGON's by name), its timing, this request's bytes on the link (answers
+    may share the link) and what the session knows."""
+    stats = AnswerStats(mode=mode, sources=[Source("device", p.source, float(p.score), p.text) for p in private],
+                        device_only=device_only, ttft_s=timing.ttft_s,
+                        per_token_latency_ms=timing.per_token_latency_ms)
+    if public is not None:
+        stats.sources += [Source("cloud", name, score, text)
+                          for name, text, score in zip(public.sources, public.passages, public.scores)]
+    if traffic is not None:
+        stats.count_traffic(traffic)
+    return _from_session(stats, session, finish, rule, opened)
+
+
+def _from_session(stats: AnswerStats, session: s.Session, finish: s.Finish, rule: ModeRule,
+                  opened: m.Opened | None) -> AnswerStats:
     """Everything the session knows, once it has finished."""
     st = session.stats
     stats.tokens = len(session.committed)
