@@ -7,8 +7,10 @@ document and the run of pad spaces that followed it. Where the spaces go is the 
 
 * ``end``: after the document, before ``"\n\nQuestion: "`` (the layout up to issue 13);
 * ``start``: before everything, at the first positions of the sequence;
-* ``turn``: between the system turn and the user turn (after the system's end-of-turn);
-* ``document``: between ``"Document:"`` and the document;
+* ``turn``: between the system turn and the user turn (after the system's end-of-turn): the
+  layout ``dragon_core.prompt`` ships (``ADOPTED``);
+* ``document``: between ``"Document:"`` and the document (shipped for a while in issue 13: on 200
+  questions the model copied "label: spaces", ``'The answer is:        '``);
 * ``none``: unpadded, the chat template's own tokens (the reference).
 
 On NQ-open questions (their gold passage + one Wikipedia distractor, 64 words each, two streams
@@ -41,21 +43,35 @@ from dragon_core.prompt import document_segments, eos_token_ids, pad_ids
 RESULTS = Path(__file__).parent / "results"
 QUERY = "{}? Answer in a few words."  # bench_quality_qa's
 LAYOUTS = ("end", "start", "turn", "document", "none")
+ADOPTED = "turn"  # the layout dragon_core.prompt ships (since issue 13; "end" before, "document" between)
 SCORES = [6.0, 4.0]  # gold passage first, a distractor after (R = 10 cos scale)
 
 
 def layout(tok, document: str, query: str, where: str) -> list[int]:
-    """One stream's ids with the padding at ``where`` (see the module docstring)."""
-    plain = document_segments(tok, document, query, pad=False).ids
+    """One stream's ids with the padding at ``where`` (see the module docstring): the unpadded
+    ids with the same number of pad spaces inserted, whatever layout ``dragon_core.prompt``
+    ships (``ADOPTED``: ``run`` checks that its ids are this function's)."""
+    plain = document_segments(tok, document, query, pad=False)
+    ids = plain.ids
     if where == "none":
-        return plain
-    padded = document_segments(tok, document, query)
-    if where == "end":
-        return padded.ids
-    pads = pad_ids(tok) * padded.num_pad
-    at = {"start": 0, "document": len(padded.prefix),
-          "turn": [i for i, t in enumerate(plain) if t == tok.convert_tokens_to_ids("<|im_start|>")][1]}[where]
-    return plain[:at] + pads + plain[at:]
+        return ids
+    num_pad = document_segments(tok, document, query).num_pad  # set by prefix + document's length only
+    at = {"start": 0, "end": len(plain.prefix) + len(plain.document), "document": _after_document_label(tok),
+          "turn": [i for i, t in enumerate(ids) if t == tok.convert_tokens_to_ids("<|im_start|>")][1]}[where]
+    return ids[:at] + pad_ids(tok) * num_pad + ids[at:]
+
+
+def _after_document_label(tok) -> int:
+    """Where ``"Document:"`` ends in every unpadded stream (the system turn and the user turn's
+    head are fixed): the length of the rendered template's ids up to the document."""
+    from dragon_core.prompt import DEFAULT_SYSTEM, user_message
+
+    marker = "\x00DOC\x00"
+    text = tok.apply_chat_template([{"role": "system", "content": DEFAULT_SYSTEM},
+                                    {"role": "user", "content": user_message(marker, "q")}],
+                                   tokenize=False, add_generation_prompt=True)
+    head = text.split(marker)[0].rstrip(" ")  # the space before the document goes with its first word
+    return len(tok.encode(head, add_special_tokens=False))
 
 
 async def greedy(engine, prompts: list[list[int]], eos: set[int], max_tokens: int) -> list[int]:
@@ -111,6 +127,7 @@ async def run(args: argparse.Namespace) -> dict:
             gold = " ".join(r["ctxs"][0]["text"].split()[:64])
             query = QUERY.format(r["question"])
             layouts = {name: [layout(tok, d, query, name) for d in (gold, wiki[n])] for name in LAYOUTS}
+            assert layouts[ADOPTED] == [document_segments(tok, d, query).ids for d in (gold, wiki[n])]
             ans = {name: await greedy(engine, layouts[name], eos, args.max_tokens) for name in LAYOUTS}
             text = {name: tok.decode([t for t in a if t not in eos]) for name, a in ans.items()}
             ref = await teacher_forced(engine, layouts["none"], ans["none"])
@@ -134,7 +151,7 @@ async def run(args: argparse.Namespace) -> dict:
         argmax_agree=float(np.mean([x["argmax_agree"].get(name, 1.0) for x in recs]))) for name in LAYOUTS}
     return dict(benchmark="padding", setup=dict(model=args.model, engine="llama.cpp (GGUF Q4_1)", questions=len(lines),
                                                  seed=args.seed, max_tokens=args.max_tokens, scores=SCORES,
-                                                 query=QUERY, layouts=LAYOUTS),
+                                                 query=QUERY, layouts=LAYOUTS, adopted=ADOPTED),
                 layouts=summary, questions=recs, seconds=time.time() - t0, environment=describe(["llama_cpp_python", "transformers"]))
 
 

@@ -12,21 +12,25 @@ Segment boundaries are placed where a BPE pre-tokenizer splits anyway (the space
 document goes with the document, as it does for a word), so for SmolLM2 the unpadded ids equal
 the template's own tokenization (tested).
 
-**Padding: spaces between ``"Document:"`` and the document** (issue 13). They used to follow
-the document, just before ``"\n\nQuestion: "``; then an answer that quoted the end of a document
-went on with the run of spaces that followed it there ("The French Chef:      "), in 2-5% of NQ
-answers of the modes with padded cloud documents (benchmarks/README.md). Before the document the
-run follows ``"Document:"``, which no answer quotes, and the document's end is followed by the
-question as in the unpadded template. Measured on 30 NQ questions against the unpadded layout
-(benchmarks/bench_padding.py, results/padding.json): mean TV 0.051 and argmax agreement 0.960 along
-the unpadded answer (after the document: 0.057 / 0.958), answers ending in a whitespace run
-0/30 (after: 1/30); between the system and the user turn did as well (0.048 / 0.967, 0/30),
-at the very start much worse (0.155 / 0.849). The block alignment is
-unchanged: ``prefix + document`` still ends on a block boundary and depends on the document only.
-A special token (``<|endoftext|>``) as padding tells the model the text ended (TV 0.39).
-On 200 NQ questions this place still left 1.5-2.0% of answers ending in spaces (the model
-copies "label: spaces", ``'The answer is:        '``); between the two turns is the better
-place (benchmarks/README.md, section 3) and the next step. tests/test_engines.py keeps a check.
+**Padding: spaces between the system turn and the user turn** (issue 13). The prefix is the
+system turn as the template renders it (for SmolLM2 up to and with ``"<|im_end|>\n"``), the
+padded segment is ``[spaces][user turn up to and with the document]``: the run of spaces follows
+the system's end of turn, where no answer goes. Two places were shipped before and leaked:
+after the document (just before ``"\n\nQuestion: "``), an answer that quoted a document's end
+went on with the spaces that followed it there (``"The French Chef:      "``, 0.5-2.5% of 200
+NQ answers per mode); between ``"Document:"`` and the document, the model learnt "a label, a
+colon, spaces" (``"The answer is:            "``, 1.5-2.0% of 200 per mode). Measured on 30 NQ
+questions against the unpadded layout (benchmarks/bench_padding.py, results/padding.json):
+between the turns, mean TV 0.048 and argmax agreement 0.967 along the unpadded answer, answers
+ending in a whitespace run 0/30, the same answer as unpadded 57%; after the document 0.057 /
+0.958 / 1/30 / 47%; after ``"Document:"`` 0.051 / 0.960 / 0/30 / 47%; at the very start of the
+sequence 0.155 / 0.849. Whether the 200-question rate is 0 with this layout is measured by
+benchmarks/bench_quality_qa.py (benchmarks/README.md, section 3). The block alignment is unchanged:
+``prefix + document`` still ends on a block boundary and depends on the document only. A
+special token (``<|endoftext|>``) as padding tells the model the text ended (TV 0.39). A
+template that does not render the system turn as a prefix of the conversation (one that merges
+the system text into the user turn) gets the padding right before the document instead.
+tests/engines/test_engines.py keeps a check.
 
 The tokenizer is duck-typed: ``encode(text, add_special_tokens=False)`` and
 ``apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`` (transformers'
@@ -52,7 +56,7 @@ class Segments:
     """One document stream's prompt, segment by segment (token ids)."""
 
     prefix: tuple[int, ...]
-    document: tuple[int, ...]  # the padding, then the document
+    document: tuple[int, ...]  # the padding, then the user turn up to and with the document
     query: tuple[int, ...]
     num_pad: int = 0
 
@@ -75,11 +79,11 @@ def document_segments(tokenizer: Any, document: str, query: str, *, system: str 
     text = _render(tokenizer, system, user_message(_DOC_MARK, _QUERY_MARK))
     head, rest = text.split(_DOC_MARK)
     middle, tail = rest.split(_QUERY_MARK)
-    fixed = head.rstrip(" ")  # the space before the document belongs to the document's first word
+    fixed = _system_turn(tokenizer, system, head)  # the padding goes after it: see the module docstring
     prefix = _encode(tokenizer, fixed)
     doc = _encode(tokenizer, head[len(fixed):] + document.strip())
     num_pad = (-(len(prefix) + len(doc))) % block_size if pad else 0
-    doc = pad_ids(tokenizer) * num_pad + doc  # before the document: see the module docstring
+    doc = pad_ids(tokenizer) * num_pad + doc
     query_ids = _encode(tokenizer, middle + query.strip() + tail)
     return Segments(tuple(prefix), tuple(doc), tuple(query_ids), num_pad)
 
@@ -142,6 +146,20 @@ def eos_token_ids(tokenizer: Any) -> tuple[int, ...]:
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
     ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
     return tuple(sorted(int(i) for i in ids))
+
+
+def _system_turn(tokenizer: Any, system: str, head: str) -> str:
+    """The system turn as the template renders it, if the rendered prompt starts with it (the
+    padding then sits between the two turns); else, for templates that merge the turns, the
+    text up to the document (minus the space that belongs to the document's first word)."""
+    try:
+        turn = tokenizer.apply_chat_template([{"role": "system", "content": system}], tokenize=False,
+                                             add_generation_prompt=False)
+    except Exception:  # a template that refuses a lone system message
+        turn = None
+    if isinstance(turn, str) and turn and head.startswith(turn):
+        return turn
+    return head.rstrip(" ")
 
 
 def _render(tokenizer: Any, system: str, user: str) -> str:

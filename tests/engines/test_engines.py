@@ -15,17 +15,28 @@ Tolerances, and why:
   block holding one rounds its other 31 values coarsely: the logits move by ~0.15 nats (std
   over the vocabulary). Emulating that rounding in transformers moves its logits by the same
   amount but does not reproduce llama.cpp's (the rounding noise is chaotic), so the bound is
-  the noise itself, measured on x86-64 (AVX-512), 8 streams x 16 steps = 128 rows:
-  - reference top-20 log-probs: max |Δ| 0.087 for tokens of p > 1/e (``HEAD_TOL`` = 0.15);
-    0.67 / 0.77 / 0.91 / 0.93 for lp in [-3, -1) / [-6, -3) / [-10, -6) / below
-    (``TAIL_TOL`` = 1.2, 1.3x);
-  - KL(reference || llama.cpp): max 0.069 (``KL_TOL`` = 0.1), mean 0.0046 (``KL_MEAN_TOL`` =
+  the noise itself, measured on x86-64 (AVX-512, llama.cpp built without AMX), 8 streams x 16
+  steps = 128 rows per prompt set, on five prompt sets: this module's prompts with the KV-block
+  padding in each place dragon_core.prompt has used or bench_padding compares (after the
+  document, after "Document:", between the system and the user turn = the shipped layout, at
+  the very start) and unpadded (the template's own tokens), 640 rows. The noise is chaotic in
+  the prompt, so one set's maximum is not the next one's: the bounds were first set on the
+  after-the-document prompts alone (head 0.087 -> 0.15, tail 0.93 -> 1.2), and the same engine
+  on the unpadded prompts broke both (0.162, 1.255), on the shipped layout the head (0.214, one
+  token of p = 0.43 at step 1 of the Lake Baikal stream). Over the 640 rows:
+  - reference top-20 log-probs: max |Δ| 0.214 for tokens of p > 1/e (after the document 0.087,
+    after "Document:" 0.123, between the turns 0.214, at the start 0.142, unpadded 0.162; 99.9th
+    percentile 0.194; ``HEAD_TOL`` = 0.3, 1.4x); 0.67 / 1.26 / 0.92 / 0.93 for lp in [-3, -1) /
+    [-6, -3) / [-10, -6) / below (``TAIL_TOL`` = 1.6, 1.27x);
+  - KL(reference || llama.cpp): max 0.086 (``KL_TOL`` = 0.1), mean 0.0048 (``KL_MEAN_TOL`` =
     0.01);
   - greedy: the engine moved the reference's top-1/top-2 gap by <= 0.86 (disagreements at
-    margins 0.07, 0.14, 0.23, 0.67), so the argmax must agree wherever the margin exceeds
-    ``MARGIN`` = 1.0, with no agreement-rate escape hatch (55% of rows are that decisive).
-  The bounds fail for a row one position off or another stream's row (0 of 248 pass):
-  test_gguf_tolerance_rejects_shifted_and_foreign_rows.
+    margins up to 0.67), so the argmax must agree wherever the margin exceeds ``MARGIN`` = 1.0,
+    with no agreement-rate escape hatch (55-63% of rows are that decisive).
+  The bounds fail for a row one position off (0 of 600 pass) and for another stream's row (13 of
+  640 pass, at most 4 of 128 per set, all at step 7 or later, where every stream has been
+  teacher-forced on the same 7+ answer tokens and predicts alike; 3 of 640 with the old
+  bounds): test_gguf_tolerance_rejects_shifted_and_foreign_rows.
 """
 
 from __future__ import annotations
@@ -59,7 +70,7 @@ DOCS = [
 HF_TOL = 1e-3
 # llama.cpp vs transformers on the GGUF: see the module docstring
 GGUF_STEPS, TOP = 16, 20
-HEAD_LP, HEAD_TOL, TAIL_TOL = -1.0, 0.15, 1.2
+HEAD_LP, HEAD_TOL, TAIL_TOL = -1.0, 0.3, 1.6
 KL_TOL, KL_MEAN_TOL = 0.1, 0.01
 MARGIN = 1.0
 
@@ -123,8 +134,9 @@ def test_padding_aligns_the_document_to_blocks(tok, block):
             plain = P.document_segments(tok, doc, q, pad=False)
             assert (len(seg.prefix) + len(seg.document)) % block == 0
             assert 0 <= seg.num_pad < block
-            # the padding is spaces put before the unpadded document segment, nothing else moves
-            # (after it, answers quoting the document's end went on with the spaces: issue 13)
+            # the padding is spaces put before the unpadded document segment (which starts the
+            # user turn), nothing else moves; after the document, answers quoting its end went on
+            # with the spaces, after "Document:" they learnt "label: spaces" (issue 13)
             assert list(seg.document) == space * seg.num_pad + list(plain.document)
             assert (seg.prefix, seg.query) == (plain.prefix, plain.query)
         # the cacheable part depends on the document only, never on the question
@@ -133,11 +145,14 @@ def test_padding_aligns_the_document_to_blocks(tok, block):
     assert len(prefixes) == 1  # one fixed system prefix for every document and question
 
 
-def test_padded_text_differs_only_by_spaces(tok):
+def test_padded_text_differs_only_by_spaces_between_the_turns(tok):
     doc, q = DOCS[0]
     seg = P.document_segments(tok, doc, q)
-    text = template_text(tok, P.DEFAULT_SYSTEM, f"Document:{' ' * seg.num_pad} {doc}\n\nQuestion: {q}")
-    assert seg.num_pad > 0 and tok.decode(seg.ids) == text
+    text = template_text(tok, P.DEFAULT_SYSTEM, P.user_message(doc, q))
+    system_turn = tok.apply_chat_template([{"role": "system", "content": P.DEFAULT_SYSTEM}], tokenize=False)
+    assert seg.num_pad > 0 and text.startswith(system_turn)
+    assert tok.decode(seg.ids) == system_turn + " " * seg.num_pad + text[len(system_turn):]
+    assert tok.decode(seg.prefix) == system_turn  # the padding starts right after the system's end of turn
 
 
 def test_query_only_and_passage_prompts(tok):
