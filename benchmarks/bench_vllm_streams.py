@@ -232,7 +232,7 @@ async def amain(args) -> dict:
     from dragon_vllm.engine import make_engine, vllm_version
 
     model, extra = shape_dir(args.shape, args.model)
-    max_seqs = max(args.levels) * args.k
+    max_seqs = max(args.levels) * args.k + args.seat_slack
     common = dict(top_k=args.top_k, max_num_seqs=max_seqs, max_model_len=1024, dtype=args.dtype,
                   kv_cache_gib=args.kv_gib, max_num_batched_tokens=max(8192, max_seqs * 4),
                   gpu_memory_utilization=args.gpu_memory_utilization, **extra)
@@ -279,7 +279,7 @@ async def amain(args) -> dict:
             row["ratio_vs_no_logprobs"] = round(row["gang_stream_tokens_per_s"]
                                                 / row["plain_no_logprobs_stream_tokens_per_s"], 3)
     return dict(benchmark="vllm_streams", device=args.device, shape=args.shape, vllm=".".join(map(str, vllm_version())),
-                dtype=args.dtype, top_k=args.top_k, cudagraph_max=args.cudagraph_max, chunk_tokens=args.chunk_tokens, max_num_seqs=max_seqs,
+                dtype=args.dtype, top_k=args.top_k, cudagraph_max=args.cudagraph_max, seat_slack=args.seat_slack, chunk_tokens=args.chunk_tokens, max_num_seqs=max_seqs,
                 paths=args.paths, cpu_count=os.cpu_count(), loadavg_at_end=os.getloadavg(),
                 machine=platform.machine(), gpu=_gpu_name(), engine_stats=engine_stats, levels=list(rows.values()))
 
@@ -348,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shape", default="real", choices=["real", "1.7b"], help="1.7b: dummy weights")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--seat-slack", type=int, default=0,
+                    help="engine seats beyond R*k (room for a reopened gang's new rows before the old ones leave)")
     ap.add_argument("--cudagraph-max", type=int, default=None,
                     help="vLLM max_cudagraph_capture_size for both engines (default: vLLM's, 512 on the GPU)")
     ap.add_argument("--kv-gib", type=int, default=None, help="CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)")
