@@ -218,7 +218,12 @@ def test_documents_added_listed_answered_from_and_deleted_over_http(edge, client
     listed = [d["source"] for d in http("GET", edge.url + "/v1/dragon/documents")[1]["data"]]
     assert str(folder / "locker.md") in listed and any(s.endswith("wifi.md") for s in listed)
 
-    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is my gym locker code?"}],
+    # SmolLM2-135M, greedy, this note alone: "What is the code of my gym locker?" is answered
+    # "The code of your gym locker is 7319." unpadded and with the padding in every place tried
+    # (benchmarks/bench_padding.py's layouts, llama.cpp); "What is my gym locker code?" quotes
+    # "the gym is open until 9pm" instead, unpadded too: only the old padding after "Document:"
+    # (or after the document) happened to make it quote the code
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the code of my gym locker?"}],
                                            max_tokens=16, extra_body={"use_cloud": False, "k": 1})
     assert "7319" in reply.choices[0].message.content, reply.choices[0].message.content
     assert reply.model_extra["dragon"]["sources"][0]["name"] == str(folder / "locker.md")
