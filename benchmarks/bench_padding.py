@@ -39,6 +39,7 @@ from benchmarks import qa_metrics as qm
 from benchmarks.shared_data import data_dir
 from dragon_core.aggregate import canonical_side_dist
 from dragon_core.prompt import document_segments, eos_token_ids, pad_ids
+from dragon_core.testing.reference import greedy_generate
 
 RESULTS = Path(__file__).parent / "results"
 QUERY = "{}? Answer in a few words."  # bench_quality_qa's
@@ -75,18 +76,9 @@ def _after_document_label(tok) -> int:
 
 
 async def greedy(engine, prompts: list[list[int]], eos: set[int], max_tokens: int) -> list[int]:
-    group = await engine.open_group(prompts, 1.0)
-    out: list[int] = []
-    try:
-        while len(out) < max_tokens:
-            token = canonical_side_dist(await group.next_dists(), SCORES).argmax()
-            out.append(token)
-            if token in eos:
-                break
-            await group.append([token])
-    finally:
-        await group.close()
-    return out
+    """A greedy answer on the documents' mixture (the streams' canonical side distribution)."""
+    return await greedy_generate(engine, prompts, lambda dists: canonical_side_dist(dists, SCORES).argmax(),
+                                 eos, max_tokens)
 
 
 async def teacher_forced(engine, prompts: list[list[int]], tokens: list[int]) -> np.ndarray:
