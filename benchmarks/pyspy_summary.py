@@ -68,21 +68,32 @@ def summarise_process(stacks: list[tuple[list[str], int]], top: int) -> dict:
             "inclusive_top": [[f, share(n)] for f, n in inclusive.most_common(top)]}
 
 
-def summarise(path: Path, top: int = 40, min_samples: int = 20) -> dict:
+def keep(frames: list[str], within: list[str], without: list[str]) -> bool:
+    """A sample of the phase asked for: some frame names one of ``within`` (e.g. the engine core's
+    ``run_busy_loop``, leaving out its start-up) and none names one of ``without``."""
+    inside = not within or any(w in f for f in frames for w in within)
+    return inside and not any(w in f for f in frames for w in without)
+
+
+def summarise(path: Path, top: int = 40, min_samples: int = 20, within: list[str] = (),
+              without: list[str] = ()) -> dict:
     with open(path) as f:
         by_process = parse(f)
-    processes = {key: summarise_process(stacks, top) for key, stacks in by_process.items()}
+    processes = {key: summarise_process([(fr, n) for fr, n in stacks if keep(fr, within, without)], top)
+                 for key, stacks in by_process.items()}
     busy = {k: v for k, v in processes.items() if v["samples"] >= min_samples}
-    return {"profile": str(path), "processes": dict(sorted(busy.items(), key=lambda kv: -kv[1]["samples"]))}
+    return {"profile": str(path), "within": list(within), "without": list(without), "processes": dict(sorted(busy.items(), key=lambda kv: -kv[1]["samples"]))}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("raw", type=Path, help="py-spy --format raw output")
     ap.add_argument("--top", type=int, default=40, help="functions listed per process")
+    ap.add_argument("--within", nargs="*", default=[], help="keep samples with a frame naming one of these")
+    ap.add_argument("--without", nargs="*", default=[], help="drop samples with a frame naming one of these")
     ap.add_argument("--out", type=Path, help="JSON file (default: print)")
     args = ap.parse_args(argv)
-    result = summarise(args.raw, args.top)
+    result = summarise(args.raw, args.top, within=args.within, without=args.without)
     text = json.dumps(result, indent=1)
     if args.out:
         args.out.write_text(text + "\n")
