@@ -5,23 +5,16 @@ same code; ``tests/core/test_core_is_pure.py`` holds the boundary. The names bel
 first use; the modules, one concept each, are listed in docs/ARCHITECTURE.md.
 """
 
-from __future__ import annotations
+from dragon_core.exports import lazy_exports, public_names
 
-from dragon_core.exports import lazy_exports
-
-_HOMES = {
-    "Session": "dragon_core.session",
-    "SessionConfig": "dragon_core.session",
-    "RequestSpec": "dragon_core.request",
-    "LinkConnection": "dragon_core.connection",
-    "Identity": "dragon_core.handshake",
-    "Dist": "dragon_core.dist",
-    "StreamGroup": "dragon_core.engine",
-    "Engine": "dragon_core.engine",
-    "DragonError": "dragon_core.errors",
-    "ProtocolError": "dragon_core.errors",
+_HOMES = {  # each module, with the public names it holds
+    "dragon_core.session": ("Session", "SessionConfig"),
+    "dragon_core.request": ("RequestSpec",),
+    "dragon_core.connection": ("LinkConnection",),
+    "dragon_core.handshake": ("Identity",),
+    "dragon_core.dist": ("Dist",),
+    "dragon_core.engine": ("StreamGroup", "Engine"),
+    "dragon_core.errors": ("DragonError", "ProtocolError"),
 }
-
-__all__ = list(_HOMES)
-
+__all__ = public_names(_HOMES)
 __getattr__ = lazy_exports(__name__, _HOMES)

@@ -7,16 +7,25 @@ aiohttp and openai) and ``from package import Name`` still works.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
+
+Homes = Mapping[str, Sequence[str]]  # each module, with the public names it holds
 
 
-def lazy_exports(package: str, homes: Mapping[str, str]) -> Callable[[str], Any]:
-    """The ``__getattr__`` for ``package``: ``homes`` maps each public name to its module."""
+def public_names(homes: Homes) -> list[str]:
+    """The package's ``__all__``: every name ``homes`` lists, in order."""
+    return [name for names in homes.values() for name in names]
+
+
+def lazy_exports(package: str, homes: Homes) -> Callable[[str], Any]:
+    """The ``__getattr__`` for ``package``: a public name's module is imported when the name is
+    first used."""
+    module_of = {name: module for module, names in homes.items() for name in names}
 
     def __getattr__(name: str) -> Any:
-        if name not in homes:
+        if name not in module_of:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         # __import__ rather than importlib: dragon_core's import boundary allows no importlib
-        return getattr(__import__(homes[name], fromlist=[name]), name)
+        return getattr(__import__(module_of[name], fromlist=[name]), name)
 
     return __getattr__

@@ -14,17 +14,12 @@ The names below are imported on first use, so ``import dragon_edge.store`` (or t
 * ``cli``: ``dragon-edge``; ``baselines``: the non-DRAGON modes benchmarks compare against.
 """
 
-from __future__ import annotations
+from dragon_core.exports import lazy_exports, public_names
 
-from dragon_core.exports import lazy_exports
-
-_HOMES = {
-    "DragonClient": "dragon_edge.sdk",
-    "AsyncDragonClient": "dragon_edge.sdk",
-    "EdgeRuntime": "dragon_edge.runtime",
-    "DocumentStore": "dragon_edge.store",
+_HOMES = {  # each module, with the public names it holds
+    "dragon_edge.sdk": ("DragonClient", "AsyncDragonClient"),
+    "dragon_edge.runtime": ("EdgeRuntime",),
+    "dragon_edge.store": ("DocumentStore",),
 }
-
-__all__ = list(_HOMES)
-
+__all__ = public_names(_HOMES)
 __getattr__ = lazy_exports(__name__, _HOMES)

@@ -14,17 +14,12 @@ The names below are imported on first use (vLLM takes seconds to import).
   ``exposure``: serving a crowd of devices safely.
 """
 
-from __future__ import annotations
+from dragon_core.exports import lazy_exports, public_names
 
-from dragon_core.exports import lazy_exports
-
-_HOMES = {
-    "DragonCloud": "dragon_vllm.backend",
-    "ServerConfig": "dragon_vllm.server",
-    "build_app": "dragon_vllm.server",
-    "PublicIndex": "dragon_vllm.corpus",
+_HOMES = {  # each module, with the public names it holds
+    "dragon_vllm.backend": ("DragonCloud",),
+    "dragon_vllm.server": ("ServerConfig", "build_app"),
+    "dragon_vllm.corpus": ("PublicIndex",),
 }
-
-__all__ = list(_HOMES)
-
+__all__ = public_names(_HOMES)
 __getattr__ = lazy_exports(__name__, _HOMES)

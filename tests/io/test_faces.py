@@ -37,14 +37,19 @@ def _module_file(module: str) -> Path:
 
 
 def _literal(init: Path, name: str):
-    """The value assigned to ``name`` at the top of ``init``; ``list(_HOMES)`` (a lazy face) is
-    read as the keys of ``_HOMES``."""
+    """The value assigned to ``name`` at the top of ``init``; ``public_names(_HOMES)`` (a lazy
+    face) is read as the names ``_HOMES`` lists."""
     for node in ast.parse(init.read_text()).body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
-            if isinstance(node.value, ast.Call) and ast.unparse(node.value) == "list(_HOMES)":
-                return list(_literal(init, "_HOMES"))
+            if isinstance(node.value, ast.Call) and ast.unparse(node.value) == "public_names(_HOMES)":
+                return list(_homes(init))
             return ast.literal_eval(node.value)
     return None
+
+
+def _homes(init: Path) -> dict[str, str]:
+    """A lazy face's ``_HOMES`` (module -> its public names) as name -> module."""
+    return {name: module for module, names in (_literal(init, "_HOMES") or {}).items() for name in names}
 
 
 def test_every_package_init_has_an_all():
@@ -59,7 +64,7 @@ def test_every_exported_name_resolves_without_importing_engines():
     unresolved = []
     for init in _inits():
         package = ".".join(init.relative_to(ROOT).parent.parts)
-        homes = _literal(init, "_HOMES") or {}
+        homes = _homes(init)
         for name in _literal(init, "__all__") or []:
             if name in homes:
                 ok = name in _top_level_names(_module_file(homes[name]))
