@@ -34,6 +34,13 @@ QUESTION = "Where does my sister Lena live, and what is that city famous for?"
 # The private note dominates the first question (its score is ~3.7 above Lyon's, so the public
 # passages weigh ~2% and DRCG/Text answers as device-only does); the second needs the public text.
 PUBLIC_QUESTION = "What is Lyon famous for?"
+# For tests that act while an answer is still being decoded (a cut, a disconnect): SmolLM2-135M
+# answers it up to the token limit (60 tokens, no EOS) with the KV-block padding in each place
+# dragon_core.prompt has used and unpadded, device-only and DRAGON alike. QUESTION is no such
+# question: its answer ends by EOS after 11 tokens with the padding between the turns ("My
+# sister Lena lives in Lyon, France."), after 40 with it after "Document:".
+LONG_QUESTION = ("Tell me about my sister Lena: where does she live, what does she do there, "
+                 "and what is her city famous for?")
 MAX_TOKENS = 20
 RTTS = (0, 50, 300)
 

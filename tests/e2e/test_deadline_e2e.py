@@ -19,7 +19,7 @@ import pytest
 
 from benchmarks.netem import Shape, cut_proxy, spawn_proxy, stop_proxy
 from dragon_core.liveness import DEFAULT_PEER_TIMEOUT_S
-from e2e_world import ask, options, run
+from e2e_world import LONG_QUESTION, ask, options, run
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +44,10 @@ def test_blackholed_cloud_mid_answer_completes_degraded_within_the_deadline(loop
     opts = options(max_tokens=40, aggregator="device")
     try:
         baseline = cloud.health()["engine"]
-        want, ref_stats = run(loop, ask(runtime, url, opts))  # the same answer over the same proxy, uncut
-        assert not ref_stats.degraded and len(want) >= 8
+        # the same answer over the same proxy, uncut; it must still be decoding when the cut comes
+        # (1 s after its second token), so it must run to the token limit (LONG_QUESTION does)
+        want, ref_stats = run(loop, ask(runtime, url, opts, question=LONG_QUESTION))
+        assert not ref_stats.degraded and ref_stats.finish_reason == "length", (ref_stats.finish_reason, len(want))
         steps_ms = sorted(ref_stats.per_token_latency_ms[1:])
         step_s = steps_ms[len(steps_ms) // 2] / 1000  # median time per committed piece, uncut
 
@@ -54,6 +56,9 @@ def test_blackholed_cloud_mid_answer_completes_degraded_within_the_deadline(loop
 
         def blackhole():
             link = runtime.link
+            if not link._drivers:  # the answer is over: nothing left to cut
+                events["too_late"] = time.monotonic()
+                return
             (driver,) = link._drivers.values()
             real_on_lost = link._on_lost
 
@@ -71,6 +76,8 @@ def test_blackholed_cloud_mid_answer_completes_degraded_within_the_deadline(loop
         async def cloud_idle_again():
             """When the cloud, by its own deadline, has ended the silent device's request."""
             while "cut" not in events:
+                if "too_late" in events:
+                    return None
                 await asyncio.sleep(0.05)
             while time.monotonic() - events["cut"][0] < DEADLINE_S + 10:
                 if await asyncio.to_thread(_idle, cloud, baseline):
@@ -79,13 +86,15 @@ def test_blackholed_cloud_mid_answer_completes_degraded_within_the_deadline(loop
             return None
 
         async def both():
-            return await asyncio.gather(ask(runtime, url, opts, hook=later, arrivals=arrivals), cloud_idle_again())
+            return await asyncio.gather(ask(runtime, url, opts, hook=later, arrivals=arrivals, question=LONG_QUESTION),
+                                        cloud_idle_again())
 
         t0 = time.monotonic()
         (ids, stats), cloud_freed = run(loop, both(), timeout=60)
         answered = events["answered"] = time.monotonic()
+        assert "too_late" not in events, "the answer was over before the cut"
         assert cloud_freed is not None, cloud.health()
-        again, again_stats = run(loop, ask(runtime, url, opts))  # a new connection through the proxy
+        again, again_stats = run(loop, ask(runtime, url, opts, question=LONG_QUESTION))  # a new connection
     finally:
         stop_proxy(proc)
 

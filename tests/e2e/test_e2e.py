@@ -41,7 +41,8 @@ from dragon_core.prompt import passage_prompts
 from dragon_edge.link import CloudLink
 from dragon_edge.runtime import AnswerOptions
 import independent
-from e2e_world import MAX_TOKENS, PUBLIC_QUESTION, QUESTION, TOKEN, ask, options, reference, run, side_prompts
+from e2e_world import (LONG_QUESTION, MAX_TOKENS, PUBLIC_QUESTION, QUESTION, TOKEN, ask, options, reference, run,
+                       side_prompts)
 
 pytestmark = pytest.mark.slow
 
@@ -618,12 +619,16 @@ def test_link_cut_mid_answer_gives_a_complete_degraded_answer(loop, runtime, wor
 
 
 def test_device_disconnect_frees_cloud_streams(loop, runtime, cloud):
+    """The device goes away mid-answer: the cloud frees the request's streams and KV blocks. The
+    answer must still be decoding when the device leaves (after its first piece), so the question
+    is one answered up to the token limit (LONG_QUESTION; QUESTION's answer can end by EOS within
+    the first pieces, 11 tokens with the padding between the turns)."""
     port = cloud.port
     baseline = cloud.health()["engine"]
 
     async def go():
         runtime.link = CloudLink(f"http://127.0.0.1:{port}", runtime.identity, TOKEN)
-        agen = runtime.answer(QUESTION, options(max_tokens=200))
+        agen = runtime.answer(LONG_QUESTION, options(max_tokens=200))
         await agen.__anext__()  # the cloud has joined and decoded
         for _ in range(50):
             if cloud.health()["engine"].get("open_streams", 0) > 0:
