@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import sqlite3
@@ -24,33 +23,24 @@ from dragon_core.retrieval import DEFAULT_PASSAGE_WORDS, chunk_words
 from dragon_host.embedder import Embedder, default_embedder
 from dragon_host.files import file_sha256, fsync_path, install
 from dragon_vllm.corpus.errors import CorpusError, CorpusInputError, EmptyCorpus
+from dragon_vllm.corpus.ivf import MIN_NPROBE, IndexSpec, build_faiss_index, default_nprobe, ivf_nlist  # noqa: F401
 from dragon_vllm.corpus.layout import FORMAT, FORMAT_VERSION, INDEX_FILE, MANIFEST, PASSAGES_FILE
 from dragon_vllm.corpus.readers import TEXT_FIELDS, read_records, resolve_format
 
-DEFAULT_IVF_THRESHOLD = 50_000
-MIN_NPROBE = 32
+DEFAULT_IVF_THRESHOLD = IndexSpec.ivf_threshold
 EMBED_BLOCK = 256  # passages per embed call: bounds memory, and the progress bar moves often
-
-
-def ivf_nlist(n: int) -> int:
-    """~4 sqrt(n) lists, and at least 8 training points per list for tiny forced-IVF builds."""
-    return max(1, min(int(4 * math.sqrt(n)), n // 8))
-
-
-def default_nprobe(nlist: int) -> int:
-    """An eighth of the lists (at least 32): recall@4 vs flat was 0.95 at nlist/7 on WikiText-2
-    with NQ questions (docs/CORPUS.md); scanning 1/8 of the vectors is still cheap."""
-    return min(nlist, max(MIN_NPROBE, nlist // 8))
 
 
 def build_index(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
                 passage_words: int = DEFAULT_PASSAGE_WORDS, ivf_threshold: int = DEFAULT_IVF_THRESHOLD,
                 nprobe: int | None = None, limit: int | None = None, input_format: str = "auto",
-                embedder: Embedder | None = None, progress: bool = True,
-                overwrite: bool = False) -> tuple[Path, Embedder]:
-    """Build an index of ``inputs`` in ``out_dir``; returns the folder and the embedder used."""
+                embedder: Embedder | None = None, progress: bool = True, overwrite: bool = False,
+                kind: str = "auto", nlist: int | None = None, pq_m: int = IndexSpec.pq_m) -> tuple[Path, Embedder]:
+    """Build an index of ``inputs`` in ``out_dir``; returns the folder and the embedder used.
+    ``kind``: auto (flat under ``ivf_threshold`` passages, else IVF-Flat), flat, ivf-flat, ivf-pq."""
     if not inputs:
         raise CorpusInputError("no input files")
+    spec = IndexSpec(kind=kind, nlist=nlist, nprobe=nprobe, pq_m=pq_m, ivf_threshold=ivf_threshold)
     out = Path(out_dir).absolute()
     check_target(out, overwrite)  # before the expensive part (loading the embedder included)
     embedder = embedder or default_embedder()
@@ -60,8 +50,8 @@ def build_index(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
     tmp.mkdir()
     try:
         params = {"passage_words": passage_words, "ivf_threshold": ivf_threshold, "limit": limit,
-                  "input_format": input_format}
-        manifest = _build_files(tmp, [Path(p) for p in inputs], params, nprobe, embedder, progress)
+                  "input_format": input_format, "kind": kind, "nlist": nlist, "pq_m": pq_m}
+        manifest = _build_files(tmp, [Path(p) for p in inputs], params, spec, embedder, progress)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         for name in (INDEX_FILE, PASSAGES_FILE, MANIFEST):
             fsync_path(tmp / name)
@@ -71,7 +61,7 @@ def build_index(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
     return out, embedder
 
 
-def _build_files(tmp: Path, inputs: list[Path], params: dict, nprobe: int | None, embedder: Embedder,
+def _build_files(tmp: Path, inputs: list[Path], params: dict, spec: IndexSpec, embedder: Embedder,
                  progress: bool) -> dict:
     """Write the passages and the faiss index into ``tmp``; return the manifest describing them."""
     t0 = time.perf_counter()
@@ -83,7 +73,7 @@ def _build_files(tmp: Path, inputs: list[Path], params: dict, nprobe: int | None
     t1 = time.perf_counter()
     vecs = _embed_all(tmp / PASSAGES_FILE, tmp / "vectors.npy", n, embedder, progress)
     t2 = time.perf_counter()
-    index, info = _build_faiss(vecs, params["ivf_threshold"], nprobe)
+    index, info = build_faiss_index(vecs, spec)
     del vecs
     (tmp / "vectors.npy").unlink()
     import faiss
@@ -170,30 +160,6 @@ def _embed_all(db_path: Path, vec_path: Path, n: int, embedder: Embedder, progre
         conn.close()
     vecs.flush()
     return vecs
-
-
-def _build_faiss(vecs: np.ndarray, ivf_threshold: int, nprobe: int | None, seed: int = 0):
-    import faiss
-
-    n, dim = vecs.shape
-    if n < ivf_threshold:
-        index, info = faiss.IndexFlatIP(dim), {"type": "flat", "factory": "Flat"}
-    else:
-        nlist = ivf_nlist(n)
-        factory = f"IVF{nlist},Flat"
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-        ivf = faiss.extract_index_ivf(index)
-        ivf.cp.spherical = True  # unit-norm vectors, inner-product metric: keep centroids on the sphere
-        ivf.cp.min_points_per_centroid = 1  # tiny forced-IVF builds: no faiss warning spam
-        train_n = min(n, 64 * nlist)
-        rows = np.sort(np.random.default_rng(seed).choice(n, size=train_n, replace=False))
-        index.train(np.ascontiguousarray(vecs[rows]))
-        ivf.nprobe = min(nprobe, nlist) if nprobe else default_nprobe(nlist)
-        info = {"type": "ivf", "factory": factory, "nlist": nlist, "nprobe": int(ivf.nprobe),
-                "train_size": int(train_n)}
-    for start in range(0, n, 1 << 16):
-        index.add(np.ascontiguousarray(vecs[start : start + (1 << 16)]))
-    return index, info
 
 
 def check_target(out: Path, overwrite: bool) -> None:

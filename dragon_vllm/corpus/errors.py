@@ -37,3 +37,9 @@ class EmptyCorpus(CorpusError):
     """The inputs hold no passage to index."""
 
     code = "empty_corpus"
+
+
+class GpuUnavailable(CorpusError, RuntimeError):
+    """The GPU cluster store needs faiss-gpu and a CUDA device; this machine has not both."""
+
+    code = "gpu_unavailable"
