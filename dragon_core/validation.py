@@ -155,3 +155,19 @@ def check_prior(prior: Any, param: str = "prior") -> None:
 def _show(value: Any) -> str:
     text = repr(value)
     return (text[:40] + "...") if len(text) > 43 else text
+
+
+MAX_CONCORD_TOP_M = 4096  # concord_wire.MAX_TOP_M: the codec's bound on Open.concord_top_m
+
+
+def check_concord(mode: Any, greedy: Any, debt_max: Any, top_m: Any) -> None:
+    """CONCORD's settings (docs/CONCORD.md): ``concord_debt_max`` a number, ``inf`` and ``-inf``
+    allowed (always / never wait for the cloud), NaN not; ``concord_top_m`` in 0..4096; and mode
+    ``concord`` certifies greedy tokens only, so sampling is refused before anything starts."""
+    if isinstance(debt_max, bool) or not isinstance(debt_max, (int, float)) or math.isnan(debt_max):
+        raise InvalidOptions("concord_debt_max", f"concord_debt_max must be a number (inf and -inf allowed), "
+                                                 f"got {_show(debt_max)}")
+    check_int("concord_top_m", top_m, 0, MAX_CONCORD_TOP_M)
+    if mode == "concord" and greedy is not True:
+        raise InvalidOptions("temperature", "mode concord certifies greedy tokens; sampling (temperature > 0) "
+                                            "is not supported: use temperature 0 or another mode")

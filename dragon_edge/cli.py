@@ -49,7 +49,12 @@ def _check_mode(value: str) -> str:
 ModeOpt = typer.Option("dragon", "--mode", callback=_check_mode, help=(
     "dragon | vdrag (token-wise sync) | sw (sequence-wise) | cloud (cloud-only) | text (DRCG/Text: the cloud "
     "sends its passages' text, the device decodes) | concat (DRCG: all passages in one prompt of <= 256 tokens) "
+    "| concord (CONCORD: the device commits each token, certified from the cloud's evidence; greedy only) "
     "| device (device-only)."))
+ConcordDebtOpt = typer.Option(4.0, "--concord-debt-max", help=(
+    "--mode concord: wait for the cloud's evidence while the waiting debt is <= this (inf: every step, "
+    "exact dense DRAGON greedy; -inf: never, device-only)."))
+ConcordTopMOpt = typer.Option(1, "--concord-top-m", help="--mode concord: entries the cloud's evidence lists per step.")
 
 
 @app.callback()
@@ -152,21 +157,28 @@ def format_stats(st: dict) -> str:
         f"   aggregated on: {agg or 'n/a'}; link {st['bytes_sent']} B up, {st['bytes_received']} B down, "
         f"{st['bytes_per_token']:.0f} B/token",
     ]
+    if st.get("steps_certified") is not None:  # CONCORD
+        lines.append(f"   concord: certified {st['steps_certified']}, dense {st['steps_dense']}, local "
+                     f"{st['steps_local']} (supplemented {st['steps_supplemented']}, waited {st['waited_ms']:.0f} ms)")
     for src in st.get("sources", []):
         lines.append(f"   source [{src['side']}] {src['name']}" + (f" (R={src['score']:.2f})" if "score" in src else ""))
     return "\n".join(lines)
 
 
-def _opts(max_tokens: int, k: int, cloud_k: int, mode: str, temperature: float, seed: int, aggregator: str) -> dict:
+def _opts(max_tokens: int, k: int, cloud_k: int, mode: str, temperature: float, seed: int, aggregator: str,
+          concord_debt_max: float = 4.0, concord_top_m: int = 1) -> dict:
     """The answer options, validated before anything is loaded (the SDK's rules, once): a bad
     value exits 2 with a one-line error, no traceback."""
     opts = dict(max_tokens=max_tokens, k=k, cloud_k=cloud_k, mode=mode, temperature=temperature or None,
                 seed=seed, aggregator=aggregator)
+    if mode == "concord" or (concord_debt_max, concord_top_m) != (4.0, 1):
+        opts.update(concord_debt_max=concord_debt_max, concord_top_m=concord_top_m)
     from dragon_core.errors import DragonError
     from dragon_edge.runtime import answer_options
 
     try:
-        answer_options(max_tokens, temperature, None, seed, dict(k=k, cloud_k=cloud_k, mode=mode, aggregator=aggregator))
+        answer_options(max_tokens, temperature, None, seed,
+                       {key: val for key, val in opts.items() if key not in ("max_tokens", "temperature", "seed")})
     except DragonError as exc:
         param = getattr(exc, "param", None)
         typer.echo(f"error: {exc}" + (f" (option {_FLAGS.get(param, param)})" if param else ""), err=True)
@@ -175,7 +187,8 @@ def _opts(max_tokens: int, k: int, cloud_k: int, mode: str, temperature: float, 
 
 
 _FLAGS = {"max_tokens": "--max-tokens/-n", "k": "-k", "cloud_k": "--cloud-k", "temperature": "--temperature/-t",
-          "seed": "--seed", "aggregator": "--aggregator", "mode": "--mode"}
+          "seed": "--seed", "aggregator": "--aggregator", "mode": "--mode",
+          "concord_debt_max": "--concord-debt-max", "concord_top_m": "--concord-top-m"}
 
 
 @app.command()
@@ -189,13 +202,16 @@ def ask(question: str,
         aggregator: str = typer.Option("auto", help="Side that aggregates first: auto (where earlier requests on this link say; device when none) | device | cloud."),
         temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
         seed: int = typer.Option(0),
+        concord_debt_max: float = ConcordDebtOpt,
+        concord_top_m: int = ConcordTopMOpt,
         stats: bool = typer.Option(True, "--stats/--no-stats", help="Print DRAGON stats after the answer."),
         as_json: bool = typer.Option(False, "--json", help="Print answer and stats as JSON."),
         peer_timeout_s: float = PeerTimeoutOpt,
         verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Answer one question from your private notes (and the cloud's public corpus with --cloud)."""
     _setup_logging(verbose)
-    opts = _opts(max_tokens, k, cloud_k, mode, temperature, seed, aggregator)  # exits 2 on a bad option
+    opts = _opts(max_tokens, k, cloud_k, mode, temperature, seed, aggregator, concord_debt_max,
+                 concord_top_m)  # exits 2 on a bad option
     if not question.strip():
         typer.echo("error: the question is empty", err=True)
         raise typer.Exit(2)
@@ -214,11 +230,12 @@ def ask(question: str,
 def chat(store: str = StoreOpt, cloud: Optional[str] = CloudOpt, token: str = TokenOpt,
          engine: str = typer.Option("llamacpp"), max_tokens: int = typer.Option(128, "--max-tokens", "-n"),
          k: int = typer.Option(2, "-k"), cloud_k: int = typer.Option(2, "--cloud-k"), mode: str = ModeOpt,
+         concord_debt_max: float = ConcordDebtOpt, concord_top_m: int = ConcordTopMOpt,
          peer_timeout_s: float = PeerTimeoutOpt,
          verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Interactive chat (each turn retrieves with your latest message). Ctrl-D to quit."""
     _setup_logging(verbose)
-    opts = _opts(max_tokens, k, cloud_k, mode, 0.0, 0, "device")  # exits 2 on a bad option
+    opts = _opts(max_tokens, k, cloud_k, mode, 0.0, 0, "device", concord_debt_max, concord_top_m)  # exits 2 on a bad option
 
     async def main():
         client = _client(store, cloud, token, engine, peer_timeout_s)

@@ -273,7 +273,7 @@ class CloudLink:
         elif rid in self._drivers:
             if isinstance(msg, m.Error):  # the session records it (Session.peer_error) and goes on device-only
                 log.warning("cloud ended request %d: %s: %s", rid, msg.code, msg.message)
-            self._drivers[rid].feed(s.PeerMessage(msg))
+            self._drivers[rid].feed(s.PeerMessage(msg, at_ms=time.monotonic() * 1000))
 
     def _resolve(self, request_id: int, result: m.Opened | Exception) -> None:
         fut = self._opened.get(request_id)

@@ -55,6 +55,11 @@ class AnswerOptions:
     # ~196 kB/token for SmolLM2) — DRAGON is exact w.r.t. the canonical distributions either way
     dist_top_k: int = 32
     use_cloud: bool = True
+    # CONCORD (mode="concord", greedy only; docs/CONCORD.md): the device waits for the cloud's
+    # evidence while its waiting debt is <= concord_debt_max (inf: every step, exact dense greedy
+    # DRAGON; -inf: never, device-only); concord_top_m: entries the cloud's evidence lists per step
+    concord_debt_max: float = 4.0
+    concord_top_m: int = 1
     emulate_decode_ms: float = 0.0  # experiments: a slower device
     cloud_open_timeout_s: float = 30.0
 
@@ -63,7 +68,8 @@ class AnswerOptions:
         return RequestSpec(query=query, k=self.cloud_k, max_tokens=self.max_tokens, seed=self.seed,
                            sampling=m.Sampling(self.greedy, self.temperature, self.top_k, self.top_p),
                            mode=mode_rule(self.mode).wire, aggregator=aggregator, scheduling=self.scheduling,
-                           max_depth=self.max_depth, dist_top_k=self.dist_top_k, prior=prior)
+                           max_depth=self.max_depth, dist_top_k=self.dist_top_k, prior=prior,
+                           concord_top_m=self.concord_top_m, concord_debt_max=float(self.concord_debt_max))
 
     def validate(self) -> "AnswerOptions":
         """``InvalidOptions`` (one line, naming the field) for any option out of range or of the
@@ -92,6 +98,7 @@ def check_answer_options(o: AnswerOptions) -> None:
     if not isinstance(o.mode, str):
         raise InvalidOptions("mode", f"mode must be a string, got {o.mode!r}")
     mode_rule(o.mode)  # UnknownMode (a DragonError) names the choices
+    v.check_concord(o.mode, o.greedy, o.concord_debt_max, o.concord_top_m)
     if o.aggregator not in ("auto", "device", "cloud"):
         raise InvalidOptions("aggregator", f"aggregator must be auto, device or cloud, got {o.aggregator!r}")
     v.check_int("max_depth", o.max_depth, 1, v.MAX_DEPTH)

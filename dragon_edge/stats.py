@@ -42,6 +42,19 @@ class AnswerStats:
     # the cloud's typed error for this request ({"code", "message"}), e.g. quota_exceeded or
     # request_idle_timeout: the answer then finished on the device (degraded)
     cloud_error: dict | None = None
+    # CONCORD (mode concord; None in the other modes; docs/CONCORD.md): how each step committed —
+    # certified from the cloud's evidence, from its dense mixture, or locally (not exact);
+    # consulted = certified + dense (each equals dense DRAGON greedy); supplemented: consulted
+    # steps that asked for the ids above θ at least once
+    steps_certified: int | None = None
+    steps_local: int | None = None
+    steps_dense: int | None = None
+    steps_consulted: int | None = None
+    steps_supplemented: int | None = None
+    evidence_requests: int | None = None
+    evidence_late: int | None = None
+    local_overruled: int | None = None
+    waited_ms: float | None = None
 
     @property
     def bytes_per_token(self) -> float:
@@ -73,6 +86,10 @@ class Timing:
             self.ttft_s = at - self.t0
         self.per_token_latency_ms.append((at - (self.t0 if self.last is None else self.last)) * 1000)
         self.last = at
+
+
+CONCORD_COUNTS = ("steps_certified", "steps_local", "steps_dense", "steps_consulted", "steps_supplemented",
+                  "evidence_requests", "evidence_late", "local_overruled", "waited_ms")
 
 
 def answer_stats(*, mode: str, rule: ModeRule, private: Sequence, public: m.Opened | None, opened: m.Opened | None,
@@ -108,6 +125,9 @@ def _from_session(stats: AnswerStats, session: s.Session, finish: s.Finish, rule
     stats.delta_z_ms = session.scheduler.last_delta_z
     for side in st.aggregator_by_step:
         stats.aggregator_steps[side] = stats.aggregator_steps.get(side, 0) + 1
+    if rule.crosses == "evidence":
+        for name in CONCORD_COUNTS:
+            setattr(stats, name, getattr(st, name))
     if st.verified:
         stats.acceptance_device = st.accepted_local / st.verified
         stats.acceptance_cloud = st.accepted_remote / st.verified

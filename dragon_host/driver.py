@@ -105,4 +105,4 @@ class SessionDriver:
         if isinstance(op, s.ComputeDist):
             ms, self._op_ms = self._op_ms, 0.0
             self.stats.decode_ms.append(ms)
-            self.feed(s.LocalDist(op.epoch, op.step, dist, ms))
+            self.feed(s.LocalDist(op.epoch, op.step, dist, ms, at_ms=time.monotonic() * 1000))

@@ -303,7 +303,7 @@ class _Connection:
             return  # a text request (no session): nothing to tell
         if rid in self.idle:
             self.idle[rid].heard(time.monotonic())
-        driver.feed(s.PeerMessage(msg))
+        driver.feed(s.PeerMessage(msg, at_ms=time.monotonic() * 1000))
 
     # ------------------------------------------------------------------ requests
     async def _on_open(self, req: m.Open) -> None:
@@ -375,7 +375,7 @@ class _Connection:
             self.drivers[rid] = driver
             self.idle[rid] = RequestIdle(self.limits.request_idle_timeout_s, time.monotonic())
             for msg in self.conn.start(rid):  # what the device sent while the request was opening
-                driver.feed(s.PeerMessage(msg))
+                driver.feed(s.PeerMessage(msg, at_ms=time.monotonic() * 1000))
             if self.server.stats:
                 self.server.stats.on_request("started")
             await self.send(m.Opened(rid, opened.sources))
