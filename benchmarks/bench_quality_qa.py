@@ -21,6 +21,9 @@
 
     python -m benchmarks.bench_quality_qa [--questions 200] [--data DIR]
     python -m benchmarks.bench_quality_qa --quick --cloud-url URL --cloud-index DIR   # CI, a running cloud
+    # the GPU machine (benchmarks/gpu_run.sh qa): the cloud's vLLM on the GPU, the sides pinned,
+    # in calls of <= 10 min: each asks for --budget-s, the next --resume's the answers file
+    python -m benchmarks.bench_quality_qa --device-cores 0-3 --cloud-cores 4-15 --budget-s 480 --resume ...
 """
 
 from __future__ import annotations
@@ -135,9 +138,10 @@ async def answer(runtime, query: str, **opts) -> dict:
 
 
 async def answer_all(runtime, questions: list[Question], url: str | None, args: argparse.Namespace,
-                     log: Path | None = None) -> list[dict]:
-    """Every question in every mode; each question's answers are also appended to ``log`` (one
-    JSON line) as they come, so a run cut short can still be scored (``--score-only``)."""
+                     log: Path | None = None, start: int = 0, deadline: float = float("inf")) -> list[dict]:
+    """Every question from ``start`` on in every mode, until ``deadline`` (``time.monotonic()``)
+    passes; each question's answers are also appended to ``log`` (one JSON line) as they come, so
+    a run cut short can still be scored (``--score-only``) or continued (``--resume``)."""
     from tqdm import tqdm
 
     from dragon_edge.link import CloudLink
@@ -147,6 +151,11 @@ async def answer_all(runtime, questions: list[Question], url: str | None, args: 
     out = []
     try:
         for i, q in enumerate(tqdm(questions, desc="questions", disable=args.quiet)):
+            if i < start:
+                continue
+            if time.monotonic() > deadline and i > start:  # every call answers at least one question
+                print(f"--budget-s spent: {i} of {len(questions)} questions answered; --resume goes on")
+                break
             query = QUERY.format(q.question)
             modes = [m for m in MODES if m != "vdrag" or i % args.vdrag_every == 0]
             out.append({m: await answer(runtime, query, **MODES[m], **common) for m in modes})
@@ -226,8 +235,15 @@ async def run(args: argparse.Namespace, base_runtime=None) -> dict[str, Any]:
     from dragon_vllm.corpus import PublicIndex
 
     t0 = time.time()
+    deadline = time.monotonic() + args.budget_s if args.budget_s else float("inf")
     questions, docs = load_world_data(data_dir(args.data), args.questions, args.wiki, args.seed)
     side_of = split_sides(docs, args.seed)
+    partial = args.out.with_suffix(".answers.jsonl")
+    done = _answered(partial, questions) if args.resume else None
+    saved_affinity = os.sched_getaffinity(0)
+    if args.device_cores:  # before any thread starts (the retriever's torch, llama.cpp): they inherit it
+        _pin(args.device_cores)
+        os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     with tempfile.TemporaryDirectory(prefix="dragon-qa-") as tmp:
         root = Path(tmp)
         store, index = build_sides(root, docs, side_of)
@@ -245,24 +261,63 @@ async def run(args: argparse.Namespace, base_runtime=None) -> dict[str, Any]:
         url = args.cloud_url
         try:
             if url is None:
-                cloud, port = start_cloud(root / "index", args.token, root / "cloud.log")
+                extra = ("--gpu-memory-utilization", str(args.gpu_memory_utilization)) \
+                    if args.gpu_memory_utilization else ()
+                _pin(args.cloud_cores)  # the cloud's processes inherit it
+                try:
+                    cloud, port = start_cloud(root / "index", args.token, root / "cloud.log", extra_args=extra,
+                                              timeout_s=600)
+                finally:
+                    _pin(args.device_cores or ",".join(map(str, sorted(saved_affinity))))
                 url = f"http://127.0.0.1:{port}"
                 try:
-                    wait_healthy(url, cloud, 600)
+                    wait_healthy(url, cloud, 900)
                 except RuntimeError:
                     print((root / "cloud.log").read_text()[-3000:])
                     raise
-            rec = recall(runtime, index, questions, side_of, (1, 2, 4))
-            partial = args.out.with_suffix(".answers.jsonl")
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps(dict(recall=rec, passages_per_side=passages)) + "\n")
-            answers = await answer_all(runtime, questions, url, args, partial)
+            if done is None:
+                rec = recall(runtime, index, questions, side_of, (1, 2, 4))
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text(json.dumps(dict(recall=rec, passages_per_side=passages)) + "\n")
+                earlier, seconds = [], 0.0
+            else:  # the answers file's own recall and earlier answers: the same sample, the same corpus
+                rec, earlier, seconds = done["recall"], done["answers"], done["seconds"]
+                print(f"--resume: {len(earlier)} of {len(questions)} questions already answered in {partial}")
+            answers = earlier + await answer_all(runtime, questions, url, args, partial, start=len(earlier),
+                                                 deadline=deadline)
+            seconds += time.time() - t0  # this call's, cloud start-up included
+            with partial.open("a", encoding="utf-8") as f:  # the calls' seconds so far, for the next --resume
+                f.write(json.dumps(dict(seconds=round(seconds, 1))) + "\n")
         finally:
             if cloud is not None:
                 stop(cloud)
             if base_runtime is None:
                 await runtime.engine.close()
-    return finish(args, questions, docs, side_of, rec, answers, passages, time.time() - t0)
+            os.sched_setaffinity(0, saved_affinity)
+    return finish(args, questions[:len(answers)], docs, side_of, rec, answers, passages, seconds)
+
+
+def _pin(cores: str | None) -> None:
+    """Pin this process (and what it starts from now on) to ``cores`` ("0-3", "0,2"); None: leave it."""
+    if cores:
+        from benchmarks.bench_latency_rtt import parse_cores
+
+        os.sched_setaffinity(0, parse_cores(cores))
+
+
+def _answered(path: Path, questions: list[Question]) -> dict | None:
+    """What an earlier run of this sample left in its answers file: recall, the answers (in the
+    sample's order) and the seconds its calls took; None when there is no file."""
+    if not path.exists():
+        return None
+    head, *lines = path.read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
+    answers = [r for r in rows if "line" in r]
+    if [a["line"] for a in answers] != [q.line for q in questions[:len(answers)]]:
+        raise ValueError(f"{path} does not follow this sample (other --questions / --seed?)")
+    seconds = [r["seconds"] for r in rows if "seconds" in r]
+    meta = json.loads(head)
+    return dict(recall=meta["recall"], answers=[a["answers"] for a in answers], seconds=seconds[-1] if seconds else 0.0)
 
 
 def score_only(args: argparse.Namespace) -> dict[str, Any]:
@@ -270,7 +325,7 @@ def score_only(args: argparse.Namespace) -> dict[str, Any]:
     questions, docs = load_world_data(data_dir(args.data), args.questions, args.wiki, args.seed)
     side_of = split_sides(docs, args.seed)
     head, *lines = args.out.with_suffix(".answers.jsonl").read_text(encoding="utf-8").splitlines()
-    answers = [json.loads(line) for line in lines]
+    answers = [r for r in map(json.loads, filter(str.strip, lines)) if "line" in r]  # not the "seconds" lines
     if [a["line"] for a in answers] != [q.line for q in questions[:len(answers)]]:
         raise ValueError("the answers file does not follow this sample (other --questions / --seed?)")
     meta = json.loads(head)
@@ -290,7 +345,9 @@ def finish(args: argparse.Namespace, questions: list[Question], docs: dict[str, 
     both = [a for a in answers if "vdrag" in a]
     result = dict(
         benchmark="quality_qa",
-        setup=dict(model=args.model, device_engine="llama.cpp (GGUF Q4_1)", cloud_engine="vLLM CPU (bf16)",
+        setup=dict(model=args.model, device_engine="llama.cpp (GGUF Q4_1)", cloud_engine=args.cloud_engine,
+                   device_cores=args.device_cores, cloud_cores=args.cloud_cores,
+                   complete=len(questions) == args.questions,
                    retriever="all-MiniLM-L6-v2, R = 10 cos", questions=len(questions), seed=args.seed,
                    question_lines=[q.line for q in questions], query=QUERY, k_per_side=args.k,
                    max_tokens=args.max_tokens, corpus_documents=len(docs),
@@ -348,6 +405,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="2 questions, 10 Wikipedia passages, 6 tokens")
     ap.add_argument("--score-only", action="store_true",
                     help="score the answers a (cut short) run appended to <out>.answers.jsonl")
+    ap.add_argument("--device-cores", help="pin the device (this process: llama.cpp, the retriever), e.g. 0-3")
+    ap.add_argument("--cloud-cores", help="pin the cloud it starts (dragon-cloud serve), e.g. 4-15")
+    ap.add_argument("--gpu-memory-utilization", type=float, help="for the cloud it starts (vLLM on a GPU)")
+    ap.add_argument("--cloud-engine", default="vLLM CPU (bf16)", help="what the cloud runs on (the result's label)")
+    ap.add_argument("--budget-s", type=float, help="stop asking new questions this many seconds after the start "
+                    "(cloud start-up included; at least one is asked): the result then holds the questions "
+                    "answered, and --resume goes on")
+    ap.add_argument("--resume", action="store_true",
+                    help="go on from <out>.answers.jsonl of an earlier run of the same sample")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:

@@ -9,6 +9,9 @@
 #        engine level and through the link (raw stacks -> $OUT/spy_*.txt; benchmarks/pyspy_summary.py reads them)
 #   bash benchmarks/gpu_run.sh latency --conditions rtt300 rtt0 --budget-s 450   # issue 13: bench_latency_rtt,
 #        three devices on cores 0-3 / 4-7 / 8-11, the cloud and the proxies on 12-15 (data: --data DIR)
+#   bash benchmarks/gpu_run.sh qa --data /tmp/qa   # issue 13: bench_quality_qa, 200 NQ questions, the device
+#        on cores 0-3, the cloud on the GPU + cores 4-15; in calls of ~8 min that --resume (repeat the
+#        call until it prints "complete": true); -> $OUT/quality_qa_h200.{json,png,answers.jsonl}
 # Stage vLLM first (../shared/gpu/README.md); results and logs go under $OUT.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
@@ -56,5 +59,20 @@ case "${1:-}" in
     python -m benchmarks.bench_latency_rtt --device-cores 0-3 4-7 8-11 --cloud-cores 12-15 \
       --gpu-memory-utilization 0.5 --label "H200 cloud, llama.cpp devices on 4 cores each" "$@" > "$OUT/latency.log" 2>&1; rc=$?
     tail -40 "$OUT/latency.log"; exit $rc ;;
-  *) echo "usage: $0 tests|streams|streams17|load|profile|latency"; exit 2 ;;
+  qa)
+    shift
+    # The device runtime (llama.cpp, 4 threads, and its retriever) is this process, pinned to 0-3;
+    # the dragon-cloud serve it starts (vLLM on the GPU) is pinned to 4-15. 200 questions x 5-6
+    # modes outlast one call (10 min): each call answers for --budget-s, then writes the result of
+    # the questions answered so far; the next call --resume's the answers file, kept in $QA_RUN
+    # (/tmp: it lasts while the machine stays warm). ../shared/data is not there: carry
+    # nq_open_passages/ and wiki_passages_sample/ and pass --data.
+    QA_RUN=${QA_RUN:-/tmp/qa_run}
+    mkdir -p "$QA_RUN"
+    python -m benchmarks.bench_quality_qa --device-cores 0-3 --cloud-cores 4-15 --gpu-memory-utilization 0.5 \
+      --cloud-engine "vLLM 0.26 on an H200 (bf16)" --budget-s 480 --resume --quiet \
+      --out "$QA_RUN/quality_qa_h200.json" "$@" > "$OUT/qa.log" 2>&1; rc=$?
+    cp "$QA_RUN"/quality_qa_h200.* "$OUT"/ 2>/dev/null
+    grep -o '"complete": [a-z]*' "$OUT/quality_qa_h200.json" | head -1; tail -25 "$OUT/qa.log"; exit $rc ;;
+  *) echo "usage: $0 tests|streams|streams17|load|profile|latency|qa"; exit 2 ;;
 esac
