@@ -54,7 +54,13 @@ MODES: dict[str, dict] = {
     "dragon-device": dict(mode="dragon", aggregator="device", scheduling=False),
     "dragon-cloud": dict(mode="dragon", aggregator="cloud", scheduling=False),
     "dragon": dict(mode="dragon"),  # as shipped: Greedy Scheduling, placed by the link's estimates
+    # CONCORD (issue 14, docs/CONCORD.md): the default waiting debt, and D_max = inf (every step
+    # consults the cloud: exact dense greedy DRAGON)
+    "concord": dict(mode="concord"),
+    "concord-exact": dict(mode="concord", concord_debt_max=math.inf),
 }
+CONCORD_COUNTS = ("steps_certified", "steps_dense", "steps_local", "steps_consulted", "steps_supplemented",
+                  "evidence_requests", "waited_ms")
 # name -> (RTT ms, bandwidth Mbit/s each way; 0 = unlimited)
 CONDITIONS: dict[str, tuple[float, float]] = {
     "rtt0": (0.0, 0.0), "rtt50": (50.0, 0.0), "rtt100": (100.0, 0.0), "rtt200": (200.0, 0.0),
@@ -85,7 +91,8 @@ async def answer(runtime, url: str, token: str, query: str, opts_kw: dict) -> di
                 bytes_down_per_token=stats.bytes_received / tokens, acceptance_device=stats.acceptance_device,
                 acceptance_cloud=stats.acceptance_cloud, rollbacks=stats.rollbacks, handovers=stats.handovers,
                 aggregator_steps=stats.aggregator_steps, final_aggregator=stats.final_aggregator,
-                degraded=stats.degraded, cloud_error=stats.cloud_error, text=text)
+                degraded=stats.degraded, cloud_error=stats.cloud_error, text=text,
+                **({name: getattr(stats, name) for name in CONCORD_COUNTS} if stats.steps_certified is not None else {}))
 
 
 # ---------------------------------------------------------------------------- a device process
@@ -282,7 +289,9 @@ def summarize(rows: list[dict]) -> dict:
                 acceptance_device=_mean(r["acceptance_device"] for r in rs),
                 acceptance_cloud=_mean(r["acceptance_cloud"] for r in rs),
                 rollbacks=_mean(r["rollbacks"] for r in rs), aggregator_steps=aggs,
-                degraded=sum(bool(r["degraded"]) for r in rs))
+                degraded=sum(bool(r["degraded"]) for r in rs),
+                **({f"{name}_per_answer": _mean(r[name] for r in rs) for name in CONCORD_COUNTS}
+                   if all("steps_certified" in r for r in rs) else {}))
     return table
 
 
@@ -302,6 +311,29 @@ def ratios(table: dict) -> dict:
     return out
 
 
+def concord_ratios(table: dict) -> dict:
+    """CONCORD against dense DRAGON (pinned on the device, as CONCORD aggregates) in each
+    condition: end-to-end tokens/s and link bytes per token (both ways); and the fraction of
+    steps certified / dense / local / supplemented."""
+    out = {}
+    for cond, rows in table.items():
+        dense = rows.get("dragon-device")
+        for mode in ("concord", "concord-exact"):
+            c = rows.get(mode)
+            if not (c and dense):
+                continue
+            steps = max(1e-9, c["steps_certified_per_answer"] + c["steps_dense_per_answer"] + c["steps_local_per_answer"])
+            bytes_c = c["bytes_up_per_token"] + c["bytes_down_per_token"]
+            bytes_d = dense["bytes_up_per_token"] + dense["bytes_down_per_token"]
+            out.setdefault(cond, {})[mode] = dict(
+                tokens_per_s_vs_dragon=dense["e2e_ms_per_token"] / c["e2e_ms_per_token"],
+                per_token_vs_dragon=c["per_token_ms"] / dense["per_token_ms"] if c["per_token_ms"] and dense["per_token_ms"] else None,
+                bytes_per_token=bytes_c, dragon_bytes_per_token=bytes_d, bytes_vs_dragon=bytes_c / bytes_d,
+                certified=c["steps_certified_per_answer"] / steps, dense=c["steps_dense_per_answer"] / steps,
+                local=c["steps_local_per_answer"] / steps, supplemented=c["steps_supplemented_per_answer"] / steps)
+    return out
+
+
 def goals(r: dict) -> dict | None:
     g = r.get("rtt300")
     if g is None:
@@ -317,6 +349,7 @@ def finish(result: dict) -> dict:
     result["table"] = table
     result["ratios"] = ratios(table)
     result["goals"] = goals(result["ratios"])
+    result["concord"] = concord_ratios(table)
     return result
 
 
@@ -371,6 +404,11 @@ def report(result: dict) -> None:
     for cond, r in result["ratios"].items():
         print(f"{cond}: DRAGON/device per token {r['per_token_vs_device']:.2f}, TTFT {r['ttft_vs_device']:.2f}, "
               f"DRAGON/VDRAG {r['per_token_vs_vdrag'] or float('nan'):.2f}")
+    for cond, rows in (result.get("concord") or {}).items():
+        for mode, r in rows.items():
+            print(f"{cond}: {mode} vs DRAGON (device): tokens/s x{r['tokens_per_s_vs_dragon']:.2f}, "
+                  f"{r['bytes_per_token']:.0f} vs {r['dragon_bytes_per_token']:.0f} B/token; steps certified "
+                  f"{r['certified']:.0%}, dense {r['dense']:.0%}, local {r['local']:.0%}")
     if result.get("goals"):
         print("goals at RTT 300:", json.dumps(result["goals"]))
 
