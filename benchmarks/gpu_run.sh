@@ -65,8 +65,10 @@ case "${1:-}" in
     # the dragon-cloud serve it starts (vLLM on the GPU) is pinned to 4-15. 200 questions x 5-6
     # modes outlast one call (10 min): each call answers for --budget-s, then writes the result of
     # the questions answered so far; the next call --resume's the answers file, kept in $QA_RUN
-    # (/tmp: it lasts while the machine stays warm). ../shared/data is not there: carry
-    # nq_open_passages/ and wiki_passages_sample/ and pass --data.
+    # (/tmp: it lasts while the machine stays warm; a machine held 30 min goes back: then, after
+    # staging again, copy the last call's $OUT/quality_qa_h200.answers.jsonl, carried, into $QA_RUN
+    # first). ../shared/data is not there: carry nq_open_passages/ and wiki_passages_sample/ and
+    # pass --data.
     QA_RUN=${QA_RUN:-/tmp/qa_run}
     mkdir -p "$QA_RUN"
     python -m benchmarks.bench_quality_qa --device-cores 0-3 --cloud-cores 4-15 --gpu-memory-utilization 0.5 \
