@@ -19,9 +19,21 @@ How this meets the protocol (``dragon_core``), exactly:
   appended equal the engine's; the first difference (a sampled draft, a float16 tie, a rejected
   draft) ends the chunk and the next one starts from the session's tokens. So a wrong prediction
   costs time, never exactness.
-* Rollback: no in-place truncation yet; the fallback of ``engine.py`` (abort the gang, reopen it
-  with ``prompt + accepted``; the prefix cache restores the full blocks). An in-flight chunk is
-  aborted as soon as the session's tokens leave it (it stops early).
+* Rollback, two ways (``make_engine(rollback=...)``):
+
+  - ``"reopen"`` (the default): abort the gang, reopen it with ``prompt + accepted`` (the prefix
+    cache restores the full blocks). An in-flight chunk is aborted as soon as the session's tokens
+    leave it (it stops early).
+  - ``"in_place"``: the next input chunk of each row carries ``rewind_to = T_i`` (the tokens the
+    row keeps, aligned down to the KV block size, at most what its KV surely holds) and
+    ``(prompt_i + tokens)[T_i:]``; the gang scheduler truncates the session to ``T_i`` and ends
+    the chunk in flight at its next token (``gang.py``, ``rewind.py``). Outputs of the old chunk
+    can still arrive after the new one is fed, even merged with the new chunk's into one
+    ``RequestOutput`` (vLLM merges DELTA outputs when the reader lags), so each chunk is told
+    apart per position: the rows other than the leader are marked with the chunk's parity
+    (``_PlacedRow``), and a new chunk is fed only once every row has reported a position of the
+    current one. A gang of one document has no row to mark: it reopens. Any doubt (a row's error, rows
+    that disagree) falls back to abort + reopen.
 * Fail closed: a gang the engine ever finds incomplete has its rows' logits set to NaN
   (``mixing.py``); rows that disagree on a token or a NaN log-prob make this group discard the
   chunk from that position and reopen (``repairs``).
@@ -55,7 +67,7 @@ class _Row:
     were read one after another would never be complete in the engine."""
 
     def __init__(self, llm, request_id: str, first: list[int], params, top_k: int) -> None:
-        self._inbox: asyncio.Queue[list[int] | None] = asyncio.Queue()
+        self._inbox: asyncio.Queue = asyncio.Queue()
         self._inbox.put_nowait(first)
         self._top_k = top_k
         self.prompt_len = len(first)
@@ -71,6 +83,9 @@ class _Row:
             async for out in outputs:
                 self.num_cached_tokens = max(self.num_cached_tokens, int(out.num_cached_tokens or 0))
                 completion = out.outputs[0]
+                if self._take(completion):
+                    self._arrived.set()
+                    continue
                 new = [int(t) for t in completion.token_ids]
                 if completion.logprobs is not None and new:
                     flat = completion.logprobs
@@ -84,6 +99,10 @@ class _Row:
         except BaseException as exc:  # surfaced to the reader; the group's request then ends
             self._error = exc
             self._arrived.set()
+
+    def _take(self, completion) -> bool:
+        """A subclass's own handling of an output (True: handled)."""
+        return False
 
     def feed(self, ids: Sequence[int]) -> None:
         self.tokens, self.top = [], []
@@ -100,6 +119,94 @@ class _Row:
     async def abort(self) -> None:
         self._task.cancel()  # cancelling vLLM's generate() aborts the request
         await asyncio.gather(self._task, return_exceptions=True)
+
+
+# A marked row's sampled log-prob: log(1 / (1 + e^-1)) = -0.313 in an even chunk, 0 in an odd one (mixing.py)
+_ODD_CHUNK_ABOVE = -0.15
+
+
+class _ChunkView:
+    """The positions of a row's current chunk: its raw stream from ``row.start`` on."""
+
+    __slots__ = ("_raw", "_row")
+
+    def __init__(self, raw: list, row: "_PlacedRow") -> None:
+        self._raw, self._row = raw, row
+
+    def __len__(self) -> int:
+        start = self._row.start
+        return 0 if start is None else max(0, len(self._raw) - start)
+
+    def __getitem__(self, i):
+        start, n = self._row.start or 0, len(self)
+        if isinstance(i, slice):
+            lo, hi, step = i.indices(n)
+            return self._raw[start + lo:start + hi:step]
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(i)
+        return self._raw[start + i]
+
+
+class _PlacedRow(_Row):
+    """A row of a gang rolled back in place (``rollback="in_place"``).
+
+    Outputs of the chunk before can still arrive after a new chunk is fed, even merged with the
+    new chunk's into one ``RequestOutput`` (vLLM merges DELTA outputs when the reader lags; and its
+    API side keeps a session's first log-prob count for every chunk). So the rows other than the
+    leader are *marked*: the mixing processor writes into them, instead of the mixture, a
+    distribution with the same argmax whose sampled log-prob says the chunk's parity (``mixing.py``).
+    A marked row finds where its current chunk begins in its raw stream of positions (``start``);
+    the leader, whose log-probs must stay the mixture's, takes the same index from the marked rows
+    (the gang's rows are stepped together: they produce the same positions, ``GangStreamGroup``
+    checks that all marked rows agree)."""
+
+    def __init__(self, llm, request_id: str, first: list[int], params, top_k: int, marked: bool) -> None:
+        self.raw_tokens: list[int] = []
+        self.raw_top: list[tuple[np.ndarray, np.ndarray]] = []
+        self.marked = marked
+        self.parity = 0
+        self.start: int | None = None if marked else 0  # raw index of the current chunk's first position
+        self._last_finish = -1  # raw length after the latest output that ended a chunk
+        super().__init__(llm, request_id, first, params, top_k)
+        self.tokens = _ChunkView(self.raw_tokens, self)
+        self.top = _ChunkView(self.raw_top, self)
+
+    @property
+    def ended(self) -> bool:
+        """The current chunk's last output arrived."""
+        return self.start is not None and self._last_finish > self.start
+
+    def _take(self, completion) -> bool:
+        new = [int(t) for t in completion.token_ids]
+        flat = completion.logprobs
+        if new and (flat is None or len(flat.start_indices) < len(new)):
+            raise ProtocolError("a DRAGON row returned positions without log-probs")
+        offset = len(flat.start_indices) - len(new) if new else 0
+        for q, token in enumerate(new):
+            p = offset + q
+            if self.marked:
+                lp = float(flat.logprobs[flat.start_indices[p]])
+                if lp != lp:
+                    raise ProtocolError("a DRAGON row returned a NaN log-prob (its gang was split)")
+                parity = int(lp > _ODD_CHUNK_ABOVE)
+                if parity == self.parity:
+                    if self.start is None:
+                        self.start = len(self.raw_tokens)
+                elif self.start is not None:
+                    raise ProtocolError("a position of the previous chunk after the current one's")
+            else:
+                self.raw_top.append(top_k_at(flat, p, self._top_k))
+            self.raw_tokens.append(token)
+        if completion.finish_reason is not None:
+            self._last_finish = len(self.raw_tokens)
+        return True
+
+    def feed(self, ids: Sequence[int], params=None) -> None:
+        self.parity ^= 1
+        self.start = None
+        self._inbox.put_nowait((list(ids), params))
 
 
 class GangStreamGroup(CloudGroup):
@@ -119,6 +226,10 @@ class GangStreamGroup(CloudGroup):
         self.chunks = 0
         self.served_from_chunk = 0  # positions answered from a chunk already drafted
         self.repairs = 0
+        # in place needs a marked row besides the leader (_PlacedRow): a gang of one reopens
+        self.in_place = engine.rollback == "in_place" and len(prompts) > 1
+        self.rewinds = 0  # chunks restarted in place after the session left the rows' path
+        self._gang = ""  # the vLLM gang key of the open rows
 
     # ------------------------------------------------------------------ StreamGroup
     async def next_dists(self) -> list[Dist]:
@@ -128,7 +239,10 @@ class GangStreamGroup(CloudGroup):
         self._check_open()
         self._extend(tokens)
         if self._rows is not None and not self._chunk_done() and not self._consistent(len(self._generated)):
-            await self._abort()  # the session left the chunk's path: stop the chunk early
+            if self.in_place:  # the rewind chunk also ends the chunk in flight (gang.py)
+                await self._restart_in_place()
+            else:
+                await self._abort()  # the session left the chunk's path: stop the chunk early
 
     async def rollback(self, length: int) -> None:
         self._check_open()
@@ -183,9 +297,39 @@ class GangStreamGroup(CloudGroup):
     async def _pull(self) -> None:
         """Wait until every row reports one more position; check that the rows agree."""
         j = self._received
-        for row in self._rows:  # a step's outputs of all rows arrive together: no tasks needed
-            while len(row.tokens) <= j:
+        if self.in_place:
+            try:
+                await self._sync_starts()
+                for row in self._rows:
+                    while len(row.tokens) <= j:
+                        if row.ended:
+                            raise ProtocolError("the chunk ended short")
+                        await row.pull()
+            except ProtocolError:  # a split gang, a chunk ended short: start again from here
+                await self._repair()
+                return
+        else:
+            for row in self._rows:  # a step's outputs of all rows arrive together: no tasks needed
+                while len(row.tokens) <= j:
+                    await row.pull()
+        await self._absorb()
+
+    async def _sync_starts(self) -> None:
+        """In place: where the current chunk begins in every row's raw stream. The marked rows
+        say it (their parity); the leader's is the same index (the rows are stepped together)."""
+        rows = self._rows
+        if rows[0].start is not None:
+            return
+        for row in rows[1:]:
+            while row.start is None:
                 await row.pull()
+        starts = {row.start for row in rows[1:]}
+        if len(starts) != 1:
+            raise ProtocolError(f"the rows of a gang disagree on where the chunk begins: {sorted(starts)}")
+        rows[0].start = starts.pop()
+
+    async def _absorb(self) -> None:
+        """Count the positions every row has reported, checking that the rows agree."""
         ready = min(len(row.tokens) for row in self._rows)
         leader = self._rows[0]
         while self._received < ready:
@@ -212,14 +356,67 @@ class GangStreamGroup(CloudGroup):
         """Feed the session's tokens the rows lack and draft the next chunk, or reopen the gang
         when the rows hold tokens the session no longer has (rollback) or a chunk is in flight."""
         held = self._held()
+        if self.in_place and self._rows is not None and not (
+                held is not None and self._generated[:len(held)] == held and len(self._generated) > len(held)):
+            await self._restart_in_place()
+            return
         if (self._rows is None or held is None or self._generated[:len(held)] != held or len(self._generated) == len(held)
                 or not self.chunk_tokens):  # an open-ended chunk drafted its whole budget: start afresh
             await self._reopen()
             return
         new = self._generated[len(held):]
-        for row in self._rows:
-            row.feed(new)
+        if self.in_place:  # every chunk of an in-place gang flips the parity (see _PlacedRow)
+            parity = self._rows[0].parity ^ 1
+            for i, row in enumerate(self._rows):
+                row.feed(new, self._params(i, self.chunk_tokens, parity, None))
+        else:
+            for row in self._rows:
+                row.feed(new)
         self._begin_chunk()
+
+    async def _restart_in_place(self) -> None:
+        """Roll the rows back in place to what they share with the session, and feed the rest
+        (see the module docstring); abort + reopen whenever that cannot be done safely."""
+        rows = self._rows
+        try:
+            await self._sync_starts()
+            for row in rows:  # a position of the current chunk from every row: older outputs are all in
+                while not row.tokens:
+                    if row.ended:
+                        raise ProtocolError("the chunk ended with no position")
+                    await row.pull()
+            await self._absorb()
+        except Exception:  # a row's error, a split gang: the fallback
+            await self._reopen()
+            return
+        if self._rows is not rows:  # the rows disagreed and were repaired (reopened)
+            return
+        path = self._fed + rows[0].tokens[:self._received]
+        m = 0
+        for a, b in zip(self._generated, path):
+            if a != b:
+                break
+            m += 1
+        # generated tokens whose KV every row surely holds: the fed ones and all drafts but the last
+        keep = min(m, len(self._fed) + self._received - 1)
+        block = self._engine.block_size
+        parity = rows[0].parity ^ 1
+        self._chunk_len = self._open_len()
+        for i, (row, prompt) in enumerate(zip(rows, self.prompts)):
+            target = min(len(prompt) + keep, len(prompt) + len(self._generated) - 1)
+            target = max(0, target - target % block)
+            context = prompt + self._generated
+            row.feed(context[target:], self._params(i, self._chunk_len, parity, target))
+        self.rewinds += 1
+        self._engine._stats["rewinds"] += 1
+        self._begin_chunk()
+
+    def _params(self, index: int, chunk_len: int, parity: int, rewind_to: int | None):
+        extra = gang_args(self._gang, len(self.prompts), index, float(self._log_w[index]), self.temperature)
+        extra["dragon"]["parity"] = parity
+        if rewind_to is not None:
+            extra["dragon"]["rewind_to"] = int(rewind_to)
+        return self._engine._gang_params(chunk_len, leader=index == 0, extra=extra, parity=parity)
 
     def _held(self) -> list[int] | None:
         """Generated tokens whose KV the rows hold once the current chunk is over (vLLM drops the
@@ -234,10 +431,14 @@ class GangStreamGroup(CloudGroup):
         if epoch:
             self.reopens += 1
             self._engine._stats["reopens"] += 1
-        gang = f"dragon-{self._gid}-{epoch}"
+        gang = self._gang = f"dragon-{self._gid}-{epoch}"
         self._chunk_len = self._open_len()
         rows = []
         for i, prompt in enumerate(self.prompts):
+            if self.in_place:
+                rows.append(_PlacedRow(self._engine.llm, f"{gang}-{i}", prompt + self._generated,
+                                       self._params(i, self._chunk_len, 0, None), self._engine.logprobs_k, marked=i > 0))
+                continue
             params = self._engine._gang_params(self._chunk_len, leader=i == 0,
                                                extra=gang_args(gang, len(self.prompts), i, float(self._log_w[i]),
                                                                self.temperature))

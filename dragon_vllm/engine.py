@@ -10,9 +10,11 @@ previous chunk, so the caller alone decides what is appended (docs/ENGINES.md §
   log-probs are ``log_softmax(z / T)`` — the per-document ``p_d`` of docs/ALGORITHMS.md — not the
   raw ``T = 1`` values. No top-k/top-p/penalties are ever sent to vLLM, so nothing else is
   folded in.
-* Rollback: no public truncate in vLLM, so the no-patch path: abort the sessions and reopen
-  them with ``prompt + accepted`` at the next advance; the prefix cache restores every full
-  block, only the partial tail block and the new tokens are recomputed.
+* Rollback: no public truncate in vLLM, so by default the no-patch path: abort the sessions and
+  reopen them with ``prompt + accepted`` at the next advance; the prefix cache restores every
+  full block, only the partial tail block and the new tokens are recomputed. Opt-in for gangs,
+  ``make_engine(rollback="in_place")``: the gang scheduler truncates the sessions in place
+  (``drafting.py``, ``gang.py``, ``rewind.py``), on the vLLM versions it was verified on only.
 * Admission (``dragon_vllm.admission``): a group's k streams are admitted together, within
   ``max_num_seqs`` and a KV budget, so paused sessions can never starve each other.
 
@@ -42,6 +44,37 @@ from dragon_vllm.plugin import LOGITS_PROCESSOR, SCHEDULER_CLS, SYNC_SCHEDULER_C
 from dragon_vllm.streaming import input_chunks, top_k_at
 
 MIN_VLLM = (0, 26)  # streaming-input sessions, flat_logprobs, processed_logprobs, tokens_input
+ROLLBACKS = ("reopen", "in_place")
+ALLOW_UNVERIFIED_ROLLBACK = "DRAGON_ALLOW_UNVERIFIED_ROLLBACK"
+
+
+class UnverifiedRollback(RuntimeError):
+    """``rollback="in_place"`` on a vLLM version the truncation was not verified on."""
+
+
+def check_rollback(rollback: str, version: tuple[int, int] | None = None) -> str:
+    """The rollback mode, normalised (``in-place`` = ``in_place``); refuses ``in_place`` on a vLLM
+    version ``dragon_vllm.rewind`` was not verified on, unless DRAGON_ALLOW_UNVERIFIED_ROLLBACK=1."""
+    mode = rollback.replace("-", "_")
+    if mode not in ROLLBACKS:
+        raise ValueError(f"rollback must be one of {', '.join(ROLLBACKS)}, not {rollback!r}")
+    if mode == "in_place":
+        from dragon_vllm.rewind import VERIFIED
+
+        version = version or vllm_version()
+        if version not in VERIFIED:
+            have = ".".join(map(str, version))
+            verified = ", ".join(".".join(map(str, v)) + ".x" for v in VERIFIED)
+            if os.environ.get(ALLOW_UNVERIFIED_ROLLBACK) != "1":
+                raise UnverifiedRollback(
+                    f"rollback in place was verified on vLLM {verified} only, not on vLLM {have}: use "
+                    f"rollback='reopen' (the default), or set {ALLOW_UNVERIFIED_ROLLBACK}=1 to run it unverified "
+                    "(then run tests/engines/test_rollback_in_place.py on this version first)")
+            import logging
+
+            logging.getLogger("dragon.rewind").warning(
+                "rollback in place on vLLM %s, verified on %s only (%s=1)", have, verified, ALLOW_UNVERIFIED_ROLLBACK)
+    return mode
 
 
 def vllm_version() -> tuple[int, int]:
@@ -160,8 +193,9 @@ class VllmEngine:
     """``dragon_core.engine.Engine`` on one shared ``AsyncLLM``."""
 
     def __init__(self, llm, *, logprobs_k: int, max_streams: int, kv_reserve_tokens: int, mixing: bool = False,
-                 chunk_tokens: int = 0) -> None:
+                 chunk_tokens: int = 0, rollback: str = "reopen") -> None:
         self.llm = llm
+        self.rollback = rollback  # "reopen" (abort + reopen) or "in_place" (gangs only; see drafting.py)
         self.logprobs_k = logprobs_k  # log-probs read from vLLM per stream and step (not a request's top_k)
         self.mixing = mixing  # the gang path: streams mixed and drafted inside vLLM (drafting.py)
         self.chunk_tokens = chunk_tokens
@@ -172,7 +206,7 @@ class VllmEngine:
         self.kv_reserve_tokens = kv_reserve_tokens
         self.admission = Admission(max_streams, int(cache.num_gpu_blocks or 1))
         self._gids = itertools.count()
-        self._stats = dict(groups=0, reopens=0, prompt_tokens=0, cached_tokens=0, chunks=0, repairs=0)
+        self._stats = dict(groups=0, reopens=0, prompt_tokens=0, cached_tokens=0, chunks=0, repairs=0, rewinds=0)
         sched = llm.vllm_config.scheduler_config
         self.max_batch_tokens: int = int(getattr(sched, "max_num_scheduled_tokens", None) or sched.max_num_batched_tokens)
 
@@ -237,14 +271,19 @@ class VllmEngine:
     def _release(self, ticket: Ticket) -> None:
         self.admission.release(ticket)
 
-    def _gang_params(self, chunk_tokens: int, *, leader: bool, extra: dict):
+    def _gang_params(self, chunk_tokens: int, *, leader: bool, extra: dict, parity: int | None = None):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         # greedy in vLLM: the processor already applied 1/T and wrote the mixture, so every row
-        # takes its argmax; only the leader returns the (mixture's) top-K
+        # takes its argmax; only the leader returns the (mixture's) top-K. Rollback in place
+        # (``parity`` given): the other rows return their sampled log-prob, which marks the chunk
+        if parity is None:
+            logprobs = self.logprobs_k if leader else None
+        else:
+            logprobs = self.logprobs_k if leader else 0
         return SamplingParams(max_tokens=chunk_tokens, temperature=0.0, ignore_eos=True,
-                              logprobs=self.logprobs_k if leader else None, flat_logprobs=True, detokenize=False,
+                              logprobs=logprobs, flat_logprobs=True, detokenize=False,
                               output_kind=RequestOutputKind.DELTA, extra_args=extra)
 
     def _params(self, temperature: float, top_k: int):
@@ -261,7 +300,7 @@ def make_engine(model_dir: str, *, logprobs_k: int = 20, top_k: int | None = Non
                 enforce_eager: bool | None = None, kv_cache_gib: int | None = None,
                 gpu_memory_utilization: float | None = None, kv_reserve_tokens: int = 256, seed: int = 0,
                 mixing: bool = True, chunk_tokens: int = 0, max_num_batched_tokens: int | None = None,
-                max_logprobs: int | None = None,
+                max_logprobs: int | None = None, rollback: str = "reopen",
                 **engine_kwargs) -> VllmEngine:
     """Start the shared ``AsyncLLM`` for DRAGON streams.
 
@@ -276,6 +315,10 @@ def make_engine(model_dir: str, *, logprobs_k: int = 20, top_k: int | None = Non
     budget ``max_num_batched_tokens`` (default: 4 contexts) must hold a request's prompts.
 
     ``logprobs_k``: log-probs read per stream and step (``top_k`` is its old name, still taken).
+
+    ``rollback``: ``"reopen"`` (the default: a rejected draft aborts the gang and reopens it) or
+    ``"in_place"`` (the gang scheduler truncates the rows' sessions in place; gangs only; refused
+    on vLLM versions it was not verified on, ``check_rollback``).
     """
     logprobs_k = logprobs_k if top_k is None else top_k
     from dragon_vllm.plugin import register
@@ -283,6 +326,11 @@ def make_engine(model_dir: str, *, logprobs_k: int = 20, top_k: int | None = Non
     register()  # the version gate, also where the package is not installed (PYTHONPATH on the GPU machine)
     if vllm_version() < MIN_VLLM:
         raise RuntimeError(f"vLLM >= {'.'.join(map(str, MIN_VLLM))} is required for streaming-input sessions")
+    rollback = check_rollback(rollback)
+    if rollback == "in_place":
+        if not mixing:
+            raise ValueError("rollback='in_place' needs the in-engine path (mixing=True)")
+
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.platforms import current_platform
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -308,4 +356,4 @@ def make_engine(model_dir: str, *, logprobs_k: int = 20, top_k: int | None = Non
         sched.scheduler_cls = SCHEDULER_CLS if sched.async_scheduling else SYNC_SCHEDULER_CLS
     llm = AsyncLLM.from_vllm_config(config, disable_log_stats=True)
     return VllmEngine(llm, logprobs_k=logprobs_k, max_streams=min(max_streams or max_num_seqs, max_num_seqs),
-                      kv_reserve_tokens=kv_reserve_tokens, mixing=mixing, chunk_tokens=chunk_tokens)
+                      kv_reserve_tokens=kv_reserve_tokens, mixing=mixing, chunk_tokens=chunk_tokens, rollback=rollback)

