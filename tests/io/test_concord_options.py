@@ -118,3 +118,38 @@ def test_answer_stats_carry_the_concord_counters():
                          device_only=False, session=_session("dragon"), finish=s.Finish("length"),
                          timing=Timing(0.0), traffic=None)
     assert other.steps_certified is None and "concord" not in cli.format_stats(other.as_dict())
+
+
+def test_openai_route_answers_400_naming_temperature_for_sampling_in_mode_concord():
+    """The local server's route (dragon_http.OpenAIRoutes with the device's extras): the refusal is
+    a 400 in OpenAI's error shape, before the backend is asked for anything."""
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from dragon_http.openai_routes import OpenAIRoutes
+
+    class Backend:
+        max_model_len = 2048
+        asked = 0
+
+        async def answer_chat(self, messages, **opts):
+            Backend.asked += 1
+            raise AssertionError("the backend must not be reached")
+
+    async def main():
+        app = web.Application()
+        OpenAIRoutes(Backend(), "m", max_tokens=64, extras=EdgeExtras()).add_routes(app)
+        async with TestClient(TestServer(app)) as client:
+            body = dict(model="m", messages=[{"role": "user", "content": "hi"}], mode="concord", temperature=0.7)
+            r = await client.post("/v1/chat/completions", json=body)
+            refused = r.status, (await r.json())["error"]
+            r = await client.post("/v1/chat/completions", json=dict(body, temperature=0, concord_top_m=-1))
+            bad_m = r.status, (await r.json())["error"]
+        return refused, bad_m
+
+    (status, err), (status_m, err_m) = asyncio.run(main())
+    assert status == 400 and err["param"] == "temperature" and "greedy" in err["message"]
+    assert status_m == 400 and err_m["param"] == "concord_top_m"
+    assert Backend.asked == 0
