@@ -6,6 +6,9 @@ One module per concern:
 * ``build``: documents -> passages, vectors and a faiss index, installed atomically;
 * ``layout``: the folder's file names and its manifest;
 * ``index``: :class:`PublicIndex`, a built index opened read-only, and its load checks;
+* ``ivf``: the index kinds (flat, IVF-Flat, IVF-PQ), their parameters and their build;
+* ``lookahead`` (+ ``cluster_cache``, ``cluster_store``, ``merge``, ``gpu_store``): TeleRAG's
+  prefetch of a query's IVF clusters into a cache, results equal to plain IVF search;
 * ``errors``: the typed errors (not found / corrupt / retriever mismatch are shared with the
   device's store through ``dragon_host.errors``);
 * ``cli``: ``python -m dragon_vllm.corpus_cli build | search | info``.
@@ -22,7 +25,9 @@ from dragon_vllm.corpus.errors import (
     CorpusNotFound,
     CorpusRetrieverMismatch,
     EmptyCorpus,
+    GpuUnavailable,
 )
+from dragon_vllm.corpus.ivf import KINDS, IndexSpec
 from dragon_vllm.corpus.index import PublicIndex
 from dragon_vllm.corpus.layout import FORMAT, FORMAT_VERSION, INDEX_FILE, MANIFEST, PASSAGES_FILE, read_manifest
 from dragon_vllm.corpus.readers import INPUT_FORMATS, Document, detect_format, read_documents, resolve_format
@@ -31,6 +36,7 @@ __all__ = [
     "PublicIndex", "Passage", "Document", "default_nprobe", "read_documents", "detect_format", "resolve_format",
     "read_manifest", "ivf_nlist",
     "CorpusError", "CorpusNotFound", "CorpusCorrupt", "CorpusRetrieverMismatch", "CorpusInputError", "EmptyCorpus",
+    "GpuUnavailable", "KINDS", "IndexSpec",
     "FORMAT", "FORMAT_VERSION", "MANIFEST", "INDEX_FILE", "PASSAGES_FILE", "INPUT_FORMATS",
     "DEFAULT_IVF_THRESHOLD", "MIN_NPROBE", "EMBED_BLOCK",
 ]

@@ -1,6 +1,7 @@
 """Build and query the cloud's public passage index.
 
     python -m dragon_vllm.corpus_cli build OUT_DIR INPUT... [--passage-words 64] [--ivf-threshold N] [--limit N]
+        [--kind auto|flat|ivf-flat|ivf-pq] [--nlist N] [--nprobe P] [--pq-m M]
     python -m dragon_vllm.corpus_cli search OUT_DIR "query" [-k 4]
     python -m dragon_vllm.corpus_cli info OUT_DIR [--verify]
 """
@@ -31,6 +32,7 @@ examples:
   python -m dragon_vllm.corpus_cli build idx/wiki1k /work/shared/data/wiki_passages_sample/flashrag_wiki18_sample_1000.jsonl
   python -m dragon_vllm.corpus_cli build idx/wt2 /work/shared/data/wikitext-2-raw/wiki.valid.raw
   python -m dragon_vllm.corpus_cli search idx/wt2 "European lobster claws" -k 4
+  dragon-cloud index build idx/wt2pq /work/shared/data/wikitext-2-raw/wiki.valid.raw --kind ivf-pq --nlist 64 --nprobe 8
 """
 
 
@@ -53,9 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--ivf-threshold", type=int, default=c.DEFAULT_IVF_THRESHOLD, metavar="N",
                    help="use an IVF index (approximate, ~4*sqrt(n) lists) from N passages on; exact flat "
                         "index below (default: %(default)s)")
-    b.add_argument("--nprobe", type=int, default=None,
-                   help="IVF lists probed per query, stored as the index default "
+    b.add_argument("--kind", choices=c.KINDS, default="auto",
+                   help="faiss index: flat (exact), ivf-flat (inverted lists of full vectors), ivf-pq (inverted "
+                        "lists of product-quantized codes, ~32x smaller, approximate scores); auto: flat under "
+                        "--ivf-threshold passages, ivf-flat from there on (default: %(default)s)")
+    b.add_argument("--nlist", type=int, default=None, metavar="N",
+                   help="IVF lists (default: ~4*sqrt(passages))")
+    b.add_argument("--nprobe", type=int, default=None, metavar="P",
+                   help="IVF lists probed per query, stored in the index's manifest as its default "
                         "(default: nlist/8, at least 32)")
+    b.add_argument("--pq-m", type=int, default=48, metavar="M",
+                   help="ivf-pq: sub-quantizers, bytes per vector; must divide the dimension (default: %(default)s)")
     b.add_argument("--limit", type=int, default=None, metavar="N", help="stop after N passages (quick builds)")
     b.add_argument("--format", dest="input_format", choices=c.INPUT_FORMATS, default="auto",
                    help="input format of every INPUT (default: auto-detect per file)")
@@ -68,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("queries", metavar="QUERY", nargs="+", help="query text (several: one batched search)")
     s.add_argument("-k", type=int, default=4, help="passages per query (default: %(default)s)")
     s.add_argument("--nprobe", type=int, default=None, help="IVF lists to probe (default: the index's)")
+    s.add_argument("--lookahead", action="store_true",
+                   help="IVF: search through the lookahead cluster cache (same results; CPU store here)")
     s.add_argument("--json", action="store_true", help="one JSON object per query")
 
     i = sub.add_parser("info", help="show an index's manifest summary",
@@ -81,7 +93,7 @@ def _build(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     index = c.PublicIndex.build(a.inputs, a.out_dir, passage_words=a.passage_words, ivf_threshold=a.ivf_threshold,
                                 nprobe=a.nprobe, limit=a.limit, input_format=a.input_format,
-                                progress=not a.quiet, overwrite=a.force)
+                                progress=not a.quiet, overwrite=a.force, kind=a.kind, nlist=a.nlist, pq_m=a.pq_m)
     m = index.manifest
     secs = m["build"]["seconds"]
     print(f"built {a.out_dir}: {m['passages']} passages from {m['documents']} documents, "
@@ -91,7 +103,7 @@ def _build(a: argparse.Namespace) -> int:
 
 
 def _search(a: argparse.Namespace) -> int:
-    index = c.PublicIndex.load(a.out_dir, nprobe=a.nprobe)
+    index = c.PublicIndex.load(a.out_dir, nprobe=a.nprobe, lookahead=a.lookahead)
     for query, hits in zip(a.queries, index.search_many(a.queries, a.k)):
         if a.json:
             print(json.dumps({"query": query, "passages": [

@@ -19,7 +19,8 @@ from dragon_core.passage import Passage
 from dragon_host.embedder import Embedder, default_embedder
 from dragon_host.files import file_sha256
 from dragon_vllm.corpus.build import build_index
-from dragon_vllm.corpus.errors import CorpusCorrupt, CorpusRetrieverMismatch
+from dragon_vllm.corpus.errors import CorpusCorrupt, CorpusError, CorpusRetrieverMismatch
+from dragon_vllm.corpus.ivf import check_index_info
 from dragon_vllm.corpus.layout import INDEX_FILE, PASSAGES_FILE, read_manifest
 
 
@@ -27,8 +28,12 @@ class PublicIndex:
     """A built index, opened read-only. ``search`` is thread-safe (the cloud calls it from
     ``asyncio.to_thread``)."""
 
-    def __init__(self, path: Path, manifest: dict, index, conn: sqlite3.Connection, embedder: Embedder) -> None:
+    def __init__(self, path: Path, manifest: dict, index, conn: sqlite3.Connection, embedder: Embedder,
+                 searcher=None) -> None:
         self.path, self.manifest, self.index, self.embedder = path, manifest, index, embedder
+        # what answers a batch of query vectors: the faiss index itself, or (IVF, lookahead=True)
+        # a LookaheadSearcher whose results are the same, id for id
+        self.searcher = searcher
         self._conn = conn
         self._db_lock = threading.Lock()  # one sqlite connection shared by threads
         self._embed_lock = threading.Lock()  # HF fast tokenizers fail when used by two threads at once
@@ -44,22 +49,23 @@ class PublicIndex:
     # ---------------------------------------------------------- load
     @classmethod
     def load(cls, path: str | os.PathLike, *, embedder: Embedder | None = None, nprobe: int | None = None,
-             verify: bool = False) -> "PublicIndex":
+             verify: bool = False, lookahead: bool = False, **lookahead_options) -> "PublicIndex":
         """Open a built index. Raises :class:`CorpusNotFound`, :class:`CorpusCorrupt` (missing,
-        truncated or — with ``verify`` — altered files) or :class:`CorpusRetrieverMismatch`."""
+        truncated or — with ``verify`` — altered files, a bad index entry in the manifest) or
+        :class:`CorpusRetrieverMismatch`. The manifest's kind picks the searcher; its nprobe is the
+        default (``nprobe`` overrides it). ``lookahead`` (IVF kinds): search through the cluster
+        cache (``lookahead.py``; options: ``budget_bytes``, ``decay``, ``store``)."""
         root = Path(path)
         manifest = read_manifest(root)
+        manifest["index"] = check_index_info(manifest["index"], str(root))
         embedder = embedder or default_embedder()
         _check_retriever(manifest, embedder, root)
         for name in (INDEX_FILE, PASSAGES_FILE):
             _check_file(root, name, manifest, verify)
         index = _read_faiss(root / INDEX_FILE, manifest)
-        if nprobe is not None and manifest["index"]["type"] == "ivf":
-            import faiss
-
-            faiss.extract_index_ivf(index).nprobe = max(1, int(nprobe))
+        searcher = _searcher(index, manifest["index"], nprobe, lookahead, lookahead_options)
         conn = _open_passages(root / PASSAGES_FILE, manifest)
-        return cls(root, manifest, index, conn, embedder)
+        return cls(root, manifest, index, conn, embedder, searcher)
 
     # ---------------------------------------------------------- search
     def __len__(self) -> int:
@@ -71,7 +77,7 @@ class PublicIndex:
 
     @property
     def nprobe(self) -> int | None:
-        if self.manifest["index"]["type"] != "ivf":
+        if self.kind == "flat":
             return None
         import faiss
 
@@ -87,7 +93,7 @@ class PublicIndex:
             return [[] for _ in queries]
         with self._embed_lock:
             q = self.embedder.embed(list(queries))
-        ip, ids = self.index.search(q, min(k, len(self)))
+        ip, ids = self.searcher.search(q, min(k, len(self)))
         # Missing hits (id -1, an IVF probing too few lists) carry -FLT_MAX: zero them before scaling.
         scores = self.embedder.score.from_inner_product(np.where(ids >= 0, ip, 0.0))
         rows = self._rows({int(i) for i in ids.ravel() if i >= 0})
@@ -113,9 +119,20 @@ class PublicIndex:
                                 f"index but not in {PASSAGES_FILE}; rebuild the index")
         return rows
 
+    @property
+    def kind(self) -> str:
+        return self.manifest["index"]["kind"]
+
+    def retrieval_stats(self) -> dict | None:
+        """The lookahead path's counters (retrieval time, cache hits and misses), else None."""
+        snapshot = getattr(self.searcher, "snapshot", None)
+        return snapshot() if snapshot else None
+
     def close(self) -> None:
         with self._db_lock:
             self._conn.close()
+        if hasattr(self.searcher, "close"):
+            self.searcher.close()
 
     def __enter__(self) -> "PublicIndex":
         return self
@@ -127,6 +144,48 @@ class PublicIndex:
 def _passage(pid: int, row: tuple[str, str], score: float) -> Passage:
     title, text = row
     return Passage(pid, text, score, title=title)
+
+
+class _FaissSearcher:
+    """The faiss index's own search (flat exact, or IVF with its nprobe)."""
+
+    def __init__(self, index) -> None:
+        self.index = index
+
+    def search(self, q: np.ndarray, k: int):
+        return self.index.search(q, k)
+
+
+class _LookaheadAdapter:
+    """``search(q, k)`` through a :class:`LookaheadSearcher` (open + search at once; the cloud's
+    Open-time prefetch calls ``lookahead.open`` itself)."""
+
+    def __init__(self, lookahead) -> None:
+        self.lookahead = lookahead
+
+    def search(self, q: np.ndarray, k: int):
+        return self.lookahead.search_now(q, k)
+
+    def snapshot(self) -> dict:
+        return self.lookahead.snapshot()
+
+    def close(self) -> None:
+        self.lookahead.close()
+
+
+def _searcher(index, info: dict, nprobe: int | None, lookahead: bool, options: dict):
+    if info["kind"] == "flat":
+        if lookahead:
+            raise CorpusError("lookahead search needs an IVF index (build with --kind ivf-flat or ivf-pq)")
+        return _FaissSearcher(index)
+    import faiss
+
+    faiss.extract_index_ivf(index).nprobe = max(1, int(nprobe if nprobe is not None else info["nprobe"]))
+    if not lookahead:
+        return _FaissSearcher(index)
+    from dragon_vllm.corpus.lookahead import LookaheadSearcher
+
+    return _LookaheadAdapter(LookaheadSearcher(index, **options))
 
 
 # ------------------------------------------------------------------ load checks

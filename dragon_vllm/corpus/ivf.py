@@ -20,7 +20,7 @@ KINDS = ("auto", "flat", "ivf-flat", "ivf-pq")
 MIN_NPROBE = 32
 ADD_BLOCK = 1 << 16  # vectors per faiss add(): bounds the copy out of a memory map
 TRAIN_PER_LIST = 64  # k-means training points per list (faiss warns under 39)
-PQ_TRAIN_MIN = 65_536  # PQ codebooks (256 centroids per sub-quantizer) want more points than IVF
+PQ_TRAIN_MIN = 32_768  # PQ codebooks: 128 points per centroid of a sub-quantizer (faiss wants >= 39)
 
 
 def ivf_nlist(n: int) -> int:
@@ -43,6 +43,7 @@ class IndexSpec:
     nlist: int | None = None  # None: ivf_nlist(n)
     nprobe: int | None = None  # None: default_nprobe(nlist)
     pq_m: int = 48  # IVF-PQ sub-quantizers: 48 x 8 bits = 48 bytes per 384-d vector (32x smaller)
+    pq_nbits: int = 8  # bits per sub-quantizer code (4: 16 centroids, quick to train, coarser)
     ivf_threshold: int = 50_000
 
     def __post_init__(self) -> None:
@@ -54,6 +55,8 @@ class IndexSpec:
                 raise CorpusInputError(f"--{name} must be a positive integer, got {v!r}")
         if self.pq_m < 1:
             raise CorpusInputError(f"--pq-m must be a positive integer, got {self.pq_m!r}")
+        if self.pq_nbits not in (4, 6, 8, 10, 12):
+            raise CorpusInputError(f"--pq-nbits must be 4, 6, 8, 10 or 12, got {self.pq_nbits!r}")
 
     def resolve(self, n: int) -> str:
         """The concrete kind for ``n`` vectors."""
@@ -86,10 +89,10 @@ def _trained_ivf(vecs: np.ndarray, kind: str, spec: IndexSpec, seed: int):
     if kind == "ivf-pq" and dim % spec.pq_m:
         raise CorpusInputError(f"--pq-m {spec.pq_m} does not divide the dimension {dim}")
     train_n = min(n, TRAIN_PER_LIST * nlist)
-    nbits = 8
+    nbits = spec.pq_nbits
     if kind == "ivf-pq":
         train_n = min(n, max(train_n, PQ_TRAIN_MIN))
-        nbits = 8 if train_n >= 1024 else 4  # tiny test corpora: 16 centroids per sub-quantizer
+        nbits = min(nbits, 8 if train_n >= 1024 else 4)  # tiny corpora: 16 centroids per sub-quantizer
     factory = f"IVF{nlist},Flat" if kind == "ivf-flat" else f"IVF{nlist},PQ{spec.pq_m}x{nbits}"
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.extract_index_ivf(index)

@@ -1,0 +1,262 @@
+"""Retrieval at scale (issue 15): flat exact vs IVF-Flat vs IVF-PQ, and TeleRAG's lookahead path.
+
+On a SYNTHETIC clustered corpus (``benchmarks/synthetic_corpus.py``, generated on first use):
+
+* per index kind: build time (train + add), process RSS growth, index bytes;
+* per (kind, nprobe): single-query latency (p50/p90), batched latency and throughput (batches
+  of ``--batch``), recall@k against the exact flat search;
+* the lookahead path (``dragon_vllm.corpus.lookahead``) per IVF config: ``open`` (coarse
+  quantizer + the cluster copies started in the background), then a *simulated* round trip
+  (``time.sleep(--rtt-ms)``: the link, the device's retrieval and prefills in the real system)
+  during which the copy runs, then ``search``; reported: the time on the critical path after the
+  round trip, the cache hit rate, and whether the results equal the plain IVF search id for id.
+
+    python -m benchmarks.bench_retrieval --n 1000000                      # CPU (faiss-cpu)
+    python -m benchmarks.bench_retrieval --n 10000000 --store gpu --gpu-whole-index \\
+        --out benchmarks/results/retrieval_h200.json                     # GPU machine (not run yet)
+
+On CPU the "cache" is a copy in host memory, so the lookahead can only add cost: the numbers
+check the path and its overhead. TeleRAG's goals (>= 1.6x lower latency than faiss-cpu IVF at
+10M) are GPU goals, measured with ``--store gpu`` on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import synthetic_corpus as synth
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    return float(np.mean([len(set(f[f >= 0]) & set(t)) / k for f, t in zip(found, truth)]))
+
+
+def _ms(xs) -> dict:
+    a = np.asarray(xs) * 1e3
+    return {"p50_ms": round(float(np.percentile(a, 50)), 3), "p90_ms": round(float(np.percentile(a, 90)), 3),
+            "mean_ms": round(float(a.mean()), 3)}
+
+
+def time_single(search, xq: np.ndarray, k: int) -> tuple[dict, np.ndarray]:
+    out, times = [], []
+    for i in range(len(xq)):
+        t = time.perf_counter()
+        _, ids = search(xq[i : i + 1], k)
+        times.append(time.perf_counter() - t)
+        out.append(ids[0])
+    return _ms(times), np.array(out)
+
+
+def time_batched(search, xq: np.ndarray, k: int, batch: int) -> dict:
+    times = []
+    for s in range(0, len(xq), batch):
+        t = time.perf_counter()
+        search(xq[s : s + batch], k)
+        times.append(time.perf_counter() - t)
+    return {**_ms(times), "batch": batch, "queries_per_s": round(len(xq) / sum(times), 1)}
+
+
+def build(vecs: np.ndarray, kind: str, nlist: int, pq_m: int) -> tuple[object, dict]:
+    from dragon_vllm.corpus.ivf import IndexSpec, build_faiss_index
+
+    rss0, t0 = rss_bytes(), time.perf_counter()
+    index, info = build_faiss_index(vecs, IndexSpec(kind=kind, nlist=nlist, pq_m=pq_m))
+    info.update(build_s=round(time.perf_counter() - t0, 2), rss_growth_bytes=rss_bytes() - rss0,
+                index_bytes=index_bytes(index))
+    return index, info
+
+
+def index_bytes(index) -> int:
+    """Bytes of the stored vectors/codes and ids (plus centroids): what must sit in memory."""
+    if info_kind(index) == "flat":
+        return int(index.ntotal * index.d * 4)
+    from dragon_vllm.corpus.cluster_store import ivf_of, list_bytes
+
+    ivf = ivf_of(index)
+    return int(list_bytes(index).sum() + ivf.nlist * ivf.d * 4)
+
+
+def info_kind(index) -> str:
+    import faiss
+
+    return "flat" if isinstance(index, faiss.IndexFlat) else "ivf"
+
+
+def bench_lookahead(index, xq, k: int, batch: int, rtt: float, plain_ids: np.ndarray, budget_fraction: float,
+                    store: str) -> dict:
+    from dragon_vllm.corpus.cluster_store import list_bytes
+    from dragon_vllm.corpus.lookahead import LookaheadSearcher
+
+    budget = int(list_bytes(index).sum() * budget_fraction)
+    s = LookaheadSearcher(index, budget_bytes=budget, store=_store(store, index, budget))
+    opens, after, ids = [], [], []
+    for i in range(len(xq)):
+        t = time.perf_counter()
+        la = s.open(xq[i : i + 1])
+        opens.append(time.perf_counter() - t)
+        time.sleep(rtt)  # simulated round trip: the prefetch copy runs meanwhile
+        t = time.perf_counter()
+        ids.append(s.search(la, k)[1][0])
+        after.append(time.perf_counter() - t)
+    single = {"open": _ms(opens), "after_rtt": _ms(after), **{f"cache_{a}": b for a, b in s.cache.snapshot().items()}}
+    batched_t = []
+    for b in range(0, len(xq), batch):
+        la = s.open(xq[b : b + batch])
+        time.sleep(rtt)
+        t = time.perf_counter()
+        s.search(la, k)
+        batched_t.append(time.perf_counter() - t)
+    s.close()
+    return {"rtt_ms": rtt * 1e3, "budget_bytes": budget, "budget_fraction": budget_fraction,
+            "equal_to_plain_ivf": bool((np.array(ids) == plain_ids).all()), "single": single,
+            "batched_after_rtt": {**_ms(batched_t), "batch": batch,
+                                  "queries_per_s": round(len(xq) / sum(batched_t), 1)},
+            "cache_after_batched": s.cache.snapshot()}
+
+
+def _store(kind: str, index, budget: int):
+    if kind == "cpu":
+        return None  # LookaheadSearcher's default: CpuClusterStore
+    from dragon_vllm.corpus.gpu_store import GpuClusterStore
+
+    return GpuClusterStore(index, budget)  # raises GpuUnavailable without faiss-gpu + CUDA
+
+
+def gpu_whole_index(index):
+    """Baseline (b) of the issue: the whole index on the GPU (faiss-gpu), where it fits."""
+    from dragon_vllm.corpus.gpu_store import gpu_available
+    from dragon_vllm.corpus.errors import GpuUnavailable
+    import faiss
+
+    reason = gpu_available()
+    if reason:
+        raise GpuUnavailable(f"--gpu-whole-index: {reason}")
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+
+
+def run(a: argparse.Namespace) -> dict:
+    import faiss
+
+    faiss.omp_set_num_threads(a.threads)
+    corpus = a.corpus or Path(f"/tmp/dragon_synth_{a.n}")
+    if not (corpus / "synthetic.json").is_file():
+        synth.generate(corpus, a.n, clusters=a.clusters, passages=False)
+    vecs, xq_all, meta = synth.load(corpus)
+    xq = np.ascontiguousarray(xq_all[: a.queries])
+    results = {"corpus": meta, "queries": len(xq), "k": a.k, "threads": a.threads, "configs": []}
+    flat, info = build(vecs, "flat", a.nlist, a.pq_m)
+    _, truth = flat.search(xq, a.k)
+    results["configs"].append(measure(flat, "flat", None, info, xq, truth, a))
+    del flat
+    for kind in a.kinds:
+        index, info = build(vecs, kind, a.nlist, a.pq_m)
+        for nprobe in a.nprobe:
+            faiss.extract_index_ivf(index).nprobe = nprobe
+            results["configs"].append(measure(index, kind, nprobe, info, xq, truth, a))
+            print(json.dumps(results["configs"][-1]), flush=True)
+        del index
+    return results
+
+
+def measure(index, kind: str, nprobe: int | None, info: dict, xq, truth, a) -> dict:
+    single, ids = time_single(index.search, xq, a.k)
+    row = {"kind": kind, "nprobe": nprobe, "build": info, "recall_at_k": round(recall(ids, truth), 4),
+           "single": single, "batched": time_batched(index.search, xq, a.k, a.batch)}
+    if kind != "flat" and a.lookahead:
+        row["lookahead"] = bench_lookahead(index, xq, a.k, a.batch, a.rtt_ms / 1e3, ids, a.budget_fraction, a.store)
+    if kind != "flat" and a.gpu_whole_index:
+        g = gpu_whole_index(index)
+        row["gpu_whole_index"] = {"single": time_single(g.search, xq, a.k)[0],
+                                  "batched": time_batched(g.search, xq, a.k, a.batch)}
+    return row
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["configs"]
+    labels = [r["kind"] + (f"\nnprobe {r['nprobe']}" if r["nprobe"] else "") for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = np.arange(len(rows))
+    ax1.bar(x - 0.2, [r["single"]["p50_ms"] for r in rows], 0.4, label="plain search")
+    ax1.bar(x + 0.2, [r.get("lookahead", {}).get("single", {}).get("after_rtt", {}).get("p50_ms", 0) for r in rows],
+            0.4, label=f"lookahead, after a simulated {results.get('rtt_ms', 0):g} ms RTT")
+    ax1.set_ylabel("single-query latency p50 (ms)")
+    ax1.set_yscale("log")
+    for i, r in enumerate(rows):
+        ax1.annotate(f"R@{results['k']}={r['recall_at_k']:.3f}", (i, r["single"]["p50_ms"]), ha="center",
+                     va="bottom", fontsize=7)
+    ax2.bar(x - 0.2, [r["batched"]["queries_per_s"] for r in rows], 0.4, label="plain search")
+    ax2.bar(x + 0.2, [r.get("lookahead", {}).get("batched_after_rtt", {}).get("queries_per_s", 0) for r in rows],
+            0.4, label="lookahead (after RTT)")
+    ax2.set_ylabel(f"batched throughput, batches of {rows[0]['batched']['batch']} (queries/s)")
+    for ax in (ax1, ax2):
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.legend(fontsize=8)
+    m = results["corpus"]
+    fig.suptitle(f"Retrieval on CPU (faiss-cpu, {results['threads']} threads), SYNTHETIC {m['n']:,} x {m['dim']}-d "
+                 f"gaussian clusters; TeleRAG's GPU path not measured", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_retrieval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=1_000_000, help="synthetic vectors (default: %(default)s)")
+    p.add_argument("--corpus", type=Path, default=None, help="synthetic corpus folder (default: /tmp/dragon_synth_N)")
+    p.add_argument("--clusters", type=int, default=4096, help="gaussian topics of a generated corpus")
+    p.add_argument("--kinds", nargs="+", default=["ivf-flat", "ivf-pq"], choices=["ivf-flat", "ivf-pq"])
+    p.add_argument("--nlist", type=int, default=1024)
+    p.add_argument("--nprobe", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--pq-m", type=int, default=48)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1,
+                   help="faiss OpenMP threads (default 1: on a shared 2-core box 2 threads spin and train ~7x slower)")
+    p.add_argument("--rtt-ms", type=float, default=20.0, help="simulated round trip between open and search")
+    p.add_argument("--budget-fraction", type=float, default=0.15, help="cluster cache size, fraction of the lists")
+    p.add_argument("--no-lookahead", dest="lookahead", action="store_false")
+    p.add_argument("--store", choices=["cpu", "gpu"], default="cpu", help="cluster store of the lookahead path")
+    p.add_argument("--gpu-whole-index", action="store_true", help="also the whole index on the GPU (faiss-gpu)")
+    p.add_argument("--out", type=Path, default=RESULTS / "retrieval_cpu.json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.environment import describe
+
+    a = parser().parse_args(argv)
+    t0 = time.perf_counter()
+    results = run(a)
+    results.update(rtt_ms=a.rtt_ms, store=a.store, seconds=round(time.perf_counter() - t0, 1),
+                   note="SYNTHETIC corpus; on CPU the lookahead cache is a host-memory copy (no speed-up "
+                        "possible); TeleRAG's latency goals are GPU goals, not measured here",
+                   environment=describe(["faiss-cpu", "faiss-gpu", "numpy"]))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, a.out.with_suffix(".png"))
+    print(f"wrote {a.out} and {a.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared cores: no spinning OpenMP threads
+    raise SystemExit(main())

@@ -1,0 +1,268 @@
+"""IVF indexes at scale (issue 15): kinds and their metadata, the lookahead cluster cache and
+its equality with plain faiss IVF search (ties included), the GPU hook's typed error, the CLIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+faiss = pytest.importorskip("faiss")
+faiss.omp_set_num_threads(1)  # 2 OpenMP threads on a shared 2-core box spin: PQ training ~7x slower
+
+from benchmarks import synthetic_corpus as synth  # noqa: E402
+from dragon_vllm import corpus as c  # noqa: E402
+from dragon_vllm.corpus.cluster_cache import ClusterCache  # noqa: E402
+from dragon_vllm.corpus.gpu_store import GpuClusterStore, gpu_available  # noqa: E402
+from dragon_vllm.corpus.ivf import build_faiss_index, check_index_info  # noqa: E402
+from dragon_vllm.corpus.lookahead import LookaheadSearcher  # noqa: E402
+from dragon_vllm.corpus.merge import replay  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+D = 32
+
+
+def tied_vectors(n: int = 2400, seed: int = 0) -> np.ndarray:
+    """Unit-ish vectors rounded to quarters, a third of them duplicated: many exactly equal scores."""
+    x = np.random.default_rng(seed).standard_normal((n, D)).astype(np.float32)
+    x = np.concatenate([x, x[: n // 3]])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return (np.round(x * 4) / 4).astype(np.float32)
+
+
+def tied_queries(n: int = 120, seed: int = 1) -> np.ndarray:
+    return (np.round(np.random.default_rng(seed).standard_normal((n, D)) * 2) / 2).astype(np.float32)
+
+
+@pytest.fixture(scope="module", params=["ivf-flat", "ivf-pq"])
+def ivf_index(request):
+    index, info = build_faiss_index(tied_vectors(), c.IndexSpec(kind=request.param, nlist=32, nprobe=6, pq_m=8,
+                                                                    pq_nbits=4))  # 4 bits: seconds to train
+    return index, info
+
+
+# ------------------------------------------------------------------ kinds and metadata
+def test_ivf_build_and_faiss_round_trip(ivf_index, tmp_path):
+    index, info = ivf_index
+    assert info["nlist"] == 32 and info["nprobe"] == 6 and info["kind"] in ("ivf-flat", "ivf-pq")
+    assert info["factory"] == ("IVF32,Flat" if info["kind"] == "ivf-flat" else f"IVF32,PQ8x{info['pq_nbits']}")
+    # the lists are faiss's flat host-memory layout, which the cluster store copies from
+    assert isinstance(faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists), faiss.ArrayInvertedLists)
+    faiss.write_index(index, str(tmp_path / "i.faiss"))
+    back = faiss.read_index(str(tmp_path / "i.faiss"))
+    assert faiss.extract_index_ivf(back).nprobe == 6
+    q = tied_queries(20)
+    assert (back.search(q, 10)[1] == index.search(q, 10)[1]).all()
+
+
+def test_spec_and_manifest_errors_are_typed():
+    with pytest.raises(c.CorpusInputError, match="unknown index kind"):
+        c.IndexSpec(kind="hnsw")
+    with pytest.raises(c.CorpusInputError, match="--pq-nbits"):
+        c.IndexSpec(kind="ivf-pq", pq_nbits=7)
+    with pytest.raises(c.CorpusInputError, match="--nlist"):
+        c.IndexSpec(kind="ivf-flat", nlist=0)
+    with pytest.raises(c.CorpusInputError, match="divide"):
+        build_faiss_index(tied_vectors(300), c.IndexSpec(kind="ivf-pq", nlist=4, pq_m=5))
+    assert check_index_info({"type": "ivf", "nlist": 4, "nprobe": 2}, "x")["kind"] == "ivf-flat"  # old manifests
+    assert check_index_info({"type": "flat"}, "x")["kind"] == "flat"
+    for bad in ({"type": "hnsw"}, {"type": "ivf", "kind": "ivf-sq", "nlist": 4, "nprobe": 2},
+                {"type": "flat", "kind": "ivf-pq"}, {"type": "ivf", "kind": "ivf-pq", "nlist": 4, "nprobe": 0},
+                {"type": "ivf", "nlist": "4", "nprobe": 2}, None):
+        with pytest.raises(c.CorpusCorrupt):
+            check_index_info(bad, "x")
+
+
+def test_auto_kind_keeps_the_historical_default():
+    assert c.IndexSpec().resolve(10) == "flat" and c.IndexSpec().resolve(50_000) == "ivf-flat"
+    assert c.IndexSpec(kind="flat").resolve(10**7) == "flat"
+    assert c.IndexSpec(kind="ivf-pq").resolve(10) == "ivf-pq"
+
+
+# ------------------------------------------------------------------ lookahead == plain IVF
+@pytest.mark.parametrize("budget", [0, 20_000, None, 10**9], ids=["no-cache", "tight", "15pct", "all"])
+def test_lookahead_equals_plain_ivf_id_for_id(ivf_index, budget):
+    index, _ = ivf_index
+    q = tied_queries()
+    want_d, want_i = index.search(q, 10)
+    s = LookaheadSearcher(index, budget_bytes=budget)
+    try:
+        for batch in (q, q[:1], q[7:40]):  # repeats: warm caches, evictions, single queries
+            got_d, got_i = s.search_now(batch, 10)
+            ref_d, ref_i = index.search(batch, 10)
+            assert (got_i == ref_i).all() and (got_d == ref_d).all()
+        got_d, got_i = s.search_now(q, 10)
+        assert (got_i == want_i).all() and (got_d == want_d).all()
+        assert (np.diff(got_d, axis=1) == 0).any(axis=1).mean() > 0.3  # the data really is tie-heavy
+        wider = index.search(q, 11)[0]
+        assert (wider[:, 9] == wider[:, 10]).any()  # ... at the k-th score too
+    finally:
+        s.close()
+
+
+def test_lookahead_pads_like_faiss_when_the_probed_lists_are_short():
+    x = tied_vectors(400)
+    index, _ = build_faiss_index(x, c.IndexSpec(kind="ivf-flat", nlist=50, nprobe=1))
+    q = tied_queries(30)
+    ref_d, ref_i = index.search(q, 40)
+    assert (ref_i == -1).any()  # one list of ~10 vectors cannot fill 40 results
+    s = LookaheadSearcher(index, budget_bytes=10**9)
+    got_d, got_i = s.search_now(q, 40)
+    s.close()
+    assert (got_i == ref_i).all() and (got_d[ref_i >= 0] == ref_d[ref_i >= 0]).all()
+
+
+def test_open_then_search_overlaps_the_copy(ivf_index):
+    index, _ = ivf_index
+    s = LookaheadSearcher(index, budget_bytes=10**9)
+    la = s.open(tied_queries(4))
+    la.copied.result(timeout=10)  # the copy runs in the background after open()
+    assert s.cache.snapshot()["resident_clusters"] > 0 and s.cache.pins.sum() > 0
+    assert (s.search(la, 5)[1] == index.search(tied_queries(4), 5)[1]).all()
+    assert s.cache.pins.sum() == 0  # search releases the request's pins
+    snap = s.snapshot()
+    assert snap["retrieval_searches"] == 1 and snap["retrieval_queries"] == 4 and snap["hit_rate"] == 1.0
+    s.close()
+
+
+# ------------------------------------------------------------------ the merge rule
+def test_replay_follows_faiss_heap_rules():
+    # equal scores at the boundary: the first scanned is in (admission needs a strictly better score)
+    s, i = replay(np.array([1, 1, 1], np.float32), np.array([5, 9, 2]), np.array([0, 1, 2]), 2)
+    assert i.tolist() == [9, 5]  # ...and equal scores come out by id descending
+    # an eviction among equal worst scores drops the smaller id
+    s, i = replay(np.array([1, 1, 2], np.float32), np.array([5, 9, 3]), np.array([0, 1, 2]), 2)
+    assert i.tolist() == [3, 9]
+    s, i = replay(np.array([0.5], np.float32), np.array([4]), np.array([0]), 3)
+    assert i.tolist() == [4, -1, -1] and s[1] == -np.inf
+
+
+# ------------------------------------------------------------------ the cache
+def test_cache_hit_miss_and_budget():
+    cache = ClusterCache(np.full(8, 100), budget_bytes=300, decay=0.5)
+    copy, drop = cache.plan(np.array([[0, 1, 2, 3]]))
+    assert copy == [0, 1, 2] and drop == [] and cache.stats.rejected == 1  # nearest first, budget of 3
+    mask = cache.split(np.array([[0, 1, 2, 3]]))
+    assert mask.tolist() == [[True, True, True, False]] and (cache.stats.hits, cache.stats.misses) == (3, 1)
+    cache.release(np.array([[0, 1, 2, 3]]))
+    assert cache.stats.hit_rate() == 0.75 and cache.used_bytes == 300
+
+
+def test_cache_decay_evicts_the_coldest_only_for_a_hotter_newcomer():
+    cache = ClusterCache(np.full(6, 100), budget_bytes=200, decay=0.5)
+    for probes in ([0, 1], [0, 1], [0]):  # 0 stays hottest, 1 cools
+        cache.release(np.array(probes)) if cache.plan(np.array(probes)) else None
+    assert cache.hotness[0] > cache.hotness[1] > 0
+    copy, drop = cache.plan(np.array([2]))  # a one-off: not hotter than 1 (1.25 -> 0.625 vs 1): evicts 1
+    cache.release(np.array([2]))
+    assert (copy, drop) == ([2], [1]) and cache.resident[[0, 2]].all()
+    cache2 = ClusterCache(np.full(4, 100), budget_bytes=100, decay=1.0)  # no decay: 0 has 3 probes
+    for _ in range(3):
+        cache2.plan(np.array([0]))
+        cache2.release(np.array([0]))
+    assert cache2.plan(np.array([1])) == ([], []) and cache2.stats.rejected == 1  # colder newcomer rejected
+
+
+def test_cache_never_evicts_pinned_clusters():
+    cache = ClusterCache(np.full(4, 100), budget_bytes=100, decay=0.5)
+    cache.plan(np.array([0]))  # request A in flight, cluster 0 pinned
+    for _ in range(3):
+        copy, drop = cache.plan(np.array([1]))  # B is hotter each time but 0 is pinned
+        cache.release(np.array([1]))
+        assert 0 not in drop
+    assert cache.resident[0]
+    with pytest.raises(ValueError):
+        ClusterCache(np.full(2, 1), 10, decay=0.0)
+
+
+# ------------------------------------------------------------------ GPU hook
+def test_gpu_store_raises_typed_error_without_faiss_gpu(ivf_index):
+    if gpu_available() is None:
+        pytest.skip("faiss-gpu and CUDA present: the GPU store is tested on the GPU machine")
+    with pytest.raises(c.GpuUnavailable, match="GPU cluster store unavailable"):
+        GpuClusterStore(ivf_index[0], budget_bytes=1 << 20)
+    assert issubclass(c.GpuUnavailable, c.CorpusError)
+
+
+# ------------------------------------------------------------------ synthetic corpus
+def test_synthetic_corpus_streams_labelled_unit_vectors(tmp_path):
+    meta = synth.generate(tmp_path, 1000, dim=16, clusters=8, queries=10, chunk=300)
+    vecs, xq, back = synth.load(tmp_path)
+    assert meta == back and meta["synthetic"] and "SYNTHETIC" in meta["label"]
+    assert vecs.shape == (1000, 16) and xq.shape == (10, 16)
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
+    assert set(np.load(tmp_path / "clusters.npy")) <= set(range(8))
+    import gzip
+
+    with gzip.open(tmp_path / "passages.jsonl.gz", "rt") as f:
+        lines = [json.loads(line) for line in f]
+    assert len(lines) == 1000 and all("SYNTHETIC" in r["text"] and "SYNTHETIC" in r["title"] for r in lines)
+
+
+# ------------------------------------------------------------------ CLIs
+@pytest.mark.parametrize("argv,flags", [
+    (["-m", "dragon_vllm.corpus_cli", "build", "--help"], ["--kind", "ivf-pq", "--nlist", "--nprobe", "--pq-m"]),
+    (["-m", "dragon_vllm.corpus_cli", "search", "--help"], ["--lookahead"]),
+    (["-m", "benchmarks.synthetic_corpus", "--help"], ["--n", "--clusters", "--chunk", "SYNTHETIC"]),
+    (["-m", "benchmarks.bench_retrieval", "--help"], ["--nprobe", "--rtt-ms", "--store", "--gpu-whole-index"]),
+])
+def test_cli_help(argv, flags):
+    r = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert all(f in r.stdout for f in flags)
+
+
+# ------------------------------------------------------------------ PublicIndex (real text, the embedder)
+@pytest.fixture(scope="module")
+def text_inputs(tmp_path_factory):
+    from tests.io.test_corpus import write_inputs
+
+    return write_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from dragon_host import embedder as emb
+
+    return emb.default_embedder()
+
+
+@pytest.mark.parametrize("kind", ["ivf-flat", "ivf-pq"])
+def test_public_index_ivf_round_trip_and_lookahead(kind, text_inputs, embedder, tmp_path):
+    from tests.io.test_corpus import QUERIES
+
+    built = c.PublicIndex.build(text_inputs, tmp_path / kind, kind=kind, nlist=4, nprobe=2, pq_m=8,
+                                embedder=embedder, progress=False)
+    info = built.manifest["index"]
+    assert (info["kind"], info["nlist"], info["nprobe"]) == (kind, 4, 2) and built.kind == kind
+    assert json.loads((built.path / c.MANIFEST).read_text())["index"]["kind"] == kind  # stored in the folder
+    plain = c.PublicIndex.load(built.path, embedder=embedder)
+    assert plain.nprobe == 2 and plain.retrieval_stats() is None
+    cached = c.PublicIndex.load(built.path, embedder=embedder, lookahead=True, budget_bytes=1 << 20)
+    queries = list(QUERIES)
+    a, b = plain.search_many(queries, 4), cached.search_many(queries, 4)
+    assert [[(p.id, p.score) for p in hits] for hits in a] == [[(p.id, p.score) for p in hits] for hits in b]
+    stats = cached.retrieval_stats()
+    assert stats["retrieval_queries"] == len(queries) and stats["hits"] + stats["misses"] == 2 * len(queries)
+    assert c.PublicIndex.load(built.path, embedder=embedder, nprobe=4).nprobe == 4  # override
+    for x in (built, plain, cached):
+        x.close()
+
+
+def test_public_index_bad_kind_in_manifest_is_corrupt(text_inputs, embedder, tmp_path):
+    built = c.PublicIndex.build(text_inputs, tmp_path / "f", kind="flat", embedder=embedder, progress=False)
+    assert built.kind == "flat" and built.nprobe is None
+    with pytest.raises(c.CorpusError, match="needs an IVF index"):
+        c.PublicIndex.load(built.path, embedder=embedder, lookahead=True)
+    m = json.loads((built.path / c.MANIFEST).read_text())
+    m["index"]["kind"] = "ivf-sq"
+    (built.path / c.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(c.CorpusCorrupt, match="unknown index kind"):
+        c.PublicIndex.load(built.path, embedder=embedder)
