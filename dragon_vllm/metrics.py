@@ -92,8 +92,47 @@ class _EngineCollector:
                 yield GaugeMetricFamily(f"dragon_engine_{name}", doc, value=float(stats[name]))
 
 
+# the public index's retrieval (PublicIndex.retrieval_stats(), read at scrape time): mean retrieval
+# time is rate(dragon_retrieval_seconds_total) / rate(dragon_retrieval_searches_total); the lookahead
+# cluster cache's hit rate is rate(..._cache_hits_total) / (rate(..._hits_total) + rate(..._misses_total))
+RETRIEVAL_COUNTERS = {
+    "retrieval_searches": "Public-index searches (one per batch of queries)",
+    "retrieval_queries": "Queries answered by the public index",
+    "retrieval_seconds": "Public-index retrieval time, query arrival to top-k ready (embedding, faiss, passages)",
+    "cache_hits": "Probed IVF clusters found in the lookahead cluster cache",
+    "cache_misses": "Probed IVF clusters scanned from host memory instead",
+}
+RETRIEVAL_GAUGES = {
+    "cache_hit_rate": "Lookahead cluster cache hit rate since start",
+    "cache_used_bytes": "Bytes of IVF clusters held by the lookahead cluster cache",
+    "cache_budget_bytes": "Byte budget of the lookahead cluster cache",
+}
+
+
+class _RetrievalCollector:
+    """Reads the public index's retrieval counters at scrape time."""
+
+    def __init__(self, retrieval_stats: Callable[[], dict]) -> None:
+        self._retrieval_stats = retrieval_stats
+
+    def collect(self):
+        stats = self._retrieval_stats() or {}
+        for name, doc in RETRIEVAL_COUNTERS.items():
+            if isinstance(stats.get(name), (int, float)):
+                yield CounterMetricFamily(_retrieval_name(name), doc, value=float(stats[name]))
+        for name, doc in RETRIEVAL_GAUGES.items():
+            if isinstance(stats.get(name), (int, float)):
+                yield GaugeMetricFamily(_retrieval_name(name), doc, value=float(stats[name]))
+
+
+def _retrieval_name(stat: str) -> str:
+    """retrieval_seconds -> dragon_retrieval_seconds, cache_hits -> dragon_retrieval_cache_hits."""
+    return f"dragon_{stat}" if stat.startswith("retrieval_") else f"dragon_retrieval_{stat}"
+
+
 class CloudMetrics:
-    def __init__(self, engine_stats: Callable[[], dict] | None = None) -> None:
+    def __init__(self, engine_stats: Callable[[], dict] | None = None,
+                 retrieval_stats: Callable[[], dict] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("dragon_requests", "Requests by front door and outcome", ["kind", "outcome"], registry=r)
@@ -118,6 +157,8 @@ class CloudMetrics:
         self._engine_stats = engine_stats
         if engine_stats is not None:
             r.register(_EngineCollector(engine_stats))
+        if retrieval_stats is not None:
+            r.register(_RetrievalCollector(retrieval_stats))
 
     # ------------------------------------------------------------------ hooks
     def on_request(self, event: str, kind: str = "link") -> None:

@@ -35,7 +35,7 @@ class ServerConfig:
 
 
 def build_app(cloud: DragonCloud, config: ServerConfig, metrics: CloudMetrics | None = None) -> web.Application:
-    metrics = metrics or CloudMetrics(engine_stats(cloud.engine))
+    metrics = metrics or CloudMetrics(engine_stats(cloud.engine), getattr(cloud.index, "retrieval_stats", None))
     cloud.metrics = metrics
     link = LinkServer(cloud, config.auth_token, config.limits, stats=metrics)
     middlewares = [metrics.observe_openai]

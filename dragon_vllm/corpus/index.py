@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -34,6 +35,7 @@ class PublicIndex:
         # what answers a batch of query vectors: the faiss index itself, or (IVF, lookahead=True)
         # a LookaheadSearcher whose results are the same, id for id
         self.searcher = searcher
+        self._timing = {"retrieval_searches": 0, "retrieval_queries": 0, "retrieval_seconds": 0.0}
         self._conn = conn
         self._db_lock = threading.Lock()  # one sqlite connection shared by threads
         self._embed_lock = threading.Lock()  # HF fast tokenizers fail when used by two threads at once
@@ -91,12 +93,14 @@ class PublicIndex:
         """Batched :meth:`search`: one embedding call, one faiss search, one SQLite read."""
         if k <= 0 or not queries:
             return [[] for _ in queries]
+        t0 = time.perf_counter()
         with self._embed_lock:
             q = self.embedder.embed(list(queries))
         ip, ids = self.searcher.search(q, min(k, len(self)))
         # Missing hits (id -1, an IVF probing too few lists) carry -FLT_MAX: zero them before scaling.
         scores = self.embedder.score.from_inner_product(np.where(ids >= 0, ip, 0.0))
         rows = self._rows({int(i) for i in ids.ravel() if i >= 0})
+        self._count(len(queries), time.perf_counter() - t0)
         return [[_passage(int(i), rows[int(i)], float(s)) for i, s in zip(ids_q, sc_q) if i >= 0]
                 for ids_q, sc_q in zip(ids.tolist(), scores.tolist())]
 
@@ -123,10 +127,21 @@ class PublicIndex:
     def kind(self) -> str:
         return self.manifest["index"]["kind"]
 
-    def retrieval_stats(self) -> dict | None:
-        """The lookahead path's counters (retrieval time, cache hits and misses), else None."""
+    def _count(self, queries: int, seconds: float) -> None:
+        t = self._timing  # plain adds under the GIL: metrics, not accounting
+        t["retrieval_searches"] += 1
+        t["retrieval_queries"] += queries
+        t["retrieval_seconds"] += seconds
+
+    def retrieval_stats(self) -> dict:
+        """Cumulative retrieval counters for ``/metrics``: searches, queries and seconds (embedding
+        + faiss + passages: query arrival -> top-k ready), plus, on the lookahead path, the cluster
+        cache's (``cache_hits``, ``cache_misses``, ``cache_hit_rate``, ``cache_used_bytes``, ...)."""
+        out = dict(self._timing)
         snapshot = getattr(self.searcher, "snapshot", None)
-        return snapshot() if snapshot else None
+        if snapshot is not None:
+            out.update({f"cache_{k}": v for k, v in snapshot().items() if not k.startswith("retrieval_")})
+        return out
 
     def close(self) -> None:
         with self._db_lock:

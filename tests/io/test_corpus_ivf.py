@@ -244,13 +244,15 @@ def test_public_index_ivf_round_trip_and_lookahead(kind, text_inputs, embedder, 
     assert (info["kind"], info["nlist"], info["nprobe"]) == (kind, 4, 2) and built.kind == kind
     assert json.loads((built.path / c.MANIFEST).read_text())["index"]["kind"] == kind  # stored in the folder
     plain = c.PublicIndex.load(built.path, embedder=embedder)
-    assert plain.nprobe == 2 and plain.retrieval_stats() is None
+    assert plain.nprobe == 2 and not any(k.startswith("cache_") for k in plain.retrieval_stats())
     cached = c.PublicIndex.load(built.path, embedder=embedder, lookahead=True, budget_bytes=1 << 20)
     queries = list(QUERIES)
     a, b = plain.search_many(queries, 4), cached.search_many(queries, 4)
     assert [[(p.id, p.score) for p in hits] for hits in a] == [[(p.id, p.score) for p in hits] for hits in b]
     stats = cached.retrieval_stats()
-    assert stats["retrieval_queries"] == len(queries) and stats["hits"] + stats["misses"] == 2 * len(queries)
+    assert stats["retrieval_queries"] == len(queries) == plain.retrieval_stats()["retrieval_queries"]
+    assert stats["retrieval_searches"] == 1 and stats["retrieval_seconds"] > 0
+    assert stats["cache_hits"] + stats["cache_misses"] == 2 * len(queries) and 0 <= stats["cache_hit_rate"] <= 1
     assert c.PublicIndex.load(built.path, embedder=embedder, nprobe=4).nprobe == 4  # override
     for x in (built, plain, cached):
         x.close()
@@ -266,3 +268,18 @@ def test_public_index_bad_kind_in_manifest_is_corrupt(text_inputs, embedder, tmp
     (built.path / c.MANIFEST).write_text(json.dumps(m))
     with pytest.raises(c.CorpusCorrupt, match="unknown index kind"):
         c.PublicIndex.load(built.path, embedder=embedder)
+
+
+def test_retrieval_counters_are_exported_in_metrics():
+    from prometheus_client import generate_latest
+
+    from dragon_vllm.metrics import CloudMetrics
+
+    stats = {"retrieval_searches": 3, "retrieval_queries": 5, "retrieval_seconds": 0.5, "cache_hits": 7,
+             "cache_misses": 1, "cache_hit_rate": 0.875, "cache_used_bytes": 10, "cache_budget_bytes": 100}
+    text = generate_latest(CloudMetrics(None, lambda: stats).registry).decode()
+    for line in ("dragon_retrieval_seconds_total 0.5", "dragon_retrieval_queries_total 5.0",
+                 "dragon_retrieval_cache_hits_total 7.0", "dragon_retrieval_cache_misses_total 1.0",
+                 "dragon_retrieval_cache_hit_rate 0.875"):
+        assert line in text
+    assert "dragon_retrieval" not in generate_latest(CloudMetrics(None, lambda: {}).registry).decode()
