@@ -63,9 +63,11 @@ def _search_pairs(ivf, x: np.ndarray, probes: np.ndarray, coarse: np.ndarray, k:
     x = np.ascontiguousarray(x, dtype=np.float32)
     probes = np.ascontiguousarray(probes, dtype=np.int64)
     coarse = np.ascontiguousarray(coarse, dtype=np.float32)
+    params = faiss.SearchParametersIVF()
+    params.nprobe = probes.shape[1]  # the width of the assignment, whatever the index's own nprobe
     # store_pairs=True: labels say where a candidate sits, which the merge needs for faiss's scan order
     ivf.search_preassigned_c(n, faiss.swig_ptr(x), k, faiss.swig_ptr(probes), faiss.swig_ptr(coarse),
-                             faiss.swig_ptr(D), faiss.swig_ptr(L), True)
+                             faiss.swig_ptr(D), faiss.swig_ptr(L), True, params)
     return D, L
 
 

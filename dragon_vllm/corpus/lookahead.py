@@ -57,6 +57,8 @@ class LookaheadSearcher:
         self.store = store if store is not None else CpuClusterStore(index)
         self.host = HostLists(index)
         self.stats = RetrievalStats()
+        # ONE copier: copies run in plan order, so when a request's own copy is done, every cluster
+        # an earlier request admitted (which this one may count as a hit) is in the store too
         self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cluster-prefetch")
 
     # ------------------------------------------------------------------ the two steps

@@ -107,6 +107,20 @@ def test_lookahead_equals_plain_ivf_id_for_id(ivf_index, budget):
         s.close()
 
 
+def test_lookahead_nprobe_other_than_the_index_default(ivf_index):
+    index, _ = ivf_index
+    ivf = faiss.extract_index_ivf(index)
+    q = tied_queries(40)
+    s = LookaheadSearcher(index, budget_bytes=10**9, nprobe=11)
+    got = s.search_now(q, 10)[1]
+    s.close()
+    ivf.nprobe = 11
+    try:
+        assert (got == index.search(q, 10)[1]).all()
+    finally:
+        ivf.nprobe = 6
+
+
 def test_lookahead_pads_like_faiss_when_the_probed_lists_are_short():
     x = tied_vectors(400)
     index, _ = build_faiss_index(x, c.IndexSpec(kind="ivf-flat", nlist=50, nprobe=1))
