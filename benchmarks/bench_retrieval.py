@@ -217,6 +217,24 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def table(results: dict) -> str:
+    """The README's markdown table of one results file."""
+    head = ("| index | nprobe | build s | index MB | recall@{k} | single p50 ms | batch {b} q/s "
+            "| lookahead after RTT p50 ms | lookahead batch q/s | cache hit rate | = plain IVF |")
+    rows = results["configs"]
+    out = [head.format(k=results["k"], b=rows[0]["batched"]["batch"]), "|" + "---|" * 11]
+    for r in rows:
+        la = r.get("lookahead")
+        cells = [r["kind"], r["nprobe"] or "-", r["build"]["build_s"], round(r["build"]["index_bytes"] / 2**20),
+                 r["recall_at_k"], r["single"]["p50_ms"], r["batched"]["queries_per_s"],
+                 la["single"]["after_rtt"]["p50_ms"] if la else "-",
+                 la["batched_after_rtt"]["queries_per_s"] if la else "-",
+                 round(la["single"]["cache_hit_rate"], 3) if la else "-",
+                 ("yes" if la["equal_to_plain_ivf"] else "NO") if la else "-"]
+        out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(out)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_retrieval", description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=1_000_000, help="synthetic vectors (default: %(default)s)")
@@ -237,6 +255,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--store", choices=["cpu", "gpu"], default="cpu", help="cluster store of the lookahead path")
     p.add_argument("--gpu-whole-index", action="store_true", help="also the whole index on the GPU (faiss-gpu)")
     p.add_argument("--out", type=Path, default=RESULTS / "retrieval_cpu.json")
+    p.add_argument("--table", type=Path, default=None, metavar="JSON",
+                   help="only print the markdown table of a results file")
     return p
 
 
@@ -244,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.environment import describe
 
     a = parser().parse_args(argv)
+    if a.table:
+        print(table(json.loads(a.table.read_text())))
+        return 0
     t0 = time.perf_counter()
     results = run(a)
     results.update(rtt_ms=a.rtt_ms, store=a.store, seconds=round(time.perf_counter() - t0, 1),
@@ -253,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, a.out.with_suffix(".png"))
+    print(table(results))
     print(f"wrote {a.out} and {a.out.with_suffix('.png')}")
     return 0
 

@@ -50,11 +50,16 @@ def scan(ivf, x: np.ndarray, probes: np.ndarray, coarse: np.ndarray, k: int) -> 
     return out
 
 
+def scan_ids(ivf, x: np.ndarray, probes: np.ndarray, coarse: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """faiss's own top-``k`` (scores, ids) over the lists ``probes`` only (-1 = skip)."""
+    return _search_pairs(ivf, x, probes, coarse, k, store_pairs=False)
+
+
 def _scanned(ivf, probes_row: np.ndarray) -> int:
     return sum(ivf.invlists.list_size(int(c)) for c in probes_row if c >= 0)
 
 
-def _search_pairs(ivf, x: np.ndarray, probes: np.ndarray, coarse: np.ndarray, k: int):
+def _search_pairs(ivf, x: np.ndarray, probes: np.ndarray, coarse: np.ndarray, k: int, store_pairs: bool = True):
     import faiss
 
     n = len(x)
@@ -67,7 +72,7 @@ def _search_pairs(ivf, x: np.ndarray, probes: np.ndarray, coarse: np.ndarray, k:
     params.nprobe = probes.shape[1]  # the width of the assignment, whatever the index's own nprobe
     # store_pairs=True: labels say where a candidate sits, which the merge needs for faiss's scan order
     ivf.search_preassigned_c(n, faiss.swig_ptr(x), k, faiss.swig_ptr(probes), faiss.swig_ptr(coarse),
-                             faiss.swig_ptr(D), faiss.swig_ptr(L), True, params)
+                             faiss.swig_ptr(D), faiss.swig_ptr(L), store_pairs, params)
     return D, L
 
 
@@ -79,6 +84,9 @@ class HostLists:
 
     def scan(self, x, probes, coarse, k):
         return scan(self.ivf, x, probes, coarse, k)
+
+    def scan_ids(self, x, probes, coarse, k):
+        return scan_ids(self.ivf, x, probes, coarse, k)
 
 
 class CpuClusterStore:
@@ -105,6 +113,9 @@ class CpuClusterStore:
 
     def scan(self, x, probes, coarse, k):
         return scan(self.ivf, x, probes, coarse, k)
+
+    def scan_ids(self, x, probes, coarse, k):
+        return scan_ids(self.ivf, x, probes, coarse, k)
 
 
 def _empty_sibling(ivf):

@@ -42,6 +42,7 @@ class RetrievalStats:
     searches: int = 0
     queries: int = 0
     seconds: float = 0.0  # open -> top-k ready, summed over searches
+    tie_rows: int = 0  # queries merged by the exact replay (a tie at the k-th place across parts)
 
 
 class LookaheadSearcher:
@@ -74,12 +75,15 @@ class LookaheadSearcher:
         try:
             la.copied.result()  # normally done: the round trip since open() covers the copy
             hit = self.cache.split(la.probes)
-            parts = []
-            if hit.any():
-                parts.append(self.store.scan(la.x, np.where(hit, la.probes, -1), la.coarse, k))
-            if (~hit & (la.probes >= 0)).any():
-                parts.append(self.host.scan(la.x, np.where(hit, -1, la.probes), la.coarse, k))
-            D, I = self._merge(la.probes, parts, k)
+            parts = [(where, probes, where.scan_ids(la.x, probes, la.coarse, k)) for where, probes in _parts(la, hit,
+                     self.store, self.host)]
+            D, I = _merge_sorted([res for _, _, res in parts], k)
+            ties = np.flatnonzero(_boundary_ties(D, I, k)) if len(parts) > 1 else np.empty(0, np.int64)
+            D, I = np.ascontiguousarray(D[:, :k]), np.ascontiguousarray(I[:, :k])
+            if ties.size:  # rare: equal scores at the k-th place, resolved as faiss's own scan would
+                self.stats.tie_rows += int(ties.size)
+                D[ties], I[ties] = self._merge_exact(la.x[ties], la.coarse[ties], la.probes[ties],
+                                                     [(where, probes[ties]) for where, probes, _ in parts], k)
         finally:
             self.cache.release(la.probes)
         self._count(len(la.x), time.perf_counter() - la.opened)
@@ -94,13 +98,14 @@ class LookaheadSearcher:
         self.store.drop(to_drop)
         self.store.copy_in(to_copy)
 
-    def _merge(self, probes: np.ndarray, parts: list, k: int) -> tuple[np.ndarray, np.ndarray]:
-        n = len(probes)
-        D = np.full((n, k), -np.inf, dtype=np.float32)
-        I = np.full((n, k), -1, dtype=np.int64)
-        for q in range(n):
-            scores = np.concatenate([p[q][0] for p in parts]) if parts else np.empty(0, np.float32)
-            labels = np.concatenate([p[q][1] for p in parts]) if parts else np.empty(0, np.int64)
+    def _merge_exact(self, x, coarse, probes, parts, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every candidate at or above each part's k-th score, replayed in faiss's scan order."""
+        scanned = [where.scan(x, part_probes, coarse, k) for where, part_probes in parts]
+        D = np.full((len(x), k), -np.inf, dtype=np.float32)
+        I = np.full((len(x), k), -1, dtype=np.int64)
+        for q in range(len(x)):
+            scores = np.concatenate([p[q][0] for p in scanned])
+            labels = np.concatenate([p[q][1] for p in scanned])
             lists, offsets = labels >> PAIR_SHIFT, labels & ((1 << PAIR_SHIFT) - 1)
             rank = _probe_rank(probes[q], lists)
             ids = np.array([self.ivf.invlists.get_single_id(int(c), int(o)) for c, o in zip(lists, offsets)],
@@ -117,10 +122,40 @@ class LookaheadSearcher:
     def snapshot(self) -> dict:
         """Counters for /metrics and /health: retrieval time and the cache's hits and misses."""
         return {"retrieval_searches": self.stats.searches, "retrieval_queries": self.stats.queries,
-                "retrieval_seconds": self.stats.seconds, **self.cache.snapshot()}
+                "retrieval_seconds": self.stats.seconds, "tie_rows": self.stats.tie_rows, **self.cache.snapshot()}
 
     def close(self) -> None:
         self._copier.shutdown(wait=True)
+
+
+def _parts(la: Lookahead, hit: np.ndarray, store, host) -> list[tuple[object, np.ndarray]]:
+    """(where to scan, the probes with the other part's lists masked to -1), non-empty parts only.
+    A query whose probed lists are all in one part gets faiss's own result from that part."""
+    parts = []
+    if hit.any():
+        parts.append((store, np.where(hit, la.probes, -1)))
+    if (~hit & (la.probes >= 0)).any():
+        parts.append((host, np.where(hit, -1, la.probes)))
+    return parts
+
+
+def _merge_sorted(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The parts' top-k lists merged by (score desc, id desc), faiss's output order; k + 1 columns
+    kept so the caller can see a tie at the k-th place."""
+    D = np.concatenate([d for d, _ in results], axis=1)
+    I = np.concatenate([i for _, i in results], axis=1)
+    order = np.lexsort((-I, -D), axis=-1)[:, : k + 1]
+    return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
+
+
+def _boundary_ties(D: np.ndarray, I: np.ndarray, k: int) -> np.ndarray:
+    """Rows whose k-th and (k+1)-th merged candidates score the same: which of them faiss keeps
+    depends on its scan order (``merge.py``). Without such a tie the merged top-k is faiss's:
+    a part that dropped an equal-scoring candidate at its own k-th place either shows the tie
+    here or supplies the whole top-k alone, exactly as the global scan would have chosen."""
+    if D.shape[1] <= k:
+        return np.zeros(len(D), dtype=bool)
+    return (I[:, k - 1] >= 0) & (I[:, k] >= 0) & (D[:, k - 1] == D[:, k])
 
 
 def _probe_rank(probes_row: np.ndarray, lists: np.ndarray) -> np.ndarray:
