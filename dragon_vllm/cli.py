@@ -56,6 +56,11 @@ def serve(
         "In-engine path: tokens the cloud drafts per engine chunk without a round trip; 0 (the "
         "default) = draft until the device rejects a draft or the answer's max_tokens, with no "
         "round trip at all in between.")),
+    rollback: str = typer.Option("reopen", "--rollback", help=(
+        "In-engine path: how a rejected draft rolls the gang back. 'reopen' (the default): abort "
+        "the gang's vLLM requests and reopen them (the prefix cache restores whole blocks). "
+        "'in-place': truncate the sessions inside the gang scheduler (no new requests); verified "
+        "on vLLM 0.32 only, refused on other versions unless DRAGON_ALLOW_UNVERIFIED_ROLLBACK=1.")),
     max_k: int = typer.Option(16, help="Largest k a device may ask for."),
     max_tokens: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
     emulate_decode_ms: float = typer.Option(0.0, help="Experiments: add this to every cloud draft on the "
@@ -94,6 +99,14 @@ def serve(
     from dragon_http.auth import load_api_keys
     from dragon_vllm.server import ServerConfig, build_app
 
+    from dragon_vllm.engine import UnverifiedRollback, check_rollback
+
+    try:
+        rollback = check_rollback(rollback)
+    except (ValueError, UnverifiedRollback) as exc:
+        raise typer.BadParameter(f"--rollback: {exc}") from None
+    if rollback == "in_place" and not in_engine:
+        raise typer.BadParameter("--rollback in-place needs the in-engine path (not --per-document)")
     try:
         api_keys = load_api_keys(api_key or (), api_key_file)
     except OSError as exc:
@@ -113,7 +126,7 @@ def serve(
                                  max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
                                  gpu_memory_utilization=gpu_memory_utilization,
                                  emulate_decode_ms=emulate_decode_ms, mixing=in_engine,
-                                 chunk_tokens=chunk_tokens)
+                                 chunk_tokens=chunk_tokens, rollback=rollback)
         limits = LinkLimits(max_k=max_k, max_tokens=max_tokens, peer_timeout_s=peer_timeout_s,
                             request_idle_timeout_s=request_idle_timeout_s,
                             max_requests_per_identity=max_requests_per_identity,
