@@ -146,7 +146,8 @@ def serve(
                     lingering_time=min(10.0, body_timeout_s))  # reading the rest of a refused body: bounded
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+# add_help_option=False: `dragon-cloud index build --help` is the corpus CLI's help, not typer's
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
 def index(ctx: typer.Context) -> None:
     """Build or search a public index: `dragon-cloud index build OUT INPUT...`, `... search OUT QUERY`."""
     from dragon_vllm.corpus import cli as corpus_cli

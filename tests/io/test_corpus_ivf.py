@@ -226,6 +226,8 @@ def test_synthetic_corpus_streams_labelled_unit_vectors(tmp_path):
 @pytest.mark.parametrize("argv,flags", [
     (["-m", "dragon_vllm.corpus_cli", "build", "--help"], ["--kind", "ivf-pq", "--nlist", "--nprobe", "--pq-m"]),
     (["-m", "dragon_vllm.corpus_cli", "search", "--help"], ["--lookahead"]),
+    (["-c", "import sys; from dragon_vllm.cli import main; sys.argv = ['dragon-cloud', 'index', 'build', '--help']; main()"],
+     ["--kind", "--nlist"]),  # through dragon-cloud: the corpus CLI's help, not typer's
     (["-m", "benchmarks.synthetic_corpus", "--help"], ["--n", "--clusters", "--chunk", "SYNTHETIC"]),
     (["-m", "benchmarks.bench_retrieval", "--help"], ["--nprobe", "--rtt-ms", "--store", "--gpu-whole-index"]),
 ])
