@@ -118,7 +118,7 @@ async def run_gang_group(engine, prompts: list[list[int]], steps: int, gaps: lis
             if step:  # the first gap is the time to first token
                 gaps.append(now - last)
             last = now
-        for key in ("chunks", "reopens", "repairs", "served_from_chunk"):
+        for key in ("chunks", "reopens", "rewinds", "repairs", "served_from_chunk"):
             stats[key] = stats.get(key, 0) + getattr(group, key)
         return steps
     finally:
@@ -150,16 +150,26 @@ async def gang_level(engine, prompts, steps: int, k: int, rollback_every: int = 
 
 
 async def rollback_level(engine, prompts, steps: int, k: int, every: int, clean_seconds: float,
-                         follow: bool = False) -> dict:
-    """The cost of a rollback (abort + reopen of the gang) at this load: the same answers with a
-    forced detour every ``every`` steps, minus the clean run's time, per rollback."""
-    got = await gang_level(engine, prompts, steps, k, every, follow)
-    reopens = got["gang_counters"].get("reopens", 0)
+                         follow: bool = False, mode: str = "reopen") -> dict:
+    """The cost of a rollback at this load: the same answers with a forced detour every ``every``
+    steps, minus the clean run's time, per rollback. ``mode``: ``reopen`` (abort + reopen of the
+    gang; keys ``rollback_*``) or ``in_place`` (the gang scheduler truncates the sessions; keys
+    ``inplace_rollback_*``, counted in rewinds)."""
+    saved, engine.rollback = engine.rollback, mode
+    try:
+        got = await gang_level(engine, prompts, steps, k, every, follow)
+    finally:
+        engine.rollback = saved
+    counters = got["gang_counters"]
+    events = counters.get("reopens", 0) + counters.get("rewinds", 0)
     extra = got["gang_seconds"] - clean_seconds
-    return {"rollback_every": every, "rollback_stream_tokens_per_s": got["gang_stream_tokens_per_s"],
-            "rollback_ms_per_token_p50": got["gang_ms_per_token_p50"],
-            "rollback_ms_per_token_p99": got["gang_ms_per_token_p99"], "rollback_reopens": reopens,
-            "rollback_ms_each": round(1e3 * extra / reopens * len(prompts), 2) if reopens else None}
+    p = "rollback" if mode == "reopen" else "inplace_rollback"
+    return {"rollback_every": every, f"{p}_stream_tokens_per_s": got["gang_stream_tokens_per_s"],
+            f"{p}_ms_per_token_p50": got["gang_ms_per_token_p50"],
+            f"{p}_ms_per_token_p99": got["gang_ms_per_token_p99"], f"{p}_reopens": counters.get("reopens", 0),
+            f"{p}_rewinds": counters.get("rewinds", 0), f"{p}_repairs": counters.get("repairs", 0),
+            f"{p}_seconds": got["gang_seconds"],
+            f"{p}_ms_each": round(1e3 * extra / events * len(prompts), 2) if events else None}
 
 
 async def sessions_level(engine, prompts, steps: int, k: int) -> dict:
@@ -254,8 +264,25 @@ async def amain(args) -> dict:
                     got = {f"{key}_chunk{chunk}": value for key, value in got.items()}
                 rows[r].update(got)
                 if args.rollback_every and chunk == args.chunk_tokens[0]:
-                    rows[r].update(await rollback_level(engine, prompts, args.steps, args.k, args.rollback_every,
-                                                        got["gang_seconds"], follow))
+                    # repeats: a clean run then each mode, interleaved; the row keeps the first
+                    # repetition's figures and the per-rollback cost of every repetition + median
+                    costs: dict[str, list] = {mode: [] for mode in args.rollback}
+                    for rep in range(args.repeats):
+                        clean = got if rep == 0 else await gang_level(engine, prompts, args.steps, args.k,
+                                                                      follow=follow)
+                        for mode in args.rollback:
+                            res = await rollback_level(engine, prompts, args.steps, args.k, args.rollback_every,
+                                                       clean["gang_seconds"], follow, mode)
+                            p = "rollback" if mode == "reopen" else "inplace_rollback"
+                            costs[mode].append(res[f"{p}_ms_each"])
+                            if rep == 0:
+                                rows[r].update(res)
+                    if args.repeats > 1:
+                        for mode, runs in costs.items():
+                            p = "rollback" if mode == "reopen" else "inplace_rollback"
+                            rows[r][f"{p}_ms_each_runs"] = runs
+                            ok = [c for c in runs if c is not None]
+                            rows[r][f"{p}_ms_each_median"] = round(float(np.median(ok)), 2) if ok else None
                 print(json.dumps(rows[r]), flush=True)
         engine_stats["gang"] = engine.stats()
 
@@ -268,17 +295,22 @@ async def amain(args) -> dict:
         engine_stats["plain"] = engine.stats()
 
     if "gang" in args.paths:
-        await with_engine(lambda: make_engine(model, mixing=True, chunk_tokens=args.chunk_tokens[0], **common), gang)
-    await with_engine(lambda: make_engine(model, mixing=False, **common), plain)
+        # the engine is started in place mode when asked (the version gate); each run picks its mode
+        rollback = "in_place" if "in_place" in args.rollback else "reopen"
+        await with_engine(lambda: make_engine(model, mixing=True, chunk_tokens=args.chunk_tokens[0],
+                                              rollback=rollback, **common), gang)
+    if not args.skip_plain:
+        await with_engine(lambda: make_engine(model, mixing=False, **common), plain)
     for row in rows.values():
-        for chunk in args.chunk_tokens[1:]:
+        for chunk in args.chunk_tokens[1:] if "plain_stream_tokens_per_s" in row else ():
             row[f"ratio_chunk{chunk}"] = round(row[f"gang_stream_tokens_per_s_chunk{chunk}"]
                                                / row["plain_stream_tokens_per_s"], 3)
-        if "gang_stream_tokens_per_s" in row:
+        if "gang_stream_tokens_per_s" in row and "plain_stream_tokens_per_s" in row:
             row["ratio"] = round(row["gang_stream_tokens_per_s"] / row["plain_stream_tokens_per_s"], 3)
             row["ratio_vs_no_logprobs"] = round(row["gang_stream_tokens_per_s"]
                                                 / row["plain_no_logprobs_stream_tokens_per_s"], 3)
     return dict(benchmark="vllm_streams", device=args.device, shape=args.shape, vllm=".".join(map(str, vllm_version())),
+                rollback=args.rollback, rollback_every=args.rollback_every, repeats=args.repeats,
                 dtype=args.dtype, top_k=args.top_k, cudagraph_max=args.cudagraph_max, seat_slack=args.seat_slack, chunk_tokens=args.chunk_tokens, max_num_seqs=max_seqs,
                 paths=args.paths, cpu_count=os.cpu_count(), loadavg_at_end=os.getloadavg(),
                 machine=platform.machine(), gpu=_gpu_name(), engine_stats=engine_stats, levels=list(rows.values()))
@@ -312,7 +344,9 @@ def plot(result: dict, out: Path) -> None:
           title=f"{result['shape']} on {result['device']}, k={rows[0]['k']}")
     a.legend(fontsize=8)
     for key, label in (("gang_ms_per_token_p50", "gang p50"), ("gang_ms_per_token_p99", "gang p99"),
-                       ("sessions_ms_per_token_p50", "sessions p50")):
+                       ("sessions_ms_per_token_p50", "sessions p50"),
+                       ("rollback_ms_per_token_p99", "with rollbacks, reopen p99"),
+                       ("inplace_rollback_ms_per_token_p99", "with rollbacks, in place p99")):
         if all(key in r for r in rows):
             b.plot(n, [r[key] for r in rows], marker="o", label=label)
     b.set(xscale="log", yscale="log", xlabel="concurrent requests", ylabel="ms per answer token")
@@ -343,6 +377,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rollback-every", type=int, default=0,
                     help="also time the gang path with a rejected draft every N steps (abort + reopen): the "
                          "cost of one rollback, in ms of one gang's time")
+    ap.add_argument("--rollback", nargs="+", default=["reopen"], choices=["reopen", "in_place"],
+                    help="with --rollback-every: the rollback modes to time, one after the other on the same "
+                         "engine (in_place: truncation inside the gang scheduler; vLLM 0.32 only)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="with --rollback-every: repeat (clean run, then each mode) this many times")
+    ap.add_argument("--skip-plain", action="store_true", help="no plain-vLLM engine (rollback costs only)")
     ap.add_argument("--paths", nargs="+", default=["gang"], choices=["gang", "sessions"],
                     help="paths to measure besides plain vLLM")
     ap.add_argument("--shape", default="real", choices=["real", "1.7b"], help="1.7b: dummy weights")
