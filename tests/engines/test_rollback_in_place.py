@@ -9,7 +9,8 @@
 * on the real engine: greedy gang decoding with forced detours gives, position for position, the
   distributions of the reopen path and of a fresh gang on the full context, with ``reopens`` 0
   and ``rewinds`` counting the rollbacks; a rollback far back (past a KV block), and a detour
-  while the rewind chunk is still in flight; every KV block is back after the gangs close.
+  while the rewind chunk is still in flight; six gangs rolling back in place at once; every KV
+  block is back after the gangs close.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ def _second_best(dist: Dist) -> int:
     return int(dist.ids[order[1]])
 
 
-def _assert_same(got: Dist, want: Dist, where) -> float:
+def _assert_same(got: Dist, want: Dist, where, noise_abs: float = NOISE_ABS) -> float:
     """Same listed ids' log-probs within the bf16 bound, same argmax unless a near-tie; returns
     the largest log-prob difference."""
     lw = dict(zip(want.ids.tolist(), want.logprobs.astype(np.float64)))
@@ -188,9 +189,9 @@ def _assert_same(got: Dist, want: Dist, where) -> float:
     assert len(common) >= len(want.ids) - 2, where
     diff = max(abs(a - b) for a, b in common)
     for a, b in common:
-        assert abs(a - b) <= NOISE_ABS + NOISE_REL * abs(b), (where, a, b)
+        assert abs(a - b) <= noise_abs + NOISE_REL * abs(b), (where, a, b)
     first, second = np.sort(want.logprobs.astype(np.float64))[-2:][::-1]
-    if first - second > 2 * NOISE_ABS:
+    if first - second > 2 * (noise_abs + NOISE_REL * abs(first)):
         assert got.argmax() == want.argmax(), where
     return diff
 
@@ -294,5 +295,37 @@ def test_a_rollback_past_a_block_and_a_detour_while_the_rewind_chunk_is_in_fligh
         # every block of every closed gang is back: vLLM resets its prefix cache only when none is in use
         assert reference_engine.stats()["reserved_blocks"] == 0
         assert await reference_engine.llm.reset_prefix_cache()
+
+    run(e2e_loop, check())
+
+
+@pytest.mark.slow
+def test_many_gangs_rolling_back_in_place_at_once(e2e_loop, reference_engine, tokenizer, monkeypatch):
+    """6 gangs at once, each with a detour every 3 steps, rolled back in place while the others
+    step: each gang's distributions equal those of the same gang decoded alone by the reopen path
+    (same tokens appended), none repaired or reopened. The bound is the batch noise: six gangs in
+    one batch vs one alone move bf16 log-probs by up to 0.18 on the reopen path itself and 0.23 in
+    place (measured on this engine; in place alone vs reopen alone: 0.0 for all six), so 0.3 + 4%
+    here; a row fed a wrong context is off by far more."""
+    monkeypatch.setattr(reference_engine, "chunk_tokens", 0)
+    requests = [(_prompts(tokenizer, f"What is city number {i} famous for?"), [0.4, 0.1 * i, -0.2]) for i in range(6)]
+    n, every = 12, 3
+
+    async def check():
+        import asyncio
+
+        monkeypatch.setattr(reference_engine, "rollback", "reopen")
+        alone = [await _walk(reference_engine, p, s, n, every) for p, s in requests]
+        monkeypatch.setattr(reference_engine, "rollback", "in_place")
+        together = await asyncio.wait_for(asyncio.gather(
+            *(_walk(reference_engine, p, s, n, every, tokens=path) for (p, s), (path, _, _) in zip(requests, alone))), 600)
+        for i, ((_, want, _), (_, got, group)) in enumerate(zip(alone, together)):
+            assert group.reopens == 0 and group.repairs == 0 and group.rewinds >= (n - 1) // every, i
+            for step, (g, w) in enumerate(zip(got, want)):
+                _assert_same(g, w, (i, step), noise_abs=0.3)
+        # alone, the in-place path equals the reopen path exactly
+        _, got, _ = await _walk(reference_engine, *requests[2], n, every, tokens=alone[2][0])
+        assert max(_assert_same(g, w, ("alone", step)) for step, (g, w) in enumerate(zip(got, alone[2][1]))) < 1e-3
+        assert reference_engine.stats()["reserved_blocks"] == 0
 
     run(e2e_loop, check())
