@@ -41,6 +41,7 @@ from dragon_core.prompt import passage_prompts
 from dragon_edge.link import CloudLink
 from dragon_edge.runtime import AnswerOptions
 import independent
+import near_tie
 from e2e_world import (LONG_QUESTION, MAX_TOKENS, PUBLIC_QUESTION, QUESTION, TOKEN, ask, options, reference, run,
                        side_prompts)
 
@@ -417,8 +418,7 @@ async def cloud_solo(runtime, index, reference_engine, opts: AnswerOptions) -> l
 # 657, whose log-probs in the reference's mixture differ by 0.061 (and the reference itself took
 # either, run to run). So a divergence is accepted only at a step where the reference's own
 # mixture puts the two tokens within NEAR_TIE nats; wherever the reference is decisive the tokens
-# must be equal, and everything before the divergence must be equal.
-NEAR_TIE = 0.15
+# must be equal, and everything before the divergence must be equal (tests/near_tie.py).
 
 
 async def cloud_mixture_after(runtime, index, reference_engine, prefix: list[int], opts: AnswerOptions):
@@ -441,14 +441,11 @@ async def cloud_mixture_after(runtime, index, reference_engine, prefix: list[int
 
 
 def assert_equal_up_to_a_near_tie(loop, runtime, world, reference_engine, ids: list[int], ref: list[int], what: str):
-    if ids == ref:
-        return
-    k = next((i for i, (a, b) in enumerate(zip(ids, ref)) if a != b), min(len(ids), len(ref)))
-    assert k < min(len(ids), len(ref)), f"{what}: one answer is a prefix of the other ({len(ids)} vs {len(ref)} tokens)"
-    lp = run(loop, cloud_mixture_after(runtime, world[1], reference_engine, ref[:k], options()))
-    gap = abs(float(lp[ids[k]]) - float(lp[ref[k]]))
-    assert gap < NEAR_TIE, f"{what} diverged at step {k} ({ids[k]} vs {ref[k]}) where the reference is decisive " \
-                           f"(log-prob gap {gap:.4f})"
+    def gap(k: int, a: int, b: int) -> float:
+        lp = run(loop, cloud_mixture_after(runtime, world[1], reference_engine, ref[:k], options()))
+        return abs(float(lp[a]) - float(lp[b]))
+
+    near_tie.assert_equal_up_to_a_near_tie(ids, ref, gap, what)
 
 
 @pytest.fixture(scope="module")
