@@ -85,3 +85,31 @@ FIELDS = sorted({f for t in m.Message.__args__ + (m.WireDist, m.Sampling) for f 
 # dicts that look like messages: a real tag and real field names with arbitrary values
 tagged_dicts = st.builds(lambda tag, fields: {**fields, "type": tag}, st.sampled_from(TAGS),
                          st.dictionaries(st.sampled_from(FIELDS), msgpack_values, max_size=10))
+
+
+MUTATIONS = ("flip", "byte", "truncate", "splice", "insert", "delete")
+
+
+@st.composite
+def mutated(draw, valid: st.SearchStrategy, ops: tuple[str, ...] = MUTATIONS) -> bytes:
+    """A valid frame from ``valid`` with 1-4 byte-level mutations (the decoder's trust boundary);
+    ``splice`` grafts the tail of another valid frame."""
+    frame = bytearray(draw(valid))
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(ops))
+        i = draw(st.integers(0, max(0, len(frame) - 1)))
+        if op == "flip" and frame:
+            frame[i] ^= 1 << draw(st.integers(0, 7))
+        elif op == "byte" and frame:
+            frame[i] = draw(st.integers(0, 255))
+        elif op == "truncate":
+            del frame[i:]
+        elif op == "splice":
+            other = draw(valid)
+            j = draw(st.integers(0, len(other)))
+            frame[i:] = other[j:]
+        elif op == "insert":
+            frame[i:i] = draw(st.binary(min_size=1, max_size=8))
+        elif op == "delete":
+            del frame[i:i + draw(st.integers(1, 8))]
+    return bytes(frame)

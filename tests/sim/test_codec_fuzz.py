@@ -14,7 +14,7 @@ import msgspec
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from codec_strategies import FUZZ, TAGS, frames, messages, msgpack_values, tagged_dicts
+from codec_strategies import FUZZ, TAGS, frames, messages, msgpack_values, mutated, tagged_dicts
 from dragon_core import codec
 from dragon_core import messages as m
 from dragon_core.errors import CodecError
@@ -42,31 +42,11 @@ def test_fuzz_random_bytes(data):
     decode_checked(data)
 
 
-@st.composite
-def mutated_frames(draw) -> bytes:
-    frame = bytearray(draw(frames))
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["flip", "byte", "truncate", "splice", "insert", "delete"]))
-        i = draw(st.integers(0, max(0, len(frame) - 1)))
-        if op == "flip" and frame:
-            frame[i] ^= 1 << draw(st.integers(0, 7))
-        elif op == "byte" and frame:
-            frame[i] = draw(st.integers(0, 255))
-        elif op == "truncate":
-            del frame[i:]
-        elif op == "splice":
-            other = draw(frames)
-            j = draw(st.integers(0, len(other)))
-            frame[i:] = other[j:]
-        elif op == "insert":
-            frame[i:i] = draw(st.binary(min_size=1, max_size=8))
-        elif op == "delete":
-            del frame[i:i + draw(st.integers(1, 8))]
-    return bytes(frame)
+mutated_frames = mutated(frames)
 
 
 @settings(FUZZ, max_examples=4000)
-@given(mutated_frames())
+@given(mutated_frames)
 def test_fuzz_mutated_valid_frames(data):
     decode_checked(data)
 

@@ -11,31 +11,16 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from codec_strategies import mutated
 from concord_strategies import FUZZ, concord_messages, decode_checked
 from dragon_core import codec
 
 
-@st.composite
-def mutated_frames(draw) -> bytes:
-    frame = bytearray(codec.encode(draw(concord_messages)))
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["flip", "byte", "truncate", "insert", "delete"]))
-        i = draw(st.integers(0, max(0, len(frame) - 1)))
-        if op == "flip" and frame:
-            frame[i] ^= 1 << draw(st.integers(0, 7))
-        elif op == "byte" and frame:
-            frame[i] = draw(st.integers(0, 255))
-        elif op == "truncate":
-            del frame[i:]
-        elif op == "insert":
-            frame[i:i] = draw(st.binary(min_size=1, max_size=8))
-        elif op == "delete":
-            del frame[i:i + draw(st.integers(1, 8))]
-    return bytes(frame)
+mutated_frames = mutated(concord_messages.map(codec.encode), ("flip", "byte", "truncate", "insert", "delete"))
 
 
 @settings(FUZZ, max_examples=3000)
-@given(mutated_frames())
+@given(mutated_frames)
 def test_fuzz_mutated_concord_frames_give_only_typed_errors(data):
     decode_checked(data)
 
