@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_run.sh tests      # test_gang + test_vllm_engine on vLLM 0.26 (bf16)
 #   python benchmarks/gpu_gang_check.py --out $OUT/gang_check.json   # 20 s: does a gang decode there?
 #   bash benchmarks/gpu_run.sh streams    # engine level, SmolLM2-135M: gang / sessions / plain vLLM
+#   bash benchmarks/gpu_run.sh rollback   # issue 10: rollback in place on vLLM 0.26, tests + reopen vs in place
 #   bash benchmarks/gpu_run.sh streams17  # engine level, 1.7B Llama shape, dummy weights
 #   bash benchmarks/gpu_run.sh load       # through the link: bench_cloud_load
 #   bash benchmarks/gpu_run.sh profile WHEEL_DIR --questions Q --passages P   # py-spy of the gang at 256 requests,
@@ -22,13 +23,26 @@ python -m dragon_host.models prepare smollm2-135m > "$OUT/prepare.log" 2>&1 || {
 case "${1:-}" in
   tests)
     # faulthandler: a hang prints every thread's stack instead of nothing
-    timeout 400 python -m pytest -x -v -p no:cacheprovider -o faulthandler_timeout=170 tests/test_gang.py \
-      tests/test_vllm_engine.py > "$OUT/tests_h200.log" 2>&1; rc=$?
+    timeout 400 python -m pytest -x -v -p no:cacheprovider -o faulthandler_timeout=170 tests/engines/test_gang.py \
+      tests/engines/test_vllm_engine.py > "$OUT/tests_h200.log" 2>&1; rc=$?
     grep -E "passed|failed|error" "$OUT/tests_h200.log" | tail -5; exit $rc ;;
   streams)
     taskset -c 2-15 python -m benchmarks.bench_vllm_streams --levels 1 8 32 64 128 256 --k 4 --steps 64 \
       --chunk-tokens 0 16 --rollback-every 6 --device h200 --out "$OUT/vllm_streams_h200.json" > "$OUT/streams.log" 2>&1; rc=$?
     grep '^{' "$OUT/streams.log" | tail -6; tail -3 "$OUT/streams.log"; exit $rc ;;
+  rollback)
+    # rollback in place on vLLM 0.26 (Model Runner V2, async scheduling): its tests first (the
+    # truncation is verified on 0.32 only; the env lets it run here to check it), then reopen vs
+    # in place at 64 and 256 requests with a rejected draft every 6 steps, on the same engine
+    export DRAGON_ALLOW_UNVERIFIED_ROLLBACK=1
+    timeout 240 python -m pytest -x -v -p no:cacheprovider -o faulthandler_timeout=100 \
+      tests/engines/test_rollback_in_place.py > "$OUT/rollback_tests_h200.log" 2>&1; trc=$?
+    grep -E "passed|failed|error" "$OUT/rollback_tests_h200.log" | tail -5
+    [ $trc -eq 0 ] || { tail -60 "$OUT/rollback_tests_h200.log"; exit $trc; }
+    taskset -c 2-15 timeout 300 python -m benchmarks.bench_vllm_streams --levels 64 256 --k 4 --steps 64 \
+      --chunk-tokens 0 --rollback-every 6 --rollback reopen in_place --device h200 \
+      --out "$OUT/vllm_streams_h200_rollback.json" > "$OUT/rollback_streams.log" 2>&1; rc=$?
+    grep '^{' "$OUT/rollback_streams.log" | tail -6; tail -3 "$OUT/rollback_streams.log"; exit $rc ;;
   streams17)
     taskset -c 2-15 python -m benchmarks.bench_vllm_streams --levels 1 32 256 --k 4 --steps 48 \
       --shape 1.7b --device h200 --out "$OUT/vllm_streams_h200_1.7b.json" > "$OUT/streams17.log" 2>&1; rc=$?
@@ -76,5 +90,5 @@ case "${1:-}" in
       --out "$QA_RUN/quality_qa_h200.json" "$@" > "$OUT/qa.log" 2>&1; rc=$?
     cp "$QA_RUN"/quality_qa_h200.* "$OUT"/ 2>/dev/null
     grep -o '"complete": [a-z]*' "$OUT/quality_qa_h200.json" | head -1; tail -25 "$OUT/qa.log"; exit $rc ;;
-  *) echo "usage: $0 tests|streams|streams17|load|profile|latency|qa"; exit 2 ;;
+  *) echo "usage: $0 tests|streams|rollback|streams17|load|profile|latency|qa"; exit 2 ;;
 esac

@@ -60,6 +60,20 @@ def draft_window(estimates: "Estimates", max_depth: int) -> int:
     return max(floor, min(max_depth, needed))
 
 
+def observe_draft_time(c: "Ewma", step: int, ms: float) -> None:
+    """A draft's measured time as a sample of ``c`` (the per-draft decode latency). The first
+    draft of a request (step 0) is no sample: its time includes the prompt's prefill (the device
+    prefills while its Open goes up, the cloud after its retrieval), often 10-30 decode steps on
+    a CPU. Averaged in, one such time moved ``c`` by a fifth of it: on a slowed cloud the
+    device's first draft (0.7-2 s on a loaded CPU) made the device look slower than the cloud by an
+    RTT, and a request its prior had placed on the cloud handed back after one step. It stands
+    in only where nothing else is known (no prior yet), until the first real sample replaces it."""
+    if step > 0:
+        c.update(ms)
+    elif c.value is None:
+        c.value, c.provisional = ms, True
+
+
 @dataclass
 class Ewma:
     """Exponentially weighted moving average; ``None`` until the first sample."""
@@ -67,9 +81,12 @@ class Ewma:
     weight: float = 0.2
     value: float | None = None
     count: int = 0
+    provisional: bool = False  # ``value`` is a stand-in, not a sample: the next sample replaces it
 
     def update(self, x: float) -> None:
-        self.value = x if self.value is None else (1 - self.weight) * self.value + self.weight * x
+        fresh = self.value is None or self.provisional
+        self.value = x if fresh else (1 - self.weight) * self.value + self.weight * x
+        self.provisional = False
         self.count += 1
 
 
@@ -107,7 +124,7 @@ class Estimates:
                  (self.alpha_local, prior.alpha_device if device else prior.alpha_cloud),
                  (self.alpha_remote, prior.alpha_cloud if device else prior.alpha_device))
         for ewma, value in pairs:
-            ewma.value, ewma.count = float(value), count
+            ewma.value, ewma.count, ewma.provisional = float(value), count, False
 
     def prior(self, side: Side) -> SchedulerPrior | None:
         """These estimates as a prior for the next request (None until every one has a value)."""

@@ -28,7 +28,7 @@ from dragon_core.codec import dist_from_wire, dist_to_wire
 from dragon_core.dist import Dist
 from dragon_core.errors import OutOfVocabulary, ProtocolError
 from dragon_core.request import RequestSpec, spec_fields
-from dragon_core.scheduler import GreedyScheduler, SchedulerConfig, draft_window
+from dragon_core.scheduler import GreedyScheduler, SchedulerConfig, draft_window, observe_draft_time
 from dragon_core.speculative import DRAFT_CLOUD, DRAFT_DEVICE, VERIFY, draft, step_rng, synchronous_target, verify
 
 FinishReason = Literal["eos", "length", "cancelled", "peer_lost", "error"]
@@ -314,7 +314,7 @@ class Session:
         if ev.epoch != self.epoch:
             self.stats.stale_dropped += 1  # built on a prefix that was rolled back meanwhile
             return
-        self.scheduler.estimates.c_local.update(ev.decode_ms)
+        observe_draft_time(self.scheduler.estimates.c_local, ev.step, ev.decode_ms)
         if self._concord is not None:
             self._concord.on_local_dist(ev)
             return
@@ -388,7 +388,7 @@ class Session:
             return
         if self.config.tagging == "step" and msg.step in self._remote:
             return  # the reference keeps the first draft it got for a step
-        self.scheduler.estimates.c_remote.update(msg.decode_ms)
+        observe_draft_time(self.scheduler.estimates.c_remote, msg.step, msg.decode_ms)
         self._remote[msg.step] = _RemoteDraft(msg.token, dist_from_wire(msg.dist), msg.log_h)
 
     def _decide_ready_steps(self) -> None:

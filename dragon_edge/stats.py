@@ -34,6 +34,8 @@ class AnswerStats:
     rollbacks: int = 0
     handovers: int = 0
     aggregator_steps: dict[str, int] = field(default_factory=dict)
+    # the same in order, as runs: [["device", 4], ["cloud", 19]] = 4 steps on the device, then 19
+    aggregator_runs: list[list] = field(default_factory=list)
     final_aggregator: str | None = None
     delta_z_ms: float | None = None  # the scheduler's last ΔZ, where this side aggregated
     bytes_sent: int = 0
@@ -125,6 +127,10 @@ def _from_session(stats: AnswerStats, session: s.Session, finish: s.Finish, rule
     stats.delta_z_ms = session.scheduler.last_delta_z
     for side in st.aggregator_by_step:
         stats.aggregator_steps[side] = stats.aggregator_steps.get(side, 0) + 1
+        if stats.aggregator_runs and stats.aggregator_runs[-1][0] == side:
+            stats.aggregator_runs[-1][1] += 1
+        else:
+            stats.aggregator_runs.append([side, 1])
     if rule.crosses == "evidence":
         for name in CONCORD_COUNTS:
             setattr(stats, name, getattr(st, name))

@@ -116,3 +116,28 @@ def test_a_move_to_the_cloud_must_repay_its_round_trip_over_the_tokens_left():
     assert seeded.should_hand_over("device") and not seeded.should_hand_over("device", tokens_left=5)
     tie_back = _seeded(prior, "cloud")  # the way back is free: no horizon applies to the cloud's rule
     assert tie_back.should_hand_over("cloud", tokens_left=1) == tie_back.should_hand_over("cloud")
+
+
+def test_the_first_draft_time_includes_the_prefill_and_is_no_decode_sample():
+    from dragon_core.scheduler import observe_draft_time
+
+    # a request placed on a slow cloud by its prior (measured shape of test_scheduling_e2e)
+    prior = SchedulerPrior(device_ms=106, cloud_ms=297, rtt_ms=115, alpha_device=1.0, alpha_cloud=0.59)
+    on_cloud = _seeded(prior, "cloud")
+    est = on_cloud.estimates
+    observe_draft_time(est.c_remote, 0, 2000.0)  # the device's first draft waited for its prefill
+    observe_draft_time(est.c_local, 0, 300.0)
+    assert (est.c_remote.value, est.c_local.value) == (106, 297)  # the prior stands
+    assert not on_cloud.should_hand_over("cloud")
+    # counted as a decode sample, that one time alone would have sent the request back
+    polluted = _seeded(prior, "cloud")
+    polluted.estimates.c_remote.update(2000.0)
+    assert polluted.should_hand_over("cloud")
+    # with nothing known, the first time stands in until the first real sample replaces it
+    fresh = Ewma()
+    observe_draft_time(fresh, 0, 700.0)
+    assert fresh.value == 700.0 and fresh.count == 0 and fresh.provisional
+    observe_draft_time(fresh, 1, 20.0)
+    assert fresh.value == 20.0 and fresh.count == 1 and not fresh.provisional
+    observe_draft_time(fresh, 2, 30.0)
+    assert fresh.value == pytest.approx(22.0) and fresh.count == 2
