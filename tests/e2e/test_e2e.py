@@ -249,22 +249,30 @@ def tv(a: dict, b: dict) -> float:
     return 0.5 * sum(abs(a.get(o, 0.0) - b.get(o, 0.0)) for o in set(a) | set(b))
 
 
+SAMPLING_CONCURRENCY = 4  # answers at a time on the link: each waits on the other side's draft
+
+
 async def sample(runtime, url: str | None, opts: dict, seeds) -> list[tuple[int, ...]]:
-    """One answer per seed over one link (a real WebSocket connection, reused)."""
+    """One answer per seed over one link (a real WebSocket connection, reused), a few at once.
+    An answer's randomness is a function of its seed, step and epoch alone, so running them side
+    by side changes none of them; it only overlaps one answer's waits with another's compute."""
     runtime.link = CloudLink(url, runtime.identity, TOKEN) if url else None
-    out = []
-    try:
-        for seed in seeds:
+    slots = asyncio.Semaphore(SAMPLING_CONCURRENCY)
+
+    async def one(seed: int) -> tuple[int, ...]:
+        async with slots:
             ids, stats = [], None
             async for piece in runtime.answer(PUBLIC_QUESTION, replace(opts, seed=seed)):
                 ids.extend(piece.token_ids)
                 stats = piece.finished or stats
-            assert not stats.degraded and stats.device_only == (url is None)
-            out.append(tuple(ids))
+        assert not stats.degraded and stats.device_only == (url is None)
+        return tuple(ids)
+
+    try:
+        return list(await asyncio.gather(*(one(seed) for seed in seeds)))
     finally:
         if runtime.link is not None:
             await runtime.link.close()
-    return out
 
 
 @pytest.mark.parametrize("case", list(SAMPLING_CASES))
