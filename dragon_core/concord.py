@@ -29,7 +29,7 @@ from dragon_core.certificate import Evidence, WaitingDebt, certify
 from dragon_core.codec import dist_from_wire, dist_to_wire
 from dragon_core.dist import Dist
 from dragon_core.errors import OutOfVocabulary, ProtocolError
-from dragon_core.speculative import DRAFT_DEVICE, VERIFY, draft, step_rng, synchronous_target
+from dragon_core.speculative import DRAFT_CLOUD, DRAFT_DEVICE, VERIFY, draft, step_rng, synchronous_target
 
 RHO, GAIN = 0.9, 8.0  # the debt's decay and the gain of a step the evidence changed (§6's start)
 LATE_KEPT = 16  # local steps whose p^d awaits late evidence (~RTT / local step; a full p^d holds ~0.6 MB)
@@ -52,6 +52,8 @@ class ConcordDevice:
         self._waits = 0  # times this step stopped to wait for the cloud (first evidence, replies)
         self._now: float | None = None  # host time of the event being handled
         self._late: dict[int, tuple[int, Dist]] = {}  # step -> (local token, p^d), awaiting evidence
+        self._guess: dict[int, int] = {}  # step -> the cloud's guess of our token there (its ``prev``)
+        self._ahead: dict[int, list[m.Evidence]] = {}  # frames for steps not reached yet
 
     # ------------------------------------------------------------------ events
     def on_local_dist(self, ev: "sess.LocalDist") -> None:
@@ -66,8 +68,24 @@ class ConcordDevice:
             self.cloud_log_h = msg.log_h
         elif self.cloud_log_h is None:  # without η nothing certifies: waiting would never end
             raise ProtocolError("the cloud's first evidence must carry its log h")
+        if cw.chain_basis(msg) > step or msg.step >= step + max(1, self.s.config.max_depth):
+            raise ProtocolError(f"evidence for step {msg.step} on {cw.chain_basis(msg)} of our tokens, "
+                                f"but {step} were committed (window {self.s.config.max_depth})")
+        if msg.chain is not None:
+            self.s._check_vocab([msg.chain[1]])
+            self._guess[msg.step - 1] = msg.chain[1]  # the frames come in order: the later guess holds
         if msg.step > step:
-            raise ProtocolError(f"evidence for step {msg.step}, but only {step} tokens were committed")
+            self._ahead.setdefault(msg.step, []).append(msg)  # read when that step comes
+            return
+        self._take(msg, at_ms)
+
+    def _take(self, msg: m.Evidence, at_ms: float | None) -> None:
+        """A frame for the current step or an earlier one, used only if it was computed on the
+        tokens committed here (the cloud's guesses, where it guessed, equal them)."""
+        step = len(self.s.committed)
+        if not self._on_our_prefix(msg):
+            self.s.stats.evidence_missed += 1  # guessed wrong: the cloud's next frames will be right
+            return
         bounds = cw.bounds_from_wire(msg, self.s.config.vocab_size)
         if msg.step < step:
             self._on_late(msg.step, bounds)
@@ -79,6 +97,12 @@ class ConcordDevice:
             self._evidence[step] = cw.merge(held, bounds, self._asked if held is not None else None)
         self._asked = None
         self._now = at_ms
+
+    def _on_our_prefix(self, msg: m.Evidence) -> bool:
+        """Whether the frame's prefix is the committed one: its guesses (``prev`` and those of the
+        frames before it) equal the tokens committed at those steps."""
+        committed = self.s.committed
+        return all(self._guess.get(j) == committed[j] for j in range(cw.chain_basis(msg), msg.step))
 
     # ------------------------------------------------------------------ moving on
     def pump(self) -> None:
@@ -143,6 +167,9 @@ class ConcordDevice:
         while len(self._late) > LATE_KEPT:
             self._late.pop(min(self._late))
         s._record_commit(token)
+        for frame in self._ahead.pop(step + 1, ()):  # evidence the cloud sent ahead for the next step
+            if s.finished is None:
+                self._take(frame, self._now)
 
     # ------------------------------------------------------------------ statistics
     def _on_late(self, step: int, bounds: Evidence) -> None:
@@ -187,26 +214,37 @@ class ConcordDevice:
 
 
 class ConcordCloud:
+    """Runs ahead of the device's tokens: after a step's evidence it appends its own greedy token
+    (its guess of the device's) and computes the next step, up to the request's window
+    (``max_depth``) past the device's last token. A frame says what it was computed on: the
+    device's first ``basis`` tokens, then guesses, the last of them ``prev``; the earlier guesses
+    went in the earlier frames, which arrive first. So the device uses evidence ahead exactly
+    where its committed tokens equal the guesses. A device token that differs (or one the cloud
+    had not reached) restarts the guessing on the device's tokens: the work in flight is dropped
+    (new epoch). ``max_depth = 1``: no guessing, every frame on the device's tokens alone."""
+
     def __init__(self, session: "sess.Session") -> None:
         if not session.config.sampling.greedy:
             raise ValueError("concord certifies greedy tokens; sampling is not supported")
         self.s = session
-        self._dist: Dist | None = None  # the mixture at ``_step`` (kept for requests)
-        self._step = -1  # no mixture yet: step 0's is computed at once, on the prompts alone
-        self._listed = np.zeros(0, dtype=np.int64)  # ids the step's evidence listed so far
-        self._asks: list[m.EvidenceRequest] = []  # requests for the step being computed
+        self._next = 0  # the chain's next step to compute (step 0 at once, on the prompts alone)
+        self._guess: dict[int, int] = {}  # step -> this side's own greedy token there, on the chain
+        self._kept: dict[int, tuple[Dist, np.ndarray]] = {}  # step -> (mixture, ids listed), for requests
+        self._asks: list[m.EvidenceRequest] = []  # requests for steps still to compute
         self._sent_log_h = False
 
     def on_local_dist(self, ev: "sess.LocalDist") -> None:
-        s = self.s
-        self._dist, self._step = ev.dist, ev.step
-        log_h = None if self._sent_log_h else s.log_h
-        frame, self._listed = cw.first_evidence(s.config.request_id, ev.step, ev.dist.probs(),
-                                                s.config.concord_top_m, log_h)
+        s, step = self.s, ev.step
+        guess = draft(ev.dist, s.config.sampling, step_rng(s.config.seed, DRAFT_CLOUD, step))
+        frame, listed = cw.first_evidence(s.config.request_id, step, ev.dist.probs(), s.config.concord_top_m,
+                                          None if self._sent_log_h else s.log_h, self._chain(step))
         self._sent_log_h = True
+        self._guess[step], self._next = guess, max(self._next, step + 1)
+        if step >= len(s.committed):  # a step the device passed already can be asked for no more
+            self._kept[step] = (ev.dist, listed)
         s._emit(_send(frame))
-        asks = [a for a in self._asks if a.step == ev.step]
-        self._asks = [a for a in self._asks if a.step > ev.step]  # for a prefix still to come
+        asks = [a for a in self._asks if a.step == step]
+        self._asks = [a for a in self._asks if a.step > step]
         for ask in asks:
             self._answer(ask)
 
@@ -218,32 +256,59 @@ class ConcordCloud:
             s._check_vocab(msg.tokens)
             for token in msg.tokens:
                 if s.finished is None:
-                    s._record_commit(token)
+                    self._follow(token)
         elif isinstance(msg, m.EvidenceRequest):
             if msg.step != len(s.committed):
                 raise ProtocolError(f"evidence request for step {msg.step}, the prefix is {len(s.committed)}")
-            if self._step == msg.step:
+            if msg.step in self._kept:
                 self._answer(msg)
             else:
                 self._asks.append(msg)  # answered once the step's mixture is computed
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} in a concord request (cloud)")
 
+    def _follow(self, token: int) -> None:
+        """The device committed ``token``. Guessed right: the work ahead holds. Guessed wrong:
+        everything computed or computing past it is on a wrong prefix (new epoch: the result in
+        flight is dropped) and the next step is computed on the device's tokens. Not guessed yet
+        (the device outran this side): what is in flight is on its tokens still, and comes late."""
+        s, step = self.s, len(self.s.committed)
+        self._kept.pop(step, None)  # the device is past it: no request can name it now
+        s._record_commit(token)
+        guess = self._guess.get(step)
+        if guess is not None and guess != token:
+            self._guess.clear()
+            self._kept.clear()
+            s.epoch += 1
+        if guess != token:
+            self._next = max(self._next if guess is None else 0, step + 1)
+
     def pump(self) -> None:
         s = self.s
         step = len(s.committed)
-        if s.finished is None and s._computing is None and self._step < step < s.config.max_tokens:
-            s._sync_streams(list(s.committed))
-            s._computing = (s.epoch, step)
-            s._emit(_compute(s, step))
+        last = self._guess.get(self._next - 1)
+        ahead = self._next < min(step + max(1, s.config.max_depth), s.config.max_tokens)
+        if s.finished is None and s._computing is None and ahead and last not in s.config.eos_ids:
+            s._sync_streams(list(s.committed) + [self._guess[j] for j in range(step, self._next)])
+            s._computing = (s.epoch, self._next)
+            s._emit(_compute(s, self._next))
+
+    def _chain(self, step: int) -> tuple[int, int] | None:
+        """A frame's ``(basis, prev)`` for ``step``: the device's tokens up to where they are
+        known here, guesses after (the guesses the device's tokens confirmed are its tokens;
+        one they contradicted would have dropped this work). None: its tokens alone."""
+        basis = len(self.s.committed)
+        return None if step <= basis else (basis, self._guess[step - 1])
 
     def _answer(self, ask: m.EvidenceRequest) -> None:
         s = self.s
+        dist, listed = self._kept[ask.step]
         if ask.theta <= 0:
-            s._emit(_send(cw.dense_evidence(s.config.request_id, ask.step, dist_to_wire(self._dist))))
+            s._emit(_send(cw.dense_evidence(s.config.request_id, ask.step, dist_to_wire(dist), self._chain(ask.step))))
             return
-        frame, self._listed = cw.supplement_evidence(s.config.request_id, ask.step, self._dist.probs(),
-                                                     ask.theta, self._listed)
+        frame, listed = cw.supplement_evidence(s.config.request_id, ask.step, dist.probs(), ask.theta, listed,
+                                               self._chain(ask.step))
+        self._kept[ask.step] = (dist, listed)
         s._emit(_send(frame))
 
 

@@ -24,20 +24,21 @@ MAX_TOP_M = 4096  # evidence entries a request may ask the cloud to list per ste
 
 # ---------------------------------------------------------------------------- the cloud
 def first_evidence(request_id: int, step: int, probs: np.ndarray, top_m: int,
-                   log_h: float | None) -> tuple[m.Evidence, np.ndarray]:
+                   log_h: float | None, chain: tuple[int, int] | None = None) -> tuple[m.Evidence, np.ndarray]:
     """The step's evidence: the ``top_m`` largest ``p^c`` (ties to the lowest id) and the tail
     bound. The cloud holds its whole mixture here, so the tail is the largest unlisted value
     ``p_(m+1)``, never above §6's ``min(p_(m), 1 − Σ top-m)`` and, unlike ``1 − Σ``, not fooled
-    by a mixture whose float sum is a hair off 1. Returns the frame and the ids it lists."""
+    by a mixture whose float sum is a hair off 1. Returns the frame and the ids it lists.
+    ``chain``: the frame's ``(basis, prev)`` when the cloud computed it ahead (``Evidence.chain``)."""
     p = np.asarray(probs, dtype=np.float64)
     order = np.argsort(-p, kind="stable")
     ids, rest = order[:max(0, min(top_m, p.size))], order[max(0, min(top_m, p.size)):]
     tail = float(p[rest[0]]) if rest.size else 0.0
-    return _frame(request_id, step, ids, p[ids], tail, log_h), ids
+    return _frame(request_id, step, ids, p[ids], tail, log_h, chain), ids
 
 
 def supplement_evidence(request_id: int, step: int, probs: np.ndarray, theta: float,
-                        listed: np.ndarray) -> tuple[m.Evidence, np.ndarray]:
+                        listed: np.ndarray, chain: tuple[int, int] | None = None) -> tuple[m.Evidence, np.ndarray]:
     """The reply to ``EvidenceRequest(theta > 0)``: every id with ``p^c >= θ`` not listed yet
     (largest first), and a tail bound on what stays unlisted. Returns the frame and the ids
     listed after it."""
@@ -48,21 +49,28 @@ def supplement_evidence(request_id: int, step: int, probs: np.ndarray, theta: fl
     new = new[np.argsort(-p[new], kind="stable")]
     unlisted[new] = False
     tail = float(p[unlisted].max()) if unlisted.any() else 0.0
-    return _frame(request_id, step, new, p[new], tail, None), np.concatenate([listed, new])
+    return _frame(request_id, step, new, p[new], tail, None, chain), np.concatenate([listed, new])
 
 
-def dense_evidence(request_id: int, step: int, dist: m.WireDist) -> m.Evidence:
+def dense_evidence(request_id: int, step: int, dist: m.WireDist,
+                   chain: tuple[int, int] | None = None) -> m.Evidence:
     """The reply to ``EvidenceRequest(theta <= 0)``: the whole canonical mixture."""
-    return m.Evidence(request_id, step, b"", np.array([1.0], dtype="<f2").tobytes(), dist=dist)
+    return m.Evidence(request_id, step, b"", np.array([1.0], dtype="<f2").tobytes(), dist=dist, chain=chain)
 
 
 def _frame(request_id: int, step: int, ids: np.ndarray, values: np.ndarray, tail: float,
-           log_h: float | None) -> m.Evidence:
+           log_h: float | None, chain: tuple[int, int] | None) -> m.Evidence:
     packed = np.concatenate([values.astype("<f2"), np.array([round_up_fp16(min(1.0, tail))], dtype="<f2")])
-    return m.Evidence(request_id, step, ids.astype("<i4").tobytes(), packed.tobytes(), log_h)
+    return m.Evidence(request_id, step, ids.astype("<i4").tobytes(), packed.tobytes(), log_h, chain=chain)
 
 
 # ---------------------------------------------------------------------------- the device
+def chain_basis(msg: m.Evidence) -> int:
+    """How many of the device's tokens the frame's prefix starts with (the rest, up to its
+    step, are the cloud's own greedy tokens)."""
+    return msg.step if msg.chain is None else msg.chain[0]
+
+
 def bounds_from_wire(msg: m.Evidence, vocab_size: int = 0) -> Evidence:
     """The intervals a frame proves (``vocab_size``: this side's vocabulary, 0 unknown)."""
     ids = np.frombuffer(msg.ids, dtype="<i4").astype(np.int64)
@@ -91,6 +99,12 @@ def merge(held: Evidence | None, new: Evidence, theta: float | None) -> Evidence
 def check_evidence(msg: m.Evidence, max_vocab: int) -> None:
     """Sizes, ids and values of an ``Evidence`` frame (the codec calls it; its ``dist`` is
     checked there like a ``Draft``'s)."""
+    if msg.chain is not None:
+        basis, prev = msg.chain
+        if not 0 <= basis < msg.step:
+            raise MalformedFrame(f"evidence: chain basis {basis} outside [0, step {msg.step})")
+        if not 0 <= prev < max_vocab:
+            raise MalformedFrame(f"evidence: chain prev {prev} outside [0, {max_vocab})")
     n, rest = divmod(len(msg.ids), 4)
     if rest or n > max_vocab:
         raise MalformedFrame(f"evidence: {len(msg.ids)} id bytes is not 0..{max_vocab} int32 ids")

@@ -13,7 +13,7 @@ from typing import Literal
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Evidence carries its chain (basis, prev): the cloud's evidence ahead
 
 Side = Literal["device", "cloud"]
 # Wire modes (baselines of the same link): "cloud" = cloud-only (the cloud decodes alone and
@@ -195,6 +195,11 @@ class Evidence(msgspec.Struct, tag="ev", frozen=True, array_like=True):
     log_h: float | None = None  # the cloud's retrieval mass: in the request's first Evidence
     upper: bytes | None = None  # n float16: upper ends when ``values`` are interval lower ends
     dist: WireDist | None = None  # the dense fall-back: the cloud's canonical mixture
+    # ``(basis, prev)`` when the cloud ran ahead of the device's tokens: the prefix was the
+    # device's first ``basis`` tokens, then the cloud's own greedy tokens (its guesses of the
+    # device's) up to ``step - 1``, the last of them ``prev``; the earlier guesses were in the
+    # earlier frames, which arrive first. None: computed on the device's ``step`` tokens alone.
+    chain: tuple[int, int] | None = None
 
 
 class EvidenceRequest(msgspec.Struct, tag="ask", frozen=True, array_like=True):

@@ -186,6 +186,7 @@ class SessionStats:
     steps_supplemented: int = 0  # consulted steps that asked for ids above θ at least once
     evidence_requests: int = 0  # EvidenceRequests sent (θ > 0 and dense)
     evidence_late: int = 0  # evidence for a step committed locally, read for the debt
+    evidence_missed: int = 0  # evidence the cloud computed ahead on a guess that proved wrong
     local_overruled: int = 0  # ... whose evidence pointed to another token than the local one
     waited_ms: float = 0.0  # time the device spent waiting for evidence (host clock)
     concord_by_step: list[str] = field(default_factory=list)  # "certified" | "dense" | "local"

@@ -55,6 +55,7 @@ class AnswerStats:
     steps_supplemented: int | None = None
     evidence_requests: int | None = None
     evidence_late: int | None = None
+    evidence_missed: int | None = None  # computed ahead by the cloud on a guess of ours that was wrong
     local_overruled: int | None = None
     waited_ms: float | None = None
 
@@ -91,7 +92,7 @@ class Timing:
 
 
 CONCORD_COUNTS = ("steps_certified", "steps_local", "steps_dense", "steps_consulted", "steps_supplemented",
-                  "evidence_requests", "evidence_late", "local_overruled", "waited_ms")
+                  "evidence_requests", "evidence_late", "evidence_missed", "local_overruled", "waited_ms")
 
 
 def answer_stats(*, mode: str, rule: ModeRule, private: Sequence, public: m.Opened | None, opened: m.Opened | None,

@@ -119,4 +119,4 @@ def test_a_peaked_language_model_certifies_from_one_entry_of_per_stream_top_20()
     pd = np.full(vocab, 0.5 / (vocab - 1))
     pd[42] = 0.5
     assert certify(pd, 0.5, 0.5, cw.bounds_from_wire(frame)).token == 42
-    assert len(codec.encode(frame)) == 27  # one interval: 3 bytes more than a point
+    assert len(codec.encode(frame)) == 28  # one interval: 3 bytes more than a point

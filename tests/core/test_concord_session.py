@@ -141,7 +141,7 @@ def test_a_cloud_that_breaks_the_protocol_is_told_and_the_device_goes_on_alone(b
 
 
 def test_cloud_publishes_evidence_per_step_and_answers_requests_even_before_its_mixture_is_ready():
-    cloud = s.Session("cloud", cfg(concord_top_m=2), 1.5)
+    cloud = s.Session("cloud", cfg(concord_top_m=2, max_depth=1), 1.5)  # no guessing ahead
     c = compute_of(cloud.handle(s.Start()))  # step 0 at once, on the prompts
     p0 = dist(0, 0.5, 0.3, 0.1)
     (ev0,) = sent(cloud.handle(s.LocalDist(c.epoch, 0, p0)), m.Evidence)
@@ -172,3 +172,54 @@ def test_cloud_refuses_tokens_out_of_order():
     cloud.handle(s.Start())
     out = cloud.handle(s.PeerMessage(m.Tokens(4, 2, [1])))
     assert sent(out, m.Error) and cloud.finished.reason == "error"
+
+
+def test_cloud_computes_ahead_on_its_own_guesses_and_drops_them_when_the_device_differs():
+    cloud = s.Session("cloud", cfg(max_depth=3, max_tokens=8), 0.0)
+    c = compute_of(cloud.handle(s.Start()))
+    out = cloud.handle(s.LocalDist(c.epoch, 0, dist(0, 0.1, 0.8)))  # its guess for step 0: 2
+    (ev0,) = sent(out, m.Evidence)
+    assert ev0.chain is None and compute_of(out).step == 1  # ahead, on its own guess
+    out = cloud.handle(s.LocalDist(c.epoch, 1, dist(0, 0.7, 0.2)))  # guess for step 1: 1
+    (ev1,) = sent(out, m.Evidence)
+    assert ev1.chain == (0, 2) and compute_of(out).step == 2  # on [] + guess 2; window 3
+    out = cloud.handle(s.LocalDist(c.epoch, 2, dist(0, 0.2, 0.7)))
+    (ev2,) = sent(out, m.Evidence)
+    assert ev2.chain == (0, 1) and not [a for a in out if isinstance(a, s.ComputeDist)]  # window full
+    out = cloud.handle(s.PeerMessage(m.Tokens(4, 0, [2])))  # guessed right: the window moves on
+    assert compute_of(out).step == 3 and cloud.epoch == c.epoch
+    out = cloud.handle(s.PeerMessage(m.Tokens(4, 1, [3])))  # guessed wrong (1): steps 2, 3 are void
+    assert cloud.epoch == c.epoch + 1
+    c2 = [a for a in out if isinstance(a, s.ComputeDist)]
+    assert not c2  # the stale computation is still in flight: one at a time
+    out = cloud.handle(s.LocalDist(c.epoch, 3, dist(0, 0.5)))
+    assert not sent(out, m.Evidence)  # dropped, never published
+    assert compute_of(out).step == 2 and compute_of(out).epoch == c.epoch + 1  # on the device's tokens
+    (ev,) = sent(cloud.handle(s.LocalDist(c.epoch + 1, 2, dist(0, 0.5))), m.Evidence)
+    assert ev.step == 2 and ev.chain is None
+
+
+def test_device_uses_evidence_ahead_only_where_the_guesses_equal_its_tokens():
+    dev = s.Session("device", cfg(max_depth=4, max_tokens=5), 0.0)
+    c = compute_of(dev.handle(s.Start()))
+    frame0, _ = cw.first_evidence(4, 0, dist(0, 0.1, 0.8).probs(), 1, 0.0)
+    frame1, _ = cw.first_evidence(4, 1, dist(0, 0.1, 0.1, 0.7).probs(), 1, None, chain=(0, 2))  # guessed 2
+    frame2, _ = cw.first_evidence(4, 2, dist(0, 0.9).probs(), 1, None, chain=(0, 3))  # then guessed 3
+    for frame in (frame0, frame1, frame2):
+        assert dev.handle(s.PeerMessage(codec.decode(codec.encode(frame)))) == []  # p^d not ready yet
+    out = dev.handle(s.LocalDist(c.epoch, 0, dist(0, 0.1, 0.7, 0.1)))
+    assert commits(out) == [2]  # certified by frame 0
+    c1 = compute_of(out)
+    out = dev.handle(s.LocalDist(c1.epoch, 1, dist(0, 0.1, 0.1, 0.7)))
+    assert commits(out) == [3]  # frame 1 was on [2] = what we committed: no wait
+    c2 = compute_of(out)
+    # frame 2 was on [2, 3]: right as well; but a frame on a wrong guess is not used
+    wrong, _ = cw.first_evidence(4, 3, dist(0, 0.9).probs(), 1, None, chain=(1, 4))  # guessed 4 at step 2
+    dev.handle(s.PeerMessage(codec.decode(codec.encode(wrong))))
+    out = dev.handle(s.LocalDist(c2.epoch, 2, dist(0, 0.8, 0.1)))
+    assert commits(out) == [1]
+    c3 = compute_of(out)
+    assert dev.handle(s.LocalDist(c3.epoch, 3, dist(0, 0.8, 0.1))) == []  # waits: the guess (4) was not 1
+    assert dev.stats.evidence_missed == 1 and dev.stats.steps_certified == 3
+    right, _ = cw.first_evidence(4, 3, dist(0, 0.9).probs(), 1, None)
+    assert commits(dev.handle(s.PeerMessage(codec.decode(codec.encode(right))))) == [1]

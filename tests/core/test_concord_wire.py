@@ -28,11 +28,11 @@ def test_concord_messages_round_trip(msg):
     assert codec.decode(codec.encode(msg)) == msg
 
 
-def test_one_entry_evidence_is_24_bytes_and_its_first_frame_carries_log_h():
+def test_one_entry_evidence_is_25_bytes_and_its_first_frame_carries_log_h():
     p = np.array([0.7, 0.2, 0.1])
     first, _ = cw.first_evidence(7, 0, p, 1, log_h=1.25)
     assert codec.decode(codec.encode(first)).log_h == 1.25
-    for step, size in ((100, 24), (300, 26)):  # msgpack: steps past 127 take two bytes more
+    for step, size in ((100, 25), (300, 27)):  # msgpack: steps past 127 take two bytes more
         later, _ = cw.first_evidence(7, step, p, 1, log_h=None)
         assert len(codec.encode(later)) == size
     assert len(codec.encode(m.EvidenceRequest(7, 300, 0.0123))) == 21
@@ -147,3 +147,14 @@ def test_merge_refuses_an_id_listed_twice():
     held = cw.bounds_from_wire(frame)
     with pytest.raises(ProtocolError):
         cw.merge(held, held, 0.1)
+
+
+def test_evidence_computed_ahead_names_its_chain_and_the_codec_checks_it():
+    p = np.array([0.7, 0.2, 0.1])
+    ahead, _ = cw.first_evidence(7, 100, p, 1, log_h=None, chain=(98, 40_000))
+    back = codec.decode(codec.encode(ahead))
+    assert back.chain == (98, 40_000) and cw.chain_basis(back) == 98
+    assert len(codec.encode(ahead)) == 25 + 4  # basis and prev: 4 bytes more than on our tokens alone
+    for chain in ((100, 1), (-1, 1), (5, -1), (5, 1 << 23)):
+        with pytest.raises(MalformedFrame, match="chain"):
+            codec.decode(codec.encode(m.Evidence(7, 100, ahead.ids, ahead.values, chain=chain)))

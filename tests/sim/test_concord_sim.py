@@ -92,7 +92,8 @@ def test_unbounded_debt_is_dense_greedy_token_for_token(rtt, top_k, top_m):
 def test_every_consulted_step_commits_the_dense_greedy_token(rtt, debt_max, disagreement):
     kinds_seen: set[str] = set()
     for world in range(4):
-        cfg = config(concord_debt_max=debt_max, max_tokens=30)
+        # max_depth 1: the cloud computes on our tokens only, so a consulted step waits (the debt's case)
+        cfg = config(concord_debt_max=debt_max, max_tokens=30, max_depth=1 if world % 2 else 8)
         dev, cloud = sides(world, disagreement=disagreement)
         pair = run(cfg, dev, cloud, rtt, seed=world)
         tokens, stats = pair.device.record.tokens, pair.device.session.stats
@@ -129,7 +130,8 @@ def test_agreeing_sides_certify_mostly_with_the_first_entry():
     assert stats.steps_supplemented <= 2  # a near-tie of the two sides' top tokens may need an id more
     evidence = [codec.decode(f) for f in pair.down.frames]
     sizes = [len(f) for f, msg in zip(pair.down.frames, evidence) if isinstance(msg, m.Evidence)]
-    assert max(sizes[1:]) <= 24  # a one-entry evidence frame (log h rides only in the first)
+    # a one-entry evidence frame: 24 bytes (log h rides only in the first), 4 more computed ahead
+    assert max(sizes[1:]) <= 28
 
 
 def test_a_late_or_disagreeing_cloud_is_supplemented_or_dense_and_still_exact():
@@ -197,8 +199,9 @@ def test_the_debt_cuts_waiting_when_the_cloud_is_far(rtt):
     """At a long RTT the default debt commits most steps locally and the answer finishes sooner
     than exact (D_max = inf) CONCORD; at least one step per answer still consulted the cloud."""
     dev, cloud = sides(0, disagreement=0.3)
-    exact = run(config(concord_debt_max=INF, max_tokens=30, eos_ids=frozenset()), dev, cloud, rtt)
-    debt = run(config(max_tokens=30, eos_ids=frozenset()), dev, cloud, rtt)
+    # max_depth 1: no evidence ahead, so every consulted step waits a round trip (the debt's case)
+    exact = run(config(concord_debt_max=INF, max_tokens=30, eos_ids=frozenset(), max_depth=1), dev, cloud, rtt)
+    debt = run(config(max_tokens=30, eos_ids=frozenset(), max_depth=1), dev, cloud, rtt)
     assert debt.device.record.finish_ms < exact.device.record.finish_ms
     assert debt.device.session.stats.steps_consulted >= 1
     if rtt >= 300.0:
@@ -245,3 +248,19 @@ def test_exact_ties_are_never_certified_the_dense_reply_decides_them():
         assert pair.device.record.tokens == centralized_decode(cfg, dev, cloud)
         dense += pair.device.session.stats.steps_dense
     assert dense > 0
+
+
+@pytest.mark.parametrize("rtt", [100.0, 300.0])
+def test_evidence_ahead_hides_the_round_trip_and_stays_exact(rtt):
+    """Exact CONCORD (D_max = inf) with the cloud computing ahead on its own guesses (window 16)
+    against the same without guessing (max_depth 1): the same answer, dense greedy token for
+    token, sooner, because a consulted step whose prefix the cloud guessed waits for nothing."""
+    dev, cloud = sides(0, disagreement=0.3)
+    flat = run(config(concord_debt_max=INF, max_tokens=30, eos_ids=frozenset(), max_depth=1), dev, cloud, rtt)
+    ahead = run(config(concord_debt_max=INF, max_tokens=30, eos_ids=frozenset(), max_depth=16), dev, cloud, rtt)
+    cfg = config(concord_debt_max=INF, max_tokens=30, eos_ids=frozenset())
+    tokens = ahead.device.record.tokens
+    assert tokens == flat.device.record.tokens
+    assert all(tokens[t] == dense_token(cfg, dev, cloud, tuple(tokens[:t])) for t in range(len(tokens)))
+    assert ahead.device.session.stats.steps_local == 0
+    assert ahead.device.record.finish_ms < 0.6 * flat.device.record.finish_ms
