@@ -54,6 +54,8 @@ class ConcordDevice:
         self._late: dict[int, tuple[int, Dist]] = {}  # step -> (local token, p^d), awaiting evidence
         self._guess: dict[int, int] = {}  # step -> the cloud's guess of our token there (its ``prev``)
         self._ahead: dict[int, list[m.Evidence]] = {}  # frames for steps not reached yet
+        self._unsent_tokens: list[int] = []  # committed, guessed by the cloud, not sent yet
+        self._unsent_from = 0  # the step of the first of them
 
     # ------------------------------------------------------------------ events
     def on_local_dist(self, ev: "sess.LocalDist") -> None:
@@ -132,6 +134,7 @@ class ConcordDevice:
         evidence = self._evidence.get(step)
         if evidence is None or self.cloud_log_h is None or self._asked is not None:
             self._waits = max(self._waits, 1)
+            self._flush_tokens()  # the cloud may need them to reach this step
             return  # waiting for the cloud
         eta_d, eta_c = self._etas()
         verdict = certify(local.probs(), eta_d, eta_c, evidence)
@@ -143,6 +146,7 @@ class ConcordDevice:
         self._supplemented |= not verdict.dense
         self._waits += 1
         self.s.stats.evidence_requests += 1
+        self._flush_tokens()  # the cloud answers for the prefix it holds
         self.s._emit(_send(m.EvidenceRequest(self.s.config.request_id, step, self._asked)))
 
     def _tally(self, kind: str) -> None:
@@ -158,7 +162,7 @@ class ConcordDevice:
     def _commit(self, token: int) -> None:
         s, step = self.s, len(self.s.committed)
         if not s.solo:
-            s._emit(_send(m.Tokens(s.config.request_id, step, [token])))
+            self._send_token(step, token)
         held = self._evidence.pop(step, None)
         self._local = self._dense = self._consult = self._asked = None
         self._supplemented, self._waits = False, 0
@@ -170,6 +174,24 @@ class ConcordDevice:
         for frame in self._ahead.pop(step + 1, ()):  # evidence the cloud sent ahead for the next step
             if s.finished is None:
                 self._take(frame, self._now)
+
+    def _send_token(self, step: int, token: int) -> None:
+        """Committed tokens go up in batches while they are the ones the cloud guessed: it
+        computes on them already, and needs them only to move its window on (a batch is at most a
+        quarter of it). A token it guessed wrong or did not guess, the last one, and any the cloud
+        may need to reach a step the device waits on go at once."""
+        if not self._unsent_tokens:
+            self._unsent_from = step
+        self._unsent_tokens.append(token)
+        cfg = self.s.config
+        ends = token in cfg.eos_ids or step + 1 >= cfg.max_tokens
+        if self._guess.get(step) != token or ends or len(self._unsent_tokens) >= max(1, cfg.max_depth // 4):
+            self._flush_tokens()
+
+    def _flush_tokens(self) -> None:
+        if self._unsent_tokens:
+            self.s._emit(_send(m.Tokens(self.s.config.request_id, self._unsent_from, self._unsent_tokens)))
+            self._unsent_tokens = []
 
     # ------------------------------------------------------------------ statistics
     def _on_late(self, step: int, bounds: Evidence) -> None:
