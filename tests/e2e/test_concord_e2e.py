@@ -62,13 +62,15 @@ def dense_answers(loop, runtime, world, reference_engine):
     return run(loop, build())
 
 
-def check_counts(stats, ids) -> None:
+def check_counts(stats, ids, consulted: bool = True) -> None:
+    """``consulted``: the answer waited on the cloud at least once, so frames came down for it
+    (one that never waits may finish before the cloud's first frame arrives)."""
     assert stats.mode == "concord"
     assert stats.steps_certified + stats.steps_dense + stats.steps_local == stats.tokens == len(ids), stats
     assert stats.steps_consulted == stats.steps_certified + stats.steps_dense
     assert 0 <= stats.steps_supplemented <= stats.steps_consulted
     assert stats.evidence_requests >= stats.steps_supplemented
-    assert stats.waited_ms >= 0 and stats.bytes_sent > 0 and stats.bytes_received > 0
+    assert stats.waited_ms >= 0 and stats.bytes_sent > 0 and (stats.bytes_received > 0 or not consulted)
     assert stats.as_dict()["bytes_per_token"] == (stats.bytes_sent + stats.bytes_received) / len(ids)
     assert stats.aggregator_steps == {"device": len(ids)} and stats.rollbacks == 0
 
@@ -114,7 +116,7 @@ def test_concord_never_waiting_is_the_device_only_answer(loop, runtime, proxies,
     ids, stats = run(loop, ask(runtime, proxies[50], options(mode="concord", concord_debt_max=-INF, dist_top_k=0),
                                frames, question=PUBLIC_QUESTION))
     assert ids == alone and not stats.degraded
-    check_counts(stats, ids)
+    check_counts(stats, ids, consulted=False)
     assert stats.steps_local == len(ids) and stats.evidence_requests == 0
     assert not any(isinstance(codec.decode(f), m.EvidenceRequest) for d, f in frames if d == "up")
 
@@ -179,7 +181,11 @@ def test_concord_privacy_on_the_captured_bytes(capture, private, runtime, row):
     up_raw = b"".join(c["up"].raw for c in cap.conns.values())
     assert row.question.encode() in up_payloads and row.question.encode() not in up_raw  # positive control
     _, needles = private
-    found = leaks(cap, needles)
+    # The Tokens frames carry the committed answer, which this mode sends up by design (the
+    # cloud computes on it; asserted above to be exactly the answer's ids): an answer quoting a
+    # private note shows that quote, as DRAGON's drafts do. Everything else is searched.
+    answer_frames = tuple(f for c in cap.conns.values() for f in c["up"].binary if isinstance(codec.decode(f), m.Tokens))
+    found = leaks(cap, needles, without=answer_frames)
     assert not found, f"{len(found)} private needles on the wire in {row.id}:\n" + "\n".join(found[:40])
     # the device's mixture values and its log h never go up: every per-document distribution the
     # device's engine computed, and the side's retrieval mass, as f16/f32/f64 in both byte orders

@@ -653,7 +653,7 @@ def test_device_disconnect_frees_cloud_streams(loop, runtime, cloud):
         return busy
 
     busy = run(loop, go())
-    assert busy["open_streams"] > baseline["open_streams"]
+    assert busy["open_streams"] > baseline["open_streams"], (baseline, busy, cloud.health())
     for _ in range(100):
         now = cloud.health()["engine"]
         if now["open_streams"] == baseline["open_streams"] and now["reserved_blocks"] == baseline["reserved_blocks"]:
