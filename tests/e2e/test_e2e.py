@@ -637,7 +637,10 @@ def test_device_disconnect_frees_cloud_streams(loop, runtime, cloud):
 
     async def go():
         runtime.link = CloudLink(f"http://127.0.0.1:{port}", runtime.identity, TOKEN)
-        agen = runtime.answer(LONG_QUESTION, options(max_tokens=200))
+        # the device's steps slowed to 150 ms: however the cloud's near ties fall with its
+        # prefix cache (in this module the answer can end by EOS within a second), the answer is
+        # still running, with the cloud's streams open, when the health is read
+        agen = runtime.answer(LONG_QUESTION, options(max_tokens=200, emulate_decode_ms=150))
         await agen.__anext__()  # the answer has started
         # the cloud's streams open once its retrieval and prefill are done: under the whole
         # suite's load on 2 cores that can take seconds after the device's first piece (health
