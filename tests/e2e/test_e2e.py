@@ -656,7 +656,9 @@ def test_device_disconnect_frees_cloud_streams(loop, runtime, cloud):
         return busy
 
     busy = run(loop, go())
-    assert busy["open_streams"] > baseline["open_streams"], (baseline, busy, cloud.health())
+    keys = ("open_streams", "queued_groups", "reserved_blocks", "groups", "reopens")
+    assert busy["open_streams"] > baseline["open_streams"], \
+        ({k: baseline.get(k) for k in keys}, {k: busy.get(k) for k in keys}, cloud.health().get("link_requests"))
     for _ in range(100):
         now = cloud.health()["engine"]
         if now["open_streams"] == baseline["open_streams"] and now["reserved_blocks"] == baseline["reserved_blocks"]:

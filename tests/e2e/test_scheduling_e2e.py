@@ -29,8 +29,11 @@ pytestmark = pytest.mark.slow
 
 TOKEN = "sched-token"
 QUESTION = "Where does my sister Lena live, and what is that city famous for?"
-CLOUD_SLOW_MS = 250.0
-DEVICE_SLOW_MS = 700.0  # slower than the slowed cloud by more than the RTT
+# Margins against a loaded 2-core machine: the full suite measured llama.cpp device steps up to
+# ~400 ms (920 ms once); with the cloud slowed by only 250 ms such a spike made the device look
+# slower than the cloud by more than an RTT, and the rule rightly moved back to the device
+CLOUD_SLOW_MS = 600.0
+DEVICE_SLOW_MS = 1000.0  # slower than the slowed cloud by more than the RTT
 RTT_MS = 100.0
 
 
@@ -83,9 +86,9 @@ def rule_says(runtime, max_tokens: int | None = None) -> str:
 
 # A move to the cloud must repay one RTT over the tokens left: ΔZ·left > RTT, and with the cloud
 # slower by more than an RTT ΔZ = (1 - α_cloud)·RTT, so it pays only while (1 - α_cloud)·left > 1.
-# The cloud's drafts on this question are accepted ~0.95 of the time: 20 tokens are too few to
-# repay a move (the rule rightly stays), 60 are enough.
-LONG_ANSWER = 60
+# The cloud's drafts on this question are accepted ~0.6 of the time (measured), and the answer
+# ends by EOS after ~23 tokens; asking up to 40 leaves the rule a horizon that repays the move.
+LONG_ANSWER = 40
 
 
 def test_slow_cloud_moves_the_aggregator_to_the_cloud_and_the_next_request_starts_there(loop, runtime, slow_cloud_url):
