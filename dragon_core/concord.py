@@ -35,6 +35,12 @@ RHO, GAIN = 0.9, 8.0  # the debt's decay and the gain of a step the evidence cha
 LATE_KEPT = 16  # local steps whose p^d awaits late evidence (~RTT / local step; a full p^d holds ~0.6 MB)
 
 
+def lookahead(config: "sess.SessionConfig") -> int:
+    """Steps the cloud computes past the device's last token it has (the request's
+    ``max_depth``; 1: none ahead). The device refuses evidence further out than this."""
+    return max(1, config.max_depth)
+
+
 class ConcordDevice:
     def __init__(self, session: "sess.Session") -> None:
         if not session.config.sampling.greedy:
@@ -70,7 +76,7 @@ class ConcordDevice:
             self.cloud_log_h = msg.log_h
         elif self.cloud_log_h is None:  # without η nothing certifies: waiting would never end
             raise ProtocolError("the cloud's first evidence must carry its log h")
-        if cw.chain_basis(msg) > step or msg.step >= step + max(1, self.s.config.max_depth):
+        if cw.chain_basis(msg) > step or msg.step >= step + lookahead(self.s.config):
             raise ProtocolError(f"evidence for step {msg.step} on {cw.chain_basis(msg)} of our tokens, "
                                 f"but {step} were committed (window {self.s.config.max_depth})")
         if msg.chain is not None:
@@ -185,7 +191,7 @@ class ConcordDevice:
         self._unsent_tokens.append(token)
         cfg = self.s.config
         ends = token in cfg.eos_ids or step + 1 >= cfg.max_tokens
-        if self._guess.get(step) != token or ends or len(self._unsent_tokens) >= max(1, cfg.max_depth // 4):
+        if self._guess.get(step) != token or ends or len(self._unsent_tokens) >= max(1, lookahead(cfg) // 4):
             self._flush_tokens()
 
     def _flush_tokens(self) -> None:
@@ -298,18 +304,19 @@ class ConcordCloud:
         self._kept.pop(step, None)  # the device is past it: no request can name it now
         s._record_commit(token)
         guess = self._guess.get(step)
-        if guess is not None and guess != token:
+        if guess is None:
+            self._next = max(self._next, step + 1)
+        elif guess != token:
             self._guess.clear()
             self._kept.clear()
             s.epoch += 1
-        if guess != token:
-            self._next = max(self._next if guess is None else 0, step + 1)
+            self._next = step + 1
 
     def pump(self) -> None:
         s = self.s
         step = len(s.committed)
         last = self._guess.get(self._next - 1)
-        ahead = self._next < min(step + max(1, s.config.max_depth), s.config.max_tokens)
+        ahead = self._next < min(step + lookahead(s.config), s.config.max_tokens)
         if s.finished is None and s._computing is None and ahead and last not in s.config.eos_ids:
             s._sync_streams(list(s.committed) + [self._guess[j] for j in range(step, self._next)])
             s._computing = (s.epoch, self._next)
