@@ -38,7 +38,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from dragon_vllm.engine import vllm_version
 from dragon_vllm.mixing import gang_of
-from dragon_vllm.rewind import rewind_session
+from dragon_vllm.rewind import drop_stale_block_hashes, rewind_session
 
 log = logging.getLogger("dragon.gang")
 
@@ -209,6 +209,7 @@ class GangMixin:
                 refetched = rewind_session(self, session, update, int(info["rewind_to"]))
                 self.gang_stats["rewinds"] += 1
                 self.gang_stats["rewinds_refetched"] += int(refetched)
+            drop_stale_block_hashes(self, session)  # vLLM 0.26 keeps them (rewind.py)
             result = super()._update_request_as_session(session, update, *args, **kwargs)
             session.max_tokens = update.max_tokens  # vLLM 0.26 keeps the first chunk's (ENGINES.md)
             return result

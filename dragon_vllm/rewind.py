@@ -18,6 +18,12 @@ How it fits vLLM 0.32 (read from its source, checked by ``tests/engines/test_rol
   request's; the tail is handed back to the block pool (``free_blocks``: the full ones keep their
   hash, which covers their own prefix, so they stay valid prefix-cache entries; the partial one
   is reused first). Nothing is ever written into a kept block.
+* Block hashes: vLLM 0.32's ``_update_request_as_session`` drops the hashes past
+  ``num_computed_tokens``; 0.26's keeps them, so a hash of tokens the session no longer holds
+  (the discarded last sample, or a rewound tail) would later name a block that holds other
+  tokens: a wrong prefix-cache hit for another request. ``drop_stale_block_hashes`` is that one
+  line of 0.32, applied here and by the gang scheduler to every gang session update (on 0.32
+  it is a no-op).
 * Fallback, never a wrong state: when the session does not hold ``T`` computed tokens (it was
   preempted: ``num_computed_tokens`` reset to 0) or a KV manager is not plain full attention
   (sliding window, Mamba, ...), the session is cut further down (to its computed, aligned
@@ -39,6 +45,13 @@ def _truncatable(manager) -> bool:
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
     return type(manager) is FullAttentionManager
+
+
+def drop_stale_block_hashes(scheduler, session) -> None:
+    """Forget the block hashes of tokens past the session's computed frontier (vLLM 0.32 does
+    this itself in ``_update_request_as_session``; 0.26 does not)."""
+    size = getattr(scheduler, "hash_block_size", None) or scheduler.kv_cache_manager.coordinator.single_type_managers[0].block_size
+    del session.block_hashes[session.num_computed_tokens // size:]
 
 
 def rewind_session(scheduler, session, update, target: int) -> bool:
@@ -79,6 +92,7 @@ def rewind_session(scheduler, session, update, target: int) -> bool:
     session.num_prompt_tokens = keep
     del all_ids[keep:]
     session.num_computed_tokens = keep
+    drop_stale_block_hashes(scheduler, session)
     if fallback:
         log.info("rewind of %s to %d: kept %d (computed %d), recomputing the rest", rid, target, keep, computed)
     return fallback

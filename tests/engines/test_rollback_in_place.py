@@ -112,6 +112,7 @@ def test_rewind_frees_the_tail_blocks_keeps_the_prefix_cache_and_appends_after_e
     assert stm.num_cached_block["r"] == 2
     assert manager.block_pool.get_num_free_blocks() == free_before + 2
     assert req.num_computed_tokens == 64 and update.prompt_token_ids == [7, 8, 9]
+    assert len(req.block_hashes) == 2  # dropped by the rewind itself: vLLM 0.26's update keeps them
     _apply(manager, req, update)
     context = (prompt + outputs)[:64] + [7, 8, 9]
     assert list(req.all_token_ids) == context and list(req.prompt_token_ids) == context
@@ -126,6 +127,29 @@ def test_rewind_frees_the_tail_blocks_keeps_the_prefix_cache_and_appends_after_e
     probe = Request("p", (prompt + outputs)[:100], SamplingParams(max_tokens=1), None, block_hasher=hasher)
     _, hit, *_ = manager.get_computed_blocks(probe)
     assert hit == 96
+
+
+def test_the_hash_of_a_discarded_last_sample_is_dropped():
+    """A chunk that stops on a sample that completes a block: that block's hash covers a token the
+    session discards (vLLM keeps only computed tokens). vLLM 0.26 kept the hash; the gang scheduler
+    drops it before the update, as 0.32 does."""
+    from dragon_vllm.rewind import drop_stale_block_hashes
+
+    manager, hasher = _kv()
+    scheduler = type("S", (), {"kv_cache_manager": manager, "hash_block_size": B})()
+    prompt, outputs = list(range(1000, 1080)), list(range(2000, 2016))  # 96 tokens: 3 full blocks
+    req = _session(manager, hasher, "r", prompt, outputs, 95)  # the last sample is not computed
+    assert len(req.block_hashes) == 3
+    drop_stale_block_hashes(scheduler, req)
+    assert len(req.block_hashes) == 2
+    _apply(manager, req, _update([7]))
+    context = (prompt + outputs)[:95] + [7]
+    assert list(req.all_token_ids) == context
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    again = Request("q", context, SamplingParams(max_tokens=1), None, block_hasher=hasher)
+    assert req.block_hashes == again.block_hashes  # the hashes of the tokens it holds now
 
 
 def test_a_rewind_past_the_computed_tokens_recomputes_them_instead():
