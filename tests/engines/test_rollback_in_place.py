@@ -1,8 +1,9 @@
-"""Rollback in place (``make_engine(rollback="in_place")``, opt-in; ``rewind.py``, ``gang.py``,
-``drafting._PlacedRow``):
+"""Rollback in place (``make_engine(rollback="auto")``, the default where verified; ``rewind.py``,
+``gang.py``, ``drafting._PlacedRow``):
 
-* the version gate: in place only on the vLLM versions it was verified on (0.32), refused on
-  0.26 unless DRAGON_ALLOW_UNVERIFIED_ROLLBACK=1;
+* the version gate: in place only on the vLLM versions and schedulers it was verified on
+  (``rewind.VERIFIED``), ``auto`` falls back to reopen elsewhere, an explicit ``in_place`` is
+  refused there unless DRAGON_ALLOW_UNVERIFIED_ROLLBACK=1;
 * the truncation's bookkeeping on vLLM's own KV cache manager and ``Request`` (no engine): tail
   blocks back to the pool, the kept ones still prefix-cache hits, then vLLM's own
   ``_update_request_as_session`` appends the chunk after exactly the kept tokens;
@@ -30,17 +31,35 @@ B = 32
 
 # ---------------------------------------------------------------------------- the version gate
 def test_in_place_is_refused_on_unverified_vllm_versions(monkeypatch):
+    from dragon_vllm import rewind
     from dragon_vllm.engine import ALLOW_UNVERIFIED_ROLLBACK, UnverifiedRollback, check_rollback
 
+    monkeypatch.setattr(rewind, "VERIFIED", (((0, 32), False),))  # the rule, whatever is verified today
     monkeypatch.delenv(ALLOW_UNVERIFIED_ROLLBACK, raising=False)
     assert check_rollback("reopen", (0, 26)) == "reopen"
     assert check_rollback("in-place", (0, 32)) == "in_place"
-    with pytest.raises(UnverifiedRollback, match=r"verified on vLLM 0\.32\.x only, not on vLLM 0\.26"):
+    assert check_rollback("in-place", (0, 32), async_scheduling=False) == "in_place"
+    with pytest.raises(UnverifiedRollback, match=r"verified on vLLM 0\.32\.x \(synchronous scheduler\) only, not on vLLM 0\.26"):
         check_rollback("in_place", (0, 26))
+    with pytest.raises(UnverifiedRollback, match=r"not on vLLM 0\.32 with async scheduling"):
+        check_rollback("in_place", (0, 32), async_scheduling=True)
     with pytest.raises(ValueError, match="rollback must be one of"):
         check_rollback("truncate", (0, 32))
     monkeypatch.setenv(ALLOW_UNVERIFIED_ROLLBACK, "1")
     assert check_rollback("in_place", (0, 26)) == "in_place"  # deliberately unverified: a warning only
+
+
+def test_auto_is_in_place_where_verified_and_reopen_elsewhere(monkeypatch):
+    from dragon_vllm import rewind
+    from dragon_vllm.engine import ALLOW_UNVERIFIED_ROLLBACK, check_rollback
+
+    monkeypatch.setattr(rewind, "VERIFIED", (((0, 32), False), ((0, 26), True)))
+    monkeypatch.setenv(ALLOW_UNVERIFIED_ROLLBACK, "1")  # never changes what auto picks
+    assert check_rollback("auto", (0, 32), async_scheduling=False) == "in_place"
+    assert check_rollback("auto", (0, 26), async_scheduling=True) == "in_place"
+    assert check_rollback("auto", (0, 26), async_scheduling=False) == "reopen"
+    assert check_rollback("auto", (0, 33), async_scheduling=False) == "reopen"
+    assert check_rollback("auto", (0, 32)) == "auto"  # the scheduler not known yet: make_engine resolves it
 
 
 # ---------------------------------------------------------------------------- the truncation alone
