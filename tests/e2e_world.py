@@ -132,8 +132,14 @@ def reference_engine(e2e_loop, smollm2):
     from dragon_vllm.engine import make_engine
 
     async def start():
-        # max_logprobs=-1: the independent references read each document's whole vocabulary
-        return make_engine(str(smollm2.hf_dir()), top_k=20, max_num_seqs=32, max_model_len=1024, max_logprobs=-1)
+        # max_logprobs=-1: the independent references read each document's whole vocabulary.
+        # On a GPU (benchmarks/gpu_run.sh): eager and a third of the memory, since this engine's
+        # start once hung there at its CUDA graphs / memory profile (results/tests_h200_hang.log)
+        import torch
+
+        gpu = dict(enforce_eager=True, gpu_memory_utilization=0.35) if torch.cuda.is_available() else {}
+        return make_engine(str(smollm2.hf_dir()), top_k=20, max_num_seqs=32, max_model_len=1024, max_logprobs=-1,
+                           **gpu)
 
     eng = run(e2e_loop, start())
     yield eng
