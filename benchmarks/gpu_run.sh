@@ -34,13 +34,13 @@ case "${1:-}" in
     # rollback in place on vLLM 0.26 (Model Runner V1 under the processor, async scheduling): its
     # tests first (with -s: the engine core's own log lands in the file too), then the gang path at
     # every level with in place as the engine's mode, against plain vLLM, and the cost of one
-    # rollback both ways (reopen, in place), 3 repetitions
+    # rollback both ways (reopen, in place)
     export DRAGON_ALLOW_UNVERIFIED_ROLLBACK=1
-    timeout 300 python -m pytest -x -v -s -p no:cacheprovider -o faulthandler_timeout=150 \
+    timeout 200 python -m pytest -x -v -s -p no:cacheprovider -o faulthandler_timeout=120 \
       tests/engines/test_rollback_in_place.py > "$OUT/rollback_tests_h200.log" 2>&1; trc=$?
     grep -E "PASSED|FAILED|ERROR|passed|failed|Timeout" "$OUT/rollback_tests_h200.log" | tail -14
-    taskset -c 2-15 timeout 420 python -m benchmarks.bench_vllm_streams --levels ${LEVELS:-1 8 32 64 128 256} --k 4 \
-      --steps 64 --chunk-tokens 0 --rollback-every 6 --rollback reopen in_place --repeats 3 --device h200 \
+    taskset -c 2-15 timeout 380 python -m benchmarks.bench_vllm_streams --levels ${LEVELS:-1 8 32 64 128 256} --k 4 \
+      --steps 64 --chunk-tokens 0 --rollback-every 6 --rollback reopen in_place --repeats ${REPEATS:-1} --device h200 \
       --out "$OUT/vllm_streams_h200_rollback.json" > "$OUT/rollback_streams.log" 2>&1; rc=$?
     grep '^{' "$OUT/rollback_streams.log" | tail -6 | cut -c1-900; tail -3 "$OUT/rollback_streams.log"
     exit $(( trc ? trc : rc )) ;;
