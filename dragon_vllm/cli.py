@@ -56,12 +56,11 @@ def serve(
         "In-engine path: tokens the cloud drafts per engine chunk without a round trip; 0 (the "
         "default) = draft until the device rejects a draft or the answer's max_tokens, with no "
         "round trip at all in between.")),
-    rollback: str = typer.Option("auto", "--rollback", help=(
-        "In-engine path: how a rejected draft rolls the gang back. 'in-place': truncate the "
-        "sessions inside the gang scheduler (no new requests, no recompute). 'reopen': abort the "
-        "gang's vLLM requests and reopen them (the prefix cache restores whole blocks). 'auto' "
-        "(the default): in place on the vLLM versions and schedulers it was verified on, reopen "
-        "elsewhere. An explicit 'in-place' on an unverified version is refused unless "
+    rollback: str = typer.Option("reopen", "--rollback", help=(
+        "In-engine path: how a rejected draft rolls the gang back. 'reopen' (the default, measured "
+        "faster): abort the gang's vLLM requests and reopen them (the prefix cache restores whole "
+        "blocks). 'in-place': truncate the sessions inside the gang scheduler (no new requests); "
+        "verified on vLLM 0.32 (sync scheduler) and 0.26 (async), refused elsewhere unless "
         "DRAGON_ALLOW_UNVERIFIED_ROLLBACK=1.")),
     max_k: int = typer.Option(16, help="Largest k a device may ask for."),
     max_tokens: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
@@ -109,8 +108,6 @@ def serve(
         raise typer.BadParameter(f"--rollback: {exc}") from None
     if rollback == "in_place" and not in_engine:
         raise typer.BadParameter("--rollback in-place needs the in-engine path (not --per-document)")
-    if not in_engine:
-        rollback = "reopen"
     try:
         api_keys = load_api_keys(api_key or (), api_key_file)
     except OSError as exc:

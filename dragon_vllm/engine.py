@@ -10,12 +10,12 @@ previous chunk, so the caller alone decides what is appended (docs/ENGINES.md §
   log-probs are ``log_softmax(z / T)`` — the per-document ``p_d`` of docs/ALGORITHMS.md — not the
   raw ``T = 1`` values. No top-k/top-p/penalties are ever sent to vLLM, so nothing else is
   folded in.
-* Rollback: vLLM has no public truncate. Gangs, where this vLLM version and scheduler were
-  verified (``make_engine(rollback="auto")``, the default): the gang scheduler truncates the
-  sessions in place (``drafting.py``, ``gang.py``, ``rewind.py``). Elsewhere, and for per-document
-  groups, the no-patch fallback: abort the sessions and reopen them with ``prompt + accepted`` at
-  the next advance; the prefix cache restores every full block, only the partial tail block and
-  the new tokens are recomputed.
+* Rollback: vLLM has no public truncate, so by default the no-patch path: abort the sessions and
+  reopen them with ``prompt + accepted`` at the next advance; the prefix cache restores every
+  full block, only the partial tail block and the new tokens are recomputed. Opt-in for gangs,
+  ``make_engine(rollback="in_place")``: the gang scheduler truncates the sessions in place
+  (``drafting.py``, ``gang.py``, ``rewind.py``), where it was verified; measured slower than the
+  reopen on both engines (README), so not the default.
 * Admission (``dragon_vllm.admission``): a group's k streams are admitted together, within
   ``max_num_seqs`` and a KV budget, so paused sessions can never starve each other.
 
@@ -45,7 +45,7 @@ from dragon_vllm.plugin import LOGITS_PROCESSOR, SCHEDULER_CLS, SYNC_SCHEDULER_C
 from dragon_vllm.streaming import input_chunks, top_k_at
 
 MIN_VLLM = (0, 26)  # streaming-input sessions, flat_logprobs, processed_logprobs, tokens_input
-ROLLBACKS = ("auto", "reopen", "in_place")
+ROLLBACKS = ("reopen", "in_place")
 ALLOW_UNVERIFIED_ROLLBACK = "DRAGON_ALLOW_UNVERIFIED_ROLLBACK"
 
 
@@ -54,38 +54,29 @@ class UnverifiedRollback(RuntimeError):
 
 
 def check_rollback(rollback: str, version: tuple[int, int] | None = None, async_scheduling: bool | None = None) -> str:
-    """The rollback mode, normalised (``in-place`` = ``in_place``) and resolved:
-
-    * ``auto`` (the default) is ``in_place`` where ``dragon_vllm.rewind.VERIFIED`` lists this vLLM
-      version with this scheduler, and ``reopen`` elsewhere (with a log line saying why);
-    * ``in_place`` asked for explicitly on an unverified version/scheduler is refused, unless
-      DRAGON_ALLOW_UNVERIFIED_ROLLBACK=1 (then a warning).
-
-    ``async_scheduling`` None: not known yet (the CLI's early check); only the version is checked."""
-    import logging
-
+    """The rollback mode, normalised (``in-place`` = ``in_place``). ``in_place`` on a vLLM version
+    or scheduler ``dragon_vllm.rewind.VERIFIED`` does not list is refused, unless
+    DRAGON_ALLOW_UNVERIFIED_ROLLBACK=1 (then a warning). ``async_scheduling`` None: not known yet
+    (the CLI's early check): only the version is checked."""
     from dragon_vllm.rewind import verified_for
 
     mode = rollback.replace("-", "_")
     if mode not in ROLLBACKS:
         raise ValueError(f"rollback must be one of {', '.join(ROLLBACKS)}, not {rollback!r}")
-    version = version or vllm_version()
-    ok, where = verified_for(version, async_scheduling)
-    log = logging.getLogger("dragon.rewind")
-    if mode == "auto":
-        if async_scheduling is None:
-            return mode  # resolved in make_engine, once the scheduler is known
+    if mode == "in_place":
+        version = version or vllm_version()
+        ok, where = verified_for(version, async_scheduling)
         if not ok:
-            log.info("rollback: abort + reopen (in place is verified on %s only)", where)
-        return "in_place" if ok else "reopen"
-    if mode == "in_place" and not ok:
-        have = ".".join(map(str, version)) + (" with async scheduling" if async_scheduling else "")
-        if os.environ.get(ALLOW_UNVERIFIED_ROLLBACK) != "1":
-            raise UnverifiedRollback(
-                f"rollback in place was verified on {where} only, not on vLLM {have}: use "
-                f"rollback='reopen' or 'auto', or set {ALLOW_UNVERIFIED_ROLLBACK}=1 to run it unverified "
-                "(then run tests/engines/test_rollback_in_place.py on this version first)")
-        log.warning("rollback in place on vLLM %s, verified on %s only (%s=1)", have, where, ALLOW_UNVERIFIED_ROLLBACK)
+            have = ".".join(map(str, version)) + (" with async scheduling" if async_scheduling else "")
+            if os.environ.get(ALLOW_UNVERIFIED_ROLLBACK) != "1":
+                raise UnverifiedRollback(
+                    f"rollback in place was verified on {where} only, not on vLLM {have}: use "
+                    f"rollback='reopen' (the default), or set {ALLOW_UNVERIFIED_ROLLBACK}=1 to run it unverified "
+                    "(then run tests/engines/test_rollback_in_place.py on this version first)")
+            import logging
+
+            logging.getLogger("dragon.rewind").warning(
+                "rollback in place on vLLM %s, verified on %s only (%s=1)", have, where, ALLOW_UNVERIFIED_ROLLBACK)
     return mode
 
 
@@ -205,7 +196,7 @@ class VllmEngine:
     """``dragon_core.engine.Engine`` on one shared ``AsyncLLM``."""
 
     def __init__(self, llm, *, logprobs_k: int, max_streams: int, kv_reserve_tokens: int, mixing: bool = False,
-                 chunk_tokens: int = 0, rollback: str = "reopen") -> None:  # make_engine resolves "auto"
+                 chunk_tokens: int = 0, rollback: str = "reopen") -> None:
         self.llm = llm
         self.rollback = rollback  # "reopen" (abort + reopen) or "in_place" (gangs only; see drafting.py)
         self.logprobs_k = logprobs_k  # log-probs read from vLLM per stream and step (not a request's top_k)
@@ -312,7 +303,7 @@ def make_engine(model_dir: str, *, logprobs_k: int = 20, top_k: int | None = Non
                 enforce_eager: bool | None = None, kv_cache_gib: int | None = None,
                 gpu_memory_utilization: float | None = None, kv_reserve_tokens: int = 256, seed: int = 0,
                 mixing: bool = True, chunk_tokens: int = 0, max_num_batched_tokens: int | None = None,
-                max_logprobs: int | None = None, rollback: str = "auto",
+                max_logprobs: int | None = None, rollback: str = "reopen",
                 **engine_kwargs) -> VllmEngine:
     """Start the shared ``AsyncLLM`` for DRAGON streams.
 
@@ -328,9 +319,10 @@ def make_engine(model_dir: str, *, logprobs_k: int = 20, top_k: int | None = Non
 
     ``logprobs_k``: log-probs read per stream and step (``top_k`` is its old name, still taken).
 
-    ``rollback``: ``"in_place"`` (the gang scheduler truncates the rows' sessions in place; gangs
-    only), ``"reopen"`` (a rejected draft aborts the gang and reopens it), or ``"auto"`` (the
-    default: in place where this vLLM version and scheduler were verified, ``check_rollback``).
+    ``rollback``: ``"reopen"`` (the default: a rejected draft aborts the gang and reopens it; the
+    faster of the two, measured: benchmarks/results/vllm_streams_h200_rollback.json) or
+    ``"in_place"`` (the gang scheduler truncates the rows' sessions in place; gangs only; refused
+    where it was not verified, ``check_rollback``).
     """
     logprobs_k = logprobs_k if top_k is None else top_k
     from dragon_vllm.plugin import register
@@ -365,8 +357,7 @@ def make_engine(model_dir: str, *, logprobs_k: int = 20, top_k: int | None = Non
     if mixing:
         sched = config.scheduler_config
         sched.scheduler_cls = SCHEDULER_CLS if sched.async_scheduling else SYNC_SCHEDULER_CLS
-    rollback = check_rollback(rollback, async_scheduling=bool(config.scheduler_config.async_scheduling)) \
-        if mixing else "reopen"
+    rollback = check_rollback(rollback, async_scheduling=bool(config.scheduler_config.async_scheduling))
     llm = AsyncLLM.from_vllm_config(config, disable_log_stats=True)
     return VllmEngine(llm, logprobs_k=logprobs_k, max_streams=min(max_streams or max_num_seqs, max_num_seqs),
                       kv_reserve_tokens=kv_reserve_tokens, mixing=mixing, chunk_tokens=chunk_tokens, rollback=rollback)

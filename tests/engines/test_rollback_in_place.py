@@ -1,9 +1,8 @@
-"""Rollback in place (``make_engine(rollback="auto")``, the default where verified; ``rewind.py``,
-``gang.py``, ``drafting._PlacedRow``):
+"""Rollback in place (``make_engine(rollback="in_place")``, opt-in; ``rewind.py``, ``gang.py``,
+``drafting._PlacedRow``):
 
 * the version gate: in place only on the vLLM versions and schedulers it was verified on
-  (``rewind.VERIFIED``), ``auto`` falls back to reopen elsewhere, an explicit ``in_place`` is
-  refused there unless DRAGON_ALLOW_UNVERIFIED_ROLLBACK=1;
+  (``rewind.VERIFIED``), refused elsewhere unless DRAGON_ALLOW_UNVERIFIED_ROLLBACK=1;
 * the truncation's bookkeeping on vLLM's own KV cache manager and ``Request`` (no engine): tail
   blocks back to the pool, the kept ones still prefix-cache hits, then vLLM's own
   ``_update_request_as_session`` appends the chunk after exactly the kept tokens;
@@ -47,19 +46,6 @@ def test_in_place_is_refused_on_unverified_vllm_versions(monkeypatch):
         check_rollback("truncate", (0, 32))
     monkeypatch.setenv(ALLOW_UNVERIFIED_ROLLBACK, "1")
     assert check_rollback("in_place", (0, 26)) == "in_place"  # deliberately unverified: a warning only
-
-
-def test_auto_is_in_place_where_verified_and_reopen_elsewhere(monkeypatch):
-    from dragon_vllm import rewind
-    from dragon_vllm.engine import ALLOW_UNVERIFIED_ROLLBACK, check_rollback
-
-    monkeypatch.setattr(rewind, "VERIFIED", (((0, 32), False), ((0, 26), True)))
-    monkeypatch.setenv(ALLOW_UNVERIFIED_ROLLBACK, "1")  # never changes what auto picks
-    assert check_rollback("auto", (0, 32), async_scheduling=False) == "in_place"
-    assert check_rollback("auto", (0, 26), async_scheduling=True) == "in_place"
-    assert check_rollback("auto", (0, 26), async_scheduling=False) == "reopen"
-    assert check_rollback("auto", (0, 33), async_scheduling=False) == "reopen"
-    assert check_rollback("auto", (0, 32)) == "auto"  # the scheduler not known yet: make_engine resolves it
 
 
 # ---------------------------------------------------------------------------- the truncation alone
