@@ -5,7 +5,10 @@ RTT samples (fed to every running session's scheduler) and routes frames to sess
 ``request_id``. When the connection dies, or the cloud stays silent for longer than
 ``peer_timeout_s`` (``dragon_core.liveness``: a blackholed connection that TCP would notice
 only after minutes), every running session gets ``PeerLost`` and goes on device-only from its
-last committed token; the next request reconnects. Nothing here raises into the application
+last committed token; the next request reconnects. A live cloud that sends nothing for one
+request while the device waits on it, for longer than ``request_idle_timeout_s`` (the cloud's
+own rule, ``dragon_core.idle``), loses that request alone: it goes on device-only, degraded, and
+the cloud gets a ``Cancel``, so no answer waits forever on a stuck cloud request. Nothing here raises into the application
 once a request runs. The link's rules are ``dragon_core.connection.LinkConnection``'s (one for the
 link's life, across reconnections); this module only moves its frames and runs its timers.
 """
@@ -29,6 +32,7 @@ from dragon_core.connection import (BadFrame, Event, LinkConnection, PeerError, 
 from dragon_host.driver import SessionDriver
 from dragon_core.errors import DragonError, HandshakeError, ProtocolError
 from dragon_core.handshake import LINK_PATH, Identity
+from dragon_core.idle import DEFAULT_REQUEST_IDLE_S, RequestIdle
 from dragon_core.liveness import DEFAULT_PEER_TIMEOUT_S, PeerLiveness
 
 log = logging.getLogger("dragon.edge.link")
@@ -55,6 +59,9 @@ class LinkOptions:
     # the cloud is lost after this long without a frame from it (pings every ping_interval_s
     # keep a live link talking); <= 0 disables. See docs/PROTOCOL.md, "Dead peers".
     peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S
+    # a request the device waits on, with no frame for it from a live cloud for this long, goes on
+    # device-only (degraded) and is cancelled on the cloud; <= 0 disables. See dragon_core/idle.py.
+    request_idle_timeout_s: float = DEFAULT_REQUEST_IDLE_S
 
 
 class CloudLink:
@@ -74,6 +81,7 @@ class CloudLink:
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._drivers: dict[int, SessionDriver] = {}
+        self._idle: dict[int, RequestIdle] = {}  # per running request: the idle rule's state
         self._opened: dict[int, asyncio.Future[m.Opened]] = {}
         self._tasks: list[asyncio.Task] = []
         self._send_lock = asyncio.Lock()
@@ -141,6 +149,8 @@ class CloudLink:
         self._tasks += [asyncio.create_task(self._read_loop(ws)), asyncio.create_task(self._ping_loop(ws))]
         if live.enabled:
             self._tasks.append(asyncio.create_task(self._watch(ws, live)))
+        if RequestIdle(self.options.request_idle_timeout_s, 0.0).enabled:
+            self._tasks.append(asyncio.create_task(self._watch_requests(ws)))
         log.info("connected to %s (%s)", self.url, self.welcome.server)
 
     async def _handshake(self, ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -186,6 +196,7 @@ class CloudLink:
         """Register the request's driver, then ask the cloud to join. Failures reach the session
         as ``PeerLost`` (it continues device-only), never as an exception."""
         self._drivers[req.request_id] = driver
+        self._idle[req.request_id] = RequestIdle(self.options.request_idle_timeout_s, time.monotonic())
         self._opened[req.request_id] = asyncio.get_running_loop().create_future()
         if not await self.send(req):
             driver.feed(s.PeerLost("cloud link unavailable"))
@@ -215,6 +226,7 @@ class CloudLink:
     def release(self, request_id: int) -> Traffic:
         """The request is over on the device; returns the bytes its frames took on the link."""
         self._drivers.pop(request_id, None)
+        self._idle.pop(request_id, None)
         fut = self._opened.pop(request_id, None)
         if fut is not None and not fut.done():
             fut.cancel()
@@ -271,6 +283,8 @@ class CloudLink:
             # a request without a session (DRCG/Text) waits on its Opened future
             self._resolve(rid, CloudRefused(f"{msg.code}: {msg.message}"))
         elif rid in self._drivers:
+            if rid in self._idle:
+                self._idle[rid].heard(time.monotonic())
             if isinstance(msg, m.Error):  # the session records it (Session.peer_error) and goes on device-only
                 log.warning("cloud ended request %d: %s: %s", rid, msg.code, msg.message)
             self._drivers[rid].feed(s.PeerMessage(msg, at_ms=time.monotonic() * 1000))
@@ -317,6 +331,26 @@ class CloudLink:
                 _abort(ws)
                 await _drop(ws)
                 return
+
+
+    async def _watch_requests(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """The request idle rule (``dragon_core.idle``), checked for every running request: only
+        time the session spends waiting on the cloud counts, never the device's own decoding."""
+        idle_s = self.options.request_idle_timeout_s
+        tick = RequestIdle(idle_s, 0.0).tick
+        while ws is self._ws and not ws.closed:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for rid, idle in list(self._idle.items()):
+                driver = self._drivers.get(rid)
+                if driver is None or not idle.expired(driver.session.awaiting_peer, now):
+                    continue
+                del self._idle[rid]
+                reason = (f"cloud sent nothing for request {rid} for {idle.silence(now):.1f} s "
+                          f"(request idle timeout {idle_s:g} s)")
+                log.warning("%s; that answer continues on the device", reason)
+                driver.feed(s.PeerLost(reason))
+                await self.send(m.Cancel(rid, "request_idle_timeout"))
 
 
 def _abort(ws: aiohttp.ClientWebSocketResponse) -> None:

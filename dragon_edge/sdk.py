@@ -124,10 +124,13 @@ class AsyncDragonClient:
     def __init__(self, cloud_url: str | None = None, store: str | Path | Any | None = None, *,
                  model: str = DEFAULT_MODEL, engine: str = "llamacpp", auth_token: str = "",
                  runtime: EdgeRuntime | None = None, peer_timeout_s: float | None = None,
-                 on_cloud_error: str = "degrade") -> None:
+                 request_idle_timeout_s: float | None = None, on_cloud_error: str = "degrade") -> None:
         """``peer_timeout_s``: give the cloud up (the answer goes on device-only, flagged
         degraded) after this long without a frame from it; None: the link's default (3 s),
-        <= 0: never (wait for TCP to notice). ``on_cloud_error``: when the cloud refuses or ends a
+        <= 0: never (wait for TCP to notice). ``request_idle_timeout_s``: give one answer's cloud
+        request up (device-only, degraded; the cloud is told to cancel it) when a live cloud sends
+        nothing for it for this long while the device waits on it; None: the link's default
+        (30 s), <= 0: never. ``on_cloud_error``: when the cloud refuses or ends a
         request with a typed error (over quota, idle timeout), "degrade" finishes the answer on the
         device (``reply.dragon["cloud_error"]`` says why), "raise" raises that error's class from
         ``dragon_core.errors`` (``QuotaExceeded``, ``RequestIdleTimeout``, ...)."""
@@ -136,6 +139,7 @@ class AsyncDragonClient:
         self.on_cloud_error = on_cloud_error
         self.cloud_url, self.model, self.engine_kind, self.auth_token = cloud_url, model, engine, auth_token
         self.peer_timeout_s = peer_timeout_s
+        self.request_idle_timeout_s = request_idle_timeout_s
         self._store_arg = store
         self._store = None
         self._runtime = runtime
@@ -166,6 +170,8 @@ class AsyncDragonClient:
                 link = self._runtime.link
                 if link is not None and self.peer_timeout_s is not None:
                     link.options = dataclasses.replace(link.options, peer_timeout_s=self.peer_timeout_s)
+                if link is not None and self.request_idle_timeout_s is not None:
+                    link.options = dataclasses.replace(link.options, request_idle_timeout_s=self.request_idle_timeout_s)
             return self._runtime
 
     async def close(self) -> None:

@@ -426,6 +426,63 @@ def test_slow_prefill_and_slow_steps_longer_than_the_deadline_do_not_trigger_it(
     assert tokens == central(0, 3) and not finish.degraded
 
 
+class StuckStreams(ListStreams):
+    """A cloud engine that stops producing after ``after`` tokens while its process, its loop
+    and the link stay alive (pings answered): only this request is stuck."""
+
+    def __init__(self, *args, after: int, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.after = after
+
+    async def next_dists(self):
+        if len(self.tokens) >= self.after:
+            await asyncio.Event().wait()  # never; cancelled when the request ends
+        return await super().next_dists()
+
+
+class StuckBackend(FakeBackend):
+    async def open_request(self, req: m.Open) -> OpenedRequest:
+        opened = await super().open_request(req)
+        group = StuckStreams(CLOUD_DOCS, self.world, self.delay_s, after=3)
+        self.groups[-1] = group
+        return OpenedRequest(group, opened.scores, opened.sources)
+
+
+@pytest.mark.parametrize("idle_s", [0.4, 0.0])
+def test_a_cloud_request_stuck_on_a_live_link_goes_on_device_only_and_is_cancelled(idle_s):
+    """The link is alive (pings both ways) but the cloud sends nothing more for the request: the
+    device, waiting on its drafts, gives that request up after its request idle timeout, goes on
+    device-only (degraded, all of max_tokens) and cancels it on the cloud, which frees its
+    streams. With the timeout off (0) it still waits when the test gives up."""
+
+    async def main():
+        backend = StuckBackend(delay_s=0.01)
+        limits = LinkLimits(ping_interval_s=0.05, peer_timeout_s=1.0)
+        async with cloud_server(backend, limits) as (server, url):
+            options = LinkOptions(ping_interval_s=0.05, peer_timeout_s=1.0, request_idle_timeout_s=idle_s)
+            async with CloudLink(url, IDENTITY, TOKEN, options) as link:
+                started = time.monotonic()
+                try:
+                    tokens, finish, _ = await asyncio.wait_for(ask(link, dict(max_tokens=12), delay_s=0.01), 3.0)
+                except asyncio.TimeoutError:
+                    return None, None, backend, server, link
+                took = time.monotonic() - started
+                for _ in range(100):  # the Cancel reaches the cloud, which ends the request
+                    if backend.groups[0].closed and server.active_requests == 0:
+                        break
+                    await asyncio.sleep(0.02)
+                return (tokens, finish, took), backend.groups[0].closed, backend, server, link
+
+    result, closed, backend, server, link = asyncio.run(main())
+    if idle_s == 0:
+        assert result is None  # no rule: the answer was still waiting after 3 s
+        return
+    (tokens, finish, took), = [result]
+    assert finish.degraded and finish.reason in ("eos", "length") and len(tokens) >= 3
+    assert took < 2.5, took  # the idle timeout (0.4 s), not the peer timeout (the link stayed up)
+    assert closed, "the cloud's stuck request was not cancelled"
+
+
 def test_connecting_to_a_silent_endpoint_is_bounded_by_the_connect_timeout():
     """A reconnect into a blackhole (the TCP connect succeeds, nothing ever answers) fails with
     LinkUnavailable after connect_attempts x connect_timeout_s (+ backoff), not a TCP timeout."""
