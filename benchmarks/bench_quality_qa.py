@@ -55,9 +55,11 @@ MODES: dict[str, dict] = {
     "concat": dict(mode="concat"),
     "vdrag": dict(mode="vdrag", aggregator="device", scheduling=False),
     "dragon": dict(mode="dragon"),
+    "concord": dict(mode="concord"),  # issue 14: the default debt (--modes dragon concord)
 }
+PAPER_MODES = ("device", "cloud", "text", "concat", "vdrag", "dragon")  # issue 13's table, the default
 LABELS = {"device": "device-only", "cloud": "cloud-only", "text": "DRCG/Text", "concat": "DRCG concatenated",
-          "vdrag": "VDRAG", "dragon": "DRAGON"}
+          "vdrag": "VDRAG", "dragon": "DRAGON", "concord": "CONCORD"}
 
 
 # ---------------------------------------------------------------------------- data
@@ -133,8 +135,12 @@ async def answer(runtime, query: str, **opts) -> dict:
     async for piece in runtime.answer(query, AnswerOptions(**opts)):
         text += piece.text
         stats = piece.finished or stats
-    return dict(text=text, tokens=stats.tokens, finish=stats.finish_reason, degraded=stats.degraded,
-                seconds=round(time.monotonic() - t0, 3), sources=[(s.side, doc_name(s.name)) for s in stats.sources])
+    out = dict(text=text, tokens=stats.tokens, finish=stats.finish_reason, degraded=stats.degraded,
+               seconds=round(time.monotonic() - t0, 3), sources=[(s.side, doc_name(s.name)) for s in stats.sources])
+    if opts.get("mode") == "concord":  # how its steps were committed
+        out.update({k: getattr(stats, k) for k in ("steps_certified", "steps_local", "steps_dense")
+                    if hasattr(stats, k)})
+    return out
 
 
 async def answer_all(runtime, questions: list[Question], url: str | None, args: argparse.Namespace,
@@ -226,6 +232,20 @@ def goals(table: dict, ci: dict) -> dict:
     for v in out.values():
         v["met"] = v["margin"] >= 0
     return out
+
+
+def concord_goal(table: dict, ci: dict, answers: list[dict]) -> dict | None:
+    """Issue 14: CONCORD's F1 (default debt) within 2% of DRAGON's, on the same questions."""
+    if "concord" not in table or "dragon" not in table:
+        return None
+    both = [a for a in answers if "concord" in a and "dragon" in a]
+    d, c = table["dragon"]["all"]["f1"], table["concord"]["all"]["f1"]
+    relative = (c - d) / d if d else 0.0
+    return dict(dragon_f1=d, concord_f1=c, relative=round(relative, 4), goal=-0.02, met=relative >= -0.02,
+                paired_ci95=ci.get("concord-dragon"), n=len(both),
+                same_text=sum(a["concord"]["text"] == a["dragon"]["text"] for a in both),
+                steps_local=sum(a["concord"].get("steps_local") or 0 for a in both),
+                steps=sum(a["concord"].get("tokens") or 0 for a in both))
 
 
 # ---------------------------------------------------------------------------- the run
@@ -341,7 +361,8 @@ def finish(args: argparse.Namespace, questions: list[Question], docs: dict[str, 
     table = score_answers(questions, answers, side_of)
     ci = {"dragon-concat": paired_f1_ci(questions, answers, "dragon", "concat"),
           "dragon-device": paired_f1_ci(questions, answers, "dragon", "device"),
-          "dragon-cloud": paired_f1_ci(questions, answers, "dragon", "cloud")}
+          "dragon-cloud": paired_f1_ci(questions, answers, "dragon", "cloud"),
+          "concord-dragon": paired_f1_ci(questions, answers, "concord", "dragon")}
     both = [a for a in answers if "vdrag" in a and "dragon" in a]
     result = dict(
         benchmark="quality_qa",
@@ -356,7 +377,8 @@ def finish(args: argparse.Namespace, questions: list[Question], docs: dict[str, 
                    gold_side={s: sum(side_of[q.gold] == s for q in questions) for s in SIDES},
                    vdrag_every=args.vdrag_every, cloud=args.cloud_url or "own dragon-cloud serve", quick=args.quick),
         recall=rec, scores=table, paired_f1_ci95=ci,
-        goals=goals(table, ci) if not args.quick and set(MODES) <= set(table) else None, modes=list(args.modes),
+        goals=goals(table, ci) if not args.quick and set(PAPER_MODES) <= set(table) else None, modes=list(args.modes),
+        concord=concord_goal(table, ci, answers),
         vdrag_equals_dragon=dict(n=len(both), same_text=sum(a["vdrag"]["text"] == a["dragon"]["text"] for a in both)),
         answers=[dict(line=q.line, question=q.question, gold_answers=q.answers, gold_side=side_of[q.gold], **a)
                  for q, a in zip(questions, answers)],
@@ -398,7 +420,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--k", type=int, default=2, help="passages per side")
     ap.add_argument("--max-tokens", type=int, default=20)
     ap.add_argument("--vdrag-every", type=int, default=8)
-    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(PAPER_MODES),
                     help="answer in these modes only (default: all; the goals need all of them)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cloud-url", help="use a running cloud instead of starting one over the cloud half")
@@ -443,6 +465,8 @@ def report(result: dict) -> None:
             print(f"{LABELS[mode]:18s} {split:7s} {r['n']:4d} {r['em']:6.1f} {r['f1']:6.1f} {r['contains']:8.1f} "
                   f"{r['trailing_whitespace_run']:7.1f} {r['repeated_3gram']:6.1f}")
     print(f"VDRAG = DRAGON text: {result['vdrag_equals_dragon']}; goals: {json.dumps(result['goals'])}")
+    if result.get("concord"):
+        print(f"CONCORD vs DRAGON: {json.dumps(result['concord'])}")
 
 
 if __name__ == "__main__":
