@@ -17,7 +17,7 @@ import msgspec
 import numpy as np
 
 from dragon_core import messages as m
-from dragon_core.concord_wire import check_concord_open, check_evidence
+from dragon_core.concord_wire import check_concord_open, check_evidence, check_run
 from dragon_core.dist import Dist
 from dragon_core.errors import FrameTooLarge, InvalidDistribution, MalformedFrame, UnsupportedVersion
 
@@ -160,6 +160,8 @@ def _check(msg: m.Message) -> None:
         check_evidence(msg, MAX_VOCAB)
         if msg.dist is not None:
             dist_from_wire(msg.dist)  # a dense reply must always convert
+    elif isinstance(msg, m.EvidenceRun):
+        check_run(msg, MAX_VOCAB)
     elif isinstance(msg, m.Opened):
         if len(msg.scores) != len(msg.passages) or not all(math.isfinite(x) for x in msg.scores):
             raise MalformedFrame("opened: one finite score per passage")

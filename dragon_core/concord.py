@@ -32,6 +32,8 @@ from dragon_core.errors import OutOfVocabulary, ProtocolError
 from dragon_core.speculative import DRAFT_CLOUD, DRAFT_DEVICE, VERIFY, draft, step_rng, synchronous_target
 
 RHO, GAIN = 0.9, 8.0  # the debt's decay and the gain of a step the evidence changed (§6's start)
+RUN_MAX = 4  # one-entry frames the cloud holds for one EvidenceRun: a step's evidence waits for
+# at most 3 more of the cloud's steps, ~10 ms on a GPU against a device step of ~28 ms
 LATE_KEPT = 16  # local steps whose p^d awaits late evidence (~RTT / local step; a full p^d holds ~0.6 MB)
 
 
@@ -69,6 +71,11 @@ class ConcordDevice:
         self._consult = not self.s.solo and self.debt.should_wait()
 
     def on_peer(self, msg: m.Message, at_ms: float | None) -> None:
+        if isinstance(msg, m.EvidenceRun):
+            for frame in cw.unpack_run(msg):
+                if self.s.finished is None:
+                    self.on_peer(frame, at_ms)
+            return
         if not isinstance(msg, m.Evidence):
             raise ProtocolError(f"unexpected {type(msg).__name__} in a concord request (device)")
         step = len(self.s.committed)
@@ -249,7 +256,13 @@ class ConcordCloud:
     went in the earlier frames, which arrive first. So the device uses evidence ahead exactly
     where its committed tokens equal the guesses. A device token that differs (or one the cloud
     had not reached) restarts the guessing on the device's tokens: the work in flight is dropped
-    (new epoch). ``max_depth = 1``: no guessing, every frame on the device's tokens alone."""
+    (new epoch). ``max_depth = 1``: no guessing, every frame on the device's tokens alone.
+
+    Frames ahead go out in runs (``EvidenceRun``, up to ``RUN_MAX`` steps in one frame): a
+    one-entry frame for a step the device has not reached waits for the next ones, and goes as
+    soon as the step is the device's next (as far as this side knows), the run is full, the
+    computing stops (the window's edge, the answer's end) or another frame must go first. A
+    wrong guess drops the frames held on it, unsent."""
 
     def __init__(self, session: "sess.Session") -> None:
         if not session.config.sampling.greedy:
@@ -260,6 +273,7 @@ class ConcordCloud:
         self._kept: dict[int, tuple[Dist, np.ndarray]] = {}  # step -> (mixture, ids listed), for requests
         self._asks: list[m.EvidenceRequest] = []  # requests for steps still to compute
         self._sent_log_h = False
+        self._run: list[m.Evidence] = []  # one-entry frames ahead, held for one EvidenceRun
 
     def on_local_dist(self, ev: "sess.LocalDist") -> None:
         s, step = self.s, ev.step
@@ -270,7 +284,7 @@ class ConcordCloud:
         self._guess[step], self._next = guess, max(self._next, step + 1)
         if step >= len(s.committed):  # a step the device passed already can be asked for no more
             self._kept[step] = (ev.dist, listed)
-        s._emit(_send(frame))
+        self._publish(frame, guess)
         asks = [a for a in self._asks if a.step == step]
         self._asks = [a for a in self._asks if a.step > step]
         for ask in asks:
@@ -309,6 +323,7 @@ class ConcordCloud:
         elif guess != token:
             self._guess.clear()
             self._kept.clear()
+            self._run.clear()  # on the wrong prefix: never sent
             s.epoch += 1
             self._next = step + 1
 
@@ -321,6 +336,25 @@ class ConcordCloud:
             s._sync_streams(list(s.committed) + [self._guess[j] for j in range(step, self._next)])
             s._computing = (s.epoch, self._next)
             s._emit(_compute(s, self._next))
+        if s._computing is None:
+            self._flush_run()  # nothing more is coming for now: what is held goes
+
+    def _publish(self, frame: m.Evidence, guess: int) -> None:
+        """Send a step's frame, or hold it for a run (see the class docstring)."""
+        urgent = frame.step <= len(self.s.committed)  # the device's next step, as far as we know
+        if urgent or not cw.runnable(frame, guess) or (self._run and frame.step != self._run[-1].step + 1):
+            self._flush_run()
+            if urgent or not cw.runnable(frame, guess):
+                self.s._emit(_send(frame))
+                return
+        self._run.append(frame)
+        if len(self._run) >= RUN_MAX:
+            self._flush_run()
+
+    def _flush_run(self) -> None:
+        if self._run:
+            self.s._emit(_send(cw.pack_run(self._run)))
+            self._run = []
 
     def _chain(self, step: int) -> tuple[int, int] | None:
         """A frame's ``(basis, prev)`` for ``step``: the device's tokens up to where they are
@@ -331,6 +365,7 @@ class ConcordCloud:
 
     def _answer(self, ask: m.EvidenceRequest) -> None:
         s = self.s
+        self._flush_run()  # frames go in step order
         dist, listed = self._kept[ask.step]
         if ask.theta <= 0:
             s._emit(_send(cw.dense_evidence(s.config.request_id, ask.step, dist_to_wire(dist), self._chain(ask.step))))

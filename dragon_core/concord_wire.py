@@ -20,6 +20,7 @@ from dragon_core.certificate import Evidence, round_up_fp16, widen_fp16
 from dragon_core.errors import MalformedFrame, ProtocolError
 
 MAX_TOP_M = 4096  # evidence entries a request may ask the cloud to list per step
+MAX_RUN = 256  # steps one EvidenceRun may carry (the window, max_depth, is at most this)
 
 
 # ---------------------------------------------------------------------------- the cloud
@@ -64,7 +65,38 @@ def _frame(request_id: int, step: int, ids: np.ndarray, values: np.ndarray, tail
     return m.Evidence(request_id, step, ids.astype("<i4").tobytes(), packed.tobytes(), log_h, chain=chain)
 
 
+def runnable(frame: m.Evidence, guess: int) -> bool:
+    """Can ``frame`` go in an ``EvidenceRun``: one entry, nothing else, and its listed id is the
+    cloud's guess at its step (the run's chain says so for the step after)."""
+    return (frame.log_h is None and frame.upper is None and frame.dist is None and len(frame.ids) == 4
+            and int(np.frombuffer(frame.ids, dtype="<i4")[0]) == guess)
+
+
+def pack_run(frames: list[m.Evidence]) -> m.Message:
+    """Consecutive ``runnable`` frames of one chain as one ``EvidenceRun`` (one frame as itself)."""
+    if len(frames) == 1:
+        return frames[0]
+    first = frames[0]
+    for a, b in zip(frames, frames[1:]):
+        if b.step != a.step + 1:
+            raise ValueError(f"a run needs consecutive steps, got {a.step} then {b.step}")
+    return m.EvidenceRun(first.request_id, first.step, b"".join(f.ids for f in frames),
+                         b"".join(f.values for f in frames), first.chain)
+
+
 # ---------------------------------------------------------------------------- the device
+def unpack_run(run: m.EvidenceRun) -> list[m.Evidence]:
+    """The ``Evidence`` frames a run stands for (``EvidenceRun``'s chain rule)."""
+    ids = np.frombuffer(run.ids, dtype="<i4")
+    basis = chain_basis(m.Evidence(run.request_id, run.step, b"", b"", chain=run.chain))
+    out = []
+    for i in range(ids.size):
+        chain = run.chain if i == 0 else (basis, int(ids[i - 1]))
+        out.append(m.Evidence(run.request_id, run.step + i, run.ids[4 * i:4 * i + 4],
+                              run.values[4 * i:4 * i + 4], chain=chain))
+    return out
+
+
 def chain_basis(msg: m.Evidence) -> int:
     """How many of the device's tokens the frame's prefix starts with (the rest, up to its
     step, are the cloud's own greedy tokens)."""
@@ -122,6 +154,27 @@ def check_evidence(msg: m.Evidence, max_vocab: int) -> None:
         upper = np.frombuffer(msg.upper, dtype="<f2").astype(np.float64)
         if not np.all((upper >= values[:-1]) & (upper <= 1)):
             raise MalformedFrame("evidence: upper ends must be in [value, 1]")
+
+
+def check_run(msg: m.EvidenceRun, max_vocab: int) -> None:
+    """Sizes, ids, values and chain of an ``EvidenceRun`` frame (the codec calls it)."""
+    n, rest = divmod(len(msg.ids), 4)
+    if rest or not 1 <= n <= MAX_RUN:
+        raise MalformedFrame(f"evidence run: {len(msg.ids)} id bytes is not 1..{MAX_RUN} int32 ids")
+    if len(msg.values) != 4 * n:
+        raise MalformedFrame(f"evidence run: {n} steps need {4 * n} float16 value bytes, got {len(msg.values)}")
+    if msg.chain is not None:
+        basis, prev = msg.chain
+        if not 0 <= basis < msg.step:
+            raise MalformedFrame(f"evidence run: chain basis {basis} outside [0, step {msg.step})")
+        if not 0 <= prev < max_vocab:
+            raise MalformedFrame(f"evidence run: chain prev {prev} outside [0, {max_vocab})")
+    ids = np.frombuffer(msg.ids, dtype="<i4")
+    if ids.min() < 0 or ids.max() >= max_vocab:
+        raise MalformedFrame(f"evidence run: ids must be in [0, {max_vocab})")
+    values = np.frombuffer(msg.values, dtype="<f2").astype(np.float64)
+    if not np.all((values >= 0) & (values <= 1)):  # NaN fails both
+        raise MalformedFrame("evidence run: probabilities and tails must be in [0, 1]")
 
 
 def check_concord_open(msg: m.Open) -> None:

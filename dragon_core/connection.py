@@ -135,7 +135,7 @@ Event = Union[Send, Welcomed, Admitted, Refused, RequestOpened, RequestMessage, 
 
 # Request-level messages each end may receive (routed by request id).
 _ROUTED: dict[m.Side, tuple[type, ...]] = {
-    "device": (m.Opened, m.Draft, m.Target, m.Tokens, m.Evidence, m.Cancel, m.Error),
+    "device": (m.Opened, m.Draft, m.Target, m.Tokens, m.Evidence, m.EvidenceRun, m.Cancel, m.Error),
     "cloud": (m.Draft, m.Target, m.Tokens, m.EvidenceRequest, m.Cancel, m.Error),
 }
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 import msgspec
 
-PROTOCOL_VERSION = 2  # 2: Evidence carries its chain (basis, prev): the cloud's evidence ahead
+PROTOCOL_VERSION = 3  # 2: Evidence carries its chain (basis, prev): the cloud's evidence ahead; 3: EvidenceRun
 
 Side = Literal["device", "cloud"]
 # Wire modes (baselines of the same link): "cloud" = cloud-only (the cloud decodes alone and
@@ -202,6 +202,23 @@ class Evidence(msgspec.Struct, tag="ev", frozen=True, array_like=True):
     chain: tuple[int, int] | None = None
 
 
+class EvidenceRun(msgspec.Struct, tag="er", frozen=True, array_like=True):
+    """CONCORD, cloud -> device: one-entry ``Evidence`` for ``n`` consecutive steps from ``step``,
+    computed ahead along the cloud's own chain, in one frame (a one-entry ``Evidence`` costs
+    ~31 bytes with its WebSocket header; a step of a run costs 8). Step ``step + i`` lists its
+    top id ``ids[i]`` with ``values[2i]`` (its ``p^c``, nearest float16) and ``values[2i + 1]``
+    (the tail bound, rounded up). The chain: step ``step`` was computed on ``chain`` (as in
+    ``Evidence``; None: the device's ``step`` tokens alone), and every later step on the one
+    before it followed by that step's listed id, which was the cloud's guess there. The device
+    reads it as those ``n`` ``Evidence`` frames (``concord_wire.unpack_run``)."""
+
+    request_id: int
+    step: int
+    ids: bytes  # n int32, little-endian: each step's top id
+    values: bytes  # 2n float16, little-endian: per step its p^c, then its tail bound
+    chain: tuple[int, int] | None = None
+
+
 class EvidenceRequest(msgspec.Struct, tag="ask", frozen=True, array_like=True):
     """CONCORD, device -> cloud: list every id of ``step``'s mixture with ``p^c >= theta`` not
     listed yet; ``theta <= 0``: send the whole mixture. ``theta`` is one scalar of the device's
@@ -212,4 +229,5 @@ class EvidenceRequest(msgspec.Struct, tag="ask", frozen=True, array_like=True):
     theta: float
 
 
-Message = Hello | Welcome | Ping | Pong | Error | Open | Opened | Draft | Target | Tokens | Cancel | Evidence | EvidenceRequest
+Message = (Hello | Welcome | Ping | Pong | Error | Open | Opened | Draft | Target | Tokens | Cancel | Evidence
+           | EvidenceRun | EvidenceRequest)

@@ -84,7 +84,7 @@ class LocalDist:
 
 @dataclass(frozen=True)
 class PeerMessage:
-    msg: m.Draft | m.Target | m.Tokens | m.Evidence | m.EvidenceRequest | m.Cancel | m.Error
+    msg: m.Draft | m.Target | m.Tokens | m.Evidence | m.EvidenceRun | m.EvidenceRequest | m.Cancel | m.Error
     at_ms: float | None = None  # the host's clock when it arrived (CONCORD times its waits)
 
 

@@ -52,8 +52,24 @@ def evidence_frames(draw) -> m.Evidence:
     return frame
 
 
+@st.composite
+def evidence_runs(draw) -> m.EvidenceRun:
+    """What the cloud sends ahead: one-entry frames of consecutive steps on its own chain."""
+    n = draw(st.integers(2, 8))
+    rid, step = draw(st.integers(0, 2**40)), draw(st.integers(1, 5000))
+    basis = draw(st.integers(0, step))
+    chain = None if basis == step else (basis, draw(st.integers(0, VOCAB - 1)))
+    frames = []
+    for i in range(n):
+        frame, _ = cw.first_evidence(rid, step + i, probs(draw, VOCAB), 1, None,
+                                     chain if i == 0 else (basis, int(np.frombuffer(frames[-1].ids, "<i4")[0])))
+        frames.append(frame)
+    return cw.pack_run(frames)
+
+
 concord_messages = st.one_of(
     evidence_frames(),
+    evidence_runs(),
     st.builds(m.EvidenceRequest, request_id=st.integers(0, 2**63 - 1), step=st.integers(0, 1 << 20),
               theta=st.floats(-1.0, 1.0)),
     st.builds(m.Open, request_id=st.integers(0, 2**40), query=st.text(max_size=20), k=st.integers(1, 16),
@@ -70,7 +86,10 @@ def decode_checked(frame: bytes) -> m.Message | None:
     except CodecError:
         return None
     assert codec.decode(codec.encode(msg)) == msg
-    if isinstance(msg, m.Evidence):
-        bounds = cw.bounds_from_wire(msg)
-        assert np.all(bounds.lo <= bounds.hi) and 0 <= bounds.tail <= 1
+    frames = cw.unpack_run(msg) if isinstance(msg, m.EvidenceRun) else [msg]
+    for frame in frames:
+        if isinstance(frame, m.Evidence):
+            codec.decode(codec.encode(frame))  # every step of a run is a valid frame itself
+            bounds = cw.bounds_from_wire(frame)
+            assert np.all(bounds.lo <= bounds.hi) and 0 <= bounds.tail <= 1
     return msg

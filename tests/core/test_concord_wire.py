@@ -158,3 +158,59 @@ def test_evidence_computed_ahead_names_its_chain_and_the_codec_checks_it():
     for chain in ((100, 1), (-1, 1), (5, -1), (5, 1 << 23)):
         with pytest.raises(MalformedFrame, match="chain"):
             codec.decode(codec.encode(m.Evidence(7, 100, ahead.ids, ahead.values, chain=chain)))
+
+
+# ------------------------------------------------------------------ runs of evidence ahead
+@settings(FUZZ, max_examples=300)
+@given(st.data())
+def test_a_run_reads_back_as_the_frames_it_packs(data):
+    """``pack_run`` then the wire then ``unpack_run`` gives the one-entry frames, chains included,
+    that the cloud would have sent one by one."""
+    n = data.draw(st.integers(2, 12))
+    step = data.draw(st.integers(1, 4000))
+    basis = data.draw(st.integers(0, step))
+    chain = None if basis == step else (basis, data.draw(st.integers(0, VOCAB - 1)))
+    frames = []
+    for i in range(n):
+        prev = chain if i == 0 else (basis, int(np.frombuffer(frames[-1].ids, "<i4")[0]))
+        frame, _ = cw.first_evidence(9, step + i, probs(data.draw, VOCAB), 1, None, prev)
+        frames.append(frame)
+    run = cw.pack_run(frames)
+    assert isinstance(run, m.EvidenceRun)
+    assert cw.unpack_run(codec.decode(codec.encode(run))) == frames
+    assert len(codec.encode(run)) <= 24 + 8 * n  # 8 bytes a step, against 25-29 for a frame each
+
+
+def test_only_one_entry_frames_of_the_chain_are_runnable_and_a_single_one_goes_as_itself():
+    p = np.array([0.1, 0.7, 0.2])
+    one, _ = cw.first_evidence(7, 5, p, 1, None, (3, 2))
+    assert cw.runnable(one, guess=1) and not cw.runnable(one, guess=2)  # its id must be the guess
+    two, _ = cw.first_evidence(7, 5, p, 2, None, (3, 2))
+    first, _ = cw.first_evidence(7, 5, p, 1, 0.5, (3, 2))
+    assert not cw.runnable(two, guess=1) and not cw.runnable(first, guess=1)  # two entries; log h
+    assert cw.pack_run([one]) is one
+    later, _ = cw.first_evidence(7, 7, p, 1, None, (3, 1))
+    with pytest.raises(ValueError, match="consecutive"):
+        cw.pack_run([one, later])
+
+
+def _run_raw(**changes) -> bytes:
+    run = m.EvidenceRun(7, 10, np.array([1, 2], "<i4").tobytes(), np.array([0.5, 0.25, 0.6, 0.3], "<f2").tobytes(),
+                        (8, 4))
+    return codec.HEADER + msgspec.msgpack.encode(msgspec.structs.replace(run, **changes))
+
+
+@pytest.mark.parametrize("fields", [
+    dict(ids=b""), dict(ids=b"\x01\x00\x00"),  # no step; not whole int32s
+    dict(ids=np.arange(cw.MAX_RUN + 1, dtype="<i4").tobytes(),
+         values=np.full(2 * (cw.MAX_RUN + 1), 0.1, "<f2").tobytes()),  # longer than any window
+    dict(values=np.array([0.5, 0.25, 0.6], "<f2").tobytes()),  # a tail missing
+    dict(ids=np.array([1, -2], "<i4").tobytes()), dict(ids=np.array([1, codec.MAX_VOCAB], "<i4").tobytes()),
+    dict(values=np.array([0.5, 0.25, 1.5, 0.3], "<f2").tobytes()),
+    dict(values=np.array([0.5, np.nan, 0.6, 0.3], "<f2").tobytes()),
+    dict(chain=(10, 4)), dict(chain=(-1, 4)), dict(chain=(8, codec.MAX_VOCAB)), dict(step=-1),
+])
+def test_run_bounds_are_enforced(fields):
+    codec.decode(_run_raw())  # the unchanged frame is fine
+    with pytest.raises(MalformedFrame):
+        codec.decode(_run_raw(**fields))

@@ -119,7 +119,7 @@ REFUSALS = {  # first frame -> (error code, words of the message)
                                    "expected Hello, got Open"),
     "a ping before the Hello": (codec.encode(m.Ping(0, 1.0)), "handshake_failed", "expected Hello, got Ping"),
     "garbage": (b"\x00garbage\xff", "malformed_frame", "bad magic"),
-    "oversized": (b"DG\x02" + b"\x00" * (1 << 17), "frame_too_large", "exceeds the limit"),
+    "oversized": (codec.HEADER + b"\x00" * (1 << 17), "frame_too_large", "exceeds the limit"),
 }
 
 
@@ -233,7 +233,7 @@ def test_the_cloud_refuses_more_requests_than_its_limit_on_one_connection():
         == [RequestOpened]
 
 
-@pytest.mark.parametrize("bad", [b"\x00garbage\xff", b"DG\x02\xc1", b"DG\x63rest"], ids=["magic", "body", "version"])
+@pytest.mark.parametrize("bad", [b"\x00garbage\xff", codec.HEADER + b"\xc1", b"DG\x63rest"], ids=["magic", "body", "version"])
 def test_a_bad_frame_between_two_interleaved_requests_harms_neither(bad):
     """As the aiohttp links did: the cloud answers a connection-level typed error (no request
     id) and goes on; the device drops the frame; both requests keep being routed, and the bad

@@ -209,7 +209,7 @@ def test_oversized_frame_closes_only_that_connection():
                     ws = await http.ws_connect(url + LINK_PATH)
                     await ws.send_bytes(codec.encode(IDENTITY.hello(TOKEN)))
                     await ws.receive()
-                    await ws.send_bytes(b"DG\x02" + b"\x00" * (128 << 10))
+                    await ws.send_bytes(codec.HEADER + b"\x00" * (128 << 10))
                     msg = await ws.receive()
                     while msg.type == aiohttp.WSMsgType.BINARY:  # pings sent before the close
                         msg = await ws.receive()
