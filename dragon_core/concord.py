@@ -336,17 +336,18 @@ class ConcordCloud:
             s._sync_streams(list(s.committed) + [self._guess[j] for j in range(step, self._next)])
             s._computing = (s.epoch, self._next)
             s._emit(_compute(s, self._next))
-        if s._computing is None:
-            self._flush_run()  # nothing more is coming for now: what is held goes
+        if s._computing is None or (self._run and self._run[0].step <= step):
+            self._flush_run()  # nothing more is coming for now, or the device's tokens reached a held step
 
     def _publish(self, frame: m.Evidence, guess: int) -> None:
         """Send a step's frame, or hold it for a run (see the class docstring)."""
-        urgent = frame.step <= len(self.s.committed)  # the device's next step, as far as we know
-        if urgent or not cw.runnable(frame, guess) or (self._run and frame.step != self._run[-1].step + 1):
-            self._flush_run()
-            if urgent or not cw.runnable(frame, guess):
-                self.s._emit(_send(frame))
-                return
+        reached = len(self.s.committed)  # the device's next step, as far as this side knows
+        runnable = cw.runnable(frame, guess)
+        if self._run and (self._run[0].step <= reached or not runnable or frame.step != self._run[-1].step + 1):
+            self._flush_run()  # frames go in step order; a held step the device reached goes now
+        if frame.step <= reached or not runnable:
+            self.s._emit(_send(frame))
+            return
         self._run.append(frame)
         if len(self._run) >= RUN_MAX:
             self._flush_run()
