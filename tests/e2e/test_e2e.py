@@ -631,7 +631,13 @@ def test_device_disconnect_frees_cloud_streams(loop, runtime, cloud):
     """The device goes away mid-answer: the cloud frees the request's streams and KV blocks. The
     answer must still be decoding when the device leaves (after its first piece), so the question
     is one answered up to the token limit (LONG_QUESTION; QUESTION's answer can end by EOS within
-    the first pieces, 11 tokens with the padding between the turns)."""
+    the first pieces, 11 tokens with the padding between the turns).
+
+    Under the whole suite's load on 2 cores, this test process (which also holds the reference
+    vLLM engine and the sampling plans) has been seen silent for the cloud's 3 s peer timeout right
+    after connecting (cloud log: "device silent for 3.0 s", the request gone before it drafted):
+    the cloud then freed the request before the device left, and there was nothing to test. Such
+    an attempt is retried (at most 3); what is asserted is the freeing after a real disconnect."""
     port = cloud.port
     baseline = cloud.health()["engine"]
 
@@ -647,16 +653,29 @@ def test_device_disconnect_frees_cloud_streams(loop, runtime, cloud):
         # is read in a thread: a blocking call would stall this loop, the answer's own)
         busy = baseline
         for _ in range(300):
-            busy = (await asyncio.to_thread(cloud.health))["engine"]
+            health = await asyncio.to_thread(cloud.health)
+            busy = health["engine"]
             if busy.get("open_streams", 0) > baseline["open_streams"]:
                 break
+            if busy["groups"] > baseline["groups"] and health.get("link_requests") == 0:
+                break  # opened and already over on the cloud: this attempt has nothing to test
             await asyncio.sleep(0.1)
         await runtime.link.close()  # the device goes away
         await agen.aclose()
         return busy
 
-    busy = run(loop, go())
     keys = ("open_streams", "queued_groups", "reserved_blocks", "groups", "reopens")
+    for attempt in range(3):
+        busy = run(loop, go())
+        if busy["open_streams"] > baseline["open_streams"]:
+            break
+        print(f"attempt {attempt}: the cloud's request was over before the device left:",
+              {k: baseline.get(k) for k in keys}, {k: busy.get(k) for k in keys})
+        for _ in range(50):  # the cloud ends the request it gave up; then the next attempt
+            if cloud.health()["link_requests"] == 0:
+                break
+            loop.run_until_complete(asyncio.sleep(0.1))
+        baseline = cloud.health()["engine"]
     assert busy["open_streams"] > baseline["open_streams"], \
         ({k: baseline.get(k) for k in keys}, {k: busy.get(k) for k in keys}, cloud.health().get("link_requests"))
     for _ in range(100):

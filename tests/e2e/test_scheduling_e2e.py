@@ -105,7 +105,12 @@ def test_slow_cloud_moves_the_aggregator_to_the_cloud_and_the_next_request_start
     # warm: the prior from that request places the next one on the cloud from its first token
     ids2, warm = ask(loop, runtime, slow_cloud_url, n, aggregator="auto", scheduling=True)
     assert ids2 == pinned
-    assert warm.aggregator_steps == {"cloud": len(ids2)} and warm.handovers == 0, (warm.aggregator_runs, warm.delta_z_ms, prior)
+    # it starts there; later in the answer the live estimates may still move it back (under the
+    # whole suite's load one run handed the last step of 23 to the device, the cloud's drafts having
+    # been accepted more often since): the rule at work, not the prior's failure
+    runs = warm.aggregator_runs
+    assert runs[0][0] == "cloud" and warm.aggregator_steps.get("cloud", 0) >= 0.75 * len(ids2), \
+        (runs, warm.delta_z_ms, prior)
 
 
 def test_slow_device_moves_the_aggregator_to_the_device(loop, runtime, slow_cloud_url):
