@@ -250,14 +250,21 @@ def tv(a: dict, b: dict) -> float:
 
 
 SAMPLING_CONCURRENCY = 4  # answers at a time on the link: each waits on the other side's draft
+# Top-p cuts the law at a cumulative-probability boundary, where the cloud's bf16 numbers decide
+# which ids are in: batched with other answers the live cloud's numbers differ slightly from the
+# reference's (vLLM CPU is not batch invariant), and in two of three full-suite runs an id just
+# outside the reference's nucleus was sampled (p = 0.0), likely for that reason. That case runs its
+# answers one at a time.
+SAMPLING_CONCURRENCY_BY_CASE = {"device-aggregates-full-topp": 1}
 
 
-async def sample(runtime, url: str | None, opts: dict, seeds) -> list[tuple[int, ...]]:
+async def sample(runtime, url: str | None, opts: dict, seeds, concurrency: int = SAMPLING_CONCURRENCY) \
+        -> list[tuple[int, ...]]:
     """One answer per seed over one link (a real WebSocket connection, reused), a few at once.
     An answer's randomness is a function of its seed, step and epoch alone, so running them side
     by side changes none of them; it only overlaps one answer's waits with another's compute."""
     runtime.link = CloudLink(url, runtime.identity, TOKEN) if url else None
-    slots = asyncio.Semaphore(SAMPLING_CONCURRENCY)
+    slots = asyncio.Semaphore(concurrency)
 
     async def one(seed: int) -> tuple[int, ...]:
         async with slots:
@@ -293,7 +300,8 @@ def test_sampling_through_the_wire_has_the_centralized_joint_law(loop, runtime, 
           f"{tv_swap:.3f} power={power(central, plan['swapped'], n):.5f}")
     assert tv_alone >= 0.1
     seeds = [SEED_BASE[case] + i for i in range(n)]
-    outcomes = run(loop, sample(runtime, proxies[0], sampling_options(case), seeds), timeout=1200)
+    outcomes = run(loop, sample(runtime, proxies[0], sampling_options(case), seeds,
+                                SAMPLING_CONCURRENCY_BY_CASE.get(case, SAMPLING_CONCURRENCY)), timeout=1200)
     assert chi2_pvalue(central, plan["cells"], outcomes) > ALPHA
 
 
