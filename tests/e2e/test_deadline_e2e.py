@@ -121,5 +121,8 @@ def test_blackholed_cloud_mid_answer_completes_degraded_within_the_deadline(loop
     # bounds above are the deadline's own)
     assert 3 <= n_cut <= n_lost < len(ids)
     assert ids[:n_lost] == want[:n_lost]  # every token decided with the cloud is exact DRAGON
-    assert DEADLINE_S - 0.6 < cloud_freed - cut_at < DEADLINE_S + 2.0  # + a tick, health polling, slack
+    # + a tick, health polling, slack; no lower bound: the cloud's deadline counts from the device's
+    # last frame, which under the whole suite's load can come well before the cut (a run freed it
+    # 1.75 s after the cut: this loaded test process had already stopped pinging)
+    assert 0 < cloud_freed - cut_at < DEADLINE_S + 2.0
     assert again == want and not again_stats.degraded
