@@ -40,7 +40,9 @@ class EventLoop:
     def after(self, delay_ms: float, fn: Callable[[], None]) -> None:
         self.at(self.now + delay_ms, fn)
 
-    def run(self, until: Callable[[], bool], max_events: int = 5_000_000) -> None:
+    def run(self, until: Callable[[], bool], max_events: int = 500_000) -> None:
+        # a normal simulated answer takes a few thousand events: a protocol that loops without
+        # advancing (a zero-delay exchange) fails here in seconds, not after minutes
         for _ in range(max_events):
             if until() or not self._queue:
                 return
