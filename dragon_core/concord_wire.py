@@ -131,12 +131,7 @@ def merge(held: Evidence | None, new: Evidence, theta: float | None) -> Evidence
 def check_evidence(msg: m.Evidence, max_vocab: int) -> None:
     """Sizes, ids and values of an ``Evidence`` frame (the codec calls it; its ``dist`` is
     checked there like a ``Draft``'s)."""
-    if msg.chain is not None:
-        basis, prev = msg.chain
-        if not 0 <= basis < msg.step:
-            raise MalformedFrame(f"evidence: chain basis {basis} outside [0, step {msg.step})")
-        if not 0 <= prev < max_vocab:
-            raise MalformedFrame(f"evidence: chain prev {prev} outside [0, {max_vocab})")
+    _check_chain("evidence", msg.chain, msg.step, max_vocab)
     n, rest = divmod(len(msg.ids), 4)
     if rest or n > max_vocab:
         raise MalformedFrame(f"evidence: {len(msg.ids)} id bytes is not 0..{max_vocab} int32 ids")
@@ -156,6 +151,17 @@ def check_evidence(msg: m.Evidence, max_vocab: int) -> None:
             raise MalformedFrame("evidence: upper ends must be in [value, 1]")
 
 
+def _check_chain(where: str, chain: tuple[int, int] | None, step: int, max_vocab: int) -> None:
+    """A frame's ``(basis, prev)``: computed ahead of ``basis < step`` device tokens, ``prev`` an id."""
+    if chain is None:
+        return
+    basis, prev = chain
+    if not 0 <= basis < step:
+        raise MalformedFrame(f"{where}: chain basis {basis} outside [0, step {step})")
+    if not 0 <= prev < max_vocab:
+        raise MalformedFrame(f"{where}: chain prev {prev} outside [0, {max_vocab})")
+
+
 def check_run(msg: m.EvidenceRun, max_vocab: int) -> None:
     """Sizes, ids, values and chain of an ``EvidenceRun`` frame (the codec calls it)."""
     n, rest = divmod(len(msg.ids), 4)
@@ -163,12 +169,7 @@ def check_run(msg: m.EvidenceRun, max_vocab: int) -> None:
         raise MalformedFrame(f"evidence run: {len(msg.ids)} id bytes is not 1..{MAX_RUN} int32 ids")
     if len(msg.values) != 4 * n:
         raise MalformedFrame(f"evidence run: {n} steps need {4 * n} float16 value bytes, got {len(msg.values)}")
-    if msg.chain is not None:
-        basis, prev = msg.chain
-        if not 0 <= basis < msg.step:
-            raise MalformedFrame(f"evidence run: chain basis {basis} outside [0, step {msg.step})")
-        if not 0 <= prev < max_vocab:
-            raise MalformedFrame(f"evidence run: chain prev {prev} outside [0, {max_vocab})")
+    _check_chain("evidence run", msg.chain, msg.step, max_vocab)
     ids = np.frombuffer(msg.ids, dtype="<i4")
     if ids.min() < 0 or ids.max() >= max_vocab:
         raise MalformedFrame(f"evidence run: ids must be in [0, {max_vocab})")
