@@ -330,7 +330,7 @@ class ConcordCloud:
     def pump(self) -> None:
         s = self.s
         step = len(s.committed)
-        last = self._guess.get(self._next - 1)
+        last = self._token_at(self._next - 1)
         ahead = self._next < min(step + lookahead(s.config), s.config.max_tokens)
         if s.finished is None and s._computing is None and ahead and last not in s.config.eos_ids:
             s._sync_streams(list(s.committed) + [self._guess[j] for j in range(step, self._next)])
@@ -338,6 +338,13 @@ class ConcordCloud:
             s._emit(_compute(s, self._next))
         if s._computing is None or (self._run and self._run[0].step <= step):
             self._flush_run()  # nothing more is coming for now, or the device's tokens reached a held step
+
+    def _token_at(self, step: int) -> int | None:
+        """The chain's token at ``step``: the device's where it is known here (a step computed
+        after the device passed it guessed for nothing: an EOS guessed there must not stop the
+        chain), else this side's guess."""
+        committed = self.s.committed
+        return committed[step] if 0 <= step < len(committed) else self._guess.get(step)
 
     def _publish(self, frame: m.Evidence, guess: int) -> None:
         """Send a step's frame, or hold it for a run (see the class docstring)."""

@@ -138,6 +138,10 @@ class _SimSide:
         if self.session.aggregator != before:
             self.record.aggregator_changes.append((self.pair.loop.now, self.session.aggregator))
 
+    def _computed(self, ev: s.LocalDist) -> None:
+        self.pair._progress_ms = self.pair.loop.now
+        self.handle(ev)
+
     def _execute(self, a: s.Action) -> None:
         loop = self.pair.loop
         if isinstance(a, s.Rollback):
@@ -152,7 +156,7 @@ class _SimSide:
             self.record.engine_calls += 1
             done = self.busy_until
             ev = s.LocalDist(a.epoch, a.step, self.spec.dist_fn(prefix), cost, at_ms=done)
-            loop.at(done, lambda: self.handle(ev))
+            loop.at(done, lambda: self._computed(ev))
         elif isinstance(a, s.Send):
             self.pair.send(self, a.msg)
         elif isinstance(a, s.Commit):
@@ -166,8 +170,11 @@ class SimulatedPair:
 
     def __init__(self, config: s.SessionConfig, device: SideSpec, cloud: SideSpec,
                  up: LinkSpec | None = None, down: LinkSpec | None = None,
-                 ping_every_ms: float = 50.0, peer_timeout_ms: float = 1000.0) -> None:
+                 ping_every_ms: float = 50.0, peer_timeout_ms: float = 1000.0, stall_ms: float = 60_000.0) -> None:
         self.loop = EventLoop()
+        # simulated time without a message other than Ping/Pong, a computed step or a commit: the
+        # pings would keep a deadlocked pair alive forever, so it fails with the sides' state
+        self.stall_ms, self._progress_ms = stall_ms, 0.0
         self.config = config
         self.ping_every_ms, self.peer_timeout_ms = ping_every_ms, peer_timeout_ms
         self.up = Link(self.loop, up or LinkSpec(seed=1))  # device -> cloud
@@ -184,6 +191,8 @@ class SimulatedPair:
     def _deliver(self, receiver: _SimSide, frame: bytes) -> None:
         msg = codec.decode(frame)
         receiver.liveness.heard(self.loop.now)  # any frame is life
+        if not isinstance(msg, (m.Ping, m.Pong)):
+            self._progress_ms = self.loop.now
         if isinstance(msg, m.Ping):
             self.send(receiver, m.Pong(msg.nonce, msg.sent_at))
         elif isinstance(msg, m.Pong):
@@ -209,5 +218,13 @@ class SimulatedPair:
         for side in (self.device, self.cloud):
             self.loop.at(0.0, lambda side=side: side.handle(s.Start()))
             self.loop.at(0.0, lambda side=side: self._ping(side))
-        self.loop.run(self.done)
+        self.loop.run(lambda: self.done() or self._stalled())
         return self
+
+    def _stalled(self) -> bool:
+        if self.loop.now - self._progress_ms <= self.stall_ms:
+            return False
+        state = {side.side: (len(side.session.committed), side.session._computing, side.session.finished)
+                 for side in (self.device, self.cloud)}
+        raise RuntimeError(f"simulation stalled: nothing but pings for {self.stall_ms:.0f} simulated ms "
+                           f"(side: committed, computing, finished): {state}")
