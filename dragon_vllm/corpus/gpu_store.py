@@ -1,58 +1,271 @@
-"""The GPU cluster buffer of TeleRAG: the interface, checked, ready for the GPU machine.
+"""TeleRAG's GPU cluster buffer: cached IVF-Flat lists in a fixed block of GPU memory, scanned there.
 
-Same three methods as :class:`~dragon_vllm.corpus.cluster_store.CpuClusterStore`, which the
-:class:`~dragon_vllm.corpus.lookahead.LookaheadSearcher` calls:
+The :class:`~dragon_vllm.corpus.lookahead.LookaheadSearcher` calls the same three methods as on
+:class:`~dragon_vllm.corpus.cluster_store.CpuClusterStore`:
 
-* ``copy_in(clusters)``: host lists -> a fixed device buffer of ``budget_bytes`` carved from
-  what vLLM leaves (``gpu_memory_utilization``), on a side CUDA stream so the copy overlaps
-  the link round trip and the prefills; the host lists should be in pinned memory
-  (``cudaHostRegister`` over the ``ArrayInvertedLists`` codes) for full PCIe bandwidth;
-* ``drop(clusters)``: free their slots in the buffer (the cache decided; no copy back);
-* ``scan(x, probes, coarse, k)``: scan only the listed clusters (the others are -1: the scan is
-  masked to the probed, cached clusters) and return, per query, every candidate scoring at
-  least the k-th score with its store_pairs label (list << 32 | offset), as ``cluster_store.scan``
-  does. Scores must be bitwise those of faiss-cpu for the id-for-id equality: compute them in
-  float32 in the same order, or re-score the few merged candidates on the CPU.
+* ``copy_in(clusters)``: host lists -> the buffer. The buffer is carved once, at start, from
+  what vLLM leaves (``budget_bytes``), in pages of ``PAGE_ROWS`` vectors: a list takes any free
+  pages, so eviction never fragments it. The host-to-device copy runs on a side CUDA stream
+  (from page-locked host memory where ``pin_host`` registered the lists), so it overlaps the
+  link round trip and the prefills; the copied rows then go to their pages on the default stream,
+  after which every later scan sees them (one stream orders them).
+* ``drop(clusters)``: their pages go back to the free list (the cache decided; nothing moves).
+* ``scan(x, probes, coarse, k)``: for each query, every candidate of its probed, resident
+  lists whose score is at least the query's k-th, with its store_pairs label (list << 32 | offset).
 
-Not written yet (no GPU time in the session that built the CPU path); the constructor checks
-for faiss-gpu and CUDA first, so a CPU machine gets a clear, typed error instead of a crash.
+Why the results equal faiss-cpu's, id for id and score for score: the GPU's float32 dot products
+are summed in another order than faiss's, so they may differ from faiss's in the last bits. The
+GPU only *selects*: it keeps every row within ``tol`` of its k-th GPU score, where ``tol`` is twice
+the worst-case float32 error of a d-term dot product under any summation order
+(``2 * 2 * gamma_d * |x| * max|y|``, gamma_d = d u / (1 - d u), u = 2^-24; TF32 is refused). An
+item whose faiss score reaches the faiss k-th is always among them (module test). The kept few
+are then re-scored on the CPU with faiss's own kernel (``fvec_inner_products_ny``, bitwise the
+IVF-Flat scanner's score) and cut at the exact k-th, so the merge (``merge.replay``) sees faiss's
+numbers.
+
+Torch, not faiss-gpu: PyPI has faiss-gpu only for CUDA 12 (``faiss-gpu-cu12``, plus ~700 MB of
+CUDA 12 runtime wheels), the GPU machine runs CUDA 13, and vLLM's own torch is there already.
+On a machine without a GPU, ``device="cpu"`` runs this very code on torch's CPU backend (the
+tests do), though only the CUDA device makes it fast. IVF-PQ lists stay on the CPU store.
 """
 
 from __future__ import annotations
 
+import heapq
+import threading
+
+import numpy as np
+
+from dragon_vllm.corpus.cluster_store import PAIR_SHIFT, ivf_of
 from dragon_vllm.corpus.errors import GpuUnavailable
 
+PAGE_ROWS = 32  # vectors per buffer page: a list wastes < 32 rows (48 KB at 384-d)
+GATHER_SHARE = 0.5  # scan the listed rows alone while they are under this share of the used rows
+QUERY_CHUNK = 16  # queries scored together: bounds the (queries x rows) score block
+U = 2.0 ** -24  # float32 unit roundoff
 
-def gpu_available() -> str | None:
-    """None when faiss-gpu sees a CUDA device, else the reason it cannot be used."""
+
+def gpu_available(device: str = "cuda") -> str | None:
+    """None when torch can use ``device``, else the reason it cannot."""
     try:
-        import faiss
+        import torch
     except ImportError:
-        return "faiss is not installed"
-    if not hasattr(faiss, "StandardGpuResources"):
-        return "this faiss has no GPU support (faiss-cpu); install the faiss-gpu wheel built for the CUDA runtime"
-    if faiss.get_num_gpus() < 1:
-        return "faiss-gpu sees no CUDA device"
+        return "torch is not installed"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "torch sees no CUDA device"
     return None
 
 
-class GpuClusterStore:
-    """Cached clusters in GPU memory (see the module docstring for the contract)."""
+def dot_error_bound(d: int) -> float:
+    """Relative worst-case error of a float32 d-term dot product, any order: gamma_d * sum|x_i y_i|."""
+    return d * U / (1 - d * U)
 
-    def __init__(self, index, budget_bytes: int, device: int = 0) -> None:
-        reason = gpu_available()
+
+class GpuClusterStore:
+    """Resident IVF-Flat lists in pages of one preallocated torch buffer (see the module docstring)."""
+
+    def __init__(self, index, budget_bytes: int, device: str = "cuda", pin_host: bool = True) -> None:
+        reason = gpu_available(device)
         if reason is not None:
             raise GpuUnavailable(f"GPU cluster store unavailable: {reason}; use the CPU store "
                                  f"(LookaheadSearcher's default) on this machine")
-        self.index, self.budget_bytes, self.device = index, budget_bytes, device
-        raise GpuUnavailable("GpuClusterStore is not implemented yet: it is written on the GPU machine "
-                             "(issue 15); the interface and its CPU twin are in cluster_store.py")
+        import faiss
+        import torch
 
-    def copy_in(self, clusters: list[int]) -> None:  # pragma: no cover - GPU machine
-        raise NotImplementedError
+        self.torch, self.faiss = torch, faiss
+        self.ivf = ivf_of(index)
+        if not isinstance(faiss.downcast_index(self.ivf), faiss.IndexIVFFlat) or self.ivf.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise GpuUnavailable("the GPU cluster store scans IVF-Flat inner-product lists; "
+                                 "keep IVF-PQ on the CPU store")
+        if device.startswith("cuda") and torch.backends.cuda.matmul.allow_tf32:
+            raise GpuUnavailable("TF32 matmuls are on (torch.backends.cuda.matmul.allow_tf32): "
+                                 "the score error bound assumes float32")
+        self.device, self.d, self.nlist = torch.device(device), self.ivf.d, self.ivf.nlist
+        il = self.ivf.invlists
+        self._sizes = [il.list_size(c) for c in range(self.nlist)]
+        # host views of every list, no copy: vectors for the copies and the exact re-scoring, ids for labels
+        self._host = [_list_vectors(faiss, il, c, n, self.d) for c, n in enumerate(self._sizes)]
+        self._ids = [_list_ids(faiss, il, c, n) for c, n in enumerate(self._sizes)]
+        self.pinned_bytes = self._pin(pin_host)
+        rows = min(int(budget_bytes) // (self.d * 4 + 8), sum(self._sizes))  # never more than the index
+        pages = -(-rows // PAGE_ROWS) + self.nlist  # + one partly used page per resident list
+        self.capacity_bytes = pages * PAGE_ROWS * self.d * 4
+        self.buf = torch.zeros((pages * PAGE_ROWS, self.d), dtype=torch.float32, device=self.device)
+        self.row_list = torch.full((pages * PAGE_ROWS,), self.nlist, dtype=torch.int64, device=self.device)
+        self.row_offset = torch.zeros(pages * PAGE_ROWS, dtype=torch.int64, device=self.device)
+        self._free = list(range(pages))  # a heap: the lowest pages first, so the used ones stay packed
+        self._rows: dict[int, object] = {}  # list -> its rows in the buffer (a device tensor)
+        self._pages: dict[int, list[int]] = {}  # list -> its pages
+        self._norms: dict[int, float] = {}  # list -> its largest vector norm (the error bound), once
+        self._lock = threading.Lock()  # page bookkeeping; the GPU work is ordered by the default stream
+        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def drop(self, clusters: list[int]) -> None:  # pragma: no cover - GPU machine
-        raise NotImplementedError
+    # ------------------------------------------------------------------ residency
+    def copy_in(self, clusters: list[int]) -> None:
+        torch = self.torch
+        for c in clusters:
+            n = self._sizes[c]
+            if c in self._rows:
+                continue
+            with self._lock:
+                pages = [heapq.heappop(self._free) for _ in range(-(-n // PAGE_ROWS))]
+            rows = _page_rows(pages, n)
+            staged = self._stage(c)
+            self._max_norm(c)  # once per list, here in the copier rather than in a scan
+            rows_t = torch.from_numpy(rows).to(self.device)
+            with self._lock:  # enqueued on the default stream: every scan enqueued later sees the rows
+                if n:
+                    self.buf.index_copy_(0, rows_t, staged)
+                    self.row_offset[rows_t] = torch.arange(n, device=self.device)
+                    self.row_list[rows_t] = c
+                self._rows[c], self._pages[c] = rows_t, pages
 
-    def scan(self, x, probes, coarse, k):  # pragma: no cover - GPU machine
-        raise NotImplementedError
+    def drop(self, clusters: list[int]) -> None:
+        with self._lock:
+            for c in clusters:
+                rows = self._rows.pop(c, None)
+                if rows is None:
+                    continue
+                self.row_list[rows] = self.nlist  # the "not probed" column of every scan's table
+                for page in self._pages.pop(c):
+                    heapq.heappush(self._free, page)
+
+    def resident(self) -> set[int]:
+        with self._lock:
+            return set(self._rows)
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(len(p) for p in self._pages.values()) * PAGE_ROWS * self.d * 4
+
+    # ------------------------------------------------------------------ search
+    def scan(self, x, probes, coarse, k):
+        """Per query: (scores, store_pairs labels) of every candidate of its probed resident lists
+        scoring at least its k-th (faiss's own scores; probes -1 and non-resident lists skipped)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = []
+        for start in range(0, len(x), QUERY_CHUNK):
+            out += self._scan_chunk(x[start:start + QUERY_CHUNK], probes[start:start + QUERY_CHUNK], k)
+        return out
+
+    def scan_ids(self, x, probes, coarse, k):
+        """faiss's own top-``k`` (scores, ids) over the resident lists of ``probes``."""
+        from dragon_vllm.corpus.merge import replay
+
+        D = np.full((len(x), k), -np.inf, dtype=np.float32)
+        I = np.full((len(x), k), -1, dtype=np.int64)
+        for q, (scores, labels) in enumerate(self.scan(x, probes, coarse, k)):
+            lists, offsets = labels >> PAIR_SHIFT, labels & ((1 << PAIR_SHIFT) - 1)
+            rank = {int(c): r for r, c in enumerate(probes[q]) if c >= 0}
+            order = np.array([rank[int(c)] for c in lists], dtype=np.int64) * (1 << PAIR_SHIFT) + offsets
+            ids = np.array([self._ids[int(c)][int(o)] for c, o in zip(lists, offsets)], dtype=np.int64)
+            D[q], I[q] = replay(scores, ids, order, k)
+        return D, I
+
+    def _scan_chunk(self, x: np.ndarray, probes: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        torch = self.torch
+        with self._lock:
+            wanted = [sorted({int(c) for c in row if c >= 0 and int(c) in self._rows}) for row in probes]
+            lists = sorted(set().union(*wanted))
+            if not lists:
+                return [_empty() for _ in x]
+            used = sum(len(p) for p in self._pages.values()) * PAGE_ROWS
+            listed = sum(self._sizes[c] for c in lists)
+            if listed < GATHER_SHARE * used:
+                rows = torch.cat([self._rows[c] for c in lists])
+                vecs, row_list, row_offset = self.buf[rows], self.row_list[rows], self.row_offset[rows]
+            else:  # most of the used buffer: score it all up to its last used page, mask the rest
+                end = (max(max(p) for p in self._pages.values()) + 1) * PAGE_ROWS
+                vecs, row_list, row_offset = self.buf[:end], self.row_list[:end].clone(), self.row_offset[:end]
+            max_norm = max(self._max_norm(c) for c in lists)
+        table = torch.zeros((len(x), self.nlist + 1), dtype=torch.bool, device=self.device)
+        for q, cs in enumerate(wanted):
+            table[q, cs] = True
+        xq = torch.from_numpy(x).to(self.device)
+        scores = xq @ vecs.T
+        scores.masked_fill_(~table[:, row_list], -torch.inf)
+        kk = min(k, scores.shape[1])
+        kth = scores.topk(kk, dim=1).values[:, -1]
+        # the GPU's and faiss's scores differ by <= 2 gamma |x||y| (each within gamma of the truth),
+        # and the k-th may move by as much the other way: 4; 0.1 more for the float32 norms
+        tol = 4.1 * dot_error_bound(self.d) * torch.linalg.vector_norm(xq, dim=1) * max_norm
+        keep = (scores >= (kth - tol)[:, None]) & (scores > -torch.inf)
+        q_idx, r_idx = (t.cpu().numpy() for t in keep.nonzero(as_tuple=True))
+        cand_list, cand_off = row_list[r_idx].cpu().numpy(), row_offset[r_idx].cpu().numpy()
+        return [self._exact(x[q], cand_list[q_idx == q], cand_off[q_idx == q], k) for q in range(len(x))]
+
+    def _exact(self, xq: np.ndarray, lists: np.ndarray, offsets: np.ndarray, k: int):
+        """faiss's scores of the candidates, cut at their k-th (ties kept)."""
+        if not len(lists):
+            return _empty()
+        ys = np.ascontiguousarray(np.stack([self._host[int(c)][int(o)] for c, o in zip(lists, offsets)]))
+        scores = np.empty(len(ys), dtype=np.float32)
+        self.faiss.fvec_inner_products_ny(self.faiss.swig_ptr(scores), self.faiss.swig_ptr(xq),
+                                          self.faiss.swig_ptr(ys), self.d, len(ys))
+        if len(scores) > k:
+            keep = scores >= np.partition(scores, len(scores) - k)[len(scores) - k]
+            scores, lists, offsets = scores[keep], lists[keep], offsets[keep]
+        return scores, (lists.astype(np.int64) << PAIR_SHIFT) | offsets.astype(np.int64)
+
+    # ------------------------------------------------------------------ host side
+    def _max_norm(self, c: int) -> float:
+        if c not in self._norms:
+            v = self._host[c]
+            # an upper bound: float64 sums, rounded up by far more than their error
+            self._norms[c] = float(np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64).max())) * (1 + 1e-6) if len(v) else 0.0
+        return self._norms[c]
+
+    def _stage(self, c: int):
+        """List ``c``'s vectors on the device, copied on the side stream (async from pinned memory)."""
+        torch = self.torch
+        host = torch.from_numpy(self._host[c])
+        if self._side is None:
+            return host.to(self.device)
+        with torch.cuda.stream(self._side):
+            staged = host.to(self.device, non_blocking=True)
+        self._side.synchronize()  # the copy is done before its rows are written on the default stream
+        staged.record_stream(torch.cuda.current_stream(self.device))
+        return staged
+
+    def close(self) -> None:
+        """Unpin the host lists (the buffer goes with the object)."""
+        if self.pinned_bytes:
+            cudart = self.torch.cuda.cudart()
+            for v in self._host:
+                if v.nbytes:
+                    cudart.cudaHostUnregister(v.ctypes.data)
+            self.pinned_bytes = 0
+
+    def _pin(self, pin_host: bool) -> int:
+        """Page-lock the lists' host memory (``cudaHostRegister``) so copies run at full PCIe
+        bandwidth and asynchronously; returns the bytes pinned (0 on CPU or when refused)."""
+        if not pin_host or self.device.type != "cuda":
+            return 0
+        cudart, pinned = self.torch.cuda.cudart(), 0
+        for v in self._host:
+            if v.nbytes and int(cudart.cudaHostRegister(v.ctypes.data, v.nbytes, 0)) == 0:
+                pinned += v.nbytes
+        return pinned
+
+
+def _list_vectors(faiss, il, c: int, n: int, d: int) -> np.ndarray:
+    if not n:
+        return np.zeros((0, d), dtype=np.float32)
+    return faiss.rev_swig_ptr(il.get_codes(c), n * d * 4).view(np.float32).reshape(n, d)
+
+
+def _list_ids(faiss, il, c: int, n: int) -> np.ndarray:
+    if not n:
+        return np.zeros(0, dtype=np.int64)
+    return faiss.rev_swig_ptr(il.get_ids(c), n).view(np.int64)
+
+
+def _page_rows(pages: list[int], n: int) -> np.ndarray:
+    """The buffer rows of a list of ``n`` vectors in ``pages``, in list order."""
+    if not pages:
+        return np.zeros(0, dtype=np.int64)
+    return (np.asarray(pages, dtype=np.int64)[:, None] * PAGE_ROWS + np.arange(PAGE_ROWS)).ravel()[:n]
+
+
+def _empty() -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)

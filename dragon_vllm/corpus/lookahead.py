@@ -55,7 +55,7 @@ class LookaheadSearcher:
         sizes = list_bytes(index)
         budget = int(sizes.sum() * DEFAULT_BUDGET_FRACTION) if budget_bytes is None else int(budget_bytes)
         self.cache = ClusterCache(sizes, budget, decay=decay)
-        self.store = store if store is not None else CpuClusterStore(index)
+        self.store = _make_store(store, index, budget)
         self.host = HostLists(index)
         self.stats = RetrievalStats()
         # ONE copier: copies run in plan order, so when a request's own copy is done, every cluster
@@ -126,6 +126,20 @@ class LookaheadSearcher:
 
     def close(self) -> None:
         self._copier.shutdown(wait=True)
+        if hasattr(self.store, "close"):
+            self.store.close()
+
+
+def _make_store(store, index, budget: int):
+    """``store``: None or "cpu" (a host-memory copy), "gpu" (TeleRAG's GPU buffer, IVF-Flat),
+    or a store object."""
+    if store is None or store == "cpu":
+        return CpuClusterStore(index)
+    if store == "gpu":
+        from dragon_vllm.corpus.gpu_store import GpuClusterStore
+
+        return GpuClusterStore(index, budget)
+    return store
 
 
 def _parts(la: Lookahead, hit: np.ndarray, store, host) -> list[tuple[object, np.ndarray]]:

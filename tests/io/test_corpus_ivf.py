@@ -198,13 +198,77 @@ def test_cache_never_evicts_pinned_clusters():
         ClusterCache(np.full(2, 1), 10, decay=0.0)
 
 
-# ------------------------------------------------------------------ GPU hook
-def test_gpu_store_raises_typed_error_without_faiss_gpu(ivf_index):
-    if gpu_available() is None:
-        pytest.skip("faiss-gpu and CUDA present: the GPU store is tested on the GPU machine")
-    with pytest.raises(c.GpuUnavailable, match="GPU cluster store unavailable"):
-        GpuClusterStore(ivf_index[0], budget_bytes=1 << 20)
+# ------------------------------------------------------------------ the GPU store (torch; its CPU device here)
+def test_gpu_store_raises_typed_errors(ivf_index):
+    index, info = ivf_index
+    if info["kind"] == "ivf-pq":
+        with pytest.raises(c.GpuUnavailable, match="IVF-Flat"):
+            GpuClusterStore(index, budget_bytes=1 << 20, device="cpu")
+    if gpu_available() is not None:  # no CUDA here: the default device is refused, typed
+        with pytest.raises(c.GpuUnavailable, match="GPU cluster store unavailable"):
+            GpuClusterStore(index, budget_bytes=1 << 20)
     assert issubclass(c.GpuUnavailable, c.CorpusError)
+
+
+@pytest.fixture(scope="module")
+def flat_ivf():
+    return build_faiss_index(tied_vectors(), c.IndexSpec(kind="ivf-flat", nlist=32, nprobe=6))[0]
+
+
+@pytest.mark.parametrize("budget", [20_000, None, 10**9], ids=["tight", "15pct", "all"])
+def test_gpu_store_lookahead_equals_plain_ivf_id_for_id_and_score_for_score(flat_ivf, budget):
+    """The torch store selects on its own float32 scores and re-scores with faiss's kernel: the
+    result is faiss's, ties at the k-th included, whether the lists are all resident or split."""
+    q = tied_queries()
+    store = GpuClusterStore(flat_ivf, budget_bytes=10**9 if budget is None else budget, device="cpu")
+    s = LookaheadSearcher(flat_ivf, budget_bytes=budget, store=store)
+    try:
+        for batch in (q, q[:1], q[7:40], q):
+            got_d, got_i = s.search_now(batch, 10)
+            ref_d, ref_i = flat_ivf.search(batch, 10)
+            assert (got_i == ref_i).all() and (got_d == ref_d).all()
+        assert s.cache.snapshot()["hits"] > 0
+        if budget == 10**9:  # everything resident: the store alone answered, no replay across parts
+            assert s.cache.snapshot()["misses"] == 0
+    finally:
+        s.close()
+
+
+def test_gpu_store_scan_keeps_every_candidate_at_or_above_the_kth(flat_ivf):
+    """``scan``'s contract, checked against faiss's own widened scan of the same lists."""
+    from dragon_vllm.corpus.cluster_store import HostLists
+
+    store = GpuClusterStore(flat_ivf, budget_bytes=10**9, device="cpu")
+    ivf = faiss.extract_index_ivf(flat_ivf)
+    store.copy_in(list(range(ivf.nlist)))
+    q = tied_queries(60)
+    coarse, probes = ivf.quantizer.search(q, 6)
+    probes[::3, 2] = -1  # skipped lists stay skipped
+    for k in (1, 10, 40):
+        got, wide = store.scan(q, probes, coarse, k), HostLists(flat_ivf).scan(q, probes, coarse, 4000)
+        for (gs, gl), (ws, wl) in zip(got, wide):  # faiss's whole scan of the same lists, cut at the k-th
+            kth = np.sort(ws)[::-1][min(k, len(ws)) - 1]
+            want = sorted((label, score) for label, score in zip(wl.tolist(), ws.tolist()) if score >= kth)
+            assert sorted(zip(gl.tolist(), gs.tolist())) == want
+
+
+def test_gpu_store_pages_are_reused_and_drops_hide_lists(flat_ivf):
+    from dragon_vllm.corpus import gpu_store as g
+
+    ivf = faiss.extract_index_ivf(flat_ivf)
+    sizes = [ivf.invlists.list_size(i) for i in range(ivf.nlist)]
+    store = GpuClusterStore(flat_ivf, budget_bytes=(max(sizes) * 2) * (ivf.d * 4 + 8), device="cpu")
+    free0 = len(store._free)
+    q = tied_queries(8)
+    coarse, probes = ivf.quantizer.search(q, 1)
+    for round_ in range(3):  # in and out, again and again: no page leaks, no stale rows
+        lists = sorted({int(p) for p in probes[:, 0]})[:2]
+        store.copy_in(lists)
+        assert store.resident() == set(lists)
+        assert store.used_bytes() == sum(-(-sizes[c] // g.PAGE_ROWS) for c in lists) * g.PAGE_ROWS * ivf.d * 4
+        store.drop(lists)
+        assert store.resident() == set() and len(store._free) == free0
+        assert all(len(scores) == 0 for scores, _ in store.scan(q, probes, coarse, 5))  # dropped: not scanned
 
 
 # ------------------------------------------------------------------ synthetic corpus
