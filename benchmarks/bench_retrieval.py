@@ -70,11 +70,12 @@ def time_batched(search, xq: np.ndarray, k: int, batch: int) -> dict:
     return {**_ms(times), "batch": batch, "queries_per_s": round(len(xq) / sum(times), 1)}
 
 
-def build(vecs: np.ndarray, kind: str, nlist: int, pq_m: int) -> tuple[object, dict]:
+def build(vecs: np.ndarray, kind: str, nlist: int, pq_m: int, device: str | None = None) -> tuple[object, dict]:
     from dragon_vllm.corpus.ivf import IndexSpec, build_faiss_index
 
     rss0, t0 = rss_bytes(), time.perf_counter()
-    index, info = build_faiss_index(vecs, IndexSpec(kind=kind, nlist=nlist, pq_m=pq_m))
+    index, info = build_faiss_index(vecs, IndexSpec(kind=kind, nlist=nlist, pq_m=pq_m),
+                                    device=None if kind == "flat" else device)
     info.update(build_s=round(time.perf_counter() - t0, 2), rss_growth_bytes=rss_bytes() - rss0,
                 index_bytes=index_bytes(index))
     return index, info
@@ -96,13 +97,21 @@ def info_kind(index) -> str:
     return "flat" if isinstance(index, faiss.IndexFlat) else "ivf"
 
 
+def faiss_ivf(index):
+    import faiss
+
+    return faiss.extract_index_ivf(index)
+
+
 def bench_lookahead(index, xq, k: int, batch: int, rtt: float, plain_ids: np.ndarray, budget_fraction: float,
-                    store: str) -> dict:
+                    store: str, store_device: str = "cuda") -> dict:
     from dragon_vllm.corpus.cluster_store import list_bytes
     from dragon_vllm.corpus.lookahead import LookaheadSearcher
 
     budget = int(list_bytes(index).sum() * budget_fraction)
-    s = LookaheadSearcher(index, budget_bytes=budget, store=_store(store, index, budget))
+    t0 = time.perf_counter()
+    s = LookaheadSearcher(index, budget_bytes=budget, store=_store(store, index, budget, store_device))
+    setup_s = time.perf_counter() - t0
     opens, after, ids = [], [], []
     for i in range(len(xq)):
         t = time.perf_counter()
@@ -113,39 +122,53 @@ def bench_lookahead(index, xq, k: int, batch: int, rtt: float, plain_ids: np.nda
         ids.append(s.search(la, k)[1][0])
         after.append(time.perf_counter() - t)
     single = {"open": _ms(opens), "after_rtt": _ms(after), **{f"cache_{a}": b for a, b in s.cache.snapshot().items()}}
-    batched_t = []
+    single["open_plus_after_rtt"] = _ms(np.add(opens, after))
+    batched_t, batched_open = [], []
     for b in range(0, len(xq), batch):
+        t = time.perf_counter()
         la = s.open(xq[b : b + batch])
+        batched_open.append(time.perf_counter() - t)
         time.sleep(rtt)
         t = time.perf_counter()
         s.search(la, k)
         batched_t.append(time.perf_counter() - t)
     s.close()
-    return {"rtt_ms": rtt * 1e3, "budget_bytes": budget, "budget_fraction": budget_fraction,
+    crit = np.add(batched_open, batched_t)
+    return {"rtt_ms": rtt * 1e3, "budget_bytes": budget, "budget_fraction": budget_fraction, "store": store,
+            "store_setup_s": round(setup_s, 2), "store_bytes": getattr(s.store, "capacity_bytes", None),
+            "pinned_bytes": getattr(s.store, "pinned_bytes", None),
             "equal_to_plain_ivf": bool((np.array(ids) == plain_ids).all()), "single": single,
             "batched_after_rtt": {**_ms(batched_t), "batch": batch,
                                   "queries_per_s": round(len(xq) / sum(batched_t), 1)},
+            "batched_open_plus_after_rtt": {**_ms(crit), "batch": batch, "queries_per_s": round(len(xq) / crit.sum(), 1)},
             "cache_after_batched": s.cache.snapshot()}
 
 
-def _store(kind: str, index, budget: int):
+def _store(kind: str, index, budget: int, device: str = "cuda"):
     if kind == "cpu":
         return None  # LookaheadSearcher's default: CpuClusterStore
     from dragon_vllm.corpus.gpu_store import GpuClusterStore
 
-    return GpuClusterStore(index, budget)  # raises GpuUnavailable without faiss-gpu + CUDA
+    return GpuClusterStore(index, budget, device=device)  # raises GpuUnavailable without CUDA
 
 
-def gpu_whole_index(index):
-    """Baseline (b) of the issue: the whole index on the GPU (faiss-gpu), where it fits."""
-    from dragon_vllm.corpus.gpu_store import gpu_available
-    from dragon_vllm.corpus.errors import GpuUnavailable
-    import faiss
+def gpu_whole_index(index, device: str = "cuda"):
+    """Baseline (b) of the issue: every list resident in GPU memory (the same torch store with a
+    budget of the whole index, all copied in first: no lookahead, no misses). Not faiss-gpu:
+    PyPI has it for CUDA 12 only (gpu_store.py)."""
+    from dragon_vllm.corpus.cluster_store import ivf_of, list_bytes
+    from dragon_vllm.corpus.gpu_store import GpuClusterStore
+    from dragon_vllm.corpus.lookahead import LookaheadSearcher
 
-    reason = gpu_available()
-    if reason:
-        raise GpuUnavailable(f"--gpu-whole-index: {reason}")
-    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    budget = int(list_bytes(index).sum())
+    t0 = time.perf_counter()
+    store = GpuClusterStore(index, budget, device=device)
+    s = LookaheadSearcher(index, budget_bytes=budget, store=store)
+    lists = list(range(ivf_of(index).nlist))
+    s.cache.plan(np.array([lists]))  # all admitted ...
+    s.cache.release(np.array([lists]))
+    store.copy_in(lists)  # ... and copied
+    return s, {"store_bytes": store.capacity_bytes, "setup_s": round(time.perf_counter() - t0, 2)}
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -154,20 +177,27 @@ def run(a: argparse.Namespace) -> dict:
     faiss.omp_set_num_threads(a.threads)
     corpus = a.corpus or Path(f"/tmp/dragon_synth_{a.n}")
     if not (corpus / "synthetic.json").is_file():
-        synth.generate(corpus, a.n, clusters=a.clusters, passages=False)
+        synth.generate(corpus, a.n, clusters=a.clusters, passages=False, workers=a.workers)
     vecs, xq_all, meta = synth.load(corpus)
     xq = np.ascontiguousarray(xq_all[: a.queries])
     results = {"corpus": meta, "queries": len(xq), "k": a.k, "threads": a.threads, "configs": []}
-    flat, info = build(vecs, "flat", a.nlist, a.pq_m)
-    _, truth = flat.search(xq, a.k)
-    results["configs"].append(measure(flat, "flat", None, info, xq, truth, a))
-    del flat
+    if a.skip_flat:  # at 10M+: the exact truth on the build device, no flat row
+        t0 = time.perf_counter()
+        truth = exact_top_k(vecs, xq, a.k, a.build_device or "cpu")
+        results["truth_s"] = round(time.perf_counter() - t0, 2)
+    else:
+        flat, info = build(vecs, "flat", a.nlist, a.pq_m)
+        _, truth = flat.search(xq, a.k)
+        results["configs"].append(measure(flat, "flat", None, info, xq, truth, a))
+        del flat
     for kind in a.kinds:
-        index, info = build(vecs, kind, a.nlist, a.pq_m)
+        index, info = build(vecs, kind, a.nlist, a.pq_m, a.build_device)
+        print(json.dumps({"built": kind, **info}), flush=True)
         for nprobe in a.nprobe:
             faiss.extract_index_ivf(index).nprobe = nprobe
             results["configs"].append(measure(index, kind, nprobe, info, xq, truth, a))
             print(json.dumps(results["configs"][-1]), flush=True)
+            a.out.with_suffix(".partial.json").write_text(json.dumps(results, indent=2) + "\n")  # a cut run keeps its rows
         del index
     return results
 
@@ -176,13 +206,57 @@ def measure(index, kind: str, nprobe: int | None, info: dict, xq, truth, a) -> d
     single, ids = time_single(index.search, xq, a.k)
     row = {"kind": kind, "nprobe": nprobe, "build": info, "recall_at_k": round(recall(ids, truth), 4),
            "single": single, "batched": time_batched(index.search, xq, a.k, a.batch)}
+    if kind != "flat" and a.threads > 1:  # faiss splits one query's lists over threads only in parallel_mode 1
+        ivf = faiss_ivf(index)
+        ivf.parallel_mode = 1
+        row["single_parallel_lists"] = time_single(index.search, xq, a.k)[0]
+        ivf.parallel_mode = 0
     if kind != "flat" and a.lookahead:
-        row["lookahead"] = bench_lookahead(index, xq, a.k, a.batch, a.rtt_ms / 1e3, ids, a.budget_fraction, a.store)
-    if kind != "flat" and a.gpu_whole_index:
-        g = gpu_whole_index(index)
-        row["gpu_whole_index"] = {"single": time_single(g.search, xq, a.k)[0],
-                                  "batched": time_batched(g.search, xq, a.k, a.batch)}
+        store = a.store if kind == "ivf-flat" else "cpu"  # the GPU store scans IVF-Flat lists only
+        row["lookahead"] = bench_lookahead(index, xq, a.k, a.batch, a.rtt_ms / 1e3, ids, a.budget_fraction, store,
+                                           a.store_device)
+    if kind == "ivf-flat" and a.gpu_whole_index:
+        g, info = gpu_whole_index(index, a.store_device)
+        g_single, g_ids = time_single(g.search_now, xq, a.k)
+        row["gpu_whole_index"] = {**info, "single": g_single, "batched": time_batched(g.search_now, xq, a.k, a.batch),
+                                  "equal_to_plain_ivf": bool((g_ids == ids).all())}
+        g.close()
+        del g
+    row["ratios"] = ratios(row)
     return row
+
+
+def ratios(row: dict) -> dict:
+    """The issue's goals, from one row: lookahead (open + search after the RTT) vs (a) faiss-cpu
+    IVF and (b) the whole index on the GPU; batched throughput vs (a)."""
+    la, whole, out = row.get("lookahead"), row.get("gpu_whole_index"), {}
+    if la:
+        crit = la["single"]["open_plus_after_rtt"]["p50_ms"]
+        best_cpu = min(row["single"]["p50_ms"], row.get("single_parallel_lists", {}).get("p50_ms", np.inf))
+        out["cpu_ivf_over_lookahead_single_p50"] = round(best_cpu / crit, 3)  # (a): faiss's better mode
+        out["lookahead_over_cpu_ivf_batched_qps"] = round(
+            la["batched_open_plus_after_rtt"]["queries_per_s"] / row["batched"]["queries_per_s"], 3)
+        if whole:
+            out["lookahead_over_whole_gpu_single_p50"] = round(crit / whole["single"]["p50_ms"], 3)
+        if la.get("store_bytes") and row["build"].get("index_bytes"):
+            out["store_share_of_index"] = round(la["store_bytes"] / row["build"]["index_bytes"], 3)
+    return out
+
+
+def exact_top_k(vecs: np.ndarray, xq: np.ndarray, k: int, device: str, block: int = 1 << 20) -> np.ndarray:
+    """Exact inner-product top-k ids over a (memory-mapped) corpus, block by block on ``device``."""
+    import torch
+
+    q = torch.from_numpy(xq).to(device)
+    best_s = torch.full((len(xq), k), -torch.inf, device=device)
+    best_i = torch.full((len(xq), k), -1, dtype=torch.int64, device=device)
+    for start in range(0, len(vecs), block):
+        x = torch.from_numpy(np.ascontiguousarray(vecs[start : start + block], dtype=np.float32)).to(device)
+        s = torch.cat([best_s, q @ x.T], dim=1)
+        i = torch.cat([best_i, torch.arange(start, start + len(x), device=device).expand(len(xq), -1)], dim=1)
+        best_s, pos = s.topk(k, dim=1)
+        best_i = i.gather(1, pos)
+    return best_i.cpu().numpy()
 
 
 def plot(results: dict, path: Path) -> None:
@@ -211,8 +285,9 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xticks(x, labels, fontsize=8)
         ax.legend(fontsize=8)
     m = results["corpus"]
-    fig.suptitle(f"Retrieval on CPU (faiss-cpu, {results['threads']} threads), SYNTHETIC {m['n']:,} x {m['dim']}-d "
-                 f"gaussian clusters; TeleRAG's GPU path not measured", fontsize=10)
+    where = "lookahead on the GPU store (torch)" if results.get("store") == "gpu" else "lookahead on the CPU store"
+    fig.suptitle(f"Retrieval, faiss-cpu {results['threads']} threads vs {where}; SYNTHETIC {m['n']:,} x "
+                 f"{m['dim']}-d gaussian clusters", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -253,7 +328,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-fraction", type=float, default=0.15, help="cluster cache size, fraction of the lists")
     p.add_argument("--no-lookahead", dest="lookahead", action="store_false")
     p.add_argument("--store", choices=["cpu", "gpu"], default="cpu", help="cluster store of the lookahead path")
-    p.add_argument("--gpu-whole-index", action="store_true", help="also the whole index on the GPU (faiss-gpu)")
+    p.add_argument("--gpu-whole-index", action="store_true",
+                   help="also baseline (b): every IVF-Flat list resident in GPU memory (the torch store)")
+    p.add_argument("--build-device", default=None,
+                   help="torch device for the IVF k-means and assignment, and the exact truth (e.g. cuda)")
+    p.add_argument("--skip-flat", action="store_true",
+                   help="no flat row; the exact truth computed block by block on --build-device (10M+)")
+    p.add_argument("--workers", type=int, default=1, help="processes generating a synthetic corpus")
+    p.add_argument("--store-device", default="cuda", help="torch device of --store gpu (cpu: a smoke test)")
     p.add_argument("--out", type=Path, default=RESULTS / "retrieval_cpu.json")
     p.add_argument("--table", type=Path, default=None, metavar="JSON",
                    help="only print the markdown table of a results file")
@@ -268,13 +350,15 @@ def main(argv: list[str] | None = None) -> int:
         print(table(json.loads(a.table.read_text())))
         return 0
     t0 = time.perf_counter()
+    a.out.parent.mkdir(parents=True, exist_ok=True)
     results = run(a)
     results.update(rtt_ms=a.rtt_ms, store=a.store, seconds=round(time.perf_counter() - t0, 1),
-                   note="SYNTHETIC corpus; on CPU the lookahead cache is a host-memory copy (no speed-up "
-                        "possible); TeleRAG's latency goals are GPU goals, not measured here",
-                   environment=describe(["faiss-cpu", "faiss-gpu", "numpy"]))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
+                   note=("SYNTHETIC corpus; " + ("the lookahead cache is TeleRAG's GPU buffer (torch store)"
+                         if a.store == "gpu" else "on CPU the lookahead cache is a host-memory copy (no speed-up "
+                         "possible); TeleRAG's latency goals are GPU goals")),
+                   environment=describe(["faiss-cpu", "torch", "numpy"]))
     a.out.write_text(json.dumps(results, indent=2) + "\n")
+    a.out.with_suffix(".partial.json").unlink(missing_ok=True)
     plot(results, a.out.with_suffix(".png"))
     print(table(results))
     print(f"wrote {a.out} and {a.out.with_suffix('.png')}")

@@ -13,12 +13,24 @@
 #   bash benchmarks/gpu_run.sh qa --data /tmp/qa   # issue 13: bench_quality_qa, 200 NQ questions, the device
 #        on cores 0-3, the cloud on the GPU + cores 4-15; in calls of ~8 min that --resume (repeat the
 #        call until it prints "complete": true); -> $OUT/quality_qa_h200.{json,png,answers.jsonl}
+#   bash benchmarks/gpu_run.sh retrieval   # issue 15: TeleRAG at 10M synthetic passages (faiss-cpu only, no vLLM)
 # Stage vLLM first (../shared/gpu/README.md); results and logs go under $OUT.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
 export DRAGON_CACHE=${DRAGON_CACHE:-/tmp/dragon-cache} NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+if [ "${1:-}" = retrieval ]; then
+  # issue 15, TeleRAG: needs only faiss-cpu (carry .gpu/faiss: pip install --target /tmp/site) and the
+  # machine's torch. 10M synthetic vectors (15 GB on /tmp), GPU-built IVF-Flat, faiss-cpu on 16
+  # threads vs the lookahead GPU store (15% budget) vs every list on the GPU; rows -> $OUT as they come
+  shift
+  python -m benchmarks.bench_retrieval --n ${N:-10000000} --corpus /tmp/synth --workers 16 --threads 16 \
+    --kinds ivf-flat --nlist ${NLIST:-4096} --nprobe ${NPROBE:-32 128} --queries ${QUERIES:-200} --batch 64 \
+    --store gpu --gpu-whole-index --build-device cuda --skip-flat --out "$OUT/retrieval_h200.json" "$@" \
+    > "$OUT/retrieval.log" 2>&1; rc=$?
+  tail -12 "$OUT/retrieval.log" | cut -c1-1500; exit $rc
+fi
 python -m dragon_host.models prepare smollm2-135m > "$OUT/prepare.log" 2>&1 || { tail -20 "$OUT/prepare.log"; exit 1; }
 case "${1:-}" in
   tests)

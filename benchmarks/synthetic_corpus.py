@@ -47,27 +47,31 @@ def draw(rng: np.random.Generator, c: np.ndarray, p: np.ndarray, n: int, spread:
 
 
 def generate(out: Path, n: int, *, dim: int = DIM, clusters: int = 4096, spread: float = 1.0, queries: int = 1000,
-             chunk: int = 1 << 16, seed: int = 0, passages: bool = True) -> dict:
-    """Write the corpus into ``out`` chunk by chunk; return its description (synthetic.json)."""
+             chunk: int = 1 << 16, seed: int = 0, passages: bool = True, workers: int = 1) -> dict:
+    """Write the corpus into ``out`` chunk by chunk; return its description (synthetic.json).
+    ``workers`` > 1 (vectors only): chunks drawn in parallel processes, the same bytes."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     c, p = centres(clusters, dim, seed)
     vecs = np.lib.format.open_memmap(out / "vectors.npy", mode="w+", dtype=np.float32, shape=(n, dim))
     topics = np.lib.format.open_memmap(out / "clusters.npy", mode="w+", dtype=np.int32, shape=(n,))
-    text = gzip.open(out / "passages.jsonl.gz", "wt", encoding="utf-8", compresslevel=1) if passages else None
-    try:
-        for start in range(0, n, chunk):
-            rng = np.random.default_rng([seed, start])  # per chunk: reproducible whatever the chunk order
-            x, t = draw(rng, c, p, min(chunk, n - start), spread)
-            vecs[start : start + len(x)], topics[start : start + len(x)] = x, t
+    del vecs, topics  # each writer maps them again
+    starts = range(0, n, chunk)
+    if workers > 1 and not passages:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            pool.starmap(_fill, [(out, s, min(chunk, n - s), seed, c, p, spread) for s in starts])
+    else:
+        text = gzip.open(out / "passages.jsonl.gz", "wt", encoding="utf-8", compresslevel=1) if passages else None
+        try:
+            for start in starts:
+                t = _fill(out, start, min(chunk, n - start), seed, c, p, spread)
+                if text is not None:
+                    text.writelines(_placeholder(start + i, int(ti)) for i, ti in enumerate(t))
+        finally:
             if text is not None:
-                text.writelines(_placeholder(start + i, int(ti)) for i, ti in enumerate(t))
-    finally:
-        if text is not None:
-            text.close()
-    vecs.flush()
-    topics.flush()
-    del vecs, topics
+                text.close()
     xq, _ = draw(np.random.default_rng([seed, -1 % (1 << 32)]), c, p, queries, spread)
     np.save(out / "queries.npy", xq)
     meta = {"synthetic": True, "label": f"{LABEL}: gaussian clusters, not real passages or embeddings",
@@ -75,6 +79,17 @@ def generate(out: Path, n: int, *, dim: int = DIM, clusters: int = 4096, spread:
             "passages": passages, "seconds": round(time.perf_counter() - t0, 2)}
     (out / "synthetic.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _fill(out: Path, start: int, rows: int, seed: int, c: np.ndarray, p: np.ndarray, spread: float) -> np.ndarray:
+    """Draw rows ``start ..`` into the corpus files (per chunk seed: any order, any process)."""
+    x, t = draw(np.random.default_rng([seed, start]), c, p, rows, spread)
+    vecs = np.load(out / "vectors.npy", mmap_mode="r+")
+    topics = np.load(out / "clusters.npy", mmap_mode="r+")
+    vecs[start : start + rows], topics[start : start + rows] = x, t
+    vecs.flush()
+    topics.flush()
+    return t
 
 
 def _placeholder(i: int, topic: int) -> str:
@@ -100,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--chunk", type=int, default=1 << 16, help="rows generated at once (default: %(default)s)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--no-passages", dest="passages", action="store_false", help="skip the placeholder passages")
+    a.add_argument("--workers", type=int, default=1, help="processes drawing chunks (with --no-passages)")
     args = a.parse_args(argv)
     meta = generate(args.out, args.n, dim=args.dim, clusters=args.clusters, spread=args.spread, queries=args.queries,
-                    chunk=args.chunk, seed=args.seed, passages=args.passages)
+                    chunk=args.chunk, seed=args.seed, passages=args.passages, workers=args.workers)
     print(json.dumps(meta))
     return 0
 

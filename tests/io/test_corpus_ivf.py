@@ -210,6 +210,29 @@ def test_gpu_store_raises_typed_errors(ivf_index):
     assert issubclass(c.GpuUnavailable, c.CorpusError)
 
 
+@pytest.mark.parametrize("kind", ["ivf-flat", "ivf-pq"])
+def test_torch_build_fills_every_vector_into_its_nearest_list(kind):
+    """The torch build (the GPU machine's, here on torch's CPU device): every id once, each in a
+    list whose centroid is its nearest (up to float32 rounding), and a working index."""
+    x = synth.draw(np.random.default_rng(3), *synth.centres(16, D, 0), 3000, 1.0)[0]
+    index, info = build_faiss_index(x, c.IndexSpec(kind=kind, nlist=16, nprobe=4, pq_m=8, pq_nbits=4), device="cpu")
+    ivf = faiss.extract_index_ivf(index)
+    assert info["build_device"] == "cpu" and index.ntotal == len(x) and ivf.quantizer.ntotal == 16
+    where = np.empty(len(x), dtype=np.int64)
+    for lst in range(16):
+        ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), ivf.invlists.list_size(lst)).copy()
+        where[ids] = lst
+        assert len(ids) < len(x) // 2  # really clustered, not one list
+    assert sorted(np.bincount(where, minlength=16).tolist()) == sorted(
+        ivf.invlists.list_size(i) for i in range(16)) and sum(np.bincount(where)) == len(x)
+    cents = ivf.quantizer.reconstruct_n(0, 16)
+    scores = x @ cents.T
+    assert (scores[np.arange(len(x)), where] >= scores.max(1) - 1e-5).all()
+    found = index.search(x[:50], 1)[1][:, 0]
+    if kind == "ivf-flat":
+        assert (found == np.arange(50)).all()  # each vector finds itself
+
+
 @pytest.fixture(scope="module")
 def flat_ivf():
     return build_faiss_index(tied_vectors(), c.IndexSpec(kind="ivf-flat", nlist=32, nprobe=6))[0]
@@ -284,6 +307,8 @@ def test_synthetic_corpus_streams_labelled_unit_vectors(tmp_path):
     with gzip.open(tmp_path / "passages.jsonl.gz", "rt") as f:
         lines = [json.loads(line) for line in f]
     assert len(lines) == 1000 and all("SYNTHETIC" in r["text"] and "SYNTHETIC" in r["title"] for r in lines)
+    par = synth.generate(tmp_path / "par", 1000, dim=16, clusters=8, queries=10, chunk=300, passages=False, workers=2)
+    assert np.array_equal(synth.load(tmp_path / "par")[0], vecs) and par["n"] == 1000  # the same bytes in parallel
 
 
 # ------------------------------------------------------------------ CLIs
