@@ -35,7 +35,7 @@ import asyncio
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -95,6 +95,7 @@ class WindowScores:
     retrieved: dict[str, tuple[list[int], list[float]]]  # side -> (passage ids, scores)
     concat_tokens: dict[int, int]  # documents -> prompt tokens before the context
     concat_docs_kept: dict[int, int]  # documents -> passages at least partly inside the budget
+    argmax: dict[str, np.ndarray] = field(default_factory=dict)  # "device/k", "dragon/2k" -> greedy id per step
 
 
 def concat_prompt(tokenizer, passages: Sequence[str], budget: int) -> tuple[list[int], int]:
@@ -135,15 +136,63 @@ async def score_window(engine, tokenizer, embedder, corpus: Corpus, window: list
     unique = list(dict.fromkeys(tuple(p) for p in prompts.values()))
     group = await engine.open_group([list(p) for p in unique], 1.0)
     rows = np.empty((len(unique), len(targets)))
+    doc_rows = {name: unique.index(tuple(p)) for name, p in prompts.items()}
+    argmax: dict[str, np.ndarray] = {}
     try:
         for t, token in enumerate(targets):
             dists = await group.next_dists()
             rows[:, t] = [float(d.logprobs[token]) for d in dists]
+            for name, top in greedy_ids(dists, doc_rows, retrieved, ks).items():
+                argmax.setdefault(name, np.empty(len(targets), dtype=np.int64))[t] = top
             await group.append([token])
     finally:
         await group.close()
-    logp = {name: rows[unique.index(tuple(p))] for name, p in prompts.items()}
-    return WindowScores(logp, retrieved, concat_tokens, concat_kept)
+    logp = {name: rows[doc_rows[name]] for name in prompts}
+    return WindowScores(logp, retrieved, concat_tokens, concat_kept, argmax)
+
+
+def greedy_ids(dists, doc_rows: dict[str, int], retrieved, ks: Sequence[int]) -> dict[str, int]:
+    """This step's greedy id of each side's k-document mixture and of DRAGON's (CONCORD's
+    debt needs to know whether the cloud's evidence would have changed the device's token).
+    The argmax of ``sum_j w_j p_j`` needs no log-space care: float64 probabilities."""
+    out, mixed = {}, {}
+    for k in ks:
+        h = {}
+        for name in SIDES:
+            ids, scores = retrieved[name]
+            n = min(k, len(ids))
+            w = np.exp(np.asarray(scores[:n], dtype=np.float64) - max(scores[:n]))
+            probs = np.stack([np.exp(np.asarray(dists[doc_rows[f"{name}/{j}"]].logprobs, dtype=np.float64))
+                              for j in range(n)])
+            mixed[name] = (w / w.sum()) @ probs
+            h[name] = float(np.log(w.sum()) + max(scores[:n]))
+        eta_d, eta_c = cross_side_weights(h["device"], h["cloud"])
+        out[f"device/{k}"] = int(np.argmax(mixed["device"]))
+        out[f"dragon/{2 * k}"] = int(np.argmax(eta_d * mixed["device"] + eta_c * mixed["cloud"]))
+    return out
+
+
+def concord_logp(ws: WindowScores, k: int, wait_steps: float, d_max: float) -> tuple[np.ndarray, np.ndarray]:
+    """CONCORD's log-prob of every target token (docs/CONCORD.md): a step that consults the cloud
+    scores under DRAGON's mixture (a consulted step commits dense DRAGON's token), a step committed
+    locally under the device's own; which it is, the waiting debt decides as on the device
+    (``WaitingDebt`` with the session's defaults): a consulted step costs ``wait_steps`` local
+    steps of waiting, and every step's evidence (late, for a local one) says whether it changed
+    the device's greedy token. Returns (log-probs, consulted mask)."""
+    from dragon_core.certificate import WaitingDebt
+    from dragon_core.concord import GAIN, RHO
+
+    debt = WaitingDebt(d_max=d_max, rho=RHO, gain=GAIN)
+    sides, dragon = sides_and_dragon(ws, k)
+    device = sides["device"]
+    changed = ws.argmax[f"dragon/{2 * k}"] != ws.argmax[f"device/{k}"]
+    lp, consulted = np.empty_like(device), np.zeros(len(device), dtype=bool)
+    for t in range(len(device)):
+        consulted[t] = debt.should_wait()
+        lp[t] = dragon[t] if consulted[t] else device[t]
+        debt.record(wait_steps if consulted[t] else 0.0, bool(changed[t]))
+    return lp, consulted
+
 
 
 def mode_logp(ws: WindowScores, ks: Sequence[int]) -> dict[str, np.ndarray]:
@@ -152,16 +201,21 @@ def mode_logp(ws: WindowScores, ks: Sequence[int]) -> dict[str, np.ndarray]:
     the two side mixtures by ``η``. A column of log-probs mixes like a whole vocabulary row."""
     out = {"none": ws.logp["none"]}
     for k in ks:
-        side_lp, side_h = {}, {}
-        for name in SIDES:
-            ids, scores = ws.retrieved[name]
-            rows = np.stack([ws.logp[f"{name}/{j}"] for j in range(min(k, len(ids)))])
-            side_lp[name], side_h[name] = side_mixture(rows, scores[:k])
-            out[f"{name}/{k}"] = side_lp[name]
-        eta_d, eta_c = cross_side_weights(side_h["device"], side_h["cloud"])
-        out[f"dragon/{2 * k}"] = np.logaddexp(math.log(eta_d) + side_lp["device"], math.log(eta_c) + side_lp["cloud"])
+        side_lp, out[f"dragon/{2 * k}"] = sides_and_dragon(ws, k)
+        out.update({f"{name}/{k}": lp for name, lp in side_lp.items()})
         out[f"concat/{2 * k}"] = ws.logp[f"concat/{2 * k}"]
     return out
+
+
+def sides_and_dragon(ws: WindowScores, k: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Each side's k-document mixture and DRAGON's, as log-probs of the target tokens."""
+    side_lp, side_h = {}, {}
+    for name in SIDES:
+        ids, scores = ws.retrieved[name]
+        rows = np.stack([ws.logp[f"{name}/{j}"] for j in range(min(k, len(ids)))])
+        side_lp[name], side_h[name] = side_mixture(rows, scores[:k])
+    eta_d, eta_c = cross_side_weights(side_h["device"], side_h["cloud"])
+    return side_lp, np.logaddexp(math.log(eta_d) + side_lp["device"], math.log(eta_c) + side_lp["cloud"])
 
 
 # ---------------------------------------------------------------------------- the run
@@ -182,6 +236,18 @@ def summarize(per_mode: dict[str, list[np.ndarray]], ks: Sequence[int]) -> dict[
                 dragon_over_best_concat_at_max=last["gain_dragon"] / best_concat if best_concat > 0 else None,
                 dragon_over_concat_same_docs=[r["gain_dragon"] / r["gain_concat"] if r["gain_concat"] > 0 else None
                                               for r in table])
+
+
+def concord_rows(ppl: dict[str, float], consulted: dict[str, list[np.ndarray]], args) -> list[dict]:
+    """CONCORD's perplexity per waiting cost, against dense DRAGON and device-only at the same k."""
+    k, rows = args.concord_k, []
+    dragon, device = ppl[f"dragon/{2 * k}"], ppl[f"device/{k}"]
+    for wait in args.concord_wait_steps:
+        c = ppl[f"concord/{2 * k}@{wait:g}"]
+        rows.append(dict(k_per_side=k, wait_steps=wait, debt_max=args.concord_debt_max, perplexity=c,
+                         over_dragon=c / dragon, over_device_only=c / device,
+                         consulted=float(np.concatenate(consulted[f"consulted@{wait:g}"]).mean())))
+    return rows
 
 
 def bootstrap_ratio(per_mode: dict[str, list[np.ndarray]], k: int, ks: Sequence[int], reps: int = 1000,
@@ -227,13 +293,19 @@ async def run(args: argparse.Namespace, engine=None, tokenizer=None, embedder=No
             ws = await score_window(engine, tokenizer, embedder, corpus, window, args.ks, args.budget)
             for name, lp in mode_logp(ws, args.ks).items():
                 per_mode.setdefault(name, []).append(lp)
+            for wait in args.concord_wait_steps:
+                lp, consulted = concord_logp(ws, args.concord_k, wait, args.concord_debt_max)
+                per_mode.setdefault(f"concord/{2 * args.concord_k}@{wait:g}", []).append(lp)
+                per_mode.setdefault(f"consulted@{wait:g}", []).append(consulted.astype(np.float64))
             samples.append(dict(start=start, retrieved={s: ws.retrieved[s][0] for s in SIDES},
                                 concat_tokens=ws.concat_tokens, concat_passages=ws.concat_docs_kept))
     finally:
         if own_engine:
             await engine.close()
+    consulted = {name: per_mode.pop(name) for name in [n for n in per_mode if n.startswith("consulted@")]}
     summary = summarize(per_mode, args.ks)
     summary["dragon_over_best_concat_ci95"] = bootstrap_ratio(per_mode, max(args.ks), args.ks)
+    summary["concord"] = concord_rows(summary["perplexity"], consulted, args)
     return dict(
         benchmark="quality_lm", setup=dict(
             model=args.model, engine="llama.cpp (GGUF Q4_1), both sides", retriever="all-MiniLM-L6-v2, R = 10 cos",
@@ -286,11 +358,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "quality_lm.json")
+    ap.add_argument("--concord-k", type=int, default=4, help="CONCORD row: documents per side")
+    ap.add_argument("--concord-debt-max", type=float, default=4.0, help="CONCORD row: the debt bound (the default)")
+    ap.add_argument("--concord-wait-steps", type=float, nargs="+", default=[0.0, 1.0, 3.6, 10.7],
+                    help="CONCORD row: local steps waited per consulted step (H200 testbed: a ~28 ms device "
+                         "step, so RTT 100 / 300 ms without evidence ahead are 3.6 / 10.7; 0: evidence ahead)")
     ap.add_argument("--quick", action="store_true", help="1 window of 128 tokens, k = 1, 2, 200 passages")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
         args.windows, args.window, args.ks, args.corpus_limit = 1, 128, [1, 2], 200
+    if args.concord_k not in args.ks:
+        args.concord_k = max(args.ks)
     return args
 
 

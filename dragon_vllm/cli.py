@@ -62,6 +62,12 @@ def serve(
         "blocks). 'in-place': truncate the sessions inside the gang scheduler (no new requests); "
         "verified on vLLM 0.32 (sync scheduler) and 0.26 (async), refused elsewhere unless "
         "DRAGON_ALLOW_UNVERIFIED_ROLLBACK=1.")),
+    lookahead: str = typer.Option("off", "--lookahead", help=(
+        "IVF public index: search through TeleRAG's cluster cache, 'cpu' (a host-memory copy: checks "
+        "the path, no speed-up) or 'gpu' (IVF-Flat lists cached in GPU memory, scanned there); the "
+        "same passages as 'off'. Hit rate and retrieval time in /metrics.")),
+    lookahead_fraction: float = typer.Option(0.15, "--lookahead-fraction", min=0.0, max=1.0, help=(
+        "Cluster cache size, as a fraction of the IVF lists' bytes (GPU memory with --lookahead gpu).")),
     max_k: int = typer.Option(16, help="Largest k a device may ask for."),
     max_tokens: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
     emulate_decode_ms: float = typer.Option(0.0, help="Experiments: add this to every cloud draft on the "
@@ -106,6 +112,10 @@ def serve(
         rollback = check_rollback(rollback)
     except (ValueError, UnverifiedRollback) as exc:
         raise typer.BadParameter(f"--rollback: {exc}") from None
+    if lookahead not in ("off", "cpu", "gpu"):
+        raise typer.BadParameter(f"--lookahead must be off, cpu or gpu, not {lookahead!r}")
+    if lookahead != "off" and index is None:
+        raise typer.BadParameter("--lookahead needs a public index (--index)")
     if rollback == "in_place" and not in_engine:
         raise typer.BadParameter("--rollback in-place needs the in-engine path (not --per-document)")
     try:
@@ -127,7 +137,8 @@ def serve(
                                  max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
                                  gpu_memory_utilization=gpu_memory_utilization,
                                  emulate_decode_ms=emulate_decode_ms, mixing=in_engine,
-                                 chunk_tokens=chunk_tokens, rollback=rollback)
+                                 chunk_tokens=chunk_tokens, rollback=rollback, lookahead=lookahead,
+                                 lookahead_fraction=lookahead_fraction)
         limits = LinkLimits(max_k=max_k, max_tokens=max_tokens, peer_timeout_s=peer_timeout_s,
                             request_idle_timeout_s=request_idle_timeout_s,
                             max_requests_per_identity=max_requests_per_identity,

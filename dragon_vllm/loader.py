@@ -18,9 +18,12 @@ log = logging.getLogger("dragon.cloud")
 async def load_cloud(model: str, index_dir: Path | None = None, *, default_k: int = 2, logprobs_k: int = 20,
                      max_num_seqs: int = 128, max_model_len: int = 2048, kv_cache_gib: float | None = None,
                      gpu_memory_utilization: float | None = None, emulate_decode_ms: float = 0.0,
-                     warm_up: bool = True, **engine_kwargs) -> DragonCloud:
+                     warm_up: bool = True, lookahead: str = "off", lookahead_fraction: float = 0.15,
+                     **engine_kwargs) -> DragonCloud:
     """Start the engine inside the running event loop (vLLM's AsyncLLM binds to it); ``warm_up``
-    runs one retrieval and two decode steps before the server reports healthy."""
+    runs one retrieval and two decode steps before the server reports healthy. ``lookahead``
+    (IVF indexes): "off", or search through TeleRAG's cluster cache held in host memory ("cpu")
+    or GPU memory ("gpu"), ``lookahead_fraction`` of the lists' bytes; the same results."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
@@ -34,10 +37,12 @@ async def load_cloud(model: str, index_dir: Path | None = None, *, default_k: in
     if index_dir is not None:
         from dragon_vllm.corpus import PublicIndex
 
-        index = await asyncio.to_thread(PublicIndex.load, index_dir)
+        options = {} if lookahead == "off" else dict(lookahead=True, store=lookahead, budget_fraction=lookahead_fraction)
+        index = await asyncio.to_thread(PublicIndex.load, index_dir, **options)
         if index.fingerprint != identity.retriever_fingerprint:
             raise RuntimeError(f"index {index_dir} was built with another retriever ({index.fingerprint})")
-        log.info("public index %s: %d passages", index_dir, len(index))
+        log.info("public index %s: %d passages%s", index_dir, len(index),
+                 "" if lookahead == "off" else f", lookahead cluster cache in {lookahead} memory")
     engine = make_engine(str(hf_dir), logprobs_k=logprobs_k, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                          kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization, **engine_kwargs)
     cloud = DragonCloud(engine, tokenizer, identity, eos_token_ids(tokenizer), index, default_k=default_k,

@@ -49,11 +49,11 @@ class LookaheadSearcher:
     """Search an IVF index through a cluster cache; thread-safe."""
 
     def __init__(self, index, *, store=None, budget_bytes: int | None = None, decay: float = 0.9,
-                 nprobe: int | None = None) -> None:
+                 nprobe: int | None = None, budget_fraction: float = DEFAULT_BUDGET_FRACTION) -> None:
         self.index, self.ivf = index, ivf_of(index)
         self.nprobe = int(nprobe or self.ivf.nprobe)
         sizes = list_bytes(index)
-        budget = int(sizes.sum() * DEFAULT_BUDGET_FRACTION) if budget_bytes is None else int(budget_bytes)
+        budget = int(sizes.sum() * budget_fraction) if budget_bytes is None else int(budget_bytes)
         self.cache = ClusterCache(sizes, budget, decay=decay)
         self.store = _make_store(store, index, budget)
         self.host = HostLists(index)

@@ -390,3 +390,17 @@ def test_retrieval_counters_are_exported_in_metrics():
                  "dragon_retrieval_cache_hit_rate 0.875"):
         assert line in text
     assert "dragon_retrieval" not in generate_latest(CloudMetrics(None, lambda: {}).registry).decode()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lookahead", "tpu", "--index", "."], "off, cpu or gpu"),
+    (["--lookahead", "gpu"], "needs a public index"),
+    (["--lookahead", "cpu", "--index", ".", "--lookahead-fraction", "1.5"], "lookahead-fraction"),
+])
+def test_serve_refuses_a_bad_lookahead_before_loading_anything(argv, message):
+    from typer.testing import CliRunner
+
+    from dragon_vllm.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--port", "0", *argv])
+    assert result.exit_code == 2 and message in result.output.replace("\n", " "), result.output
