@@ -132,7 +132,7 @@ def _check_wire_shape(w: m.WireDist) -> None:
 # ---------------------------------------------------------------- semantic bounds
 # Checked by field name, so every message gets the same rule for the same concept.
 _NON_NEGATIVE = frozenset({"request_id", "epoch", "step", "token", "recipient_epoch", "sender_epoch",
-                           "nonce", "protocol_version", "max_depth", "dist_top_k", "top_k"})
+                           "nonce", "protocol_version", "max_depth", "dist_top_k", "top_k", "retrieve_every"})
 _POSITIVE = frozenset({"k", "max_tokens", "max_k", "max_frame_bytes"})
 _FINITE = frozenset({"log_h", "sent_at", "theta"})
 _FINITE_NON_NEGATIVE = frozenset({"decode_ms", "sender_decode_ms"})

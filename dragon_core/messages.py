@@ -13,7 +13,8 @@ from typing import Literal
 
 import msgspec
 
-PROTOCOL_VERSION = 3  # 2: Evidence carries its chain (basis, prev): the cloud's evidence ahead; 3: EvidenceRun
+PROTOCOL_VERSION = 4  # 2: Evidence carries its chain (basis, prev): the cloud's evidence ahead; 3: EvidenceRun;
+# 4: Open.retrieve_every (iterative retrieval: a Draft's log_h is its step's retrieval epoch's)
 
 Side = Literal["device", "cloud"]
 # Wire modes (baselines of the same link): "cloud" = cloud-only (the cloud decodes alone and
@@ -118,6 +119,7 @@ class Open(msgspec.Struct, tag="open", frozen=True, array_like=True):
     prior: SchedulerPrior | None = None
     concord_top_m: int = 1  # CONCORD: mixture entries the cloud's evidence lists per step
     concord_debt_max: float = 4.0  # CONCORD: wait for evidence while the debt is <= this (inf: always)
+    retrieve_every: int = 0  # iterative retrieval: re-retrieve every n generated tokens (0: once)
 
 
 class Opened(msgspec.Struct, tag="opened", frozen=True, array_like=True):

@@ -45,6 +45,9 @@ class RequestSpec:
     # CONCORD: the device waits for the cloud's evidence while its waiting debt is <= this;
     # inf: every step (exact dense greedy), -inf: never (device-only). docs/CONCORD.md
     concord_debt_max: float = 4.0
+    # iterative retrieval (issue 16): re-retrieve every this many generated tokens, the question
+    # and the answer so far as the query; 0: once, before the first token (dragon_core.iterative)
+    retrieve_every: int = 0
 
     @property
     def rule(self) -> ModeRule:

@@ -80,6 +80,10 @@ class LocalDist:
     dist: Dist
     decode_ms: float = 0.0
     at_ms: float | None = None  # the host's clock when it was ready (CONCORD times its waits)
+    # the retrieval mass of the documents this step was computed over; None: the request's one
+    # retrieval (the session's log_h). Iterative retrieval (dragon_core.iterative) changes it
+    # at each retrieval boundary.
+    log_h: float | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,7 @@ class _Draft:
     step: int
     token: int
     dist: Dist
+    log_h: float  # this side's retrieval mass at this step
 
 
 @dataclass(frozen=True)
@@ -320,10 +325,11 @@ class Session:
             self._concord.on_local_dist(ev)
             return
         token = draft(ev.dist, self.config.sampling, step_rng(self.config.seed, self._draft_purpose, ev.step, ev.epoch))
-        self._drafts.append(_Draft(ev.step, token, ev.dist))
+        log_h = self.log_h if ev.log_h is None else ev.log_h
+        self._drafts.append(_Draft(ev.step, token, ev.dist, log_h))
         self.stats.drafts += 1
         if not self.is_aggregator:
-            wire = m.Draft(self.config.request_id, self.epoch, ev.step, token, dist_to_wire(ev.dist), self.log_h, ev.decode_ms)
+            wire = m.Draft(self.config.request_id, self.epoch, ev.step, token, dist_to_wire(ev.dist), log_h, ev.decode_ms)
             self._unsent.append(wire)
 
     def _can_draft_at(self, step: int) -> bool:
@@ -410,7 +416,7 @@ class Session:
 
     def _decide(self, step: int, local: _Draft, remote: _RemoteDraft) -> None:
         cfg = self.config
-        _, eta_remote = cross_side_weights(self.log_h, remote.log_h)
+        _, eta_remote = cross_side_weights(local.log_h, remote.log_h)  # both sides' masses at this step
         rng = step_rng(cfg.seed, VERIFY, step)
         if cfg.rule.synchronous:
             token = synchronous_target(local.dist, remote.dist, eta_remote, cfg.sampling, rng)
@@ -447,7 +453,7 @@ class Session:
         self._remote.clear()
         for d in self._drafts:
             self._unsent.append(m.Draft(self.config.request_id, self.epoch, d.step, d.token,
-                                        dist_to_wire(d.dist), self.log_h, self.scheduler.estimates.c_local.value or 0.0))
+                                        dist_to_wire(d.dist), d.log_h, self.scheduler.estimates.c_local.value or 0.0))
 
     # ------------------------------------------------------------------ following the aggregator
     def _on_target(self, msg: m.Target) -> None:

@@ -171,3 +171,18 @@ def check_concord(mode: Any, greedy: Any, debt_max: Any, top_m: Any) -> None:
     if mode == "concord" and greedy is not True:
         raise InvalidOptions("temperature", "mode concord certifies greedy tokens; sampling (temperature > 0) "
                                             "is not supported: use temperature 0 or another mode")
+
+
+ITERATIVE_MODES = ("dragon", "vdrag", "sw", "cloud")  # modes whose documents feed streams step by step
+
+
+def check_retrieve_every(mode: Any, every: Any) -> None:
+    """Iterative retrieval (dragon_core.iterative): ``retrieve_every`` in 0..4096 tokens, and only
+    in the modes whose sides decode over their documents step by step (not DRCG's one prompt,
+    not CONCORD, whose evidence names one retrieval mass per request)."""
+    from dragon_core.iterative import MAX_RETRIEVE_EVERY
+
+    check_int("retrieve_every", every, 0, MAX_RETRIEVE_EVERY)
+    if every and mode not in ITERATIVE_MODES:
+        raise InvalidOptions("retrieve_every", f"retrieve_every needs mode {', '.join(ITERATIVE_MODES)}; "
+                                               f"mode {mode} retrieves once")

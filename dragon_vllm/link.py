@@ -351,6 +351,7 @@ class _Connection:
             v.check_int("sampling.top_k", req.sampling.top_k, 0, v.MAX_TOP_K)
             if req.prior is not None:
                 v.check_prior(req.prior)
+            v.check_retrieve_every(req.mode, req.retrieve_every)
         except InvalidOptions as exc:
             return str(exc)
         if req.mode not in get_args(m.Mode):

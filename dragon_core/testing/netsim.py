@@ -104,6 +104,12 @@ class SideSpec:
     log_h: float
     dist_fn: DistFn
     decode_ms: DecodeMs = lambda now, step: 10.0
+    # iterative retrieval: the retrieval mass of the documents a prefix's step is computed over
+    # (None: ``log_h`` throughout). ``dist_fn`` then mixes those same documents.
+    log_h_fn: Callable[[tuple[int, ...]], float] | None = None
+
+    def log_h_at(self, prefix: tuple[int, ...]) -> float:
+        return self.log_h if self.log_h_fn is None else self.log_h_fn(prefix)
 
 
 @dataclass
@@ -155,7 +161,8 @@ class _SimSide:
             self.busy_until = max(loop.now, self.busy_until) + cost
             self.record.engine_calls += 1
             done = self.busy_until
-            ev = s.LocalDist(a.epoch, a.step, self.spec.dist_fn(prefix), cost, at_ms=done)
+            log_h = None if self.spec.log_h_fn is None else self.spec.log_h_at(prefix)
+            ev = s.LocalDist(a.epoch, a.step, self.spec.dist_fn(prefix), cost, at_ms=done, log_h=log_h)
             loop.at(done, lambda: self._computed(ev))
         elif isinstance(a, s.Send):
             self.pair.send(self, a.msg)

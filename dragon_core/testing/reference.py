@@ -47,9 +47,9 @@ async def centralized_generate(config: s.SessionConfig, groups: Sequence[tuple[S
 def centralized_decode(config: s.SessionConfig, device: SideSpec, cloud: SideSpec) -> list[int]:
     """Centralized output aggregation over both sides' documents (what DRAGON must equal)."""
     tokens: list[int] = []
-    _, eta_cloud = cross_side_weights(device.log_h, cloud.log_h)
     for step in range(config.max_tokens):
         prefix = tuple(tokens)
+        _, eta_cloud = cross_side_weights(device.log_h_at(prefix), cloud.log_h_at(prefix))  # per step: iterative
         token = synchronous_target(device.dist_fn(prefix), cloud.dist_fn(prefix), eta_cloud, config.sampling,
                                    step_rng(config.seed, VERIFY, step))
         tokens.append(token)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from dragon_core import codec
 from dragon_core import messages as m
 from dragon_core import session as s
+from dragon_core import validation as v
+from dragon_core.errors import InvalidOptions, MalformedFrame
 from dragon_core.modes import ANSWER_MODES, MODES, UnknownMode, mode_rule, wire_mode
 from dragon_core.request import SPEC_FIELDS, RequestSpec, engine_temperature
 
@@ -67,3 +70,17 @@ def test_engine_temperature_is_one_for_greedy_decoding():
     assert engine_temperature(m.Sampling(True, 0.3)) == 1.0
     assert engine_temperature(m.Sampling(False, 0.3)) == 0.3
     assert SPEC.engine_temperature == 0.7
+
+
+def test_retrieve_every_crosses_the_wire_and_is_bounded():
+    spec = RequestSpec(max_tokens=8, seed=1, k=2, retrieve_every=4)
+    assert codec.decode(codec.encode(spec.to_open(3))).retrieve_every == 4
+    assert RequestSpec.from_open(spec.to_open(3)).retrieve_every == 4
+    with pytest.raises(MalformedFrame, match="retrieve_every"):
+        codec.decode(codec.encode(RequestSpec(max_tokens=8, seed=1, k=2, retrieve_every=-1).to_open(3)))
+    v.check_retrieve_every("dragon", 4)
+    v.check_retrieve_every("concord", 0)  # once: every mode
+    for mode, every, match in (("concord", 2, "needs mode"), ("text", 1, "needs mode"),
+                               ("dragon", 5000, "outside"), ("dragon", 2.0, "integer"), ("sw", True, "integer")):
+        with pytest.raises(InvalidOptions, match=match):
+            v.check_retrieve_every(mode, every)
