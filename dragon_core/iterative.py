@@ -17,6 +17,13 @@ from __future__ import annotations
 MAX_RETRIEVE_EVERY = 4096  # a bound for the wire; larger is "once" in all but name
 
 
+def query(question: str, answer_so_far: str) -> str:
+    """The retrieval query at a boundary: the question, then the answer so far. (The streams'
+    prompts keep the question alone: the model answers it; the documents follow the answer.)"""
+    answer_so_far = answer_so_far.strip()
+    return f"{question} {answer_so_far}" if answer_so_far else question
+
+
 def boundary(step: int, every: int) -> int:
     """Generated tokens the query of ``step``'s documents includes (0: the question alone)."""
     if step < 0 or every < 0:

@@ -55,6 +55,9 @@ ConcordDebtOpt = typer.Option(4.0, "--concord-debt-max", help=(
     "--mode concord: wait for the cloud's evidence while the waiting debt is <= this (inf: every step, "
     "exact dense DRAGON greedy; -inf: never, device-only)."))
 ConcordTopMOpt = typer.Option(1, "--concord-top-m", help="--mode concord: entries the cloud's evidence lists per step.")
+RetrieveEveryOpt = typer.Option(0, "--retrieve-every", help=(
+    "Iterative retrieval: both sides retrieve again every N generated tokens, with the question and the "
+    "answer so far as the query (0: once, before the answer). Modes dragon, vdrag, sw, cloud."))
 
 
 @app.callback()
@@ -166,13 +169,15 @@ def format_stats(st: dict) -> str:
 
 
 def _opts(max_tokens: int, k: int, cloud_k: int, mode: str, temperature: float, seed: int, aggregator: str,
-          concord_debt_max: float = 4.0, concord_top_m: int = 1) -> dict:
+          concord_debt_max: float = 4.0, concord_top_m: int = 1, retrieve_every: int = 0) -> dict:
     """The answer options, validated before anything is loaded (the SDK's rules, once): a bad
     value exits 2 with a one-line error, no traceback."""
     opts = dict(max_tokens=max_tokens, k=k, cloud_k=cloud_k, mode=mode, temperature=temperature or None,
                 seed=seed, aggregator=aggregator)
     if mode == "concord" or (concord_debt_max, concord_top_m) != (4.0, 1):
         opts.update(concord_debt_max=concord_debt_max, concord_top_m=concord_top_m)
+    if retrieve_every:
+        opts.update(retrieve_every=retrieve_every)
     from dragon_core.errors import DragonError
     from dragon_edge.runtime import answer_options
 
@@ -188,7 +193,8 @@ def _opts(max_tokens: int, k: int, cloud_k: int, mode: str, temperature: float, 
 
 _FLAGS = {"max_tokens": "--max-tokens/-n", "k": "-k", "cloud_k": "--cloud-k", "temperature": "--temperature/-t",
           "seed": "--seed", "aggregator": "--aggregator", "mode": "--mode",
-          "concord_debt_max": "--concord-debt-max", "concord_top_m": "--concord-top-m"}
+          "concord_debt_max": "--concord-debt-max", "concord_top_m": "--concord-top-m",
+          "retrieve_every": "--retrieve-every"}
 
 
 @app.command()
@@ -204,6 +210,7 @@ def ask(question: str,
         seed: int = typer.Option(0),
         concord_debt_max: float = ConcordDebtOpt,
         concord_top_m: int = ConcordTopMOpt,
+        retrieve_every: int = RetrieveEveryOpt,
         stats: bool = typer.Option(True, "--stats/--no-stats", help="Print DRAGON stats after the answer."),
         as_json: bool = typer.Option(False, "--json", help="Print answer and stats as JSON."),
         peer_timeout_s: float = PeerTimeoutOpt,
@@ -211,7 +218,7 @@ def ask(question: str,
     """Answer one question from your private notes (and the cloud's public corpus with --cloud)."""
     _setup_logging(verbose)
     opts = _opts(max_tokens, k, cloud_k, mode, temperature, seed, aggregator, concord_debt_max,
-                 concord_top_m)  # exits 2 on a bad option
+                 concord_top_m, retrieve_every)  # exits 2 on a bad option
     if not question.strip():
         typer.echo("error: the question is empty", err=True)
         raise typer.Exit(2)
@@ -231,11 +238,12 @@ def chat(store: str = StoreOpt, cloud: Optional[str] = CloudOpt, token: str = To
          engine: str = typer.Option("llamacpp"), max_tokens: int = typer.Option(128, "--max-tokens", "-n"),
          k: int = typer.Option(2, "-k"), cloud_k: int = typer.Option(2, "--cloud-k"), mode: str = ModeOpt,
          concord_debt_max: float = ConcordDebtOpt, concord_top_m: int = ConcordTopMOpt,
-         peer_timeout_s: float = PeerTimeoutOpt,
+         retrieve_every: int = RetrieveEveryOpt, peer_timeout_s: float = PeerTimeoutOpt,
          verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Interactive chat (each turn retrieves with your latest message). Ctrl-D to quit."""
     _setup_logging(verbose)
-    opts = _opts(max_tokens, k, cloud_k, mode, 0.0, 0, "device", concord_debt_max, concord_top_m)  # exits 2 on a bad option
+    opts = _opts(max_tokens, k, cloud_k, mode, 0.0, 0, "device", concord_debt_max, concord_top_m,
+                 retrieve_every)  # exits 2 on a bad option
 
     async def main():
         client = _client(store, cloud, token, engine, peer_timeout_s)

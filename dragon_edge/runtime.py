@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Literal, Sequence
 
+from dragon_core import iterative
 from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core import validation as v
@@ -60,6 +61,9 @@ class AnswerOptions:
     # DRAGON; -inf: never, device-only); concord_top_m: entries the cloud's evidence lists per step
     concord_debt_max: float = 4.0
     concord_top_m: int = 1
+    # iterative retrieval (dragon_core.iterative): both sides retrieve again every n generated
+    # tokens, the question and the answer so far as the query (0: once, before the answer)
+    retrieve_every: int = 0
     emulate_decode_ms: float = 0.0  # experiments: a slower device
     cloud_open_timeout_s: float = 30.0
 
@@ -69,7 +73,8 @@ class AnswerOptions:
                            sampling=m.Sampling(self.greedy, self.temperature, self.top_k, self.top_p),
                            mode=mode_rule(self.mode).wire, aggregator=aggregator, scheduling=self.scheduling,
                            max_depth=self.max_depth, dist_top_k=self.dist_top_k, prior=prior,
-                           concord_top_m=self.concord_top_m, concord_debt_max=float(self.concord_debt_max))
+                           concord_top_m=self.concord_top_m, concord_debt_max=float(self.concord_debt_max),
+                           retrieve_every=self.retrieve_every)
 
     def validate(self) -> "AnswerOptions":
         """``InvalidOptions`` (one line, naming the field) for any option out of range or of the
@@ -99,6 +104,7 @@ def check_answer_options(o: AnswerOptions) -> None:
         raise InvalidOptions("mode", f"mode must be a string, got {o.mode!r}")
     mode_rule(o.mode)  # UnknownMode (a DragonError) names the choices
     v.check_concord(o.mode, o.greedy, o.concord_debt_max, o.concord_top_m)
+    v.check_retrieve_every(mode_rule(o.mode).wire, o.retrieve_every)
     if o.aggregator not in ("auto", "device", "cloud"):
         raise InvalidOptions("aggregator", f"aggregator must be auto, device or cloud, got {o.aggregator!r}")
     v.check_int("max_depth", o.max_depth, 1, v.MAX_DEPTH)
@@ -246,7 +252,7 @@ class EdgeRuntime:
         lazy = await LazyGroup(self.engine, plan.prompts, spec.engine_temperature,
                                prefill_now=plan.rule.device_prefills).started()
         stream = AnswerStream(session, slowed(lazy, opts.emulate_decode_ms), plan.scores, _sender(link),
-                              self.tokenizer, self.eos_ids, stops)
+                              self.tokenizer, self.eos_ids, stops, reretrieve=self._reretrieve(plan, opts))
         if link is not None:
             if link.rtt_ms is not None:  # the link's latest round trip: the window needs it before any ping
                 stream.driver.feed(s.RttSample(link.rtt_ms))
@@ -286,6 +292,22 @@ class EdgeRuntime:
             log.warning("answering device-only: %s", exc)
             return None, True
         return link, False
+
+    def _reretrieve(self, plan: "_Plan", opts: AnswerOptions):
+        """Iterative retrieval over the private store (None: retrieve once): the passages of the
+        question and the answer so far, a group over their prompts (the mode's layout)."""
+        if not (opts.retrieve_every and opts.k and plan.rule.prompts == "per_passage"):
+            return None
+        query, temperature = plan.spec.query, plan.spec.engine_temperature
+
+        async def reopen(prefix):
+            answer = self.tokenizer.decode(list(prefix), skip_special_tokens=True)
+            passages = self.private_passages(iterative.query(query, answer), opts.k)
+            prompts, scores = self._prompts(plan.rule, query, passages, None)
+            group = await self.engine.open_group(prompts, temperature)
+            return slowed(group, opts.emulate_decode_ms), scores
+
+        return reopen
 
     def _prompts(self, rule: ModeRule, query: str, passages, public: m.Opened | None):
         """The device's prompts and their scores, laid out as the mode says."""

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Sequence
 from dragon_core import session as s
 from dragon_core.engine import StreamGroup
 from dragon_core.text_stream import TextStream
-from dragon_host.driver import SendFn, SessionDriver
+from dragon_host.driver import Reretrieve, SendFn, SessionDriver
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,10 @@ class Delta:
 
 class AnswerStream:
     def __init__(self, session: s.Session, group: StreamGroup, scores: Sequence[float], send: SendFn,
-                 tokenizer: Any, eos_ids: Sequence[int], stops: Sequence[str] = ()) -> None:
+                 tokenizer: Any, eos_ids: Sequence[int], stops: Sequence[str] = (),
+                 reretrieve: Reretrieve | None = None) -> None:
         self._queue: asyncio.Queue[tuple[int, ...] | None] = asyncio.Queue()
-        self.driver = SessionDriver(session, group, scores, send, on_commit=self._on_commit)
-        self.group = group
+        self.driver = SessionDriver(session, group, scores, send, on_commit=self._on_commit, reretrieve=reretrieve)
         self.text = TextStream(tokenizer, eos_ids, stops)
         self._task: asyncio.Task[s.Finish] | None = None
         self._closed = False
@@ -82,5 +82,5 @@ class AnswerStream:
         await self.cancel(reason)
         if not self._closed:
             self._closed = True
-            await self.group.close()
+            await self.driver.group.close()  # the current one: iterative retrieval swaps them
 

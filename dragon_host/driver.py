@@ -19,12 +19,17 @@ from typing import Awaitable, Callable, Sequence
 
 import numpy as np
 
+from dragon_core import iterative
 from dragon_core import messages as m
 from dragon_core import session as s
+from dragon_core.aggregate import log_mass
 from dragon_core.engine import StreamGroup, side_dist
 
 SendFn = Callable[[m.Message], Awaitable[None]]
 CommitFn = Callable[[Sequence[int]], Awaitable[None] | None]
+# iterative retrieval: the generated tokens at a boundary -> a new group over the documents
+# retrieved for them (their prompts only: the driver appends the generated tokens) and the scores
+Reretrieve = Callable[[Sequence[int]], Awaitable[tuple[StreamGroup, Sequence[float]]]]
 
 
 @dataclass
@@ -32,15 +37,24 @@ class DriverStats:
     decode_ms: list[float] = field(default_factory=list)
     commit_times: list[float] = field(default_factory=list)  # monotonic seconds, one per token
     started_at: float = field(default_factory=time.monotonic)
+    retrievals: int = 0  # iterative retrieval: documents retrieved again (boundaries, and rollbacks across them)
 
 
 class SessionDriver:
     def __init__(self, session: s.Session, group: StreamGroup, scores: Sequence[float], send: SendFn,
-                 on_commit: CommitFn | None = None) -> None:
-        """A slower side, for experiments, is a slower group (``dragon_host.slow_group``)."""
+                 on_commit: CommitFn | None = None, reretrieve: Reretrieve | None = None) -> None:
+        """A slower side, for experiments, is a slower group (``dragon_host.slow_group``).
+        ``reretrieve``: iterative retrieval (the session's ``retrieve_every``): at each step whose
+        boundary prefix is not the one the current documents were retrieved for, the driver
+        swaps ``group`` for one over the documents of that prefix (``dragon_core.iterative``);
+        the driver owns and closes the groups it opened, ``group`` is always the current one."""
         self.session = session
         self.group = group
         self.scores = np.asarray(scores, dtype=np.float64)
+        self.every = session.config.retrieve_every if reretrieve is not None else 0
+        self._reretrieve = reretrieve
+        self._prefix: list[int] = []  # the generated tokens in the group's streams
+        self._docs_for: tuple[int, ...] = ()  # the boundary prefix the current documents were retrieved for
         self._send = send
         self._on_commit = on_commit
         self._events: asyncio.Queue[s.Event] = asyncio.Queue()
@@ -96,13 +110,35 @@ class SessionDriver:
         t0 = time.perf_counter()
         if isinstance(op, s.Rollback):
             await self.group.rollback(op.length)
+            del self._prefix[op.length:]
         elif isinstance(op, s.Append):
             await self.group.append(op.tokens)
+            self._prefix.extend(op.tokens)
         elif isinstance(op, s.ComputeDist):
+            if self.every:
+                await self._documents_for(op.step)
             dist = await side_dist(self.group, self.scores, op.dist_top_k)  # the wire's form, as the session says
         # a draft's latency includes the rollback/append work that prepared it
         self._op_ms += (time.perf_counter() - t0) * 1000
         if isinstance(op, s.ComputeDist):
             ms, self._op_ms = self._op_ms, 0.0
             self.stats.decode_ms.append(ms)
-            self.feed(s.LocalDist(op.epoch, op.step, dist, ms, at_ms=time.monotonic() * 1000))
+            log_h = log_mass(self.scores) if self.every else None  # the mass of this step's documents
+            self.feed(s.LocalDist(op.epoch, op.step, dist, ms, at_ms=time.monotonic() * 1000, log_h=log_h))
+
+    async def _documents_for(self, step: int) -> None:
+        """Swap the streams when ``step`` belongs to another retrieval than the current documents'
+        (a boundary reached, or a rollback back across one)."""
+        key = tuple(self._prefix[: iterative.boundary(step, self.every)])
+        if key == self._docs_for:
+            return
+        group, scores = await self._reretrieve(key)
+        try:
+            if self._prefix:
+                await group.append(self._prefix)  # the answer so far, prefilled after the new documents
+        except BaseException:
+            await group.close()
+            raise
+        old, self.group, self.scores, self._docs_for = self.group, group, np.asarray(scores, dtype=np.float64), key
+        self.stats.retrievals += 1
+        await old.close()

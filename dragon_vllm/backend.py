@@ -13,11 +13,12 @@ import time
 import uuid
 from typing import AsyncIterator, Sequence
 
+from dragon_core import iterative
 from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core import validation as v
 from dragon_core.aggregate import log_mass
-from dragon_core.engine import Engine, side_dist
+from dragon_core.engine import Engine, StreamGroup, side_dist
 from dragon_core.errors import InvalidOptions
 from dragon_core.handshake import Identity
 from dragon_core.prompt import last_user_message, passage_prompts
@@ -69,6 +70,20 @@ class DragonCloud:
         group = await self.engine.open_group(prompts, RequestSpec.from_open(req).engine_temperature, scores,
                                              req.max_tokens)
         return OpenedRequest(slowed(group, self.emulate_decode_ms), scores, [_source_name(p) for p in passages])
+
+    async def reopen_for(self, req: m.Open, prefix: Sequence[int]) -> tuple[StreamGroup, list[float]]:
+        """Iterative retrieval (``req.retrieve_every``): the public passages retrieved again with
+        the question and the answer so far (``prefix``, the generated tokens at a boundary) as
+        the query, and a group over their prompts (the question's layout, as at the open; the
+        driver appends the generated tokens)."""
+        answer = self.tokenizer.decode(list(prefix), skip_special_tokens=True)
+        passages = await self.retrieve(iterative.query(req.query, answer), req.k)
+        prompts, scores = passage_prompts(self.tokenizer, req.query, [p.text for p in passages],
+                                          [p.score for p in passages])
+        self._check_length(prompts, req.max_tokens)
+        group = await self.engine.open_group(prompts, RequestSpec.from_open(req).engine_temperature, scores,
+                                             req.max_tokens)
+        return slowed(group, self.emulate_decode_ms), scores
 
     async def public_passages(self, req: m.Open) -> m.Opened:
         """DRCG/Text: the top-k public passages themselves (text + score), for the device to

@@ -21,6 +21,7 @@ admission queue serves identities round robin (``dragon_vllm.admission``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -362,7 +363,7 @@ class _Connection:
 
     async def _run_request(self, req: m.Open) -> None:
         rid = req.request_id
-        group = None
+        group = driver = None
         TENANT.set(self.identity)  # this task's context: the engine's admission queues it under its identity
         try:
             opened = await self.server.backend.open_request(req)
@@ -372,7 +373,10 @@ class _Connection:
             # the vocabulary bounds every token id the device sends (checked before it is committed)
             config = s.SessionConfig.from_open(req, self.server.backend.eos_ids, vocab_size=_vocab_size(self.server.backend))
             session = s.Session("cloud", config, log_mass(opened.scores))
-            driver = SessionDriver(session, group, opened.scores, self.send)
+            # iterative retrieval: the driver swaps the streams at each boundary (and closes them)
+            reretrieve = (functools.partial(self.server.backend.reopen_for, req)
+                          if req.retrieve_every and req.retrieval else None)
+            driver = SessionDriver(session, group, opened.scores, self.send, reretrieve=reretrieve)
             self.drivers[rid] = driver
             self.idle[rid] = RequestIdle(self.limits.request_idle_timeout_s, time.monotonic())
             for msg in self.conn.start(rid):  # what the device sent while the request was opening
@@ -396,7 +400,9 @@ class _Connection:
             self.drivers.pop(rid, None)
             self.idle.pop(rid, None)
             self.expired.discard(rid)
-            if group is not None:
+            if driver is not None:
+                await driver.group.close()  # the current group (the driver closed those it replaced)
+            elif group is not None:
                 await group.close()
 
     async def _serve_text(self, req: m.Open) -> None:

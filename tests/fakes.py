@@ -66,3 +66,26 @@ def random_logprobs(rng: np.random.Generator, v: int, sharpness: float = 2.0) ->
     """A random normalised log-prob vector of ``v`` ids (larger ``sharpness``: more peaked)."""
     z = rng.normal(0, sharpness, v)
     return z - np.log(np.exp(z).sum())
+
+
+def retrieved_docs(pool: Sequence[int], query: tuple[int, ...], world: int, k: int = 2) -> tuple[list[int], list[float]]:
+    """A fake retriever: the top-k of ``pool`` for a token-id query (scores a pure function of it)."""
+    r = np.random.default_rng([world, 7, *pool, 10**6, *query]).normal(2.0, 1.0, len(pool))
+    top = np.argsort(-r)[:k]
+    return [pool[i] for i in top], [float(r[i]) for i in top]
+
+
+def iterative_side_spec(pool: Sequence[int], world: int, every: int) -> SideSpec:
+    """The reference side of a driver that re-retrieves from ``pool`` at each boundary."""
+    from dragon_core import iterative
+
+    def docs(prefix):
+        return retrieved_docs(pool, tuple(prefix[: iterative.boundary(len(prefix), every)]), world)
+
+    def dist_fn(prefix):
+        d, sc = docs(prefix)
+        return side_spec(d, sc, world).dist_fn(prefix)
+
+    d0, s0 = docs(())
+    return SideSpec(side_spec(d0, s0, world).log_h, dist_fn,
+                    log_h_fn=lambda prefix: side_spec(*docs(prefix), world).log_h)

@@ -17,7 +17,7 @@ from dragon_edge.runtime import AnswerOptions, check_answer_options
 # top_k, temperature, top_p, seed and max_tokens come from OpenAI's fields; emulate_decode_ms
 # and cloud_open_timeout_s are experiment knobs, not for apps.
 FIELDS = ("k", "cloud_k", "mode", "aggregator", "scheduling", "max_depth", "dist_top_k", "use_cloud",
-          "concord_debt_max", "concord_top_m")
+          "concord_debt_max", "concord_top_m", "retrieve_every")
 
 
 class EdgeExtras:
