@@ -220,7 +220,7 @@ class EdgeRuntime:
             finish = await stream.finish()
         finally:
             await self._end(plan, stream)
-        yield Piece(tail, (), finished=self._finished(plan, opts, stream.session, finish, timing))
+        yield Piece(tail, (), finished=self._finished(plan, opts, stream, finish, timing))
 
     async def _plan(self, query: str, opts: AnswerOptions) -> "_Plan":
         """Everything decided before decoding: the mode, the private passages, the link (or
@@ -268,14 +268,15 @@ class EdgeRuntime:
             plan.traffic = plan.link.release(plan.rid)
         await stream.close()
 
-    def _finished(self, plan: "_Plan", opts: AnswerOptions, session: s.Session, finish: s.Finish,
+    def _finished(self, plan: "_Plan", opts: AnswerOptions, stream: AnswerStream, finish: s.Finish,
                   timing: Timing) -> AnswerStats:
         """The answer's stats, and the scheduler's estimates kept for the next request here."""
-        link = plan.link
+        link, session = plan.link, stream.session
         stats = answer_stats(mode=opts.mode if opts.use_cloud else "device", rule=plan.rule,  # what runs, as asked
                              private=plan.passages, public=plan.public, opened=plan.opened,
                              device_only=link is None and plan.public is None, session=session, finish=finish,
                              timing=timing, traffic=plan.traffic)
+        stats.retrievals = stream.driver.stats.retrievals
         if link is not None and plan.rule.both_draft and not stats.degraded \
                 and (prior := session.scheduler.estimates.prior("device")):
             self.priors[link.url] = prior

@@ -33,6 +33,7 @@ class AnswerStats:
     acceptance_cloud: float | None = None
     rollbacks: int = 0
     handovers: int = 0
+    retrievals: int = 0  # iterative retrieval: the device's private passages retrieved again (boundaries, rollbacks)
     aggregator_steps: dict[str, int] = field(default_factory=dict)
     # the same in order, as runs: [["device", 4], ["cloud", 19]] = 4 steps on the device, then 19
     aggregator_runs: list[list] = field(default_factory=list)

@@ -44,6 +44,47 @@ async def centralized_generate(config: s.SessionConfig, groups: Sequence[tuple[S
     return tokens
 
 
+async def iterative_generate(config: s.SessionConfig, reopen: Sequence[Callable], every: int) -> list[int]:
+    """``centralized_generate`` with iterative retrieval: at each retrieval boundary
+    (``dragon_core.iterative``) each side's ``reopen(prefix at the boundary)`` gives a new
+    ``(group, scores)`` over its documents for that prefix, and the answer so far is appended
+    to it. One token per step, no speculation, no network: what the sessions must equal."""
+    from dragon_core import iterative
+
+    if len(reopen) != 2:
+        raise ValueError("iterative_generate mixes exactly two sides (device, cloud)")
+    sides: list[tuple[StreamGroup, Sequence[float]] | None] = [None, None]
+    key: tuple[int, ...] | None = None
+    tokens: list[int] = []
+    try:
+        for step in range(config.max_tokens):
+            if key != (want := tuple(tokens[: iterative.boundary(step, every)])):
+                for i, open_side in enumerate(reopen):
+                    if sides[i] is not None:
+                        await sides[i][0].close()
+                        sides[i] = None
+                    group, scores = await open_side(want)
+                    sides[i] = (group, scores)
+                    if tokens:
+                        await group.append(tokens)
+                key = want
+            (g_dev, r_dev), (g_cloud, r_cloud) = sides
+            _, eta_cloud = cross_side_weights(log_mass(r_dev), log_mass(r_cloud))
+            p_dev = await side_dist(g_dev, r_dev, config.dist_top_k)
+            p_cloud = await side_dist(g_cloud, r_cloud, config.dist_top_k)
+            token = synchronous_target(p_dev, p_cloud, eta_cloud, config.sampling, step_rng(config.seed, VERIFY, step))
+            tokens.append(token)
+            if token in config.eos_ids:
+                break
+            await g_dev.append([token])
+            await g_cloud.append([token])
+    finally:
+        for side in sides:
+            if side is not None:
+                await side[0].close()
+    return tokens
+
+
 def centralized_decode(config: s.SessionConfig, device: SideSpec, cloud: SideSpec) -> list[int]:
     """Centralized output aggregation over both sides' documents (what DRAGON must equal)."""
     tokens: list[int] = []

@@ -18,9 +18,10 @@ SCRIPT = textwrap.dedent("""
     import asyncio, sys
 
     async def main():
+        from pathlib import Path
         from dragon_vllm.engine import make_engine
         engine = make_engine(sys.argv[1], max_num_seqs=4, max_model_len=256, mixing=False)
-        print("ready", flush=True)
+        Path(sys.argv[2]).write_text("ready")
         await asyncio.sleep(600)
 
     if __name__ == "__main__":
@@ -37,12 +38,17 @@ def test_engine_processes_die_when_their_parent_is_killed(tmp_path, smollm2):
     script = tmp_path / "engine_owner.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
-    owner = subprocess.Popen([sys.executable, str(script), str(smollm2.hf_dir())], stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, env=env, text=True)
+    ready = tmp_path / "ready"
+    # "ready" comes as a file: on a shared stdout pipe the engine processes' log lines (one without
+    # its newline) can swallow a marker line, and a blocking readline then waits forever
+    owner = subprocess.Popen([sys.executable, str(script), str(smollm2.hf_dir()), str(ready)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 300
-        while owner.stdout.readline().strip() != "ready":
-            assert owner.poll() is None and time.monotonic() < deadline, "the engine did not start"
+        while not ready.exists():
+            assert owner.poll() is None, "the engine owner exited before the engine started"
+            assert time.monotonic() < deadline, "the engine did not start within 300 s"
+            time.sleep(0.2)
         engine = [p for p in procs.children(owner.pid) if "VLLM::" in p.cmdline]
         assert engine, "no vLLM engine process under the owner"
         family = [p.pid for p in engine] + [c.pid for p in engine for c in procs.children(p.pid)]

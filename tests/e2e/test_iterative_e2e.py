@@ -1,0 +1,88 @@
+"""Iterative retrieval end to end (issue 16): the real `dragon-cloud serve` retrieves again from its
+public index every n tokens and swaps its vLLM streams, the device does the same over its private
+store, and the answer equals the centralized reference that retrieves at the same boundaries
+(``iterative_generate``: llama.cpp for the private passages, an in-process vLLM for the public),
+token for token, with the aggregator on either side and over a slow link (rollbacks across
+boundaries)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dragon_core import iterative
+from dragon_core import messages as m
+from dragon_core import session as s
+from dragon_core.prompt import passage_prompts
+from dragon_core.testing.reference import iterative_generate
+from e2e_world import QUESTION, ask, options, reference, run
+
+pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
+
+EVERY = 4
+
+
+async def iterative_reference(runtime, index, reference_engine, opts, question: str) -> list[int]:
+    temperature = 1.0 if opts.greedy else opts.temperature
+
+    def query(prefix) -> str:
+        return iterative.query(question, runtime.tokenizer.decode(list(prefix), skip_special_tokens=True))
+
+    async def device(prefix):
+        ps = runtime.private_passages(query(prefix), opts.k)
+        prompts, scores = passage_prompts(runtime.tokenizer, question, [p.text for p in ps], [p.score for p in ps])
+        return await runtime.engine.open_group(prompts, temperature), scores
+
+    async def cloud(prefix):
+        ps = index.search(query(prefix), opts.cloud_k)
+        prompts, scores = passage_prompts(runtime.tokenizer, question, [p.text for p in ps], [p.score for p in ps])
+        return await reference_engine.open_group(prompts, temperature, scores, opts.max_tokens), scores
+
+    config = s.SessionConfig(request_id=0, max_tokens=opts.max_tokens, seed=opts.seed, eos_ids=runtime.eos_ids,
+                             sampling=m.Sampling(opts.greedy, opts.temperature, opts.top_k, opts.top_p),
+                             dist_top_k=opts.dist_top_k, retrieve_every=opts.retrieve_every)
+    return await iterative_generate(config, [device, cloud], opts.retrieve_every)
+
+
+@pytest.fixture(scope="module")
+def iterative_answers(e2e_loop, runtime, world, reference_engine):
+    """The demo question's iterative reference, the one-retrieval reference, and the queries'
+    retrieved passages at the boundaries (so the test knows the documents really moved)."""
+    opts = options(retrieve_every=EVERY)
+    want = run(e2e_loop, iterative_reference(runtime, world[1], reference_engine, opts, QUESTION))
+    once = run(e2e_loop, reference(runtime, world[1], reference_engine, options()))
+    moved = set()
+    for b in range(EVERY, len(want), EVERY):
+        q = iterative.query(QUESTION, runtime.tokenizer.decode(want[:b], skip_special_tokens=True))
+        moved.add((tuple(p.source for p in runtime.private_passages(q, 2)),
+                   tuple((p.source, round(p.score, 4)) for p in world[1].search(q, 2))))
+    return want, once, moved
+
+
+def test_the_documents_move_at_the_boundaries(iterative_answers):
+    """Power: the boundaries' queries retrieve other passages or other scores than the question
+    alone, so an answer that ignored them would use other weights."""
+    want, once, moved = iterative_answers
+    assert len(want) > 2 * EVERY and len(moved) >= 2, moved
+
+
+VARIANTS = {"dragon": dict(mode="dragon", aggregator="device"),
+            "dragon-aggregator-on-cloud": dict(mode="dragon", aggregator="cloud")}
+
+
+@pytest.mark.parametrize("rtt", [0, 300])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_iterative_retrieval_across_the_wire_equals_the_iterative_reference(e2e_loop, runtime, proxies,
+                                                                           iterative_answers, rtt, variant):
+    want, _, _ = iterative_answers
+    ids, stats = run(e2e_loop, ask(runtime, proxies[rtt], options(retrieve_every=EVERY, **VARIANTS[variant])))
+    assert not stats.degraded and not stats.device_only
+    assert ids == want, f"{variant} at RTT {rtt} ms diverged"
+    assert stats.retrievals >= (len(ids) - 1) // EVERY  # the device retrieved again at every boundary
+
+
+def test_a_bad_retrieve_every_is_refused_before_any_work(e2e_loop, runtime, proxies):
+    from dragon_core.errors import InvalidOptions
+
+    for bad in (dict(retrieve_every=-1), dict(retrieve_every=2, mode="concord"), dict(retrieve_every=1.5)):
+        with pytest.raises(InvalidOptions, match="retrieve_every"):
+            run(e2e_loop, ask(runtime, proxies[0], options(**bad)))
