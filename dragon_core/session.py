@@ -84,6 +84,10 @@ class LocalDist:
     # retrieval (the session's log_h). Iterative retrieval (dragon_core.iterative) changes it
     # at each retrieval boundary.
     log_h: float | None = None
+    # RaLMSpec: the boundary whose documents were *speculated* (from the request's cache, not
+    # yet checked against the real retrieval) when this step's streams were set up; the draft
+    # is held until a ``RetrievalChecked`` for that boundary says they were right
+    speculated: int | None = None
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,19 @@ class CancelRequest:
     reason: str = "cancelled by the application"
 
 
-Event = Start | LocalDist | PeerMessage | RttSample | PeerLost | CancelRequest
+@dataclass(frozen=True)
+class RetrievalChecked:
+    """RaLMSpec: the real retrieval for the answer prefix ``prefix`` (a boundary's: its length is
+    the boundary step) came back. ``ok``: it equals what was speculated, so the drafts held on it
+    may go. Not ok: every draft of ours from that step on was computed over wrong documents: they
+    are dropped (none left this side, none was decided) and recomputed over the real ones (the
+    driver swaps them in). It may come before or after the drafts it judges."""
+
+    prefix: tuple[int, ...]
+    ok: bool
+
+
+Event = Start | LocalDist | PeerMessage | RttSample | PeerLost | CancelRequest | RetrievalChecked
 
 
 # ---------------------------------------------------------------------------- actions (outputs)
@@ -182,6 +198,7 @@ class SessionStats:
     decided_here: int = 0
     rollbacks: int = 0
     stale_dropped: int = 0
+    retrieval_rollbacks: int = 0  # RaLMSpec: speculated documents found wrong, their drafts recomputed
     handovers: int = 0
     aggregator_by_step: list[str] = field(default_factory=list)
     # CONCORD (docs/CONCORD.md): how each step was committed, and what its evidence cost
@@ -225,6 +242,9 @@ class Session:
         self._drafts: list[_Draft] = []  # undecided local drafts, steps committed..
         self._stream: list[int] = []  # generated tokens currently in the local streams
         self._computing: tuple[int, int] | None = None
+        self._discard_computing = False  # the step in flight was computed over documents found wrong
+        self._unchecked: dict[int, tuple[int, ...]] = {}  # RaLMSpec: boundary -> its prefix, speculated, unchecked
+        self._checks: dict[tuple[int, ...], bool] = {}  # boundary prefixes the real retrieval judged
         self._remote: dict[int, _RemoteDraft] = {}
         self._unsent: list[m.Draft] = []  # sequence-wise mode sends its drafts in one batch
         self._draft_purpose = DRAFT_DEVICE if side == "device" else DRAFT_CLOUD
@@ -285,6 +305,8 @@ class Session:
             self.scheduler.estimates.rtt.update(event.rtt_ms)
         elif isinstance(event, PeerLost):
             self._on_peer_gone(event.reason)
+        elif isinstance(event, RetrievalChecked):
+            self._on_retrieval_checked(event)
         elif isinstance(event, CancelRequest):
             if not self.solo:
                 self._emit(Send(m.Cancel(self.config.request_id, event.reason)))
@@ -317,9 +339,17 @@ class Session:
         if self._computing != (ev.epoch, ev.step):
             raise RuntimeError(f"driver answered {ev.epoch, ev.step}, expected {self._computing}")
         self._computing = None
-        if ev.epoch != self.epoch:
-            self.stats.stale_dropped += 1  # built on a prefix that was rolled back meanwhile
+        if ev.epoch != self.epoch or self._discard_computing:
+            self._discard_computing = False
+            self.stats.stale_dropped += 1  # built on a prefix rolled back meanwhile, or on wrong documents
             return
+        if ev.speculated is not None:
+            key = tuple(self._stream[: ev.speculated])
+            if self._checks.get(key) is False:  # judged wrong while it was computed: recompute
+                self.stats.stale_dropped += 1
+                return
+            if key not in self._checks:
+                self._unchecked[ev.speculated] = key
         observe_draft_time(self.scheduler.estimates.c_local, ev.step, ev.decode_ms)
         if self._concord is not None:
             self._concord.on_local_dist(ev)
@@ -365,11 +395,35 @@ class Session:
     def _flush_drafts(self) -> None:
         if not self._unsent or self.is_aggregator:
             return
-        if self.config.rule.sends_whole_sequence and self._can_draft_at(len(self.committed) + len(self._drafts)):
-            return  # sequence-wise: send only the whole sequence
-        for msg in self._unsent:
+        if self.config.rule.sends_whole_sequence and (self._can_draft_at(len(self.committed) + len(self._drafts))
+                                                      or self._held_from() is not None):
+            return  # sequence-wise: send only the whole sequence, checked
+        held = self._held_from()
+        ready = [msg for msg in self._unsent if held is None or msg.step < held]
+        for msg in ready:
             self._emit(Send(msg))
-        self._unsent = []
+        self._unsent = self._unsent[len(ready):]
+
+    def _held_from(self) -> int | None:
+        """RaLMSpec: the first step whose documents are speculated and unchecked (None: none);
+        our drafts from there on neither leave this side nor get decided."""
+        return min(self._unchecked) if self._unchecked else None
+
+    def _on_retrieval_checked(self, ev: RetrievalChecked) -> None:
+        self._checks[ev.prefix] = ev.ok
+        step = len(ev.prefix)
+        if not ev.ok and self._computing is not None and self._computing[1] >= step \
+                and tuple(self._stream[:step]) == ev.prefix:
+            self._discard_computing = True  # in flight over the wrong documents
+        if self._unchecked.get(step) != ev.prefix:
+            return  # not (yet) drafted on, or its drafts were dropped already (a rejection)
+        del self._unchecked[step]
+        if ev.ok:
+            return
+        self._unchecked = {b: key for b, key in self._unchecked.items() if b < step}
+        self._drafts = [d for d in self._drafts if d.step < step]
+        self._unsent = [msg for msg in self._unsent if msg.step < step]
+        self.stats.retrieval_rollbacks += 1
 
     def _sync_streams(self, want: list[int]) -> None:
         keep = 0
@@ -402,8 +456,9 @@ class Session:
         while self.finished is None and self.is_aggregator:
             step = len(self.committed)
             local = self._drafts[0] if self._drafts else None
-            if local is None:
-                return
+            held = self._held_from()
+            if local is None or (held is not None and local.step >= held):
+                return  # nothing drafted, or drafted over documents not checked yet
             if self.decides_alone:
                 self._commit(local.token, accepted_local=True)
                 continue
@@ -509,6 +564,7 @@ class Session:
             self.epoch += 1
             self._drafts.clear()
             self._unsent.clear()
+            self._unchecked.clear()  # what was speculated on the rejected drafts' prefix: moot
         self._record_commit(token)
 
     def _record_commit(self, token: int) -> None:

@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from dragon_core import codec
+from dragon_core import iterative
 from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core.dist import Dist
@@ -100,6 +101,19 @@ DecodeMs = Callable[[float, int], float]  # (now_ms, step) -> decode time of one
 
 
 @dataclass
+class Speculation:
+    """RaLMSpec on a simulated side: at each retrieval boundary past the first, the side decodes
+    over documents from its cache at once and checks them against the real retrieval
+    ``verify_ms`` later. ``right(boundary prefix)``: the cache gave the real documents; where it
+    did not, ``dist_fn`` / ``log_h_fn`` are the side's mixture and mass over the cache's ones."""
+
+    right: Callable[[tuple[int, ...]], bool]
+    dist_fn: DistFn
+    log_h_fn: Callable[[tuple[int, ...]], float]
+    verify_ms: float = 30.0
+
+
+@dataclass
 class SideSpec:
     log_h: float
     dist_fn: DistFn
@@ -107,6 +121,10 @@ class SideSpec:
     # iterative retrieval: the retrieval mass of the documents a prefix's step is computed over
     # (None: ``log_h`` throughout). ``dist_fn`` then mixes those same documents.
     log_h_fn: Callable[[tuple[int, ...]], float] | None = None
+    speculation: Speculation | None = None
+    # iterative retrieval's cost: a step at a boundary (past the first) waits this long for its
+    # real retrieval, unless it speculates (then the real retrieval runs beside, ``verify_ms``)
+    retrieve_ms: float = 0.0
 
     def log_h_at(self, prefix: tuple[int, ...]) -> float:
         return self.log_h if self.log_h_fn is None else self.log_h_fn(prefix)
@@ -136,6 +154,9 @@ class _SimSide:
         self.record = SideRecord()
         self.peer_lost = False
         self.liveness = PeerLiveness(pair.peer_timeout_ms, 0.0)  # the links' dead-peer rule, in ms
+        self.checked: dict[tuple[int, ...], bool] = {}  # RaLMSpec: boundary prefix -> the cache was right
+        self.checking: set[tuple[int, ...]] = set()
+        self.retrieved: set[tuple[int, ...]] = set()  # boundary prefixes retrieved for real (cached)
 
     def handle(self, event: s.Event) -> None:
         before = self.session.aggregator
@@ -148,6 +169,38 @@ class _SimSide:
         self.pair._progress_ms = self.pair.loop.now
         self.handle(ev)
 
+    def _documents(self, prefix: tuple[int, ...]):
+        """(mixture, log h or None, speculated boundary or None) of the step after ``prefix``."""
+        spec, every = self.spec, self.session.config.retrieve_every
+        log_h = None if spec.log_h_fn is None else spec.log_h_at(prefix)
+        b = iterative.boundary(len(prefix), every)
+        key = prefix[:b]
+        if spec.speculation is None or b == 0 or key in self.checked:
+            return spec.dist_fn(prefix), log_h, None
+        sp = spec.speculation
+        if key not in self.checking:  # the real retrieval starts with the speculation
+            self.checking.add(key)
+            self.pair.loop.after(sp.verify_ms, lambda: self._checked(key))
+        if sp.right(key):
+            return spec.dist_fn(prefix), log_h, b
+        return sp.dist_fn(prefix), sp.log_h_fn(prefix), b
+
+    def _retrieval_wait(self, prefix: tuple[int, ...], speculated: int | None) -> float:
+        """A boundary's first compute waits for its real retrieval, unless it speculated."""
+        every = self.session.config.retrieve_every
+        b = iterative.boundary(len(prefix), every)
+        if not every or b == 0 or speculated is not None or prefix[:b] in self.retrieved:
+            return 0.0
+        self.retrieved.add(prefix[:b])
+        return self.spec.retrieve_ms
+
+    def _checked(self, key: tuple[int, ...]) -> None:
+        self.checking.discard(key)
+        self.retrieved.add(key)
+        self.checked[key] = ok = self.spec.speculation.right(key)
+        self.pair._progress_ms = self.pair.loop.now
+        self.handle(s.RetrievalChecked(key, ok))
+
     def _execute(self, a: s.Action) -> None:
         loop = self.pair.loop
         if isinstance(a, s.Rollback):
@@ -157,12 +210,12 @@ class _SimSide:
         elif isinstance(a, s.ComputeDist):
             assert len(self.stream) == a.step, "driver invariant: streams hold `step` tokens"
             prefix = tuple(self.stream)
-            cost = self.spec.decode_ms(loop.now, a.step)
+            dist, log_h, speculated = self._documents(prefix)
+            cost = self.spec.decode_ms(loop.now, a.step) + self._retrieval_wait(prefix, speculated)
             self.busy_until = max(loop.now, self.busy_until) + cost
             self.record.engine_calls += 1
             done = self.busy_until
-            log_h = None if self.spec.log_h_fn is None else self.spec.log_h_at(prefix)
-            ev = s.LocalDist(a.epoch, a.step, self.spec.dist_fn(prefix), cost, at_ms=done, log_h=log_h)
+            ev = s.LocalDist(a.epoch, a.step, dist, cost, at_ms=done, log_h=log_h, speculated=speculated)
             loop.at(done, lambda: self._computed(ev))
         elif isinstance(a, s.Send):
             self.pair.send(self, a.msg)

@@ -12,7 +12,7 @@ from dragon_core import iterative
 from dragon_core import messages as m
 from dragon_core.aggregate import log_mass
 from dragon_core.dist import Dist
-from dragon_core.testing.netsim import SideSpec, SimulatedPair
+from dragon_core.testing.netsim import SideSpec, SimulatedPair, Speculation
 from dragon_core.testing.reference import centralized_decode
 from test_session_sim import CASES, EOS, links, make_config
 
@@ -104,3 +104,65 @@ def test_iterative_retrieval_changes_answers():
         again = centralized_decode(config, *sides(world, 2))
         differ += once != again
     assert differ >= 4, differ
+
+
+# ---------------------------------------------------------------------------- RaLMSpec
+def speculating_side(side_id: int, world: int, every: int, log_h_bias: float, decode_ms: float,
+                     hit_rate: float, retrieve_ms: float) -> SideSpec:
+    """``iterative_side`` whose boundaries (past the first) decode at once over its cache's
+    documents, right with probability ``hit_rate`` (per boundary prefix, deterministic), and
+    check them against the real retrieval ``retrieve_ms`` later; without speculation the step
+    waits ``retrieve_ms`` for the real retrieval."""
+    real = iterative_side(side_id, world, every, log_h_bias, decode_ms)
+    stale = iterative_side(side_id + 50, world, every, log_h_bias, decode_ms)  # other documents
+
+    def right(key: tuple[int, ...]) -> bool:
+        return np.random.default_rng([world, side_id, 555, *key]).random() < hit_rate
+
+    real.speculation = Speculation(right, stale.dist_fn, stale.log_h_at, verify_ms=retrieve_ms)
+    real.retrieve_ms = retrieve_ms
+    return real
+
+
+def speculating_sides(world, every, hit_rate, retrieve_ms=40.0, speculate=True, c_dev=30.0, c_cloud=10.0):
+    sides_ = (speculating_side(1, world, every, 0.3, c_dev, hit_rate, retrieve_ms),
+              speculating_side(2, world, every, 1.1, c_cloud, hit_rate, retrieve_ms))
+    if not speculate:
+        for side in sides_:
+            side.speculation = None
+    return sides_
+
+
+@pytest.mark.parametrize("rtt", [0.0, 80.0, 300.0])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("hit_rate", [0.0, 0.6, 1.0])
+def test_speculative_retrieval_equals_the_non_speculative_answer(case, rtt, hit_rate):
+    """Drafts over speculated documents are held until checked, dropped and recomputed when the
+    cache was wrong: the answer is plain iterative retrieval's, token for token."""
+    for world in range(3):
+        config = make_config(**CASES[case], retrieve_every=3)
+        dev, cloud = speculating_sides(world, 3, hit_rate)
+        pair = SimulatedPair(config, dev, cloud, *links(rtt, seed=world * 10)).run()
+        want = centralized_decode(config, dev, cloud)
+        assert pair.device.record.tokens == want == pair.cloud.record.tokens, f"world {world}"
+        assert not pair.device.record.finish.degraded
+        wrong = sum(p.session.stats.retrieval_rollbacks for p in (pair.device, pair.cloud))
+        if hit_rate == 1.0:
+            assert wrong == 0
+
+
+def test_a_wrong_speculation_is_rolled_back_and_a_right_one_saves_the_retrieval_time():
+    """Power and speed: with a wrong cache some drafts were recomputed (and the answer is still
+    exact); with a right one the answer ends sooner than waiting for every real retrieval."""
+    config = make_config(mode="dragon", aggregator="device", scheduling=False, retrieve_every=2, max_tokens=24,
+                         eos_ids=frozenset())
+    rolled, faster = 0, 0
+    for world in range(6):
+        pairs = {}
+        for name, (hit, speculate) in {"wrong": (0.3, True), "right": (1.0, True), "wait": (1.0, False)}.items():
+            dev, cloud = speculating_sides(world, 2, hit, retrieve_ms=60.0, speculate=speculate)
+            pairs[name] = SimulatedPair(config, dev, cloud, *links(40.0, seed=world)).run()
+            assert pairs[name].device.record.tokens == centralized_decode(config, dev, cloud)
+        rolled += sum(p.session.stats.retrieval_rollbacks for p in (pairs["wrong"].device, pairs["wrong"].cloud)) > 0
+        faster += pairs["right"].device.record.finish_ms < 0.8 * pairs["wait"].device.record.finish_ms
+    assert rolled >= 4 and faster >= 5, (rolled, faster)
