@@ -30,6 +30,7 @@ from dragon_core.scheduler import initial_aggregator
 from dragon_edge.baselines import LazyGroup
 from dragon_edge.stats import AnswerStats, Source, Timing, answer_stats
 from dragon_host.answer_stream import AnswerStream
+from dragon_host.documents import Documents
 from dragon_host.slow_group import slowed
 
 __all__ = ["AnswerOptions", "AnswerStats", "EdgeRuntime", "Piece", "Source", "answer_options", "check_answer_options"]
@@ -252,7 +253,7 @@ class EdgeRuntime:
         lazy = await LazyGroup(self.engine, plan.prompts, spec.engine_temperature,
                                prefill_now=plan.rule.device_prefills).started()
         stream = AnswerStream(session, slowed(lazy, opts.emulate_decode_ms), plan.scores, _sender(link),
-                              self.tokenizer, self.eos_ids, stops, reretrieve=self._reretrieve(plan, opts))
+                              self.tokenizer, self.eos_ids, stops, documents=self._documents(plan, opts))
         if link is not None:
             if link.rtt_ms is not None:  # the link's latest round trip: the window needs it before any ping
                 stream.driver.feed(s.RttSample(link.rtt_ms))
@@ -276,7 +277,8 @@ class EdgeRuntime:
                              private=plan.passages, public=plan.public, opened=plan.opened,
                              device_only=link is None and plan.public is None, session=session, finish=finish,
                              timing=timing, traffic=plan.traffic)
-        stats.retrievals = stream.driver.stats.retrievals
+        docs = stream.driver.documents
+        stats.retrievals = docs.stats.retrievals if docs is not None else 0
         if link is not None and plan.rule.both_draft and not stats.degraded \
                 and (prior := session.scheduler.estimates.prior("device")):
             self.priors[link.url] = prior
@@ -294,21 +296,11 @@ class EdgeRuntime:
             return None, True
         return link, False
 
-    def _reretrieve(self, plan: "_Plan", opts: AnswerOptions):
-        """Iterative retrieval over the private store (None: retrieve once): the passages of the
-        question and the answer so far, a group over their prompts (the mode's layout)."""
+    def _documents(self, plan: "_Plan", opts: AnswerOptions) -> "PrivateDocuments | None":
+        """Iterative retrieval over the private store (None: retrieve once)."""
         if not (opts.retrieve_every and opts.k and plan.rule.prompts == "per_passage"):
             return None
-        query, temperature = plan.spec.query, plan.spec.engine_temperature
-
-        async def reopen(prefix):
-            answer = self.tokenizer.decode(list(prefix), skip_special_tokens=True)
-            passages = self.private_passages(iterative.query(query, answer), opts.k)
-            prompts, scores = self._prompts(plan.rule, query, passages, None)
-            group = await self.engine.open_group(prompts, temperature)
-            return slowed(group, opts.emulate_decode_ms), scores
-
-        return reopen
+        return PrivateDocuments(self, plan, opts)
 
     def _prompts(self, rule: ModeRule, query: str, passages, public: m.Opened | None):
         """The device's prompts and their scores, laid out as the mode says."""
@@ -369,3 +361,27 @@ def _sender(link):
         if link is not None:
             await link.send(msg)
     return send
+
+
+class PrivateDocuments:
+    """The device's documents at a retrieval boundary (``dragon_host.documents``): the private
+    passages of the question and the answer so far, laid out as the mode says. No speculation:
+    the private store is small and local, its retrieval is not worth hiding."""
+
+    def __init__(self, runtime: EdgeRuntime, plan: "_Plan", opts: AnswerOptions) -> None:
+        self.runtime, self.plan, self.opts = runtime, plan, opts
+
+    async def retrieve(self, prefix) -> Documents:
+        rt = self.runtime
+        answer = rt.tokenizer.decode(list(prefix), skip_special_tokens=True)
+        passages = rt.private_passages(iterative.query(self.plan.spec.query, answer), self.opts.k)
+        return Documents(tuple(p.id for p in passages), tuple(float(p.score) for p in passages), passages)
+
+    async def speculate(self, prefix) -> Documents | None:
+        return None
+
+    async def open(self, docs: Documents):
+        rt = self.runtime
+        prompts, _ = rt._prompts(self.plan.rule, self.plan.spec.query, docs.payload, None)
+        group = await rt.engine.open_group(prompts, self.plan.spec.engine_temperature)
+        return slowed(group, self.opts.emulate_decode_ms)

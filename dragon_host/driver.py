@@ -19,17 +19,14 @@ from typing import Awaitable, Callable, Sequence
 
 import numpy as np
 
-from dragon_core import iterative
 from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core.aggregate import log_mass
 from dragon_core.engine import StreamGroup, side_dist
+from dragon_host.documents import DocumentSource, IterativeDocuments
 
 SendFn = Callable[[m.Message], Awaitable[None]]
 CommitFn = Callable[[Sequence[int]], Awaitable[None] | None]
-# iterative retrieval: the generated tokens at a boundary -> a new group over the documents
-# retrieved for them (their prompts only: the driver appends the generated tokens) and the scores
-Reretrieve = Callable[[Sequence[int]], Awaitable[tuple[StreamGroup, Sequence[float]]]]
 
 
 @dataclass
@@ -37,24 +34,22 @@ class DriverStats:
     decode_ms: list[float] = field(default_factory=list)
     commit_times: list[float] = field(default_factory=list)  # monotonic seconds, one per token
     started_at: float = field(default_factory=time.monotonic)
-    retrievals: int = 0  # iterative retrieval: documents retrieved again (boundaries, and rollbacks across them)
 
 
 class SessionDriver:
     def __init__(self, session: s.Session, group: StreamGroup, scores: Sequence[float], send: SendFn,
-                 on_commit: CommitFn | None = None, reretrieve: Reretrieve | None = None) -> None:
+                 on_commit: CommitFn | None = None, documents: DocumentSource | None = None) -> None:
         """A slower side, for experiments, is a slower group (``dragon_host.slow_group``).
-        ``reretrieve``: iterative retrieval (the session's ``retrieve_every``): at each step whose
-        boundary prefix is not the one the current documents were retrieved for, the driver
-        swaps ``group`` for one over the documents of that prefix (``dragon_core.iterative``);
-        the driver owns and closes the groups it opened, ``group`` is always the current one."""
+        ``documents``: iterative retrieval (the session's ``retrieve_every``; RaLMSpec if the
+        source speculates): before each step the driver swaps ``group`` for one over that step's
+        documents when they changed (``dragon_host.documents``); it closes the groups it
+        replaced, ``group`` is always the current one."""
         self.session = session
         self.group = group
         self.scores = np.asarray(scores, dtype=np.float64)
-        self.every = session.config.retrieve_every if reretrieve is not None else 0
-        self._reretrieve = reretrieve
+        every = session.config.retrieve_every if documents is not None else 0
+        self.documents = IterativeDocuments(documents, every, self.feed) if every else None
         self._prefix: list[int] = []  # the generated tokens in the group's streams
-        self._docs_for: tuple[int, ...] = ()  # the boundary prefix the current documents were retrieved for
         self._send = send
         self._on_commit = on_commit
         self._events: asyncio.Queue[s.Event] = asyncio.Queue()
@@ -81,6 +76,8 @@ class SessionDriver:
             self._engine_ops.put_nowait(None)
             engine_task.cancel()
             await asyncio.gather(engine_task, return_exceptions=True)
+            if self.documents is not None:
+                await self.documents.close()
             self.finished.set()
 
     # -------------------------------------------------------------- actions
@@ -115,30 +112,24 @@ class SessionDriver:
             await self.group.append(op.tokens)
             self._prefix.extend(op.tokens)
         elif isinstance(op, s.ComputeDist):
-            if self.every:
-                await self._documents_for(op.step)
+            speculated = await self._documents_for(op.step) if self.documents is not None else None
             dist = await side_dist(self.group, self.scores, op.dist_top_k)  # the wire's form, as the session says
         # a draft's latency includes the rollback/append work that prepared it
         self._op_ms += (time.perf_counter() - t0) * 1000
         if isinstance(op, s.ComputeDist):
             ms, self._op_ms = self._op_ms, 0.0
             self.stats.decode_ms.append(ms)
-            log_h = log_mass(self.scores) if self.every else None  # the mass of this step's documents
-            self.feed(s.LocalDist(op.epoch, op.step, dist, ms, at_ms=time.monotonic() * 1000, log_h=log_h))
+            log_h = log_mass(self.scores) if self.documents is not None else None  # this step's documents' mass
+            self.feed(s.LocalDist(op.epoch, op.step, dist, ms, at_ms=time.monotonic() * 1000, log_h=log_h,
+                                  speculated=speculated))
 
-    async def _documents_for(self, step: int) -> None:
-        """Swap the streams when ``step`` belongs to another retrieval than the current documents'
-        (a boundary reached, or a rollback back across one)."""
-        key = tuple(self._prefix[: iterative.boundary(step, self.every)])
-        if key == self._docs_for:
-            return
-        group, scores = await self._reretrieve(key)
-        try:
-            if self._prefix:
-                await group.append(self._prefix)  # the answer so far, prefilled after the new documents
-        except BaseException:
-            await group.close()
-            raise
-        old, self.group, self.scores, self._docs_for = self.group, group, np.asarray(scores, dtype=np.float64), key
-        self.stats.retrievals += 1
-        await old.close()
+    async def _documents_for(self, step: int) -> int | None:
+        """Swap the streams when ``step`` uses other documents than theirs (a boundary reached, a
+        rollback back across one, speculated documents found wrong); returns the boundary whose
+        documents are speculated and unchecked, if any."""
+        swapped = await self.documents.swap_if_needed(step, self._prefix, self.group)
+        if swapped is not None:
+            old, (self.group, scores) = self.group, swapped
+            self.scores = np.asarray(scores, dtype=np.float64)
+            await old.close()
+        return self.documents.speculated_at(step)

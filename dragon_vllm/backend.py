@@ -13,12 +13,11 @@ import time
 import uuid
 from typing import AsyncIterator, Sequence
 
-from dragon_core import iterative
 from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core import validation as v
 from dragon_core.aggregate import log_mass
-from dragon_core.engine import Engine, StreamGroup, side_dist
+from dragon_core.engine import Engine, side_dist
 from dragon_core.errors import InvalidOptions
 from dragon_core.handshake import Identity
 from dragon_core.prompt import last_user_message, passage_prompts
@@ -31,11 +30,13 @@ from dragon_vllm.query_batcher import QueryBatcher
 
 class DragonCloud:
     def __init__(self, engine: Engine, tokenizer, identity: Identity, eos_ids: Sequence[int], index=None, *,
-                 default_k: int = 2, max_model_len: int = 2048, metrics=None, emulate_decode_ms: float = 0.0) -> None:
+                 default_k: int = 2, max_model_len: int = 2048, metrics=None, emulate_decode_ms: float = 0.0,
+                 speculative_retrieval: bool = True) -> None:
         self.engine, self.tokenizer, self.identity, self.index = engine, tokenizer, identity, index
         self.eos_ids = frozenset(eos_ids)
         self.default_k, self.max_model_len, self.metrics = default_k, max_model_len, metrics
         self.emulate_decode_ms = emulate_decode_ms  # experiments only: a slower cloud on the link
+        self.speculative_retrieval = speculative_retrieval  # RaLMSpec at iterative retrieval's boundaries
         self._ids = 0
         self._retriever = QueryBatcher(index) if index is not None else None
 
@@ -71,19 +72,14 @@ class DragonCloud:
                                              req.max_tokens)
         return OpenedRequest(slowed(group, self.emulate_decode_ms), scores, [_source_name(p) for p in passages])
 
-    async def reopen_for(self, req: m.Open, prefix: Sequence[int]) -> tuple[StreamGroup, list[float]]:
-        """Iterative retrieval (``req.retrieve_every``): the public passages retrieved again with
-        the question and the answer so far (``prefix``, the generated tokens at a boundary) as
-        the query, and a group over their prompts (the question's layout, as at the open; the
-        driver appends the generated tokens)."""
-        answer = self.tokenizer.decode(list(prefix), skip_special_tokens=True)
-        passages = await self.retrieve(iterative.query(req.query, answer), req.k)
-        prompts, scores = passage_prompts(self.tokenizer, req.query, [p.text for p in passages],
-                                          [p.score for p in passages])
-        self._check_length(prompts, req.max_tokens)
-        group = await self.engine.open_group(prompts, RequestSpec.from_open(req).engine_temperature, scores,
-                                             req.max_tokens)
-        return slowed(group, self.emulate_decode_ms), scores
+    def documents_for(self, req: m.Open):
+        """Iterative retrieval's documents for a request (None: it retrieves once): the public
+        index again at each boundary, speculating from RaLMSpec's cache unless turned off."""
+        if not (req.retrieve_every and req.retrieval and self.index is not None):
+            return None
+        from dragon_vllm.public_documents import PublicDocuments
+
+        return PublicDocuments(self, req, speculate=self.speculative_retrieval)
 
     async def public_passages(self, req: m.Open) -> m.Opened:
         """DRCG/Text: the top-k public passages themselves (text + score), for the device to

@@ -68,6 +68,10 @@ def serve(
         "same passages as 'off'. Hit rate and retrieval time in /metrics.")),
     lookahead_fraction: float = typer.Option(0.15, "--lookahead-fraction", min=0.0, max=1.0, help=(
         "Cluster cache size, as a fraction of the IVF lists' bytes (GPU memory with --lookahead gpu).")),
+    speculative_retrieval: bool = typer.Option(True, "--speculative-retrieval/--no-speculative-retrieval", help=(
+        "Requests with retrieve_every (iterative retrieval): at each boundary decode at once over passages "
+        "from the request's cache (RaLMSpec) while the real retrieval runs beside; drafts wait for its "
+        "verdict, so answers are the same either way.")),
     max_k: int = typer.Option(16, help="Largest k a device may ask for."),
     max_tokens: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
     emulate_decode_ms: float = typer.Option(0.0, help="Experiments: add this to every cloud draft on the "
@@ -138,7 +142,8 @@ def serve(
                                  gpu_memory_utilization=gpu_memory_utilization,
                                  emulate_decode_ms=emulate_decode_ms, mixing=in_engine,
                                  chunk_tokens=chunk_tokens, rollback=rollback, lookahead=lookahead,
-                                 lookahead_fraction=lookahead_fraction)
+                                 lookahead_fraction=lookahead_fraction,
+                                 speculative_retrieval=speculative_retrieval)
         limits = LinkLimits(max_k=max_k, max_tokens=max_tokens, peer_timeout_s=peer_timeout_s,
                             request_idle_timeout_s=request_idle_timeout_s,
                             max_requests_per_identity=max_requests_per_identity,

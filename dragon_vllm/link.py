@@ -21,7 +21,6 @@ admission queue serves identities round robin (``dragon_vllm.admission``).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -374,9 +373,8 @@ class _Connection:
             config = s.SessionConfig.from_open(req, self.server.backend.eos_ids, vocab_size=_vocab_size(self.server.backend))
             session = s.Session("cloud", config, log_mass(opened.scores))
             # iterative retrieval: the driver swaps the streams at each boundary (and closes them)
-            reretrieve = (functools.partial(self.server.backend.reopen_for, req)
-                          if req.retrieve_every and req.retrieval else None)
-            driver = SessionDriver(session, group, opened.scores, self.send, reretrieve=reretrieve)
+            driver = SessionDriver(session, group, opened.scores, self.send,
+                                   documents=self.server.backend.documents_for(req))
             self.drivers[rid] = driver
             self.idle[rid] = RequestIdle(self.limits.request_idle_timeout_s, time.monotonic())
             for msg in self.conn.start(rid):  # what the device sent while the request was opening

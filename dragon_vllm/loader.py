@@ -19,7 +19,7 @@ async def load_cloud(model: str, index_dir: Path | None = None, *, default_k: in
                      max_num_seqs: int = 128, max_model_len: int = 2048, kv_cache_gib: float | None = None,
                      gpu_memory_utilization: float | None = None, emulate_decode_ms: float = 0.0,
                      warm_up: bool = True, lookahead: str = "off", lookahead_fraction: float = 0.15,
-                     **engine_kwargs) -> DragonCloud:
+                     speculative_retrieval: bool = True, **engine_kwargs) -> DragonCloud:
     """Start the engine inside the running event loop (vLLM's AsyncLLM binds to it); ``warm_up``
     runs one retrieval and two decode steps before the server reports healthy. ``lookahead``
     (IVF indexes): "off", or search through TeleRAG's cluster cache held in host memory ("cpu")
@@ -46,7 +46,8 @@ async def load_cloud(model: str, index_dir: Path | None = None, *, default_k: in
     engine = make_engine(str(hf_dir), logprobs_k=logprobs_k, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                          kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization, **engine_kwargs)
     cloud = DragonCloud(engine, tokenizer, identity, eos_token_ids(tokenizer), index, default_k=default_k,
-                        max_model_len=max_model_len, emulate_decode_ms=emulate_decode_ms)
+                        max_model_len=max_model_len, emulate_decode_ms=emulate_decode_ms,
+                        speculative_retrieval=speculative_retrieval)
     if warm_up:
         log.info("warmed up in %.1f s", await cloud.warm_up())
     return cloud

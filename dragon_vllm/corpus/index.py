@@ -104,6 +104,44 @@ class PublicIndex:
         return [[_passage(int(i), rows[int(i)], float(s)) for i, s in zip(ids_q, sc_q) if i >= 0]
                 for ids_q, sc_q in zip(ids.tolist(), scores.tolist())]
 
+    # ---------------------------------------------------------- by vector (RaLMSpec, iterative retrieval)
+    def embed_query(self, query: str) -> np.ndarray:
+        """The query's embedding (1 x d), exactly as ``search`` makes it."""
+        with self._embed_lock:
+            return self.embedder.embed([query])
+
+    def search_vector(self, q: np.ndarray, k: int) -> list[Passage]:
+        """``search`` for an embedded query: the same passages and scores."""
+        t0 = time.perf_counter()
+        ip, ids = self.searcher.search(np.ascontiguousarray(q, dtype=np.float32), min(k, len(self)))
+        scores = self.embedder.score.from_inner_product(np.where(ids >= 0, ip, 0.0))
+        rows = self._rows({int(i) for i in ids[0] if i >= 0})
+        self._count(1, time.perf_counter() - t0)
+        return [_passage(int(i), rows[int(i)], float(sc)) for i, sc in zip(ids[0].tolist(), scores[0].tolist()) if i >= 0]
+
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """The stored vectors of passages (len(ids) x d, float32): what the index scores."""
+        import faiss
+
+        if self.kind != "flat":
+            ivf = faiss.extract_index_ivf(self.index)
+            with self._db_lock:  # once: an id -> list position map, 8 bytes per passage
+                if ivf.direct_map.type == faiss.DirectMap.NoMap:
+                    ivf.make_direct_map()
+        return np.ascontiguousarray(self.index.reconstruct_batch(np.asarray(ids, dtype=np.int64)), dtype=np.float32)
+
+    def score_vectors(self, q: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """``R`` of ``vectors`` for the embedded query, bitwise as ``search_vector`` scores them
+        (faiss's own inner-product kernel, the one its flat and IVF-Flat scans use)."""
+        import faiss
+
+        q = np.ascontiguousarray(q, dtype=np.float32).reshape(-1)
+        out = np.empty(len(vectors), dtype=np.float32)
+        if len(vectors):
+            faiss.fvec_inner_products_ny(faiss.swig_ptr(out), faiss.swig_ptr(q), faiss.swig_ptr(vectors),
+                                         q.size, len(vectors))
+        return self.embedder.score.from_inner_product(out)
+
     def passage(self, pid: int) -> tuple[str, str]:
         """(title, text) of one passage id."""
         if not 0 <= pid < len(self):

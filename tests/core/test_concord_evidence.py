@@ -55,8 +55,12 @@ def clouds(draw):
 
 
 def _holds(ids, lo, hi, tail, truth):
+    """The bounds hold for the true mixture, of which ``truth`` is a float64 rounding (a few ulps
+    either way: a mixture sure of one id computes to 1 + 2e-16), hence the 1e-13 relative slack;
+    the bounds' own slack is far larger than that and far smaller than float16's."""
     unlisted = np.setdiff1d(np.arange(truth.size), ids)
-    return (np.all(lo <= truth[ids]) and np.all(truth[ids] <= hi) and np.all(truth[unlisted] <= tail))
+    t_lo, t_hi = truth * (1 - 1e-13), truth * (1 + 1e-13)
+    return (np.all(lo <= t_hi[ids]) and np.all(t_lo[ids] <= hi) and np.all(t_lo[unlisted] <= tail))
 
 
 @PROPERTY
@@ -120,3 +124,19 @@ def test_a_peaked_language_model_certifies_from_one_entry_of_per_stream_top_20()
     pd[42] = 0.5
     assert certify(pd, 0.5, 0.5, cw.bounds_from_wire(frame)).token == 42
     assert len(codec.encode(frame)) == 28  # one interval: 3 bytes more than a point
+
+
+def test_bounds_survive_the_float64_rounding_of_their_own_sums():
+    """A CI run's case: streams sure of id 0, whose mixture is exactly 1. Both the bound's float64
+    sums (1 - 1e-16 before the bounds were widened by their own error) and the reference's
+    (1 + 2e-16) round; many random weightings of 2-4 such streams, each must still hold."""
+    sure = Dist(vocab_size=3, logprobs=np.array([0.0], dtype=np.float16), ids=np.array([0], dtype=np.int32),
+                tail_mass=0.0)
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        k = int(rng.integers(2, 5))
+        scores = rng.uniform(-5.0, 5.0, k)
+        w = np.exp(scores - scores.max())
+        truth = (w / w.sum()) @ np.tile([1.0, 0.0, 0.0], (k, 1))
+        bounds = stream_bounds([sure] * k, scores)
+        assert _holds(bounds.ids, bounds.lo, bounds.hi, bounds.outside, truth), scores

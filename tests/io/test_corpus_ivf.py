@@ -404,3 +404,48 @@ def test_serve_refuses_a_bad_lookahead_before_loading_anything(argv, message):
 
     result = CliRunner().invoke(app, ["serve", "--port", "0", *argv])
     assert result.exit_code == 2 and message in result.output.replace("\n", " "), result.output
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf-flat"])
+def test_ralmspec_cache_scores_bitwise_as_the_index_and_is_right_only_when_it_holds_the_top_k(
+        kind, text_inputs, embedder, tmp_path):
+    """The cloud's speculative retrieval (dragon_vllm.public_documents): the cached passages'
+    scores are the index's own, so a cache holding the real top-k speculates them exactly
+    (``Documents.same``), and one missing them speculates something else (the check catches it)."""
+    import asyncio
+
+    from tests.io.test_corpus import QUERIES as Q
+    QUERIES = list(Q)
+    from dragon_core import messages as m
+    from dragon_vllm.public_documents import PublicDocuments
+
+    index = c.PublicIndex.build(text_inputs, tmp_path / kind, kind=kind, nlist=4, nprobe=4,
+                                embedder=embedder, progress=False)
+
+    class Backend:
+        class tokenizer:
+            @staticmethod
+            def decode(ids, skip_special_tokens=True):
+                return " ".join(QUERIES[i % len(QUERIES)] for i in ids)
+
+    Backend.index = index
+    hits = misses = 0
+    for cache_size in (len(index), 3):  # everything cached; only each retrieval's top 3
+        docs = PublicDocuments(Backend(), m.Open(1, QUERIES[0], 2, 8, 0, retrieve_every=2), cache_size=cache_size)
+
+        async def go():
+            nonlocal hits, misses
+            await docs.retrieve(())  # the first retrieval fills the cache
+            for i in range(1, len(QUERIES)):
+                spec = await docs.speculate((i,))
+                real = await docs.retrieve((i,))
+                assert real.ids == tuple(p.id for p in index.search(
+                    f"{QUERIES[0]} {QUERIES[i % len(QUERIES)]}", 2))  # the real path is plain search
+                if cache_size == len(index):
+                    assert spec.same(real), (spec, real)  # bitwise the index's scores
+                    hits += 1
+                else:
+                    misses += not spec.same(real)
+
+        asyncio.run(go())
+    assert hits >= 3 and misses >= 1, (hits, misses)

@@ -13,6 +13,8 @@ from dragon_host.driver import SessionDriver
 from dragon_core.testing.reference import centralized_decode
 
 from fakes import EOS, ListStreams, iterative_side_spec, retrieved_docs, side_spec
+from dragon_host.documents import Documents
+import numpy as np
 
 
 async def run_pair(config: s.SessionConfig, world: int, one_way_s: float):
@@ -62,19 +64,42 @@ def test_drivers_over_asyncio_equal_centralized(one_way_ms, aggregator):
 
 
 
-async def run_iterative_pair(config: s.SessionConfig, world: int, one_way_s: float):
-    """Both sides re-retrieve from their pools every ``config.retrieve_every`` tokens: the drivers
-    swap their fake streams (the new ones get the generated tokens appended)."""
-    pools = {"device": [1, 2, 3, 4], "cloud": [5, 6, 7, 8, 9]}
-    opened: dict[str, list[ListStreams]] = {"device": [], "cloud": []}
-    drivers: dict[str, SessionDriver] = {}
+class FakeSource:
+    """A side's documents at the boundaries: ``retrieved_docs`` of its pool for the boundary
+    prefix, after ``retrieve_s``; ``speculate``: at once, the real ones where the fake cache
+    ``hit``s (per prefix), others where it misses (None: it does not speculate)."""
 
-    def reopen(side: str):
-        async def go(prefix):
-            docs, scores = retrieved_docs(pools[side], tuple(prefix), world)
-            opened[side].append(ListStreams(docs, world, 0.001))
-            return opened[side][-1], scores
-        return go
+    def __init__(self, pool, world: int, hit: float | None, retrieve_s: float = 0.01) -> None:
+        self.pool, self.world, self.hit, self.retrieve_s = pool, world, hit, retrieve_s
+        self.opened: list[ListStreams] = []
+
+    async def retrieve(self, prefix):
+        await asyncio.sleep(self.retrieve_s)
+        docs, scores = retrieved_docs(self.pool, tuple(prefix), self.world)
+        return Documents(tuple(docs), tuple(scores))
+
+    async def speculate(self, prefix):
+        if self.hit is None:
+            return None
+        if np.random.default_rng([self.world, 31, *prefix]).random() < self.hit:
+            docs, scores = retrieved_docs(self.pool, tuple(prefix), self.world)
+        else:
+            docs, scores = retrieved_docs(self.pool[::-1], tuple(prefix) + (999,), self.world)
+        return Documents(tuple(docs), tuple(scores))
+
+    async def open(self, docs):
+        self.opened.append(ListStreams(list(docs.ids), self.world, 0.001))
+        return self.opened[-1]
+
+
+async def run_iterative_pair(config: s.SessionConfig, world: int, one_way_s: float, hit: float | None = None):
+    """Both sides re-retrieve from their pools every ``config.retrieve_every`` tokens: the drivers
+    swap their fake streams (the new ones get the generated tokens appended); with ``hit``, the
+    cloud speculates from a fake cache first (RaLMSpec)."""
+    pools = {"device": [1, 2, 3, 4], "cloud": [5, 6, 7, 8, 9]}
+    sources = {"device": FakeSource(pools["device"], world, None),
+               "cloud": FakeSource(pools["cloud"], world, hit, retrieve_s=0.02)}
+    drivers: dict[str, SessionDriver] = {}
 
     def sender(to: str):
         async def send(msg: m.Message) -> None:
@@ -91,25 +116,37 @@ async def run_iterative_pair(config: s.SessionConfig, world: int, one_way_s: flo
     for side, other in (("device", "cloud"), ("cloud", "device")):
         docs, scores = retrieved_docs(pools[side], (), world)
         first = ListStreams(docs, world, 0.001)
-        opened[side].append(first)
+        sources[side].opened.append(first)
         session = s.Session(side, config, side_spec(docs, scores, world).log_h)
-        drivers[side] = SessionDriver(session, first, scores, sender(other), reretrieve=reopen(side),
+        drivers[side] = SessionDriver(session, first, scores, sender(other), documents=sources[side],
                                       on_commit=committed.extend if side == "device" else None)
     await asyncio.wait_for(asyncio.gather(drivers["device"].run(), drivers["cloud"].run()), timeout=60)
     want = centralized_decode(config, iterative_side_spec(pools["device"], world, config.retrieve_every),
                               iterative_side_spec(pools["cloud"], world, config.retrieve_every))
-    return committed, want, drivers, opened
+    return committed, want, drivers, sources
 
 
+@pytest.mark.parametrize("hit", [None, 0.0, 0.5, 1.0])
 @pytest.mark.parametrize("aggregator", ["device", "cloud"])
-def test_drivers_swap_their_streams_at_retrieval_boundaries(aggregator):
+def test_drivers_swap_their_streams_at_retrieval_boundaries(aggregator, hit):
+    """Iterative retrieval through the drivers, and RaLMSpec on the cloud's (its cache right
+    never, half the time, always): the answer is the reference's with the real documents."""
     for world in range(3):
         config = s.SessionConfig(request_id=7, max_tokens=20, seed=world, eos_ids=frozenset({EOS}),
                                  aggregator=aggregator, scheduling=False, max_depth=5, retrieve_every=3)
-        committed, want, drivers, opened = asyncio.run(run_iterative_pair(config, world, 0.005))
+        committed, want, drivers, sources = asyncio.run(run_iterative_pair(config, world, 0.005, hit))
         assert committed == want
         for side, driver in drivers.items():
-            assert driver.stats.retrievals >= (len(want) - 1) // 3  # every boundary reached (more: rollbacks)
-            assert all(g.closed for g in opened[side] if g is not driver.group)  # replaced groups are closed
-            key = list(driver._docs_for)  # the last boundary's prefix: the answer so far was prefilled
+            docs = driver.documents
+            assert docs.stats.swaps >= (len(want) - 1) // 3  # every boundary reached (more: rollbacks)
+            assert all(g.closed for g in sources[side].opened if g is not driver.group)  # replaced groups closed
+            key = list(docs.current)  # the last boundary's prefix: the answer so far was prefilled
             assert len(key) == 3 * ((len(want) - 1) // 3) and key == want[: len(key)] == driver.group.tokens[: len(key)]
+        cloud = drivers["cloud"].documents.stats
+        if hit is None:
+            assert cloud.speculated == 0
+        elif len(want) > 4:
+            assert cloud.speculated >= 1 and (hit < 1.0 or cloud.speculated_wrong == 0)
+            assert cloud.speculated_right + cloud.speculated_wrong <= cloud.speculated
+            if hit == 0.0:  # the cache was wrong: held drafts were dropped, recomputed over the real documents
+                assert cloud.speculated_wrong >= 1 and drivers["cloud"].session.stats.retrieval_rollbacks >= 1
