@@ -34,6 +34,7 @@ from dragon_core import session as s
 from dragon_core.aggregate import log_mass
 from dragon_core.connection import (Admitted, CloudTerms, Event, LinkConnection, Refused, RequestMessage,
                                     RequestOpened, RoundTrip, Send)
+from dragon_host.documents import DocumentSource, DocumentStats
 from dragon_host.driver import SessionDriver
 from dragon_core.engine import StreamGroup
 from dragon_core import validation as v
@@ -89,6 +90,10 @@ class CloudBackend(Protocol):
         """Mode "text": the top-k public passages' names, text and scores; no streams."""
         ...
 
+    def documents_for(self, req: m.Open) -> DocumentSource | None:
+        """Iterative retrieval (``req.retrieve_every``): the request's documents at each boundary."""
+        ...
+
 
 class LinkStats(Protocol):
     def on_request(self, event: str) -> None: ...
@@ -96,6 +101,8 @@ class LinkStats(Protocol):
     def on_bytes(self, sent: int, received: int) -> None: ...
 
     def on_session(self, session: s.Session) -> None: ...
+
+    def on_documents(self, stats: DocumentStats) -> None: ...
 
 
 class LinkServer:
@@ -373,8 +380,8 @@ class _Connection:
             config = s.SessionConfig.from_open(req, self.server.backend.eos_ids, vocab_size=_vocab_size(self.server.backend))
             session = s.Session("cloud", config, log_mass(opened.scores))
             # iterative retrieval: the driver swaps the streams at each boundary (and closes them)
-            driver = SessionDriver(session, group, opened.scores, self.send,
-                                   documents=self.server.backend.documents_for(req))
+            documents = self.server.backend.documents_for(req) if req.retrieve_every else None
+            driver = SessionDriver(session, group, opened.scores, self.send, documents=documents)
             self.drivers[rid] = driver
             self.idle[rid] = RequestIdle(self.limits.request_idle_timeout_s, time.monotonic())
             for msg in self.conn.start(rid):  # what the device sent while the request was opening
@@ -388,6 +395,8 @@ class _Connection:
             if self.server.stats:
                 self.server.stats.on_request(outcome)
                 self.server.stats.on_session(session)
+                if driver.documents is not None:
+                    self.server.stats.on_documents(driver.documents.stats)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # one request failing must not take the connection down

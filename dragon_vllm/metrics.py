@@ -141,6 +141,9 @@ class CloudMetrics:
         self.cloud_accepted = Counter("dragon_cloud_drafts_accepted", "Cloud drafts accepted", registry=r)
         self.rollbacks = Counter("dragon_rollbacks", "Stream rollbacks on the cloud", registry=r)
         self.handovers = Counter("dragon_handovers", "Aggregator moves", registry=r)
+        self.iterative = Counter("dragon_iterative_retrievals", "Iterative retrieval at answer boundaries "
+                                 "(retrieve_every): real retrievals, and RaLMSpec speculations from the request "
+                                 "cache, right or wrong", ["kind"], registry=r)
         self.link_bytes = Counter("dragon_link_bytes", "Bytes on the device link", ["direction"], registry=r)
         self.active = Gauge("dragon_active_requests", "Requests being decoded", ["kind"], registry=r)
         self.streams = Gauge("dragon_open_streams", "Open vLLM streams (documents x requests)", registry=r)
@@ -173,6 +176,11 @@ class CloudMetrics:
             self.link_bytes.labels("sent").inc(sent)
         if received:
             self.link_bytes.labels("received").inc(received)
+
+    def on_documents(self, stats) -> None:
+        """A finished request's ``dragon_host.documents.DocumentStats`` (iterative retrieval)."""
+        for kind in ("retrievals", "speculated", "speculated_right", "speculated_wrong"):
+            self.iterative.labels(kind).inc(getattr(stats, kind))
 
     def on_session(self, session: s.Session, kind: str = "link") -> None:
         st = session.stats

@@ -7,6 +7,8 @@ boundaries)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from dragon_core import iterative
@@ -86,3 +88,30 @@ def test_a_bad_retrieve_every_is_refused_before_any_work(e2e_loop, runtime, prox
     for bad in (dict(retrieve_every=-1), dict(retrieve_every=2, mode="concord"), dict(retrieve_every=1.5)):
         with pytest.raises(InvalidOptions, match="retrieve_every"):
             run(e2e_loop, ask(runtime, proxies[0], options(**bad)))
+
+
+def test_the_cloud_speculated_its_boundaries_from_the_request_cache(e2e_loop, runtime, cloud, proxies):
+    """RaLMSpec on the served cloud (on by default): the demo's four public passages all sit in
+    the request's cache after its first retrieval, so every boundary was speculated, and right."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def counts() -> dict[str, float]:
+        with urllib.request.urlopen(f"{cloud.url}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return {s.labels["kind"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "dragon_iterative_retrievals_total"}
+
+    before = counts()
+    ids, stats = run(e2e_loop, ask(runtime, proxies[0], options(retrieve_every=EVERY)))
+    boundaries = (len(ids) - 1) // EVERY
+    for _ in range(100):  # the cloud counts once its session closed, a moment after the device
+        after = counts()
+        if after.get("speculated", 0) - before.get("speculated", 0) >= boundaries:
+            break
+        e2e_loop.run_until_complete(asyncio.sleep(0.1))
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("speculated", "speculated_right", "speculated_wrong",
+                                                              "retrievals")}
+    assert delta["speculated"] >= boundaries >= 2 and delta["speculated_wrong"] == 0, delta
+    assert delta["speculated_right"] == delta["speculated"] <= delta["retrievals"], delta
