@@ -59,6 +59,16 @@ class MixingStreamGroup(StreamGroup, Protocol):
         ...
 
 
+def keeps_streams(group: StreamGroup, old_ids: Sequence[int] | None, new_ids: Sequence[int]) -> bool:
+    """Iterative retrieval's one rule for a boundary (both the driver and the reference use it):
+    the streams stay, with the new retrieval's scores, when it found the same documents in the
+    same order and the group mixes in Python (``side_dist`` reads the scores every step). A group
+    that mixes in the engine was opened with its scores: it is reopened (vLLM's prefix cache makes
+    that cheap); so are other documents. Keeping saves the re-prefill (the answer so far, again,
+    after each document), the cost that dominates a boundary on a CPU engine."""
+    return old_ids is not None and tuple(old_ids) == tuple(new_ids) and not isinstance(group, MixingStreamGroup)
+
+
 async def side_dist(group: StreamGroup, scores, top_k: int) -> Dist:
     """The side's canonical distribution from either kind of group: the one rule both the
     session driver and the centralized reference use."""

@@ -253,7 +253,9 @@ class EdgeRuntime:
         lazy = await LazyGroup(self.engine, plan.prompts, spec.engine_temperature,
                                prefill_now=plan.rule.device_prefills).started()
         stream = AnswerStream(session, slowed(lazy, opts.emulate_decode_ms), plan.scores, _sender(link),
-                              self.tokenizer, self.eos_ids, stops, documents=self._documents(plan, opts))
+                              self.tokenizer, self.eos_ids, stops, documents=self._documents(plan, opts),
+                              first_documents=Documents(tuple(p.id for p in plan.passages),
+                                                        tuple(float(p.score) for p in plan.passages)))
         if link is not None:
             if link.rtt_ms is not None:  # the link's latest round trip: the window needs it before any ping
                 stream.driver.feed(s.RttSample(link.rtt_ms))

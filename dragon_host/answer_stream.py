@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Sequence
 from dragon_core import session as s
 from dragon_core.engine import StreamGroup
 from dragon_core.text_stream import TextStream
-from dragon_host.documents import DocumentSource
+from dragon_host.documents import Documents, DocumentSource
 from dragon_host.driver import SendFn, SessionDriver
 
 
@@ -34,9 +34,10 @@ class Delta:
 class AnswerStream:
     def __init__(self, session: s.Session, group: StreamGroup, scores: Sequence[float], send: SendFn,
                  tokenizer: Any, eos_ids: Sequence[int], stops: Sequence[str] = (),
-                 documents: DocumentSource | None = None) -> None:
+                 documents: DocumentSource | None = None, first_documents: Documents | None = None) -> None:
         self._queue: asyncio.Queue[tuple[int, ...] | None] = asyncio.Queue()
-        self.driver = SessionDriver(session, group, scores, send, on_commit=self._on_commit, documents=documents)
+        self.driver = SessionDriver(session, group, scores, send, on_commit=self._on_commit, documents=documents,
+                                    first_documents=first_documents)
         self.text = TextStream(tokenizer, eos_ids, stops)
         self._task: asyncio.Task[s.Finish] | None = None
         self._closed = False

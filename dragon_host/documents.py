@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 from dragon_core import iterative
 from dragon_core import session as s
-from dragon_core.engine import StreamGroup
+from dragon_core.engine import StreamGroup, keeps_streams
 
 log = logging.getLogger("dragon.documents")
 
@@ -54,20 +55,24 @@ class DocumentSource(Protocol):
 @dataclass
 class DocumentStats:
     retrievals: int = 0  # real retrievals (the first one, at the open, is not counted)
-    swaps: int = 0  # stream groups replaced
+    swaps: int = 0  # stream groups replaced (the same documents in the same order keep theirs)
     speculated: int = 0  # boundaries decoded over cached documents first
     speculated_right: int = 0
     speculated_wrong: int = 0
+    waited_s: float = 0.0  # time the streams waited for documents (the critical path's retrieval time)
 
 
 class IterativeDocuments:
     """Which documents each step uses, for one session's driver (see the module docstring)."""
 
-    def __init__(self, source: DocumentSource, every: int, feed: Callable[[s.Event], None]) -> None:
+    def __init__(self, source: DocumentSource, every: int, feed: Callable[[s.Event], None],
+                 initial: Documents | None = None) -> None:
+        """``initial``: the documents the first group was opened over (None: unknown, the first
+        boundary then reopens whatever it finds)."""
         self.source, self.every, self._feed = source, every, feed
         self.current: tuple[int, ...] = ()  # the boundary prefix the streams' documents belong to
         self.current_speculated = False
-        self._current_docs: Documents | None = None
+        self._current_docs: Documents | None = initial
         self._real: dict[tuple[int, ...], Documents] = {}  # boundary prefix -> its real retrieval
         self._checking: dict[tuple[int, ...], asyncio.Task] = {}
         self.stats = DocumentStats()
@@ -79,14 +84,22 @@ class IterativeDocuments:
         return None
 
     async def swap_if_needed(self, step: int, prefix: Sequence[int], group: StreamGroup):
-        """None if ``group`` holds ``step``'s documents, else ``(new group, scores)`` with the
-        answer so far (``prefix``) appended; the caller closes the old group."""
+        """None if ``group`` and its scores serve ``step`` as they are, else ``(group, scores)``:
+        the same group with the new retrieval's scores (``engine.keeps_streams``), or a new group
+        over the new documents with the answer so far (``prefix``) appended, which the caller
+        swaps in (closing the old one)."""
         key = tuple(prefix[: iterative.boundary(step, self.every)])
         real = self._real.get(self.current)
         wrong = self.current_speculated and real is not None and not real.same(self._current_docs)
         if key == self.current and not wrong:
             return None
+        t0 = time.perf_counter()
         docs, speculated = await self._documents(key)
+        self.stats.waited_s += time.perf_counter() - t0
+        old = self._current_docs
+        self.current, self.current_speculated, self._current_docs = key, speculated, docs
+        if keeps_streams(group, old.ids if old is not None else None, docs.ids):
+            return group, list(docs.scores)
         group = await self.source.open(docs)
         try:
             if prefix:
@@ -94,7 +107,6 @@ class IterativeDocuments:
         except BaseException:
             await group.close()
             raise
-        self.current, self.current_speculated, self._current_docs = key, speculated, docs
         self.stats.swaps += 1
         return group, list(docs.scores)
 

@@ -23,7 +23,7 @@ from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core.aggregate import log_mass
 from dragon_core.engine import StreamGroup, side_dist
-from dragon_host.documents import DocumentSource, IterativeDocuments
+from dragon_host.documents import Documents, DocumentSource, IterativeDocuments
 
 SendFn = Callable[[m.Message], Awaitable[None]]
 CommitFn = Callable[[Sequence[int]], Awaitable[None] | None]
@@ -38,7 +38,8 @@ class DriverStats:
 
 class SessionDriver:
     def __init__(self, session: s.Session, group: StreamGroup, scores: Sequence[float], send: SendFn,
-                 on_commit: CommitFn | None = None, documents: DocumentSource | None = None) -> None:
+                 on_commit: CommitFn | None = None, documents: DocumentSource | None = None,
+                 first_documents: Documents | None = None) -> None:
         """A slower side, for experiments, is a slower group (``dragon_host.slow_group``).
         ``documents``: iterative retrieval (the session's ``retrieve_every``; RaLMSpec if the
         source speculates): before each step the driver swaps ``group`` for one over that step's
@@ -48,7 +49,7 @@ class SessionDriver:
         self.group = group
         self.scores = np.asarray(scores, dtype=np.float64)
         every = session.config.retrieve_every if documents is not None else 0
-        self.documents = IterativeDocuments(documents, every, self.feed) if every else None
+        self.documents = IterativeDocuments(documents, every, self.feed, first_documents) if every else None
         self._prefix: list[int] = []  # the generated tokens in the group's streams
         self._send = send
         self._on_commit = on_commit
@@ -131,5 +132,6 @@ class SessionDriver:
         if swapped is not None:
             old, (self.group, scores) = self.group, swapped
             self.scores = np.asarray(scores, dtype=np.float64)
-            await old.close()
+            if old is not self.group:
+                await old.close()
         return self.documents.speculated_at(step)

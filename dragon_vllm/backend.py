@@ -70,7 +70,8 @@ class DragonCloud:
         self._check_length(prompts, req.max_tokens)
         group = await self.engine.open_group(prompts, RequestSpec.from_open(req).engine_temperature, scores,
                                              req.max_tokens)
-        return OpenedRequest(slowed(group, self.emulate_decode_ms), scores, [_source_name(p) for p in passages])
+        return OpenedRequest(slowed(group, self.emulate_decode_ms), scores, [_source_name(p) for p in passages],
+                             [p.id for p in passages])
 
     def documents_for(self, req: m.Open):
         """Iterative retrieval's documents for a request (None: it retrieves once): the public

@@ -34,7 +34,7 @@ from dragon_core import session as s
 from dragon_core.aggregate import log_mass
 from dragon_core.connection import (Admitted, CloudTerms, Event, LinkConnection, Refused, RequestMessage,
                                     RequestOpened, RoundTrip, Send)
-from dragon_host.documents import DocumentSource, DocumentStats
+from dragon_host.documents import Documents, DocumentSource, DocumentStats
 from dragon_host.driver import SessionDriver
 from dragon_core.engine import StreamGroup
 from dragon_core import validation as v
@@ -75,6 +75,7 @@ class OpenedRequest:
     group: StreamGroup
     scores: Sequence[float]
     sources: list[str]
+    ids: Sequence[int] = ()  # the passages' ids, in the group's order (iterative retrieval compares them)
 
 
 class CloudBackend(Protocol):
@@ -381,7 +382,8 @@ class _Connection:
             session = s.Session("cloud", config, log_mass(opened.scores))
             # iterative retrieval: the driver swaps the streams at each boundary (and closes them)
             documents = self.server.backend.documents_for(req) if req.retrieve_every else None
-            driver = SessionDriver(session, group, opened.scores, self.send, documents=documents)
+            driver = SessionDriver(session, group, opened.scores, self.send, documents=documents,
+                                   first_documents=Documents(tuple(opened.ids), tuple(float(x) for x in opened.scores)))
             self.drivers[rid] = driver
             self.idle[rid] = RequestIdle(self.limits.request_idle_timeout_s, time.monotonic())
             for msg in self.conn.start(rid):  # what the device sent while the request was opening

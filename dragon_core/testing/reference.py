@@ -44,34 +44,37 @@ async def centralized_generate(config: s.SessionConfig, groups: Sequence[tuple[S
     return tokens
 
 
-async def iterative_generate(config: s.SessionConfig, reopen: Sequence[Callable], every: int) -> list[int]:
-    """``centralized_generate`` with iterative retrieval: at each retrieval boundary
-    (``dragon_core.iterative``) each side's ``reopen(prefix at the boundary)`` gives a new
-    ``(group, scores)`` over its documents for that prefix, and the answer so far is appended
-    to it. One token per step, no speculation, no network: what the sessions must equal."""
+async def iterative_generate(config: s.SessionConfig, sources: Sequence, every: int) -> list[int]:
+    """``centralized_generate`` with iterative retrieval: each side's ``source`` (duck-typed like
+    ``dragon_host.documents.DocumentSource``: ``retrieve(prefix) -> documents`` with ``ids`` and
+    ``scores``, ``open(documents) -> group``) gives its documents at every boundary
+    (``dragon_core.iterative``); a side keeps its group with the new scores where
+    ``engine.keeps_streams`` says, else opens one and appends the answer so far. One token per
+    step, no speculation, no network: what the sessions must equal."""
     from dragon_core import iterative
+    from dragon_core.engine import keeps_streams
 
-    if len(reopen) != 2:
+    if len(sources) != 2:
         raise ValueError("iterative_generate mixes exactly two sides (device, cloud)")
-    sides: list[tuple[StreamGroup, Sequence[float]] | None] = [None, None]
-    key: tuple[int, ...] | None = None
+    docs = [await src.retrieve(()) for src in sources]
+    groups = [await src.open(d) for src, d in zip(sources, docs)]
+    key: tuple[int, ...] = ()
     tokens: list[int] = []
     try:
         for step in range(config.max_tokens):
             if key != (want := tuple(tokens[: iterative.boundary(step, every)])):
-                for i, open_side in enumerate(reopen):
-                    if sides[i] is not None:
-                        await sides[i][0].close()
-                        sides[i] = None
-                    group, scores = await open_side(want)
-                    sides[i] = (group, scores)
-                    if tokens:
-                        await group.append(tokens)
+                for i, src in enumerate(sources):
+                    new = await src.retrieve(want)
+                    if not keeps_streams(groups[i], docs[i].ids, new.ids):
+                        await groups[i].close()
+                        groups[i] = await src.open(new)
+                        await groups[i].append(tokens)
+                    docs[i] = new
                 key = want
-            (g_dev, r_dev), (g_cloud, r_cloud) = sides
-            _, eta_cloud = cross_side_weights(log_mass(r_dev), log_mass(r_cloud))
-            p_dev = await side_dist(g_dev, r_dev, config.dist_top_k)
-            p_cloud = await side_dist(g_cloud, r_cloud, config.dist_top_k)
+            (g_dev, g_cloud), (d_dev, d_cloud) = groups, docs
+            _, eta_cloud = cross_side_weights(log_mass(d_dev.scores), log_mass(d_cloud.scores))
+            p_dev = await side_dist(g_dev, d_dev.scores, config.dist_top_k)
+            p_cloud = await side_dist(g_cloud, d_cloud.scores, config.dist_top_k)
             token = synchronous_target(p_dev, p_cloud, eta_cloud, config.sampling, step_rng(config.seed, VERIFY, step))
             tokens.append(token)
             if token in config.eos_ids:
@@ -79,9 +82,8 @@ async def iterative_generate(config: s.SessionConfig, reopen: Sequence[Callable]
             await g_dev.append([token])
             await g_cloud.append([token])
     finally:
-        for side in sides:
-            if side is not None:
-                await side[0].close()
+        for g in groups:
+            await g.close()
     return tokens
 
 

@@ -16,6 +16,7 @@ from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core.prompt import passage_prompts
 from dragon_core.testing.reference import iterative_generate
+from dragon_host.documents import Documents
 from e2e_world import QUESTION, ask, options, reference, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
@@ -29,20 +30,30 @@ async def iterative_reference(runtime, index, reference_engine, opts, question: 
     def query(prefix) -> str:
         return iterative.query(question, runtime.tokenizer.decode(list(prefix), skip_special_tokens=True))
 
-    async def device(prefix):
-        ps = runtime.private_passages(query(prefix), opts.k)
-        prompts, scores = passage_prompts(runtime.tokenizer, question, [p.text for p in ps], [p.score for p in ps])
-        return await runtime.engine.open_group(prompts, temperature), scores
+    def documents(passages) -> Documents:
+        return Documents(tuple(p.id for p in passages), tuple(float(p.score) for p in passages), passages)
 
-    async def cloud(prefix):
-        ps = index.search(query(prefix), opts.cloud_k)
-        prompts, scores = passage_prompts(runtime.tokenizer, question, [p.text for p in ps], [p.score for p in ps])
-        return await reference_engine.open_group(prompts, temperature, scores, opts.max_tokens), scores
+    def prompts(docs):
+        return passage_prompts(runtime.tokenizer, question, [p.text for p in docs.payload], list(docs.scores))[0]
+
+    class Device:  # llama.cpp, as the device runs its private passages
+        async def retrieve(self, prefix):
+            return documents(runtime.private_passages(query(prefix), opts.k))
+
+        async def open(self, docs):
+            return await runtime.engine.open_group(prompts(docs), temperature)
+
+    class Cloud:  # an in-process vLLM gang, as the server runs its public passages
+        async def retrieve(self, prefix):
+            return documents(index.search(query(prefix), opts.cloud_k))
+
+        async def open(self, docs):
+            return await reference_engine.open_group(prompts(docs), temperature, list(docs.scores), opts.max_tokens)
 
     config = s.SessionConfig(request_id=0, max_tokens=opts.max_tokens, seed=opts.seed, eos_ids=runtime.eos_ids,
                              sampling=m.Sampling(opts.greedy, opts.temperature, opts.top_k, opts.top_p),
                              dist_top_k=opts.dist_top_k, retrieve_every=opts.retrieve_every)
-    return await iterative_generate(config, [device, cloud], opts.retrieve_every)
+    return await iterative_generate(config, [Device(), Cloud()], opts.retrieve_every)
 
 
 @pytest.fixture(scope="module")

@@ -150,3 +150,30 @@ def test_drivers_swap_their_streams_at_retrieval_boundaries(aggregator, hit):
             assert cloud.speculated_right + cloud.speculated_wrong <= cloud.speculated
             if hit == 0.0:  # the cache was wrong: held drafts were dropped, recomputed over the real documents
                 assert cloud.speculated_wrong >= 1 and drivers["cloud"].session.stats.retrieval_rollbacks >= 1
+
+
+def test_a_boundary_with_the_same_documents_keeps_the_streams_and_takes_the_new_scores():
+    """Two documents in the pool: a boundary often finds them again in the same order, and then
+    the group stays (no re-prefill) with the new scores; the answer is the reference's."""
+    kept = 0
+    for world in range(4):
+        config = s.SessionConfig(request_id=7, max_tokens=20, seed=world, eos_ids=frozenset({EOS}),
+                                 aggregator="device", scheduling=False, max_depth=5, retrieve_every=2)
+        source = FakeSource([1, 2], world, None)
+        docs, scores = retrieved_docs([1, 2], (), world)
+        first = ListStreams(docs, world, 0.001)
+        session = s.Session("device", config, side_spec(docs, scores, world).log_h, solo=True)
+        committed: list[int] = []
+
+        async def no_send(msg) -> None:
+            return None
+
+        driver = SessionDriver(session, first, scores, no_send, documents=source, on_commit=committed.extend,
+                               first_documents=Documents(tuple(docs), tuple(scores)))
+        asyncio.run(asyncio.wait_for(driver.run(), 60))
+        from dragon_core.testing.reference import solo_decode
+        assert committed == solo_decode(config, iterative_side_spec([1, 2], world, 2), "device")[: len(committed)]
+        boundaries = (len(committed) - 1) // 2
+        kept += boundaries - driver.documents.stats.swaps
+        assert driver.documents.stats.swaps <= boundaries
+    assert kept >= 3, kept

@@ -1,0 +1,275 @@
+"""Iterative retrieval and RaLMSpec (issue 16): speculative vs plain iterative RAG, and iterative vs one-shot.
+
+One language model and one retriever, as in RaLMSpec's own evaluation: SmolLM2-135M on
+llama.cpp (the device engine here) decodes each answer alone (a solo session through the host
+driver, no network), over public passages retrieved every ``--every`` tokens with the question
+and the answer so far as the query (``dragon_core.iterative``). Per question and setting:
+
+* **once**: one retrieval before the answer (DRAGON's default; quality baseline);
+* **iterative**: a real retrieval at every boundary, on the critical path;
+* **ralmspec**: at a boundary the streams decode at once over passages from the request's cache
+  (the top-20 of each real retrieval, scored with the index's own kernel), the real retrieval runs
+  beside, drafts wait for its verdict (``dragon_host.documents``). Its answer must equal
+  **iterative**'s token for token (checked, every question).
+
+Corpus: NQ-open gold passages of the sampled questions + 1,000 Wikipedia passages (the QA
+benchmark's, ``../shared/data``), embedded with MiniLM, one exact (flat) index; ``--pad N`` adds N
+SYNTHETIC random unit vectors to it (placeholder passages, labelled) so a search costs what a
+large exact index's does; random vectors sit near cosine 0 and do not displace real top-k
+passages. Reported: answer time, retrieval time on the critical path, speculation hit rate, F1 /
+answer-contained per setting, and the speed-ups.
+
+    python -m benchmarks.bench_iterative [--questions 50] [--every 4 8] [--pad 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.bench_quality_qa import load_world_data
+from benchmarks.qa_metrics import contains, f1
+from benchmarks.shared_data import data_dir
+
+RESULTS = Path(__file__).parent / "results"
+SYNTHETIC = "SYNTHETIC filler passage (a random vector padding the index to a large index's search cost)"
+
+
+class PaddedIndex:
+    """A flat exact index of the real passages plus ``pad`` synthetic vectors: the interface
+    ``PublicDocuments`` uses (``embed_query``, ``search_vector``, ``vectors``, ``score_vectors``)."""
+
+    def __init__(self, real, pad: int, seed: int = 0) -> None:
+        import faiss
+
+        from dragon_core.passage import Passage
+
+        self.real, self.Passage = real, Passage
+        n, d = real.index.ntotal, real.index.d
+        self.flat = faiss.IndexFlatIP(d)
+        self.flat.add(real.index.reconstruct_n(0, n))
+        rng = np.random.default_rng(seed)
+        for start in range(0, pad, 1 << 16):
+            x = rng.standard_normal((min(1 << 16, pad - start), d), dtype=np.float32)
+            self.flat.add(x / np.linalg.norm(x, axis=1, keepdims=True))
+        self.n_real = n
+
+    def __len__(self) -> int:
+        return self.flat.ntotal
+
+    def embed_query(self, query: str) -> np.ndarray:
+        return self.real.embed_query(query)
+
+    def search_vector(self, q: np.ndarray, k: int):
+        ip, ids = self.flat.search(np.ascontiguousarray(q, dtype=np.float32), k)
+        scores = self.real.embedder.score.from_inner_product(ip)
+        out = []
+        for i, sc in zip(ids[0].tolist(), scores[0].tolist()):
+            if i < 0:
+                continue
+            if i < self.n_real:
+                title, text = self.real.passage(i)
+                out.append(self.Passage(i, text, float(sc), title=title))
+            else:
+                out.append(self.Passage(i, SYNTHETIC, float(sc), title="SYNTHETIC"))
+        return out
+
+    def vectors(self, ids) -> np.ndarray:
+        return np.ascontiguousarray(self.flat.reconstruct_batch(np.asarray(ids, dtype=np.int64)), dtype=np.float32)
+
+    def score_vectors(self, q, vectors):
+        return self.real.score_vectors(q, vectors)
+
+
+def source_for(engine, tokenizer, index, question: str, k: int, max_tokens: int, every: int, speculate: bool):
+    """The request's ``DocumentSource``: the cloud's ``PublicDocuments`` on the llama.cpp engine."""
+    from dragon_core import messages as m
+    from dragon_core.prompt import passage_prompts
+    from dragon_vllm.public_documents import PublicDocuments
+
+    class Backend:
+        pass
+
+    backend = Backend()
+    backend.index, backend.tokenizer = index, tokenizer
+
+    class Documents(PublicDocuments):
+        async def open(self, docs):
+            prompts, _ = passage_prompts(tokenizer, question, [p.text for p in docs.payload], list(docs.scores))
+            return await engine.open_group(prompts, 1.0)
+
+    req = m.Open(0, question, k, max_tokens, 0, retrieve_every=every)
+    return Documents(backend, req, speculate=speculate)
+
+
+async def answer(engine, tokenizer, eos_ids, index, question: str, k: int, max_tokens: int, every: int,
+                 speculate: bool) -> dict:
+    """One solo answer; its tokens, wall time, and the documents' stats."""
+    from dragon_core import session as s
+    from dragon_core.aggregate import log_mass
+    from dragon_host.driver import SessionDriver
+
+    t0 = time.perf_counter()
+    source = source_for(engine, tokenizer, index, question, k, max_tokens, max(every, 1), speculate)
+    first = await source.retrieve(())
+    group = await source.open(first)
+    config = s.SessionConfig(request_id=0, max_tokens=max_tokens, seed=0, eos_ids=frozenset(eos_ids),
+                             aggregator="cloud", scheduling=False, retrieve_every=every)
+    session = s.Session("cloud", config, log_mass(first.scores), solo=True)
+
+    async def no_send(msg) -> None:
+        return None
+
+    driver = SessionDriver(session, group, list(first.scores), no_send, documents=source if every else None)
+    try:
+        await driver.run()
+    finally:
+        await driver.group.close()
+    st = driver.documents.stats if driver.documents is not None else None
+    tokens = list(session.committed)
+    return dict(tokens=tokens, text=tokenizer.decode(tokens, skip_special_tokens=True),
+                seconds=time.perf_counter() - t0,
+                waited_s=st.waited_s if st else 0.0, retrievals=st.retrievals if st else 0,
+                speculated=st.speculated if st else 0, right=st.speculated_right if st else 0,
+                wrong=st.speculated_wrong if st else 0, retrieval_rollbacks=session.stats.retrieval_rollbacks)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from benchmarks.environment import describe
+    from dragon_core.prompt import eos_token_ids
+    from dragon_edge.engines.llamacpp import LlamaCppEngine
+    from dragon_edge.loader import load_tokenizer
+    from dragon_vllm.corpus import PublicIndex
+
+    t_start = time.time()
+    data = data_dir(args.data)
+    questions, docs = load_world_data(data, args.questions, args.wiki, args.seed)
+    root = Path(args.work)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "public.jsonl", "w", encoding="utf-8") as f:
+        for name, text in docs.items():
+            f.write(json.dumps({"title": name, "text": text}) + "\n")
+    t0 = time.perf_counter()
+    real = PublicIndex.build([root / "public.jsonl"], root / "index", progress=not args.quiet, overwrite=True,
+                             kind="flat")
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    index = PaddedIndex(real, args.pad, args.seed)
+    pad_s = time.perf_counter() - t0
+    q = index.embed_query(questions[0].question)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        index.search_vector(q, 20)
+    search_ms = (time.perf_counter() - t0) / 5 * 1e3
+    tokenizer = load_tokenizer(args.model)
+    eos = eos_token_ids(tokenizer)
+    engine = LlamaCppEngine.from_name(args.model, n_ctx=1024, n_threads=args.threads)
+    settings = [("once", 0, False)] + [(name, n, spec) for n in args.every
+                                        for name, spec in (("iterative", False), ("ralmspec", True))]
+    rows: list[dict] = []
+    try:
+        for qn in tqdm(questions, desc="questions", disable=args.quiet):
+            row = dict(line=qn.line, question=qn.question, answers=qn.answers)
+            for name, every, spec in settings:
+                a = await answer(engine, tokenizer, eos, index, qn.question, args.k, args.max_tokens, every, spec)
+                a.update(f1=f1(a["text"], qn.answers), contains=contains(a["text"], qn.answers))
+                row[f"{name}@{every}" if every else name] = a
+            rows.append(row)
+    finally:
+        await engine.close()
+    return dict(benchmark="iterative", setup=dict(
+        model=args.model, engine=f"llama.cpp, {args.threads} threads, solo (no network)", k=args.k,
+        max_tokens=args.max_tokens, every=args.every, questions=len(questions), corpus_passages=index.n_real,
+        synthetic_padding=args.pad, index="flat (exact dense), faiss-cpu", search_ms_top20=round(search_ms, 2),
+        build_s=round(build_s, 1), pad_s=round(pad_s, 1), cache_size=20, seed=args.seed),
+        summary=summarize(rows, args.every), rows=rows, seconds=round(time.time() - t_start, 1),
+        environment=describe(["llama_cpp_python", "faiss-cpu", "numpy"]))
+
+
+def summarize(rows: list[dict], everys) -> dict:
+    out: dict[str, Any] = {"once": _agg(rows, "once")}
+    for n in everys:
+        it, sp = _agg(rows, f"iterative@{n}"), _agg(rows, f"ralmspec@{n}")
+        same = sum(r[f"iterative@{n}"]["tokens"] == r[f"ralmspec@{n}"]["tokens"] for r in rows)
+        out[f"every {n}"] = dict(iterative=it, ralmspec=sp, identical_answers=f"{same}/{len(rows)}",
+                                 speedup_end_to_end=round(it["seconds"] / sp["seconds"], 3),
+                                 speedup_retrieval=round(it["waited_s"] / max(sp["waited_s"], 1e-9), 3))
+    return out
+
+
+def _agg(rows: list[dict], key: str) -> dict:
+    xs = [r[key] for r in rows]
+    spec = sum(x["speculated"] for x in xs)
+    return dict(seconds=round(float(np.sum([x["seconds"] for x in xs])), 2),
+                waited_s=round(float(np.sum([x["waited_s"] for x in xs])), 3),
+                tokens=int(np.sum([len(x["tokens"]) for x in xs])),
+                f1=round(100 * float(np.mean([x["f1"] for x in xs])), 1),
+                contains=round(100 * float(np.mean([x["contains"] for x in xs])), 1),
+                retrievals=int(np.sum([x["retrievals"] for x in xs])), speculated=spec,
+                hit_rate=round(sum(x["right"] for x in xs) / spec, 3) if spec else None,
+                retrieval_rollbacks=int(np.sum([x["retrieval_rollbacks"] for x in xs])))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summ, setup = result["summary"], result["setup"]
+    everys = setup["every"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    x = np.arange(len(everys))
+    for off, name in ((-0.2, "iterative"), (0.2, "ralmspec")):
+        ax1.bar(x + off, [summ[f"every {n}"][name]["seconds"] for n in everys], 0.4, label=name)
+        ax2.bar(x + off, [summ[f"every {n}"][name]["waited_s"] for n in everys], 0.4, label=name)
+    for ax, label in ((ax1, "answer time, all questions (s)"), (ax2, "retrieval on the critical path (s)")):
+        ax.set_xticks(x, [f"retrieve every {n}" for n in everys])
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"RaLMSpec vs plain iterative retrieval: {setup['questions']} NQ questions, {setup['engine']}, "
+                 f"{setup['corpus_passages']:,} real + {setup['synthetic_padding']:,} SYNTHETIC vectors "
+                 f"(top-20 search {setup['search_ms_top20']} ms)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_iterative", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", help="evaluation data folder (default $DRAGON_DATA or ../shared/data)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--questions", type=int, default=50)
+    ap.add_argument("--wiki", type=int, default=1000, help="Wikipedia passages beside the gold ones")
+    ap.add_argument("--every", type=int, nargs="+", default=[4, 8], help="retrieve every N tokens")
+    ap.add_argument("--k", type=int, default=2, help="passages per retrieval")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--pad", type=int, default=1_000_000, help="SYNTHETIC vectors added to the exact index")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default="/tmp/dragon_bench_iterative", help="where the index is built")
+    ap.add_argument("--out", type=Path, default=RESULTS / "iterative_cpu.json")
+    ap.add_argument("--quiet", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    result = asyncio.run(run(args))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    print(json.dumps(result["summary"], indent=2))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
