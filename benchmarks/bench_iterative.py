@@ -67,12 +67,15 @@ class PaddedIndex:
         return self.real.embed_query(query)
 
     def search_vector(self, q: np.ndarray, k: int):
-        ip, ids = self.flat.search(np.ascontiguousarray(q, dtype=np.float32), k)
-        scores = self.real.embedder.score.from_inner_product(ip)
+        """As ``PublicIndex.search_vector``: the hits re-scored with the canonical kernel, ranked."""
+        from dragon_vllm.corpus.index import canonical_order
+
+        _, ids = self.flat.search(np.ascontiguousarray(q, dtype=np.float32), k)
+        found = np.asarray([i for i in ids[0].tolist() if i >= 0], dtype=np.int64)
+        scores = self.score_vectors(q, self.vectors(found))
         out = []
-        for i, sc in zip(ids[0].tolist(), scores[0].tolist()):
-            if i < 0:
-                continue
+        for j in canonical_order(found, scores):
+            i, sc = int(found[j]), float(scores[j])
             if i < self.n_real:
                 title, text = self.real.passage(i)
                 out.append(self.Passage(i, text, float(sc), title=title))

@@ -64,6 +64,12 @@ class DragonCloud:
 
     # ------------------------------------------------------------------ device link
     async def open_request(self, req: m.Open) -> OpenedRequest:
+        documents = self.documents_for(req)
+        if documents is not None:  # iterative retrieval: its first retrieval fills RaLMSpec's cache too
+            first = await documents.retrieve(())
+            group = await documents.open(first)
+            return OpenedRequest(group, list(first.scores), [_source_name(p) for p in first.payload], list(first.ids),
+                                 documents)
         passages = await self.retrieve(req.query, req.k) if req.retrieval else []
         prompts, scores = passage_prompts(self.tokenizer, req.query, [p.text for p in passages],
                                           [p.score for p in passages])

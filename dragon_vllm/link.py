@@ -76,6 +76,7 @@ class OpenedRequest:
     scores: Sequence[float]
     sources: list[str]
     ids: Sequence[int] = ()  # the passages' ids, in the group's order (iterative retrieval compares them)
+    documents: DocumentSource | None = None  # iterative retrieval: where the next boundaries' documents come from
 
 
 class CloudBackend(Protocol):
@@ -89,10 +90,6 @@ class CloudBackend(Protocol):
 
     async def public_passages(self, req: m.Open) -> m.Opened:
         """Mode "text": the top-k public passages' names, text and scores; no streams."""
-        ...
-
-    def documents_for(self, req: m.Open) -> DocumentSource | None:
-        """Iterative retrieval (``req.retrieve_every``): the request's documents at each boundary."""
         ...
 
 
@@ -381,8 +378,7 @@ class _Connection:
             config = s.SessionConfig.from_open(req, self.server.backend.eos_ids, vocab_size=_vocab_size(self.server.backend))
             session = s.Session("cloud", config, log_mass(opened.scores))
             # iterative retrieval: the driver swaps the streams at each boundary (and closes them)
-            documents = self.server.backend.documents_for(req) if req.retrieve_every else None
-            driver = SessionDriver(session, group, opened.scores, self.send, documents=documents,
+            driver = SessionDriver(session, group, opened.scores, self.send, documents=opened.documents,
                                    first_documents=Documents(tuple(opened.ids), tuple(float(x) for x in opened.scores)))
             self.drivers[rid] = driver
             self.idle[rid] = RequestIdle(self.limits.request_idle_timeout_s, time.monotonic())

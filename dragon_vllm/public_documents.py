@@ -4,8 +4,8 @@ A ``DocumentSource`` (``dragon_host.documents``) for one request on the public i
 
 * ``retrieve``: the real retrieval, the question and the answer so far embedded
   (``PublicIndex.embed_query``) and searched for the cache's depth (``cache_size``, RaLMSpec's
-  top-20); the request's top-k are its first k. Every passage it returns enters the cache with
-  its stored vector.
+  top-20), its hits scored with the index's canonical kernel (``search_vector``); the request's
+  top-k are its first k. Every passage it returns enters the cache with its stored vector.
 * ``speculate``: RaLMSpec's speculative retrieval, the same query scored against the cached
   vectors with the index's own kernel (``PublicIndex.score_vectors``: bitwise the index's scores),
   top-k by score. Right exactly when the real top-k is in the cache, which is what makes it cheap:
@@ -24,6 +24,7 @@ from dragon_core import iterative
 from dragon_core import messages as m
 from dragon_core.prompt import passage_prompts
 from dragon_core.request import RequestSpec
+from dragon_vllm.corpus.index import canonical_order
 from dragon_host.documents import Documents
 from dragon_host.slow_group import slowed
 
@@ -54,7 +55,7 @@ class PublicDocuments:
         q = await self._query(prefix)
         ids = list(self._cache)
         scores = self.index.score_vectors(q, np.stack([self._cache[i][1] for i in ids]))
-        order = sorted(range(len(ids)), key=lambda j: (-float(scores[j]), -ids[j]))[: self.req.k]
+        order = canonical_order(np.asarray(ids, dtype=np.int64), scores)[: self.req.k]
         picked = [self._cache[ids[j]][0] for j in order]
         return Documents(tuple(p.id for p in picked), tuple(float(scores[j]) for j in order),
                          [_rescored(p, float(scores[j])) for p, j in zip(picked, order)])

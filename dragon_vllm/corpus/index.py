@@ -111,13 +111,18 @@ class PublicIndex:
             return self.embedder.embed([query])
 
     def search_vector(self, q: np.ndarray, k: int) -> list[Passage]:
-        """``search`` for an embedded query: the same passages and scores."""
+        """``search`` for an embedded query, its hits re-scored with the canonical kernel
+        (``score_vectors``) and ranked by ``canonical_order``: the scores a speculation from
+        cached vectors reproduces bitwise. (faiss's own scores differ in the last bits once a
+        flat scan is large enough to take another code path: 300k vectors here.)"""
         t0 = time.perf_counter()
-        ip, ids = self.searcher.search(np.ascontiguousarray(q, dtype=np.float32), min(k, len(self)))
-        scores = self.embedder.score.from_inner_product(np.where(ids >= 0, ip, 0.0))
-        rows = self._rows({int(i) for i in ids[0] if i >= 0})
+        _, ids = self.searcher.search(np.ascontiguousarray(q, dtype=np.float32), min(k, len(self)))
+        found = [int(i) for i in ids[0] if i >= 0]
+        scores = self.score_vectors(q, self.vectors(found)) if found else np.zeros(0, np.float32)
+        order = canonical_order(np.asarray(found, dtype=np.int64), scores)
+        rows = self._rows(set(found))
         self._count(1, time.perf_counter() - t0)
-        return [_passage(int(i), rows[int(i)], float(sc)) for i, sc in zip(ids[0].tolist(), scores[0].tolist()) if i >= 0]
+        return [_passage(found[j], rows[found[j]], float(scores[j])) for j in order]
 
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
         """The stored vectors of passages (len(ids) x d, float32): what the index scores."""
@@ -192,6 +197,12 @@ class PublicIndex:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def canonical_order(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Rank order of scored passages: score descending, then id ascending (one rule for the real
+    retrieval and the speculation from the cache)."""
+    return np.lexsort((np.asarray(ids), -np.asarray(scores)))
 
 
 def _passage(pid: int, row: tuple[str, str], score: float) -> Passage:

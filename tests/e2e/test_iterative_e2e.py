@@ -44,8 +44,8 @@ async def iterative_reference(runtime, index, reference_engine, opts, question: 
             return await runtime.engine.open_group(prompts(docs), temperature)
 
     class Cloud:  # an in-process vLLM gang, as the server runs its public passages
-        async def retrieve(self, prefix):
-            return documents(index.search(query(prefix), opts.cloud_k))
+        async def retrieve(self, prefix):  # the cloud's iterative retrieval: top-20, canonical scores
+            return documents(index.search_vector(index.embed_query(query(prefix)), 20)[: opts.cloud_k])
 
         async def open(self, docs):
             return await reference_engine.open_group(prompts(docs), temperature, list(docs.scores), opts.max_tokens)
