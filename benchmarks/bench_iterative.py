@@ -152,6 +152,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from dragon_edge.loader import load_tokenizer
     from dragon_vllm.corpus import PublicIndex
 
+    import faiss
+
+    faiss.omp_set_num_threads(args.faiss_threads)
     t_start = time.time()
     data = data_dir(args.data)
     questions, docs = load_world_data(data, args.questions, args.wiki, args.seed)
@@ -190,6 +193,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await engine.close()
     return dict(benchmark="iterative", setup=dict(
         model=args.model, engine=f"llama.cpp, {args.threads} threads, solo (no network)", k=args.k,
+        faiss_threads=args.faiss_threads,
         max_tokens=args.max_tokens, every=args.every, questions=len(questions), corpus_passages=index.n_real,
         synthetic_padding=args.pad, index="flat (exact dense), faiss-cpu", search_ms_top20=round(search_ms, 2),
         build_s=round(build_s, 1), pad_s=round(pad_s, 1), cache_size=20, seed=args.seed),
@@ -255,7 +259,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--k", type=int, default=2, help="passages per retrieval")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--pad", type=int, default=1_000_000, help="SYNTHETIC vectors added to the exact index")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads (decoding)")
+    ap.add_argument("--faiss-threads", type=int, default=1,
+                    help="faiss threads (retrieval); with --threads 1 each has its own core of two, as a GPU "
+                         "server decodes on the GPU and searches on CPU cores")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/dragon_bench_iterative", help="where the index is built")
     ap.add_argument("--out", type=Path, default=RESULTS / "iterative_cpu.json")

@@ -372,7 +372,9 @@ class Session:
     def _window(self) -> int:
         """Undecided drafts allowed ahead: the mode's fixed depth, or for DRAGON the window that
         covers one round trip (``scheduler.draft_window``), capped by ``max_depth``."""
-        if self.config.rule.depth != "window":
+        if self.config.rule.depth != "window" or self._unchecked:
+            # RaLMSpec: drafts held on speculated documents cannot be decided yet, so computing
+            # ahead (up to the request's cap) is what hides the real retrieval
             return self.config.depth
         return draft_window(self.scheduler.estimates, self.config.depth)
 
