@@ -6,9 +6,11 @@ One module per concern:
 * ``build``: documents -> passages, vectors and a faiss index, installed atomically;
 * ``layout``: the folder's file names and its manifest;
 * ``index``: :class:`PublicIndex`, a built index opened read-only, and its load checks;
-* ``ivf``: the index kinds (flat, IVF-Flat, IVF-PQ), their parameters and their build;
+* ``ivf``: the index kinds (flat, IVF-Flat, IVF-PQ), their parameters and their build
+  (``gpu_build``: the k-means and the list assignment on a torch device);
 * ``lookahead`` (+ ``cluster_cache``, ``cluster_store``, ``merge``, ``gpu_store``): TeleRAG's
-  prefetch of a query's IVF clusters into a cache, results equal to plain IVF search;
+  prefetch of a query's IVF clusters into a cache (host memory, or GPU memory through torch),
+  results equal to plain IVF search;
 * ``errors``: the typed errors (not found / corrupt / retriever mismatch are shared with the
   device's store through ``dragon_host.errors``);
 * ``cli``: ``python -m dragon_vllm.corpus_cli build | search | info``.
