@@ -29,19 +29,26 @@ async def centralized_generate(config: s.SessionConfig, groups: Sequence[tuple[S
     and η weights the protocol uses. One token per step, no speculation, no network."""
     if len(groups) != 2:
         raise ValueError("centralized_generate mixes exactly two sides (device, cloud)")
-    (g_dev, r_dev), (g_cloud, r_cloud) = groups
-    _, eta_cloud = cross_side_weights(log_mass(r_dev), log_mass(r_cloud))
     tokens: list[int] = []
     for step in range(config.max_tokens):
-        p_dev = await side_dist(g_dev, r_dev, config.dist_top_k)
-        p_cloud = await side_dist(g_cloud, r_cloud, config.dist_top_k)
-        token = synchronous_target(p_dev, p_cloud, eta_cloud, config.sampling, step_rng(config.seed, VERIFY, step))
+        token = await _centralized_step(config, step, groups)
         tokens.append(token)
         if token in config.eos_ids:
             break
-        await g_dev.append([token])
-        await g_cloud.append([token])
+        for group, _ in groups:
+            await group.append([token])
     return tokens
+
+
+async def _centralized_step(config: s.SessionConfig, step: int,
+                            sides: Sequence[tuple[StreamGroup, Sequence[float]]]) -> int:
+    """One step of centralized aggregation: both sides' canonical distributions, weighed by
+    their retrieval masses, and the target token drawn from the mixture."""
+    (g_dev, r_dev), (g_cloud, r_cloud) = sides
+    _, eta_cloud = cross_side_weights(log_mass(r_dev), log_mass(r_cloud))
+    p_dev = await side_dist(g_dev, r_dev, config.dist_top_k)
+    p_cloud = await side_dist(g_cloud, r_cloud, config.dist_top_k)
+    return synchronous_target(p_dev, p_cloud, eta_cloud, config.sampling, step_rng(config.seed, VERIFY, step))
 
 
 async def iterative_generate(config: s.SessionConfig, sources: Sequence, every: int) -> list[int]:
@@ -71,16 +78,12 @@ async def iterative_generate(config: s.SessionConfig, sources: Sequence, every: 
                         await groups[i].append(tokens)
                     docs[i] = new
                 key = want
-            (g_dev, g_cloud), (d_dev, d_cloud) = groups, docs
-            _, eta_cloud = cross_side_weights(log_mass(d_dev.scores), log_mass(d_cloud.scores))
-            p_dev = await side_dist(g_dev, d_dev.scores, config.dist_top_k)
-            p_cloud = await side_dist(g_cloud, d_cloud.scores, config.dist_top_k)
-            token = synchronous_target(p_dev, p_cloud, eta_cloud, config.sampling, step_rng(config.seed, VERIFY, step))
+            token = await _centralized_step(config, step, [(g, d.scores) for g, d in zip(groups, docs)])
             tokens.append(token)
             if token in config.eos_ids:
                 break
-            await g_dev.append([token])
-            await g_cloud.append([token])
+            for group in groups:
+                await group.append([token])
     finally:
         for g in groups:
             await g.close()

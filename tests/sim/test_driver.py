@@ -17,6 +17,20 @@ from dragon_host.documents import Documents
 import numpy as np
 
 
+def wire_to(drivers: dict[str, SessionDriver], to: str, one_way_s: float):
+    """A driver's ``send``: each message encoded, delivered to ``drivers[to]`` after ``one_way_s``."""
+    async def send(msg: m.Message) -> None:
+        frame = codec.encode(msg)
+
+        async def deliver():
+            await asyncio.sleep(one_way_s)
+            drivers[to].feed(s.PeerMessage(codec.decode(frame)))
+
+        asyncio.get_running_loop().create_task(deliver())
+
+    return send
+
+
 async def run_pair(config: s.SessionConfig, world: int, one_way_s: float):
     dev_docs, dev_scores = [1, 2], [3.0, 2.5]
     cloud_docs, cloud_scores = [3, 4, 5], [2.8, 2.0, 1.0]
@@ -25,26 +39,11 @@ async def run_pair(config: s.SessionConfig, world: int, one_way_s: float):
         "cloud": s.Session("cloud", config, side_spec(cloud_docs, cloud_scores, world).log_h),
     }
     drivers: dict[str, SessionDriver] = {}
-    wire: list[bytes] = []
-
-    def sender(to: str):
-        async def send(msg: m.Message) -> None:
-            frame = codec.encode(msg)
-            wire.append(frame)
-
-            async def deliver():
-                await asyncio.sleep(one_way_s)
-                drivers[to].feed(s.PeerMessage(codec.decode(frame)))
-
-            asyncio.get_running_loop().create_task(deliver())
-
-        return send
-
     committed: list[int] = []
     drivers["device"] = SessionDriver(sessions["device"], ListStreams(dev_docs, world, 0.004), dev_scores,
-                                      sender("cloud"), on_commit=committed.extend)
+                                      wire_to(drivers, "cloud", one_way_s), on_commit=committed.extend)
     drivers["cloud"] = SessionDriver(sessions["cloud"], ListStreams(cloud_docs, world, 0.001), cloud_scores,
-                                     sender("device"))
+                                     wire_to(drivers, "device", one_way_s))
     fin_dev, fin_cloud = await asyncio.wait_for(
         asyncio.gather(drivers["device"].run(), drivers["cloud"].run()), timeout=60)
     want = centralized_decode(config, side_spec(dev_docs, dev_scores, world), side_spec(cloud_docs, cloud_scores, world))
@@ -100,25 +99,13 @@ async def run_iterative_pair(config: s.SessionConfig, world: int, one_way_s: flo
     sources = {"device": FakeSource(pools["device"], world, None),
                "cloud": FakeSource(pools["cloud"], world, hit, retrieve_s=0.02)}
     drivers: dict[str, SessionDriver] = {}
-
-    def sender(to: str):
-        async def send(msg: m.Message) -> None:
-            frame = codec.encode(msg)
-
-            async def deliver():
-                await asyncio.sleep(one_way_s)
-                drivers[to].feed(s.PeerMessage(codec.decode(frame)))
-
-            asyncio.get_running_loop().create_task(deliver())
-        return send
-
     committed: list[int] = []
     for side, other in (("device", "cloud"), ("cloud", "device")):
         docs, scores = retrieved_docs(pools[side], (), world)
         first = ListStreams(docs, world, 0.001)
         sources[side].opened.append(first)
         session = s.Session(side, config, side_spec(docs, scores, world).log_h)
-        drivers[side] = SessionDriver(session, first, scores, sender(other), documents=sources[side],
+        drivers[side] = SessionDriver(session, first, scores, wire_to(drivers, other, one_way_s), documents=sources[side],
                                       on_commit=committed.extend if side == "device" else None)
     await asyncio.wait_for(asyncio.gather(drivers["device"].run(), drivers["cloud"].run()), timeout=60)
     want = centralized_decode(config, iterative_side_spec(pools["device"], world, config.retrieve_every),
