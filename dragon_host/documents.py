@@ -15,7 +15,6 @@ and the next step swaps the real documents in. Exactness never depends on the ca
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
@@ -23,8 +22,6 @@ from typing import Any, Callable, Protocol, Sequence
 from dragon_core import iterative
 from dragon_core import session as s
 from dragon_core.engine import StreamGroup, keeps_streams
-
-log = logging.getLogger("dragon.documents")
 
 
 @dataclass(frozen=True)
