@@ -67,17 +67,26 @@ def mixture(sides: Sequence[tuple[Sequence[np.ndarray], Sequence[float], int]], 
     return sum(e * side_probs(p, r, top_k, ek) for e, (p, r, ek) in zip(eta, sides))
 
 
-def truncate(p: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
-    """The law a token is drawn from: top-k then top-p truncation of ``p``, renormalised."""
+def kept(p: np.ndarray, top_k: int = 0, top_p: float = 1.0, k_slack: float = 0.0,
+         p_slack: float = 0.0) -> np.ndarray:
+    """The ids top-k then top-p truncation keeps (a boolean mask). With slack, the ids a
+    slightly different ``p`` could keep too: top-k keeps values down to ``(1 - k_slack)`` of the
+    k-th, top-p keeps while the mass before an id is below ``top_p + p_slack``."""
     q = np.asarray(p, dtype=np.float64).copy()
     if top_k and top_k < q.size:
-        q[q < np.sort(q)[::-1][top_k - 1]] = 0.0
+        q[q < np.sort(q)[::-1][top_k - 1] * (1.0 - k_slack)] = 0.0
     if top_p < 1.0:
         total, before = q.sum(), 0.0
         for i in np.lexsort((np.arange(q.size), -q)):  # descending, ties: smaller id first
-            if before >= top_p * total:  # the prefix before this token already reaches top_p
+            if before >= min(top_p + p_slack, 1.0) * total:  # the prefix before this id already reaches top_p
                 q[i] = 0.0
             before += q[i]
+    return q > 0.0
+
+
+def truncate(p: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """The law a token is drawn from: top-k then top-p truncation of ``p``, renormalised."""
+    q = np.where(kept(p, top_k, top_p), np.asarray(p, dtype=np.float64), 0.0)
     return q / q.sum()
 
 
@@ -101,14 +110,22 @@ async def greedy(groups, top_k: int, max_tokens: int, eos_ids) -> list[int]:
 
 
 async def joint_law(groups, steps: int, top_k: int, sample_top_k: int, top_p: float,
-                    eos_ids, swap_weights: bool = False) -> dict[tuple[int, ...], float]:
+                    eos_ids, swap_weights: bool = False, near: set | None = None,
+                    slack: tuple[float, float] = (0.0, 0.0)) -> dict[tuple[int, ...], float]:
     """The law of the first ``steps`` sampled tokens: ``{(t1, ..., tn): probability}`` (an answer
     that ends with EOS earlier is a shorter tuple). Every branch is expanded with append and
-    rollback on the groups, which end at length 0."""
+    rollback on the groups, which end at length 0.
+
+    ``near`` collects the prefixes that end in an id truncation drops but would keep with
+    ``slack = (k_slack, p_slack)`` (see ``kept``): outcomes the law gives 0 only by a margin
+    the engines' rounding can cross."""
     law: dict[tuple[int, ...], float] = {}
 
     async def expand(prefix: tuple[int, ...], mass: float) -> None:
-        q = truncate(mixture(await step_sides(groups), top_k, swap_weights), sample_top_k, top_p)
+        mix = mixture(await step_sides(groups), top_k, swap_weights)
+        q = truncate(mix, sample_top_k, top_p)
+        if near is not None:
+            near.update(prefix + (int(t),) for t in np.flatnonzero(kept(mix, sample_top_k, top_p, *slack) & (q == 0)))
         for tok in np.flatnonzero(q):
             seq, pm = prefix + (int(tok),), mass * float(q[tok])
             if len(seq) == steps or int(tok) in eos_ids:
@@ -138,13 +155,32 @@ def pooled(law: dict[tuple[int, ...], float], n: int, min_expected: float = 5.0)
     return big
 
 
-def cell_probs(law: dict[tuple[int, ...], float], cells: list[list[tuple[int, ...]]]) -> np.ndarray:
-    return np.array([sum(law.get(o, 0.0) for o in cell) for cell in cells])
+def cell_of(outcome: tuple[int, ...], cells: list[list[tuple[int, ...]]], near: set = frozenset()) -> int | None:
+    """The index of ``outcome``'s cell; an outcome near a truncation boundary (a prefix of it is
+    in ``near``, see ``joint_law``) joins the last, least likely cell; None: impossible."""
+    for i, cell in enumerate(cells):
+        if outcome in cell:
+            return i
+    if any(outcome[:j] in near for j in range(1, len(outcome) + 1)):
+        return len(cells) - 1
+    return None
 
 
-def cell_counts(outcomes: Sequence[tuple[int, ...]], cells: list[list[tuple[int, ...]]]) -> np.ndarray:
-    where = {o: i for i, cell in enumerate(cells) for o in cell}
+def cell_probs(law: dict[tuple[int, ...], float], cells: list[list[tuple[int, ...]]],
+               near: set = frozenset()) -> np.ndarray:
+    """Each cell's mass under ``law`` (the mass of impossible outcomes is in no cell)."""
+    out = np.zeros(len(cells))
+    for o, pr in law.items():
+        i = cell_of(o, cells, near)
+        if i is not None:
+            out[i] += pr
+    return out
+
+
+def cell_counts(outcomes: Sequence[tuple[int, ...]], cells: list[list[tuple[int, ...]]],
+                near: set = frozenset()) -> np.ndarray:
+    """How many ``outcomes`` fall in each cell (each must have one)."""
     counts = np.zeros(len(cells), dtype=np.int64)
     for o in outcomes:
-        counts[where[o]] += 1
+        counts[cell_of(o, cells, near)] += 1
     return counts

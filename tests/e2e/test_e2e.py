@@ -177,6 +177,13 @@ ALPHA = 1e-3  # per test; 2 tests can raise a false alarm: P(any) <= 0.2%
 POWER = 0.999  # against the law a cloud-ignoring device would produce
 POWER_SWAPPED = 0.99  # against the law with the two sides' weights η swapped (a subtler bug)
 N_MIN, N_MAX = 20, 200
+# The live cloud's bf16 numbers differ slightly from the reference engine's (prefix caching,
+# batching: vLLM on CPU is neither batch nor cache invariant), and truncation turns a tiny
+# difference at its boundary into an id in or out. CI sampled such an id twice in four runs
+# (p = 0 under the reference). An id that truncation drops only by a margin like that (within
+# 10% of the k-th value for top-k, 0.05 of the mass for top-p: about 0.1 in a logit) is not
+# "impossible": its answers join the least likely χ² cell, where a real excess still counts.
+BOUNDARY_SLACK = (0.10, 0.05)
 
 
 def sampling_options(case: str, **kw) -> AnswerOptions:
@@ -192,39 +199,41 @@ def sampling_plans(loop, runtime, world, reference_engine):
     swapped), all from tests/e2e/independent.py, the pooled χ² cells, and the smallest n (a multiple
     of 10, at least N_MIN) whose power (see ``power``) reaches POWER against device-only and
     POWER_SWAPPED against swapped weights."""
-    async def law(case: str, use_cloud: bool = True, swap: bool = False):
+    async def law(case: str, use_cloud: bool = True, swap: bool = False, near: set | None = None):
         opts = sampling_options(case)
         c = SAMPLING_CASES[case]
         groups = await open_sides(runtime, world[1], reference_engine, opts, PUBLIC_QUESTION, use_cloud)
         try:
             return await independent.joint_law(groups, STEPS, c["dist_top_k"], c["top_k"], c["top_p"],
-                                               runtime.eos_ids, swap)
+                                               runtime.eos_ids, swap, near, BOUNDARY_SLACK)
         finally:
             await close_sides(groups)
 
     plans = {}
     for case in SAMPLING_CASES:
-        central, alone, swapped = run(loop, law(case)), run(loop, law(case, False)), run(loop, law(case, True, True))
+        near: set[tuple[int, ...]] = set()
+        central = run(loop, law(case, near=near))
+        alone, swapped = run(loop, law(case, False)), run(loop, law(case, True, True))
 
         def enough(n: int) -> bool:
-            return power(central, alone, n) >= POWER and power(central, swapped, n) >= POWER_SWAPPED
+            return power(central, alone, n, near) >= POWER and power(central, swapped, n, near) >= POWER_SWAPPED
 
         n = next((n for n in range(N_MIN, N_MAX + 1, 10) if enough(n)), None)
-        assert n is not None, (f"{case}: power {power(central, alone, N_MAX):.4f} (device-only), "
-                               f"{power(central, swapped, N_MAX):.4f} (η swapped) at n={N_MAX}")
+        assert n is not None, (f"{case}: power {power(central, alone, N_MAX, near):.4f} (device-only), "
+                               f"{power(central, swapped, N_MAX, near):.4f} (η swapped) at n={N_MAX}")
         # the negative control only has to reject the device-only law: its own, smaller n
-        n_control = next(m for m in range(N_MIN, n + 1, 10) if power(central, alone, m) >= POWER)
-        plans[case] = dict(central=central, alone=alone, swapped=swapped, n=n, n_control=n_control,
+        n_control = next(m for m in range(N_MIN, n + 1, 10) if power(central, alone, m, near) >= POWER)
+        plans[case] = dict(central=central, alone=alone, swapped=swapped, near=near, n=n, n_control=n_control,
                            cells=independent.pooled(central, n), control_cells=independent.pooled(central, n_control))
     return plans
 
 
-def power(central: dict, wrong: dict, n: int) -> float:
+def power(central: dict, wrong: dict, n: int, near: set) -> float:
     """Power of the χ² test at ALPHA when the runs follow the ``wrong`` law: 1 - P(no run lands
-    outside the centralized support) · P(the χ² statistic stays below its critical value), the
-    latter with the noncentral χ² of λ = n Σ_cells (q - p)² / p."""
+    outside the centralized support and its boundary ``near``) · P(the χ² statistic stays below
+    its critical value), the latter with the noncentral χ² of λ = n Σ_cells (q - p)² / p."""
     cells = independent.pooled(central, n)
-    p, q_in = independent.cell_probs(central, cells), independent.cell_probs(wrong, cells)
+    p, q_in = independent.cell_probs(central, cells), independent.cell_probs(wrong, cells, near)
     outside = 1.0 - q_in.sum()  # mass of outcomes the centralized law never produces
     q = q_in / q_in.sum() if q_in.sum() > 0 else q_in
     df = len(cells) - 1
@@ -235,11 +244,16 @@ def power(central: dict, wrong: dict, n: int) -> float:
     return 1.0 - (1.0 - outside) ** n * miss
 
 
-def chi2_pvalue(central: dict, cells: list, outcomes: list[tuple[int, ...]]) -> float:
-    """p-value of the observed outcomes under the centralized law (0 if any is impossible)."""
-    if any(central.get(o, 0.0) == 0.0 for o in outcomes):
+def chi2_pvalue(central: dict, cells: list, outcomes: list[tuple[int, ...]], near: set) -> float:
+    """p-value of the observed outcomes under the centralized law; 0 if any is impossible (in
+    no cell: outside the support and its boundary ``near``)."""
+    impossible = [o for o in outcomes if independent.cell_of(o, cells, near) is None]
+    if impossible:
+        print(f"impossible under the centralized law: {sorted(set(impossible))}")
         return 0.0
-    counts = independent.cell_counts(outcomes, cells)
+    on_boundary = [o for o in outcomes if o not in central]
+    print(f"{len(on_boundary)} of {len(outcomes)} answers near a truncation boundary: {on_boundary}")
+    counts = independent.cell_counts(outcomes, cells, near)
     expected = len(outcomes) * independent.cell_probs(central, cells)
     return float(stats.chisquare(counts, expected).pvalue)
 
@@ -250,12 +264,6 @@ def tv(a: dict, b: dict) -> float:
 
 
 SAMPLING_CONCURRENCY = 4  # answers at a time on the link: each waits on the other side's draft
-# Top-p cuts the law at a cumulative-probability boundary, where the cloud's bf16 numbers decide
-# which ids are in: batched with other answers the live cloud's numbers differ slightly from the
-# reference's (vLLM CPU is not batch invariant), and in two of three full-suite runs an id just
-# outside the reference's nucleus was sampled (p = 0.0), likely for that reason. That case runs its
-# answers one at a time.
-SAMPLING_CONCURRENCY_BY_CASE = {"device-aggregates-full-topp": 1}
 
 
 async def sample(runtime, url: str | None, opts: dict, seeds, concurrency: int = SAMPLING_CONCURRENCY) \
@@ -296,13 +304,13 @@ def test_sampling_through_the_wire_has_the_centralized_joint_law(loop, runtime, 
     central, n = plan["central"], plan["n"]
     tv_alone, tv_swap = tv(central, plan["alone"]), tv(central, plan["swapped"])
     print(f"\n{case}: n={n}, cells={len(plan['cells'])}, TV(centralized, device-only)={tv_alone:.3f} "
-          f"power={power(central, plan['alone'], n):.5f}; TV(centralized, η swapped)="
-          f"{tv_swap:.3f} power={power(central, plan['swapped'], n):.5f}")
+          f"power={power(central, plan['alone'], n, plan['near']):.5f}; TV(centralized, η swapped)="
+          f"{tv_swap:.3f} power={power(central, plan['swapped'], n, plan['near']):.5f}; "
+          f"{len(plan['near'])} boundary prefixes")
     assert tv_alone >= 0.1
     seeds = [SEED_BASE[case] + i for i in range(n)]
-    outcomes = run(loop, sample(runtime, proxies[0], sampling_options(case), seeds,
-                                SAMPLING_CONCURRENCY_BY_CASE.get(case, SAMPLING_CONCURRENCY)), timeout=1200)
-    assert chi2_pvalue(central, plan["cells"], outcomes) > ALPHA
+    outcomes = run(loop, sample(runtime, proxies[0], sampling_options(case), seeds), timeout=1200)
+    assert chi2_pvalue(central, plan["cells"], outcomes, plan["near"]) > ALPHA
 
 
 def test_sampling_negative_control_device_only_fails_the_same_test(loop, runtime, sampling_plans):
@@ -312,7 +320,7 @@ def test_sampling_negative_control_device_only_fails_the_same_test(loop, runtime
     plan = sampling_plans[case]
     seeds = [SEED_BASE[case] + i for i in range(plan["n_control"])]
     outcomes = run(loop, sample(runtime, None, sampling_options(case, use_cloud=False), seeds), timeout=1200)
-    assert chi2_pvalue(plan["central"], plan["control_cells"], outcomes) <= ALPHA
+    assert chi2_pvalue(plan["central"], plan["control_cells"], outcomes, plan["near"]) <= ALPHA
 
 
 # ---------------------------------------------------------------------------- OpenAI API
