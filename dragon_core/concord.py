@@ -190,15 +190,15 @@ class ConcordDevice:
 
     def _send_token(self, step: int, token: int) -> None:
         """Committed tokens go up in batches while they are the ones the cloud guessed: it
-        computes on them already, and needs them only to move its window on (a batch is at most a
-        quarter of it). A token it guessed wrong or did not guess, the last one, and any the cloud
+        computes on them already, and needs them only to move its window on (a batch is at most
+        half of it, so the cloud keeps computing while the batch travels). A token it guessed wrong or did not guess, the last one, and any the cloud
         may need to reach a step the device waits on go at once."""
         if not self._unsent_tokens:
             self._unsent_from = step
         self._unsent_tokens.append(token)
         cfg = self.s.config
         ends = token in cfg.eos_ids or step + 1 >= cfg.max_tokens
-        if self._guess.get(step) != token or ends or len(self._unsent_tokens) >= max(1, lookahead(cfg) // 4):
+        if self._guess.get(step) != token or ends or len(self._unsent_tokens) >= max(1, lookahead(cfg) // 2):
             self._flush_tokens()
 
     def _flush_tokens(self) -> None:
@@ -353,7 +353,7 @@ class ConcordCloud:
         if self._run and (self._run[0].step <= reached or not runnable or frame.step != self._run[-1].step + 1):
             self._flush_run()  # frames go in step order; a held step the device reached goes now
         if frame.step <= reached or not runnable:
-            self.s._emit(_send(frame))
+            self.s._emit(_send(cw.pack_run([frame]) if runnable else frame))
             return
         self._run.append(frame)
         if len(self._run) >= RUN_MAX:

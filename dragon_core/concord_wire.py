@@ -72,10 +72,10 @@ def runnable(frame: m.Evidence, guess: int) -> bool:
             and int(np.frombuffer(frame.ids, dtype="<i4")[0]) == guess)
 
 
-def pack_run(frames: list[m.Evidence]) -> m.Message:
-    """Consecutive ``runnable`` frames of one chain as one ``EvidenceRun`` (one frame as itself)."""
-    if len(frames) == 1:
-        return frames[0]
+def pack_run(frames: list[m.Evidence]) -> m.EvidenceRun:
+    """Consecutive ``runnable`` frames of one chain as one ``EvidenceRun`` (a single frame too:
+    a one-step run is 3 bytes shorter than its ``Evidence``, which spends a byte on each unset
+    optional field)."""
     first = frames[0]
     for a, b in zip(frames, frames[1:]):
         if b.step != a.step + 1:

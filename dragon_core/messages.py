@@ -13,8 +13,9 @@ from typing import Literal
 
 import msgspec
 
-PROTOCOL_VERSION = 4  # 2: Evidence carries its chain (basis, prev): the cloud's evidence ahead; 3: EvidenceRun;
-# 4: Open.retrieve_every (iterative retrieval: a Draft's log_h is its step's retrieval epoch's)
+PROTOCOL_VERSION = 5  # 2: Evidence carries its chain (basis, prev): the cloud's evidence ahead; 3: EvidenceRun;
+# 4: Open.retrieve_every (iterative retrieval: a Draft's log_h is its step's retrieval epoch's);
+# 5: every message's tag is a small int (one byte on the wire, not its name: 2-7 bytes a frame)
 
 Side = Literal["device", "cloud"]
 # Wire modes (baselines of the same link): "cloud" = cloud-only (the cloud decodes alone and
@@ -50,7 +51,7 @@ class WireDist(msgspec.Struct, frozen=True, array_like=True, dict=True):
 
 
 # ------------------------------------------------------------------ connection level
-class Hello(msgspec.Struct, tag="hello", frozen=True, array_like=True):
+class Hello(msgspec.Struct, tag=1, frozen=True, array_like=True):
     """First frame from the device. The cloud refuses on any mismatch."""
 
     protocol_version: int
@@ -63,7 +64,7 @@ class Hello(msgspec.Struct, tag="hello", frozen=True, array_like=True):
     client: str = ""
 
 
-class Welcome(msgspec.Struct, tag="welcome", frozen=True, array_like=True):
+class Welcome(msgspec.Struct, tag=2, frozen=True, array_like=True):
     protocol_version: int
     server: str
     max_k: int
@@ -71,17 +72,17 @@ class Welcome(msgspec.Struct, tag="welcome", frozen=True, array_like=True):
     max_frame_bytes: int
 
 
-class Ping(msgspec.Struct, tag="ping", frozen=True, array_like=True):
+class Ping(msgspec.Struct, tag=3, frozen=True, array_like=True):
     nonce: int
     sent_at: float
 
 
-class Pong(msgspec.Struct, tag="pong", frozen=True, array_like=True):
+class Pong(msgspec.Struct, tag=4, frozen=True, array_like=True):
     nonce: int
     sent_at: float
 
 
-class Error(msgspec.Struct, tag="error", frozen=True, array_like=True):
+class Error(msgspec.Struct, tag=5, frozen=True, array_like=True):
     """A typed error; ``request_id`` is None for connection-level errors."""
 
     code: str
@@ -101,7 +102,7 @@ class SchedulerPrior(msgspec.Struct, frozen=True, array_like=True):
     alpha_cloud: float
 
 
-class Open(msgspec.Struct, tag="open", frozen=True, array_like=True):
+class Open(msgspec.Struct, tag=6, frozen=True, array_like=True):
     """Device asks the cloud to join one request."""
 
     request_id: int
@@ -122,7 +123,7 @@ class Open(msgspec.Struct, tag="open", frozen=True, array_like=True):
     retrieve_every: int = 0  # iterative retrieval: re-retrieve every n generated tokens (0: once)
 
 
-class Opened(msgspec.Struct, tag="opened", frozen=True, array_like=True):
+class Opened(msgspec.Struct, tag=7, frozen=True, array_like=True):
     """Cloud accepted the request; ``sources`` names its public passages (for attribution).
 
     In mode "text" (DRCG/Text) the cloud opens no streams and instead sends its public passages'
@@ -135,7 +136,7 @@ class Opened(msgspec.Struct, tag="opened", frozen=True, array_like=True):
     scores: list[float] = []
 
 
-class Draft(msgspec.Struct, tag="draft", frozen=True, array_like=True):
+class Draft(msgspec.Struct, tag=8, frozen=True, array_like=True):
     """Side's speculative token for ``step``, built on its own epoch-``epoch`` prefix."""
 
     request_id: int
@@ -147,7 +148,7 @@ class Draft(msgspec.Struct, tag="draft", frozen=True, array_like=True):
     decode_ms: float = 0.0
 
 
-class Target(msgspec.Struct, tag="target", frozen=True, array_like=True):
+class Target(msgspec.Struct, tag=9, frozen=True, array_like=True):
     """The aggregator's decision for ``step``.
 
     ``accepted`` is the recipient's draft fate. ``recipient_epoch`` is the epoch the aggregator
@@ -165,7 +166,7 @@ class Target(msgspec.Struct, tag="target", frozen=True, array_like=True):
     sender_decode_ms: float = 0.0  # the aggregator's own draft latency, for the scheduler
 
 
-class Tokens(msgspec.Struct, tag="tokens", frozen=True, array_like=True):
+class Tokens(msgspec.Struct, tag=10, frozen=True, array_like=True):
     """Tokens the deciding side committed, from ``step`` on (no drafts to verify): the cloud's
     in cloud-only mode (cloud -> device), the device's in CONCORD (device -> cloud: the prefix
     the cloud's evidence is computed on)."""
@@ -175,12 +176,12 @@ class Tokens(msgspec.Struct, tag="tokens", frozen=True, array_like=True):
     tokens: list[int]
 
 
-class Cancel(msgspec.Struct, tag="cancel", frozen=True, array_like=True):
+class Cancel(msgspec.Struct, tag=11, frozen=True, array_like=True):
     request_id: int
     reason: str = ""
 
 
-class Evidence(msgspec.Struct, tag="ev", frozen=True, array_like=True):
+class Evidence(msgspec.Struct, tag=12, frozen=True, array_like=True):
     """CONCORD, cloud -> device: facts about the cloud's mixture ``p^c`` at ``step`` (on the
     prefix of ``step`` committed tokens). ``p^c(ids[i])`` rounded to the nearest float16 is
     ``values[i]``; the last of the ``n + 1`` values is a tail bound, rounded up, on every id not
@@ -204,7 +205,7 @@ class Evidence(msgspec.Struct, tag="ev", frozen=True, array_like=True):
     chain: tuple[int, int] | None = None
 
 
-class EvidenceRun(msgspec.Struct, tag="er", frozen=True, array_like=True):
+class EvidenceRun(msgspec.Struct, tag=13, frozen=True, array_like=True):
     """CONCORD, cloud -> device: one-entry ``Evidence`` for ``n`` consecutive steps from ``step``,
     computed ahead along the cloud's own chain, in one frame (a one-entry ``Evidence`` costs
     ~31 bytes with its WebSocket header; a step of a run costs 8). Step ``step + i`` lists its
@@ -221,7 +222,7 @@ class EvidenceRun(msgspec.Struct, tag="er", frozen=True, array_like=True):
     chain: tuple[int, int] | None = None
 
 
-class EvidenceRequest(msgspec.Struct, tag="ask", frozen=True, array_like=True):
+class EvidenceRequest(msgspec.Struct, tag=14, frozen=True, array_like=True):
     """CONCORD, device -> cloud: list every id of ``step``'s mixture with ``p^c >= theta`` not
     listed yet; ``theta <= 0``: send the whole mixture. ``theta`` is one scalar of the device's
     certificate, no distribution (docs/CONCORD.md, privacy)."""

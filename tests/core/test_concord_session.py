@@ -194,9 +194,10 @@ def test_cloud_computes_ahead_on_its_own_guesses_and_drops_them_when_the_device_
     c2 = [a for a in out if isinstance(a, s.ComputeDist)]
     assert not c2  # the stale computation is still in flight: one at a time
     out = cloud.handle(s.LocalDist(c.epoch, 3, dist(0, 0.5)))
-    assert not sent(out, m.Evidence)  # dropped, never published
+    assert not sent(out, m.Evidence) and not sent(out, m.EvidenceRun)  # dropped, never published
     assert compute_of(out).step == 2 and compute_of(out).epoch == c.epoch + 1  # on the device's tokens
-    (ev,) = sent(cloud.handle(s.LocalDist(c.epoch + 1, 2, dist(0, 0.5))), m.Evidence)
+    (run,) = sent(cloud.handle(s.LocalDist(c.epoch + 1, 2, dist(0, 0.5))), m.EvidenceRun)  # a one-step run
+    (ev,) = cw.unpack_run(run)
     assert ev.step == 2 and ev.chain is None
 
 

@@ -28,14 +28,15 @@ def test_concord_messages_round_trip(msg):
     assert codec.decode(codec.encode(msg)) == msg
 
 
-def test_one_entry_evidence_is_25_bytes_and_its_first_frame_carries_log_h():
+def test_one_entry_evidence_is_23_bytes_a_one_step_run_20_and_the_first_frame_carries_log_h():
     p = np.array([0.7, 0.2, 0.1])
     first, _ = cw.first_evidence(7, 0, p, 1, log_h=1.25)
     assert codec.decode(codec.encode(first)).log_h == 1.25
-    for step, size in ((100, 25), (300, 27)):  # msgpack: steps past 127 take two bytes more
+    for step, size in ((100, 23), (300, 25)):  # msgpack: steps past 127 take two bytes more
         later, _ = cw.first_evidence(7, step, p, 1, log_h=None)
         assert len(codec.encode(later)) == size
-    assert len(codec.encode(m.EvidenceRequest(7, 300, 0.0123))) == 21
+        assert len(codec.encode(cw.pack_run([later]))) == size - 3  # no nil for log h, upper, dist
+    assert len(codec.encode(m.EvidenceRequest(7, 300, 0.0123))) == 18
 
 
 def test_open_carries_the_concord_settings_and_refuses_bad_ones():
@@ -154,7 +155,7 @@ def test_evidence_computed_ahead_names_its_chain_and_the_codec_checks_it():
     ahead, _ = cw.first_evidence(7, 100, p, 1, log_h=None, chain=(98, 40_000))
     back = codec.decode(codec.encode(ahead))
     assert back.chain == (98, 40_000) and cw.chain_basis(back) == 98
-    assert len(codec.encode(ahead)) == 25 + 4  # basis and prev: 4 bytes more than on our tokens alone
+    assert len(codec.encode(ahead)) == 23 + 4  # basis and prev: 4 bytes more than on our tokens alone
     for chain in ((100, 1), (-1, 1), (5, -1), (5, 1 << 23)):
         with pytest.raises(MalformedFrame, match="chain"):
             codec.decode(codec.encode(m.Evidence(7, 100, ahead.ids, ahead.values, chain=chain)))
@@ -181,14 +182,14 @@ def test_a_run_reads_back_as_the_frames_it_packs(data):
     assert len(codec.encode(run)) <= 24 + 8 * n  # 8 bytes a step, against 25-29 for a frame each
 
 
-def test_only_one_entry_frames_of_the_chain_are_runnable_and_a_single_one_goes_as_itself():
+def test_only_one_entry_frames_of_the_chain_are_runnable_and_a_single_one_goes_as_a_one_step_run():
     p = np.array([0.1, 0.7, 0.2])
     one, _ = cw.first_evidence(7, 5, p, 1, None, (3, 2))
     assert cw.runnable(one, guess=1) and not cw.runnable(one, guess=2)  # its id must be the guess
     two, _ = cw.first_evidence(7, 5, p, 2, None, (3, 2))
     first, _ = cw.first_evidence(7, 5, p, 1, 0.5, (3, 2))
     assert not cw.runnable(two, guess=1) and not cw.runnable(first, guess=1)  # two entries; log h
-    assert cw.pack_run([one]) is one
+    assert cw.unpack_run(codec.decode(codec.encode(cw.pack_run([one])))) == [one]
     later, _ = cw.first_evidence(7, 7, p, 1, None, (3, 1))
     with pytest.raises(ValueError, match="consecutive"):
         cw.pack_run([one, later])

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from codec_strategies import mutated
 from concord_strategies import FUZZ, concord_messages, decode_checked
 from dragon_core import codec
+from dragon_core import messages as m
 
 
 mutated_frames = mutated(concord_messages.map(codec.encode), ("flip", "byte", "truncate", "insert", "delete"))
@@ -30,7 +31,7 @@ hostile = st.sampled_from([-1, 0, 2**64 - 1, math.nan, math.inf, -math.inf, 1e30
 
 
 @settings(FUZZ, max_examples=2000)
-@given(st.sampled_from(["ev", "ask"]), st.lists(hostile | st.binary(max_size=12) | st.floats() | st.integers(-9, 9),
+@given(st.sampled_from([t.__struct_config__.tag for t in (m.Evidence, m.EvidenceRun, m.EvidenceRequest)]), st.lists(hostile | st.binary(max_size=12) | st.floats() | st.integers(-9, 9),
                                                  max_size=8))
 def test_fuzz_concord_schema_with_hostile_fields(tag, fields):
     decode_checked(codec.HEADER + msgspec.msgpack.encode([tag, *fields]))

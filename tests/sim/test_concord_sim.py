@@ -128,10 +128,14 @@ def test_agreeing_sides_certify_mostly_with_the_first_entry():
     stats = pair.device.session.stats
     assert stats.steps_certified == 20 and stats.steps_dense == 0
     assert stats.steps_supplemented <= 2  # a near-tie of the two sides' top tokens may need an id more
-    evidence = [codec.decode(f) for f in pair.down.frames]
-    sizes = [len(f) for f, msg in zip(pair.down.frames, evidence) if isinstance(msg, m.Evidence)]
-    # a one-entry evidence frame: 24 bytes (log h rides only in the first), 4 more computed ahead
-    assert max(sizes[1:]) <= 28
+    frames = [(len(f), codec.decode(f)) for f in pair.down.frames]
+    evidence = [(n, msg) for n, msg in frames if isinstance(msg, (m.Evidence, m.EvidenceRun))]
+    # log h rides only in the first frame; every other step goes as a run (one step or more):
+    # 20 bytes for one step (steps < 128), 5 more with a chain (computed ahead), 8 a step more
+    assert isinstance(evidence[0][1], m.Evidence) and evidence[0][1].log_h is not None
+    runs = [(n, msg) for n, msg in evidence[1:] if isinstance(msg, m.EvidenceRun)]
+    assert len(runs) == len(evidence) - 1 - stats.steps_supplemented
+    assert all(n <= 25 + 8 * (len(msg.ids) // 4 - 1) for n, msg in runs), [(n, len(msg.ids) // 4) for n, msg in runs]
 
 
 def test_a_late_or_disagreeing_cloud_is_supplemented_or_dense_and_still_exact():
@@ -281,17 +285,18 @@ def test_evidence_ahead_goes_in_runs_fewer_bytes_same_tokens(rtt, monkeypatch):
     dev, cloud = sides(3, disagreement=0.3, c_dev=30.0, c_cloud=3.0)
     cfg = config(concord_debt_max=INF, max_tokens=40, eos_ids=frozenset(), max_depth=16)
     runs = run(cfg, dev, cloud, rtt)
-    monkeypatch.setattr(concord, "RUN_MAX", 1)  # one frame a step: what protocol 2 sent
+    monkeypatch.setattr(concord, "RUN_MAX", 1)  # one frame a step
     single = run(cfg, dev, cloud, rtt)
     tokens = runs.device.record.tokens
     assert tokens == single.device.record.tokens and len(tokens) == 40
     assert all(tokens[t] == dense_token(cfg, dev, cloud, tuple(tokens[:t])) for t in range(len(tokens)))
-    def evidence_bytes(pair) -> tuple[int, set[str]]:  # the simulator pings every 50 ms: left out
-        frames = [(f, type(codec.decode(f)).__name__) for f in pair.down.frames]
-        kept = [(f, k) for f, k in frames if k.startswith("Evidence")]
-        return sum(len(f) for f, _ in kept), {k for _, k in kept}
+    def evidence_bytes(pair) -> tuple[int, int]:  # the simulator pings every 50 ms: left out
+        """Evidence bytes, and the most steps one run held."""
+        msgs = [(len(f), codec.decode(f)) for f in pair.down.frames]
+        kept = [(n, msg) for n, msg in msgs if isinstance(msg, (m.Evidence, m.EvidenceRun))]
+        return sum(n for n, _ in kept), max(len(msg.ids) // 4 for _, msg in kept if isinstance(msg, m.EvidenceRun))
 
-    (ran, kinds), (one_by_one, kinds1) = evidence_bytes(runs), evidence_bytes(single)
-    assert "EvidenceRun" in kinds and "EvidenceRun" not in kinds1
+    (ran, longest), (one_by_one, longest1) = evidence_bytes(runs), evidence_bytes(single)
+    assert longest > 1 and longest1 == 1
     assert ran / len(tokens) < 0.6 * one_by_one / len(tokens), (ran / len(tokens), one_by_one / len(tokens))
     assert runs.device.record.finish_ms <= 1.1 * single.device.record.finish_ms
