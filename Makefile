@@ -12,7 +12,7 @@ demo: setup
 	$(PY) -m dragon_demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 bench: setup
 	$(PY) -m benchmarks

@@ -13,13 +13,19 @@ and the answer so far as the query (``dragon_core.iterative``). Per question and
   **iterative**'s token for token (checked, every question).
 
 Corpus: NQ-open gold passages of the sampled questions + 1,000 Wikipedia passages (the QA
-benchmark's, ``../shared/data``), embedded with MiniLM, one exact (flat) index; ``--pad N`` adds N
-SYNTHETIC random unit vectors to it (placeholder passages, labelled) so a search costs what a
-large exact index's does; random vectors sit near cosine 0 and do not displace real top-k
-passages. Reported: answer time, retrieval time on the critical path, speculation hit rate, F1 /
+benchmark's, ``../shared/data``), embedded with MiniLM; ``--pad N`` adds N SYNTHETIC random unit
+vectors to the index (placeholder passages, labelled) so a search costs what a large index's does;
+random vectors sit near cosine 0 and do not displace real top-k passages. ``--retriever`` picks
+the search (RaLMSpec's three kinds): ``flat`` (exact dense, the default), ``ivf`` (approximate
+dense: faiss IVF-Flat over the same vectors, nlist ~ sqrt(N), ``--nprobe`` lists a search) or
+``bm25`` (sparse: BM25 over the real passages' text selects, the dense ``R`` weighs;
+``dragon_vllm.corpus.bm25``; the SYNTHETIC vectors have no text, so ``--pad`` does not apply).
+Every kind re-scores its hits canonically, so the speculation from the cache stays exact.
+Reported: answer time, retrieval time on the critical path, speculation hit rate, F1 /
 answer-contained per setting, and the speed-ups.
 
     python -m benchmarks.bench_iterative [--questions 50] [--every 4 8] [--pad 1000000]
+        [--retriever flat|ivf|bm25] [--nprobe 8]
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -39,55 +46,124 @@ from benchmarks.shared_data import data_dir
 
 RESULTS = Path(__file__).parent / "results"
 SYNTHETIC = "SYNTHETIC filler passage (a random vector padding the index to a large index's search cost)"
+RETRIEVERS = ("flat", "ivf", "bm25")
+PAD_BLOCK = 1 << 16  # synthetic vectors made (and added) at a time
 
 
 class PaddedIndex:
-    """A flat exact index of the real passages plus ``pad`` synthetic vectors: the interface
-    ``PublicDocuments`` uses (``embed_query``, ``search_vector``, ``vectors``, ``score_vectors``)."""
+    """The real passages' vectors plus ``pad`` synthetic ones in one faiss index, exact
+    (``kind="flat"``) or approximate (``"ivf"``: IVF-Flat, nlist ~ sqrt(N), ``nprobe`` lists a
+    search): the interface ``PublicDocuments`` uses (``embed_query``, ``search_vector``,
+    ``vectors``, ``score_vectors``). Hits are re-scored with the canonical kernel, so flat and
+    IVF give a passage the same bits and only differ in which passages they find."""
 
-    def __init__(self, real, pad: int, seed: int = 0) -> None:
-        import faiss
-
+    def __init__(self, real, pad: int, seed: int = 0, *, kind: str = "flat", nprobe: int = 8) -> None:
         from dragon_core.passage import Passage
 
-        self.real, self.Passage = real, Passage
+        self.real, self.Passage, self.kind = real, Passage, kind
         n, d = real.index.ntotal, real.index.d
-        self.flat = faiss.IndexFlatIP(d)
-        self.flat.add(real.index.reconstruct_n(0, n))
-        rng = np.random.default_rng(seed)
-        for start in range(0, pad, 1 << 16):
-            x = rng.standard_normal((min(1 << 16, pad - start), d), dtype=np.float32)
-            self.flat.add(x / np.linalg.norm(x, axis=1, keepdims=True))
+        blocks = _vector_blocks(real.index.reconstruct_n(0, n), pad, d, seed)
+        if kind == "flat":
+            self.faiss_index, self.nlist = _flat_index(blocks, d), None
+        elif kind == "ivf":
+            self.nlist = max(1, round(math.sqrt(n + pad)))
+            self.faiss_index = _ivf_index(blocks, d, self.nlist, nprobe)
+        else:
+            raise ValueError(f"PaddedIndex kind must be flat or ivf, not {kind!r}")
         self.n_real = n
 
     def __len__(self) -> int:
-        return self.flat.ntotal
+        return self.faiss_index.ntotal
 
     def embed_query(self, query: str) -> np.ndarray:
         return self.real.embed_query(query)
 
     def search_vector(self, q: np.ndarray, k: int):
         """As ``PublicIndex.search_vector``: the hits re-scored with the canonical kernel, ranked."""
+        return self.search_vectors(np.asarray(q, dtype=np.float32).reshape(1, -1), k)[0]
+
+    def search_vectors(self, queries: np.ndarray, k: int):
+        """As ``PublicIndex.search_vectors``: several queries in one faiss search."""
         from dragon_vllm.corpus.index import canonical_order
 
-        _, ids = self.flat.search(np.ascontiguousarray(q, dtype=np.float32), k)
-        found = np.asarray([i for i in ids[0].tolist() if i >= 0], dtype=np.int64)
-        scores = self.score_vectors(q, self.vectors(found))
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        _, ids = self.faiss_index.search(queries, k)
         out = []
-        for j in canonical_order(found, scores):
-            i, sc = int(found[j]), float(scores[j])
-            if i < self.n_real:
-                title, text = self.real.passage(i)
-                out.append(self.Passage(i, text, float(sc), title=title))
-            else:
-                out.append(self.Passage(i, SYNTHETIC, float(sc), title="SYNTHETIC"))
+        for q, row in zip(queries, ids):
+            found = np.asarray([i for i in row.tolist() if i >= 0], dtype=np.int64)
+            scores = self.score_vectors(q, self.vectors(found))
+            out.append([self._passage(int(found[j]), float(scores[j])) for j in canonical_order(found, scores)])
         return out
 
+    def _passage(self, i: int, score: float):
+        if i < self.n_real:
+            title, text = self.real.passage(i)
+            return self.Passage(i, text, score, title=title)
+        return self.Passage(i, SYNTHETIC, score, title="SYNTHETIC")
+
     def vectors(self, ids) -> np.ndarray:
-        return np.ascontiguousarray(self.flat.reconstruct_batch(np.asarray(ids, dtype=np.int64)), dtype=np.float32)
+        return np.ascontiguousarray(self.faiss_index.reconstruct_batch(np.asarray(ids, dtype=np.int64)),
+                                    dtype=np.float32)
 
     def score_vectors(self, q, vectors):
         return self.real.score_vectors(q, vectors)
+
+
+def _vector_blocks(real_vectors: np.ndarray, pad: int, d: int, seed: int):
+    """The real vectors, then ``pad`` SYNTHETIC random unit vectors in blocks (the same vectors
+    for a seed whatever the index kind)."""
+    yield real_vectors
+    rng = np.random.default_rng(seed)
+    for start in range(0, pad, PAD_BLOCK):
+        x = rng.standard_normal((min(PAD_BLOCK, pad - start), d), dtype=np.float32)
+        yield x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _flat_index(blocks, d: int):
+    import faiss
+
+    index = faiss.IndexFlatIP(d)
+    for x in blocks:
+        index.add(x)
+    return index
+
+
+def _ivf_index(blocks, d: int, nlist: int, nprobe: int):
+    """IVF-Flat trained on the real vectors and the first block of SYNTHETIC ones (a uniform
+    sample of them: >= 39 points a list for a million pads), then filled with all."""
+    import faiss
+
+    head = [x for x in (next(blocks), next(blocks, None)) if x is not None]
+    train = np.concatenate(head)
+    if len(train) < nlist:
+        raise ValueError(f"IVF with {nlist} lists needs >= {nlist} training vectors, has {len(train)}")
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(train)
+    for x in head:
+        index.add(x)
+    for x in blocks:
+        index.add(x)
+    index.nprobe = nprobe
+    index.make_direct_map()  # reconstruct_batch: the cache's stored vectors
+    return index
+
+
+def build_retriever(real, args: argparse.Namespace):
+    """The searched index for ``--retriever``, and what to record of it in the setup."""
+    if args.retriever == "bm25":
+        from dragon_vllm.corpus.bm25 import B, K1, METHOD, Bm25Index
+
+        index = Bm25Index.over(real)
+        return index, dict(index=f"BM25 selects (bm25s, {METHOD}, k1={K1}, b={B}) over the real passages; "
+                                 f"the dense R (MiniLM, flat, faiss-cpu) weighs", synthetic_padding=0,
+                           synthetic_padding_note="bm25: the SYNTHETIC pad vectors have no text; BM25 runs over "
+                                                  "the real passages only (--pad not applied)")
+    index = PaddedIndex(real, args.pad, args.seed, kind=args.retriever, nprobe=args.nprobe)
+    if args.retriever == "ivf":
+        return index, dict(index=f"IVF-Flat (approximate dense), nlist={index.nlist}, nprobe={args.nprobe}, "
+                                 f"faiss-cpu; hits re-scored canonically", synthetic_padding=args.pad,
+                           nlist=index.nlist, nprobe=args.nprobe)
+    return index, dict(index="flat (exact dense), faiss-cpu", synthetic_padding=args.pad)
 
 
 def source_for(engine, tokenizer, index, question: str, k: int, max_tokens: int, every: int, speculate: bool):
@@ -168,8 +244,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                              kind="flat")
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    index = PaddedIndex(real, args.pad, args.seed)
-    pad_s = time.perf_counter() - t0
+    index, retriever_setup = build_retriever(real, args)
+    retriever_build_s = time.perf_counter() - t0
     q = index.embed_query(questions[0].question)
     t0 = time.perf_counter()
     for _ in range(5):
@@ -194,11 +270,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return dict(benchmark="iterative", setup=dict(
         model=args.model, engine=f"llama.cpp, {args.threads} threads, solo (no network)", k=args.k,
         faiss_threads=args.faiss_threads,
-        max_tokens=args.max_tokens, every=args.every, questions=len(questions), corpus_passages=index.n_real,
-        synthetic_padding=args.pad, index="flat (exact dense), faiss-cpu", search_ms_top20=round(search_ms, 2),
-        build_s=round(build_s, 1), pad_s=round(pad_s, 1), cache_size=20, seed=args.seed),
+        max_tokens=args.max_tokens, every=args.every, questions=len(questions), corpus_passages=len(real),
+        retriever=args.retriever, **retriever_setup, search_ms_top20=round(search_ms, 2),
+        build_s=round(build_s, 1), retriever_build_s=round(retriever_build_s, 1), cache_size=20, seed=args.seed),
         summary=summarize(rows, args.every), rows=rows, seconds=round(time.time() - t_start, 1),
-        environment=describe(["llama_cpp_python", "faiss-cpu", "numpy"]))
+        environment=describe(["llama_cpp_python", "faiss-cpu", "bm25s", "numpy"]))
 
 
 def summarize(rows: list[dict], everys) -> dict:
@@ -243,8 +319,9 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
     fig.suptitle(f"RaLMSpec vs plain iterative retrieval: {setup['questions']} NQ questions, {setup['engine']}, "
-                 f"{setup['corpus_passages']:,} real + {setup['synthetic_padding']:,} SYNTHETIC vectors "
-                 f"(top-20 search {setup['search_ms_top20']} ms)", fontsize=9)
+                 f"{setup.get('retriever', 'flat')} retriever, {setup['corpus_passages']:,} real + "
+                 f"{setup['synthetic_padding']:,} SYNTHETIC vectors (top-20 search {setup['search_ms_top20']} ms)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -258,16 +335,27 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--every", type=int, nargs="+", default=[4, 8], help="retrieve every N tokens")
     ap.add_argument("--k", type=int, default=2, help="passages per retrieval")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--pad", type=int, default=1_000_000, help="SYNTHETIC vectors added to the exact index")
+    ap.add_argument("--pad", type=int, default=1_000_000,
+                    help="SYNTHETIC vectors added to the dense index (flat, ivf; bm25 has none: they have no text)")
+    ap.add_argument("--retriever", choices=RETRIEVERS, default="flat",
+                    help="flat: exact dense; ivf: faiss IVF-Flat (approximate); bm25: BM25 selects, dense R weighs")
+    ap.add_argument("--nprobe", type=int, default=8, help="IVF lists searched per query (--retriever ivf)")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads (decoding)")
     ap.add_argument("--faiss-threads", type=int, default=1,
                     help="faiss threads (retrieval); with --threads 1 each has its own core of two, as a GPU "
                          "server decodes on the GPU and searches on CPU cores")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/dragon_bench_iterative", help="where the index is built")
-    ap.add_argument("--out", type=Path, default=RESULTS / "iterative_cpu.json")
+    ap.add_argument("--out", type=Path, help="result JSON (default results/iterative_cpu.json; other "
+                                             "retrievers: iterative_cpu_<retriever>.json)")
     ap.add_argument("--quiet", action="store_true")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.nprobe < 1:
+        ap.error("--nprobe must be >= 1")
+    if args.out is None:
+        suffix = "" if args.retriever == "flat" else f"_{args.retriever}"
+        args.out = RESULTS / f"iterative_cpu{suffix}.json"
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

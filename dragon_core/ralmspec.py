@@ -5,14 +5,15 @@ query. RaLMSpec keeps decoding on documents retrieved *speculatively* from a per
 (the top-20 of each real retrieval, scored with the same function), and verifies ``s``
 speculative retrievals with one batched real retrieval; at the first step whose speculative
 documents differ from the real ones it rolls back, so the output equals the non-speculative
-system's. This module holds the three rules both the cloud and the simulator need:
+system's. This module holds the rules the hosts (``dragon_host.documents``) and the simulator need:
 
 * ``first_mismatch``: where a verified batch goes wrong (the rollback point);
 * ``SpeculationAccuracy``: γ, the share of speculative retrievals that were right over the last
   five verification rounds, capped at 0.6 (a lucky streak must not stretch the stride);
 * ``optimal_stride`` (OS³): the stride ``s`` maximising the expected verified steps per unit of
   time, ``(1 − γ^s) / ((1 − γ)(s·a + b))``, with ``a`` one decoding + cache-retrieval step and
-  ``b`` one verification (a batched real retrieval).
+  ``b`` one verification (a batched real retrieval);
+* ``StridePolicy``: OS³ fed with one request's measured costs and accuracy.
 """
 
 from __future__ import annotations
@@ -72,3 +73,39 @@ def optimal_stride(gamma: float, step_cost: float, verify_cost: float, max_strid
     if step_cost <= 0 or verify_cost < 0:
         raise ValueError("costs must be positive (verification may be free)")
     return max(range(1, max_stride + 1), key=lambda s: (expected_rate(s, gamma, step_cost, verify_cost), -s))
+
+
+EWMA_ALPHA = 0.3  # weight of the newest cost sample
+
+
+@dataclass
+class StridePolicy:
+    """OS³ on measured costs, for one request: the stride ``s`` (speculated retrievals verified by
+    one batched real retrieval) from γ (``SpeculationAccuracy``) and running averages of ``a``
+    (one step: decoding plus the cache's retrieval) and ``b`` (one batched verification). Until
+    a verification has been timed the stride is 1: each speculation is verified at once, as
+    without OS³. ``max_stride``: the most that can be pending (the draft window's boundaries;
+    the host verifies early whenever the session cannot go on without a verdict). The host
+    measures, this only averages (no clock here)."""
+
+    max_stride: int = MAX_STRIDE
+    accuracy: SpeculationAccuracy = field(default_factory=SpeculationAccuracy)
+    step_cost: float | None = None
+    verify_cost: float | None = None
+
+    def note_step(self, seconds: float) -> None:
+        self.step_cost = _ewma(self.step_cost, seconds)
+
+    def note_verification(self, seconds: float, verified: int, right: int) -> None:
+        self.verify_cost = _ewma(self.verify_cost, seconds)
+        self.accuracy.record(verified, right)
+
+    @property
+    def stride(self) -> int:
+        if self.verify_cost is None or not self.step_cost:
+            return 1
+        return optimal_stride(self.accuracy.gamma, self.step_cost, self.verify_cost, max(1, self.max_stride))
+
+
+def _ewma(old: float | None, sample: float) -> float:
+    return sample if old is None else (1 - EWMA_ALPHA) * old + EWMA_ALPHA * sample

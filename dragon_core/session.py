@@ -406,6 +406,14 @@ class Session:
             self._emit(Send(msg))
         self._unsent = self._unsent[len(ready):]
 
+    def waiting_for_retrieval(self) -> bool:
+        """RaLMSpec: nothing moves until a speculated boundary is verified: drafts are held on
+        unchecked documents and no further step may be computed (the window is full, or the
+        answer's end was drafted). The host then verifies what it was batching, at once."""
+        if not self._unchecked or self._computing is not None or self.finished is not None:
+            return False
+        return not self._can_draft_at(len(self.committed) + len(self._drafts))
+
     def _held_from(self) -> int | None:
         """RaLMSpec: the first step whose documents are speculated and unchecked (None: none);
         our drafts from there on neither leave this side nor get decided."""

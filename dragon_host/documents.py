@@ -6,10 +6,16 @@ they are not the streams' current ones, the streams are swapped: a new group ove
 documents, the answer so far appended to it, the old group closed.
 
 With a source that speculates (RaLMSpec), a boundary not retrieved for real yet decodes at once
-over documents from the request's cache, while the real retrieval runs beside; the steps over
-them are marked ``speculated`` (the session holds their drafts), and when the real retrieval
-comes back the session hears ``RetrievalChecked``: right, the drafts go; wrong, they are dropped
-and the next step swaps the real documents in. Exactness never depends on the cache.
+over documents from the request's cache; the steps over them are marked ``speculated`` (the
+session holds their drafts), and when the real retrieval comes back the session hears
+``RetrievalChecked``: right, the drafts go; wrong, they are dropped and the next step swaps the
+real documents in. Exactness never depends on the cache.
+
+Verification is batched (RaLMSpec's OS³): speculated boundaries wait until there are ``s`` of
+them (``ralmspec.StridePolicy``: from the measured step and verification costs and the
+speculation accuracy), then one batched real retrieval (``DocumentSource.retrieve_many`` when the
+source has it) verifies them all, beside the decoding. The driver calls ``flush`` whenever the
+session cannot go on without a verdict, so a batch never waits for boundaries that cannot come.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any, Callable, Protocol, Sequence
 from dragon_core import iterative
 from dragon_core import session as s
 from dragon_core.engine import StreamGroup, keeps_streams
+from dragon_core.ralmspec import MAX_STRIDE, StridePolicy
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,9 @@ class DocumentSource(Protocol):
     async def open(self, docs: Documents) -> StreamGroup:
         """A group over the documents' prompts (no generated tokens yet)."""
 
+    # optional: ``async def retrieve_many(prefixes) -> list[Documents]``, the real retrievals of
+    # several boundaries in one batch (RaLMSpec's batched verification); else one by one
+
 
 @dataclass
 class DocumentStats:
@@ -57,21 +67,26 @@ class DocumentStats:
     speculated_right: int = 0
     speculated_wrong: int = 0
     waited_s: float = 0.0  # time the streams waited for documents (the critical path's retrieval time)
+    verifications: int = 0  # batched real retrievals that verified speculations
+    largest_batch: int = 0  # the most speculations one of them verified
 
 
 class IterativeDocuments:
     """Which documents each step uses, for one session's driver (see the module docstring)."""
 
     def __init__(self, source: DocumentSource, every: int, feed: Callable[[s.Event], None],
-                 initial: Documents | None = None) -> None:
+                 initial: Documents | None = None, max_stride: int = MAX_STRIDE) -> None:
         """``initial``: the documents the first group was opened over (None: unknown, the first
-        boundary then reopens whatever it finds)."""
+        boundary then reopens whatever it finds). ``max_stride``: the most speculations one
+        verification may batch (the boundaries the session's draft window can hold)."""
         self.source, self.every, self._feed = source, every, feed
         self.current: tuple[int, ...] = ()  # the boundary prefix the streams' documents belong to
         self.current_speculated = False
         self._current_docs: Documents | None = initial
         self._real: dict[tuple[int, ...], Documents] = {}  # boundary prefix -> its real retrieval
-        self._checking: dict[tuple[int, ...], asyncio.Task] = {}
+        self._pending: dict[tuple[int, ...], Documents] = {}  # speculated, their verification not started
+        self._checking: dict[tuple[int, ...], asyncio.Task] = {}  # speculated, being verified
+        self.stride = StridePolicy(max_stride=max(1, max_stride))
         self.stats = DocumentStats()
 
     def speculated_at(self, step: int) -> int | None:
@@ -111,34 +126,68 @@ class IterativeDocuments:
         real = self._real.get(key)
         if real is not None:
             return real, False
-        if key and key not in self._checking:
+        if key and key not in self._checking and key not in self._pending:
             spec = await self.source.speculate(key)
             if spec is not None:
                 self.stats.speculated += 1
-                self._checking[key] = asyncio.get_running_loop().create_task(self._check(key, spec))
+                self._pending[key] = spec
+                if len(self._pending) >= self.stride.stride:
+                    self.flush()
                 return spec, True
         real = await self.source.retrieve(key)
         self.stats.retrievals += 1
         self._real[key] = real
         return real, False
 
-    async def _check(self, key: tuple[int, ...], spec: Documents) -> None:
-        """The real retrieval beside the speculation; the verdict goes to the session."""
+    def note_step(self, seconds: float) -> None:
+        """One step's cost (decoding + the cache's retrieval), for OS³."""
+        self.stride.note_step(seconds)
+
+    def flush(self) -> None:
+        """Verify every pending speculation now, in one batch, beside the decoding."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, {}
+        task = asyncio.get_running_loop().create_task(self._verify(batch))
+        self._checking.update({key: task for key in batch})
+
+    async def _verify(self, batch: dict[tuple[int, ...], Documents]) -> None:
+        """One batched real retrieval for the speculated boundaries; the verdicts go to the
+        session in boundary order."""
+        keys = sorted(batch, key=len)
+        t0 = time.perf_counter()
         try:
-            real = await self.source.retrieve(key)
+            reals = await self._retrieve_many(keys)
         except Exception as exc:  # the request cannot go on without its documents
             self._feed(s.CancelRequest(f"retrieval failed: {exc!r}"))
             return
         finally:
-            self._checking.pop(key, None)
-        self.stats.retrievals += 1
-        self._real[key] = real
-        ok = real.same(spec)
-        self.stats.speculated_right += int(ok)
-        self.stats.speculated_wrong += int(not ok)
-        self._feed(s.RetrievalChecked(key, ok))
+            for key in keys:
+                self._checking.pop(key, None)
+        right = 0
+        for key, real in zip(keys, reals):
+            self._real[key] = real
+            ok = real.same(batch[key])
+            right += ok
+            self._feed(s.RetrievalChecked(key, ok))
+        self.stride.note_verification(time.perf_counter() - t0, len(keys), right)
+        self.stats.retrievals += len(keys)
+        self.stats.verifications += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(keys))
+        self.stats.speculated_right += right
+        self.stats.speculated_wrong += len(keys) - right
+
+    async def _retrieve_many(self, keys: list[tuple[int, ...]]) -> list[Documents]:
+        many = getattr(self.source, "retrieve_many", None)
+        if many is not None:
+            reals = await many(keys)
+            if len(reals) != len(keys):
+                raise RuntimeError(f"retrieve_many gave {len(reals)} retrievals for {len(keys)} prefixes")
+            return list(reals)
+        return [await self.source.retrieve(key) for key in keys]
 
     async def close(self) -> None:
-        for task in list(self._checking.values()):
+        tasks = set(self._checking.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._checking.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)

