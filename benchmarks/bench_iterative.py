@@ -25,6 +25,7 @@ Reported: answer time, retrieval time on the critical path, speculation hit rate
 answer-contained per setting, and the speed-ups.
 
     python -m benchmarks.bench_iterative [--questions 50] [--every 4 8] [--pad 1000000]
+        [--retriever flat|ivf|bm25] [--dataset nq|webquestions] [--max-depth 16]
         [--retriever flat|ivf|bm25] [--nprobe 8]
 """
 
@@ -188,7 +189,7 @@ def source_for(engine, tokenizer, index, question: str, k: int, max_tokens: int,
 
 
 async def answer(engine, tokenizer, eos_ids, index, question: str, k: int, max_tokens: int, every: int,
-                 speculate: bool) -> dict:
+                 speculate: bool, max_depth: int = 16) -> dict:
     """One solo answer; its tokens, wall time, and the documents' stats."""
     from dragon_core import session as s
     from dragon_core.aggregate import log_mass
@@ -199,7 +200,7 @@ async def answer(engine, tokenizer, eos_ids, index, question: str, k: int, max_t
     first = await source.retrieve(())
     group = await source.open(first)
     config = s.SessionConfig(request_id=0, max_tokens=max_tokens, seed=0, eos_ids=frozenset(eos_ids),
-                             aggregator="cloud", scheduling=False, retrieve_every=every)
+                             aggregator="cloud", scheduling=False, retrieve_every=every, max_depth=max_depth)
     session = s.Session("cloud", config, log_mass(first.scores), solo=True)
 
     async def no_send(msg) -> None:
@@ -216,7 +217,8 @@ async def answer(engine, tokenizer, eos_ids, index, question: str, k: int, max_t
                 seconds=time.perf_counter() - t0,
                 waited_s=st.waited_s if st else 0.0, retrievals=st.retrievals if st else 0,
                 speculated=st.speculated if st else 0, right=st.speculated_right if st else 0,
-                wrong=st.speculated_wrong if st else 0, retrieval_rollbacks=session.stats.retrieval_rollbacks)
+                wrong=st.speculated_wrong if st else 0, retrieval_rollbacks=session.stats.retrieval_rollbacks,
+                verifications=st.verifications if st else 0, largest_batch=st.largest_batch if st else 0)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -234,6 +236,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.time()
     data = data_dir(args.data)
     questions, docs = load_world_data(data, args.questions, args.wiki, args.seed)
+    if args.dataset == "webquestions":  # the same corpus (NQ's gold passages + Wikipedia), other questions
+        questions = load_webquestions(data, args.questions, args.seed)
     root = Path(args.work)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "public.jsonl", "w", encoding="utf-8") as f:
@@ -261,7 +265,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for qn in tqdm(questions, desc="questions", disable=args.quiet):
             row = dict(line=qn.line, question=qn.question, answers=qn.answers)
             for name, every, spec in settings:
-                a = await answer(engine, tokenizer, eos, index, qn.question, args.k, args.max_tokens, every, spec)
+                a = await answer(engine, tokenizer, eos, index, qn.question, args.k, args.max_tokens, every, spec,
+                                 args.max_depth)
                 a.update(f1=f1(a["text"], qn.answers), contains=contains(a["text"], qn.answers))
                 row[f"{name}@{every}" if every else name] = a
             rows.append(row)
@@ -269,12 +274,26 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await engine.close()
     return dict(benchmark="iterative", setup=dict(
         model=args.model, engine=f"llama.cpp, {args.threads} threads, solo (no network)", k=args.k,
+        dataset=args.dataset,
         faiss_threads=args.faiss_threads,
-        max_tokens=args.max_tokens, every=args.every, questions=len(questions), corpus_passages=len(real),
+        max_tokens=args.max_tokens, max_depth=args.max_depth, every=args.every, questions=len(questions),
+        corpus_passages=len(real),
         retriever=args.retriever, **retriever_setup, search_ms_top20=round(search_ms, 2),
         build_s=round(build_s, 1), retriever_build_s=round(retriever_build_s, 1), cache_size=20, seed=args.seed),
         summary=summarize(rows, args.every), rows=rows, seconds=round(time.time() - t_start, 1),
         environment=describe(["llama_cpp_python", "faiss-cpu", "bm25s", "numpy"]))
+
+
+def load_webquestions(data: Path, n: int, seed: int) -> list:
+    """A seeded sample of WebQuestions' test set (``other_qa/webquestions/test.json``). It has no
+    gold passages: its answers are looked for in the same corpus as NQ's (which holds their
+    passages only by chance), so its scores say how iterative retrieval fares on questions the
+    corpus was not built for."""
+    from benchmarks.bench_quality_qa import Question
+
+    rows = json.loads((data / "other_qa" / "webquestions" / "test.json").read_text(encoding="utf-8"))
+    picked = sorted(np.random.default_rng(seed).choice(len(rows), min(n, len(rows)), replace=False).tolist())
+    return [Question(i, rows[i]["qText"], list(rows[i]["answers"]), "") for i in picked]
 
 
 def summarize(rows: list[dict], everys) -> dict:
@@ -298,7 +317,9 @@ def _agg(rows: list[dict], key: str) -> dict:
                 contains=round(100 * float(np.mean([x["contains"] for x in xs])), 1),
                 retrievals=int(np.sum([x["retrievals"] for x in xs])), speculated=spec,
                 hit_rate=round(sum(x["right"] for x in xs) / spec, 3) if spec else None,
-                retrieval_rollbacks=int(np.sum([x["retrieval_rollbacks"] for x in xs])))
+                retrieval_rollbacks=int(np.sum([x["retrieval_rollbacks"] for x in xs])),
+                verifications=int(np.sum([x["verifications"] for x in xs])),  # batched real retrievals (OS³)
+                largest_batch=int(max((x["largest_batch"] for x in xs), default=0)))
 
 
 def plot(result: dict, path: Path) -> None:
@@ -331,10 +352,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data", help="evaluation data folder (default $DRAGON_DATA or ../shared/data)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--questions", type=int, default=50)
+    ap.add_argument("--dataset", choices=("nq", "webquestions"), default="nq",
+                    help="NQ-open (default) or WebQuestions' test set, over the same corpus")
     ap.add_argument("--wiki", type=int, default=1000, help="Wikipedia passages beside the gold ones")
     ap.add_argument("--every", type=int, nargs="+", default=[4, 8], help="retrieve every N tokens")
     ap.add_argument("--k", type=int, default=2, help="passages per retrieval")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-depth", type=int, default=16,
+                    help="steps decoded ahead of the verified ones (RaLMSpec: bounds the OS³ stride to "
+                         "max-depth / every speculations a batch)")
     ap.add_argument("--pad", type=int, default=1_000_000,
                     help="SYNTHETIC vectors added to the dense index (flat, ivf; bm25 has none: they have no text)")
     ap.add_argument("--retriever", choices=RETRIEVERS, default="flat",
@@ -347,13 +373,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/dragon_bench_iterative", help="where the index is built")
     ap.add_argument("--out", type=Path, help="result JSON (default results/iterative_cpu.json; other "
-                                             "retrievers: iterative_cpu_<retriever>.json)")
+                                             "retrievers / datasets: iterative_cpu_<retriever>_<dataset>.json)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.nprobe < 1:
         ap.error("--nprobe must be >= 1")
     if args.out is None:
-        suffix = "" if args.retriever == "flat" else f"_{args.retriever}"
+        suffix = ("" if args.retriever == "flat" else f"_{args.retriever}") + \
+            ("" if args.dataset == "nq" else f"_{args.dataset}")
         args.out = RESULTS / f"iterative_cpu{suffix}.json"
     return args
 
