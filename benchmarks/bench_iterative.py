@@ -46,6 +46,7 @@ from benchmarks.qa_metrics import contains, f1
 from benchmarks.shared_data import data_dir
 
 RESULTS = Path(__file__).parent / "results"
+CACHE_SIZE = 20  # RaLMSpec's cache: the top-20 of each real retrieval
 SYNTHETIC = "SYNTHETIC filler passage (a random vector padding the index to a large index's search cost)"
 RETRIEVERS = ("flat", "ivf", "bm25")
 PAD_BLOCK = 1 << 16  # synthetic vectors made (and added) at a time
@@ -167,8 +168,10 @@ def build_retriever(real, args: argparse.Namespace):
     return index, dict(index="flat (exact dense), faiss-cpu", synthetic_padding=args.pad)
 
 
-def source_for(engine, tokenizer, index, question: str, k: int, max_tokens: int, every: int, speculate: bool):
-    """The request's ``DocumentSource``: the cloud's ``PublicDocuments`` on the llama.cpp engine."""
+def source_for(engine, tokenizer, index, question: str, k: int, max_tokens: int, every: int, speculate: bool,
+               cache_size: int = CACHE_SIZE):
+    """The request's ``DocumentSource``: the cloud's ``PublicDocuments`` on the llama.cpp engine
+    (``cache_size``: passages of each real retrieval kept for speculation, RaLMSpec's 20)."""
     from dragon_core import messages as m
     from dragon_core.prompt import passage_prompts
     from dragon_vllm.public_documents import PublicDocuments
@@ -185,18 +188,18 @@ def source_for(engine, tokenizer, index, question: str, k: int, max_tokens: int,
             return await engine.open_group(prompts, 1.0)
 
     req = m.Open(0, question, k, max_tokens, 0, retrieve_every=every)
-    return Documents(backend, req, speculate=speculate)
+    return Documents(backend, req, speculate=speculate, cache_size=cache_size)
 
 
 async def answer(engine, tokenizer, eos_ids, index, question: str, k: int, max_tokens: int, every: int,
-                 speculate: bool, max_depth: int = 16) -> dict:
+                 speculate: bool, max_depth: int = 16, cache_size: int = CACHE_SIZE) -> dict:
     """One solo answer; its tokens, wall time, and the documents' stats."""
     from dragon_core import session as s
     from dragon_core.aggregate import log_mass
     from dragon_host.driver import SessionDriver
 
     t0 = time.perf_counter()
-    source = source_for(engine, tokenizer, index, question, k, max_tokens, max(every, 1), speculate)
+    source = source_for(engine, tokenizer, index, question, k, max_tokens, max(every, 1), speculate, cache_size)
     first = await source.retrieve(())
     group = await source.open(first)
     config = s.SessionConfig(request_id=0, max_tokens=max_tokens, seed=0, eos_ids=frozenset(eos_ids),
@@ -279,7 +282,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         max_tokens=args.max_tokens, max_depth=args.max_depth, every=args.every, questions=len(questions),
         corpus_passages=len(real),
         retriever=args.retriever, **retriever_setup, search_ms_top20=round(search_ms, 2),
-        build_s=round(build_s, 1), retriever_build_s=round(retriever_build_s, 1), cache_size=20, seed=args.seed),
+        build_s=round(build_s, 1), retriever_build_s=round(retriever_build_s, 1), cache_size=CACHE_SIZE, seed=args.seed),
         summary=summarize(rows, args.every), rows=rows, seconds=round(time.time() - t_start, 1),
         environment=describe(["llama_cpp_python", "faiss-cpu", "bm25s", "numpy"]))
 

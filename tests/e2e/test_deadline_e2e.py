@@ -64,6 +64,7 @@ def test_blackholed_cloud_mid_answer_completes_degraded_within_the_deadline(loop
 
             def on_lost(ws, reason):
                 events.setdefault("lost", (time.monotonic(), reason, len(driver.session.committed)))
+                events.setdefault("last_heard", link._conn.liveness.last_heard)
                 real_on_lost(ws, reason)
 
             link._on_lost = on_lost
@@ -108,8 +109,13 @@ def test_blackholed_cloud_mid_answer_completes_degraded_within_the_deadline(loop
           f"{cloud_freed - cut_at:.2f} s after the cut; tokens exact before the loss: {n_lost} of {len(ids)}")
     assert stats.degraded and stats.finish_reason in ("eos", "length") and not stats.device_only
     assert "silent" in reason
-    # the last frame came at most a ping interval (0.5 s) before the cut; then the deadline + a tick
-    assert DEADLINE_S - 0.55 < lost_at - cut_at < DEADLINE_S + 0.5
+    # the rule itself: lost a deadline (+ a watch tick) after the last frame heard, and nothing
+    # was heard after the cut. (The last frame usually comes within a ping interval, 0.5 s, of the
+    # cut; on a loaded box the cloud's last pong or draft came 0.86 s before it in a CI-like run.)
+    last_heard = events["last_heard"]
+    assert last_heard <= cut_at + 0.05, (last_heard, cut_at)  # the blackhole held
+    assert DEADLINE_S <= lost_at - last_heard < DEADLINE_S + 0.5, lost_at - last_heard
+    assert lost_at - cut_at < DEADLINE_S + 0.5
     # the answer waited for the deadline, then went on at once: the first piece after the loss
     # comes within about one decode (the device's pending drafts are committed at once). Pieces
     # between the cut and the loss may still come from cloud distributions that arrived before

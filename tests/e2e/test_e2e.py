@@ -263,7 +263,7 @@ def tv(a: dict, b: dict) -> float:
     return 0.5 * sum(abs(a.get(o, 0.0) - b.get(o, 0.0)) for o in set(a) | set(b))
 
 
-SAMPLING_CONCURRENCY = 4  # answers at a time on the link: each waits on the other side's draft
+SAMPLING_CONCURRENCY = 8  # answers at a time on the link: each waits on the other side's draft
 
 
 async def sample(runtime, url: str | None, opts: dict, seeds, concurrency: int = SAMPLING_CONCURRENCY) \
