@@ -86,16 +86,11 @@ class PaddedIndex:
 
     def search_vectors(self, queries: np.ndarray, k: int):
         """As ``PublicIndex.search_vectors``: several queries in one faiss search."""
-        from dragon_vllm.corpus.index import canonical_order
+        from dragon_vllm.corpus.index import canonical_hits
 
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         _, ids = self.faiss_index.search(queries, k)
-        out = []
-        for q, row in zip(queries, ids):
-            found = np.asarray([i for i in row.tolist() if i >= 0], dtype=np.int64)
-            scores = self.score_vectors(q, self.vectors(found))
-            out.append([self._passage(int(found[j]), float(scores[j])) for j in canonical_order(found, scores)])
-        return out
+        return [[self._passage(i, score) for i, score in h] for h in canonical_hits(self, queries, ids)]
 
     def _passage(self, i: int, score: float):
         if i < self.n_real:

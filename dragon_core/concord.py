@@ -191,8 +191,9 @@ class ConcordDevice:
     def _send_token(self, step: int, token: int) -> None:
         """Committed tokens go up in batches while they are the ones the cloud guessed: it
         computes on them already, and needs them only to move its window on (a batch is at most
-        half of it, so the cloud keeps computing while the batch travels). A token it guessed wrong or did not guess, the last one, and any the cloud
-        may need to reach a step the device waits on go at once."""
+        half of it, so the cloud keeps computing while the batch travels). A token it guessed
+        wrong or did not guess, the last one, and any the cloud may need to reach a step the
+        device waits on go at once."""
         if not self._unsent_tokens:
             self._unsent_from = step
         self._unsent_tokens.append(token)

@@ -86,7 +86,7 @@ class IterativeDocuments:
         self._real: dict[tuple[int, ...], Documents] = {}  # boundary prefix -> its real retrieval
         self._pending: dict[tuple[int, ...], Documents] = {}  # speculated, their verification not started
         self._checking: dict[tuple[int, ...], asyncio.Task] = {}  # speculated, being verified
-        self.stride = StridePolicy(max_stride=max(1, max_stride))
+        self.policy = StridePolicy(max_stride=max(1, max_stride))  # OS³
         self.stats = DocumentStats()
 
     def speculated_at(self, step: int) -> int | None:
@@ -131,7 +131,7 @@ class IterativeDocuments:
             if spec is not None:
                 self.stats.speculated += 1
                 self._pending[key] = spec
-                if len(self._pending) >= self.stride.stride:
+                if len(self._pending) >= self.policy.stride:
                     self.flush()
                 return spec, True
         real = await self.source.retrieve(key)
@@ -141,7 +141,7 @@ class IterativeDocuments:
 
     def note_step(self, seconds: float) -> None:
         """One step's cost (decoding + the cache's retrieval), for OS³."""
-        self.stride.note_step(seconds)
+        self.policy.note_step(seconds)
 
     def flush(self) -> None:
         """Verify every pending speculation now, in one batch, beside the decoding."""
@@ -170,7 +170,7 @@ class IterativeDocuments:
             ok = real.same(batch[key])
             right += ok
             self._feed(s.RetrievalChecked(key, ok))
-        self.stride.note_verification(time.perf_counter() - t0, len(keys), right)
+        self.policy.note_verification(time.perf_counter() - t0, len(keys), right)
         self.stats.retrievals += len(keys)
         self.stats.verifications += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(keys))

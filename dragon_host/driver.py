@@ -13,6 +13,7 @@ session believes, while peer messages keep being processed during a long decode 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Sequence
@@ -51,7 +52,7 @@ class SessionDriver:
         every = session.config.retrieve_every if documents is not None else 0
         # a verification may batch the boundaries the held-draft window holds (dragon_core.ralmspec)
         self.documents = IterativeDocuments(documents, every, self.feed, first_documents,
-                                            max_stride=-(-session.config.depth // every) if every else 1) if every else None
+                                            max_stride=math.ceil(session.config.depth / every)) if every else None
         self._prefix: list[int] = []  # the generated tokens in the group's streams
         self._send = send
         self._on_commit = on_commit

@@ -50,7 +50,7 @@ class PublicDocuments:
         qs = [await self._query(prefix) for prefix in prefixes]  # a speculation embedded them already
         many = getattr(self.index, "search_vectors", None)
         if many is not None:
-            found = await asyncio.to_thread(many, np.concatenate([np.reshape(q, (1, -1)) for q in qs]), self.cache_size)
+            found = await asyncio.to_thread(many, np.vstack(qs), self.cache_size)
         else:
             found = await asyncio.to_thread(lambda: [self.index.search_vector(q, self.cache_size) for q in qs])
         if self.speculates:

@@ -123,15 +123,10 @@ class PublicIndex:
         t0 = time.perf_counter()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         _, ids = self.searcher.search(queries, min(k, len(self)))
-        found = [[int(i) for i in row if i >= 0] for row in ids]
-        rows = self._rows({i for f in found for i in f})
-        out = []
-        for q, f in zip(queries, found):
-            scores = self.score_vectors(q, self.vectors(f)) if f else np.zeros(0, np.float32)
-            out.append([_passage(f[j], rows[f[j]], float(scores[j]))
-                        for j in canonical_order(np.asarray(f, dtype=np.int64), scores)])
+        hits = canonical_hits(self, queries, ids)
+        rows = self._rows({i for h in hits for i, _ in h})
         self._count(len(queries), time.perf_counter() - t0)
-        return out
+        return [[_passage(i, rows[i], score) for i, score in h] for h in hits]
 
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
         """The stored vectors of passages (len(ids) x d, float32): what the index scores."""
@@ -212,6 +207,18 @@ def canonical_order(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Rank order of scored passages: score descending, then id ascending (one rule for the real
     retrieval and the speculation from the cache)."""
     return np.lexsort((np.asarray(ids), -np.asarray(scores)))
+
+
+def canonical_hits(index, queries: np.ndarray, ids: np.ndarray) -> list[list[tuple[int, float]]]:
+    """Per query row, the ids a faiss search found (-1: none) as ``(id, R)``, re-scored with
+    ``index.score_vectors`` over ``index.vectors`` and in ``canonical_order``: the bits and the
+    order a speculation from cached vectors reproduces, whatever path faiss's scan took."""
+    out = []
+    for q, row in zip(queries, ids):
+        found = np.asarray([i for i in row.tolist() if i >= 0], dtype=np.int64)
+        scores = index.score_vectors(q, index.vectors(found)) if found.size else np.zeros(0, np.float32)
+        out.append([(int(found[j]), float(scores[j])) for j in canonical_order(found, scores)])
+    return out
 
 
 def _passage(pid: int, row: tuple[str, str], score: float) -> Passage:

@@ -169,7 +169,7 @@ def test_costly_verifications_are_batched_by_os3_and_the_answer_stays_exact(hit)
         committed, want, drivers, _ = asyncio.run(run_iterative_pair(config, world, 0.002, cloud_source=source))
         assert committed == want
         stats = drivers["cloud"].documents.stats
-        assert drivers["cloud"].documents.stride.max_stride == 2
+        assert drivers["cloud"].documents.policy.max_stride == 2
         assert sum(source.batches) == stats.speculated_right + stats.speculated_wrong and max(source.batches) <= 2
         assert stats.verifications == len(source.batches) and stats.largest_batch == max(source.batches)
         batched += sum(b == 2 for b in source.batches)
