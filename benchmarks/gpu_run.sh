@@ -14,6 +14,8 @@
 #        on cores 0-3, the cloud on the GPU + cores 4-15; in calls of ~8 min that --resume (repeat the
 #        call until it prints "complete": true); -> $OUT/quality_qa_h200.{json,png,answers.jsonl}
 #   bash benchmarks/gpu_run.sh retrieval   # issue 15: TeleRAG at 10M synthetic passages (faiss-cpu only, no vLLM)
+#   bash benchmarks/gpu_run.sh ttft --data .gpu/qa   # issue 15: TTFT with a 1k vs a BIG (10M) passage index, end
+#        to end (dragon-cloud serve --lookahead gpu and plain IVF vs the 1k index; the llama.cpp device)
 # Stage vLLM first (../shared/gpu/README.md); results and logs go under $OUT.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
@@ -103,5 +105,26 @@ case "${1:-}" in
       --out "$QA_RUN/quality_qa_h200.json" "$@" > "$OUT/qa.log" 2>&1; rc=$?
     cp "$QA_RUN"/quality_qa_h200.* "$OUT"/ 2>/dev/null
     grep -o '"complete": [a-z]*' "$OUT/quality_qa_h200.json" | head -1; tail -25 "$OUT/qa.log"; exit $rc ;;
-  *) echo "usage: $0 tests|streams|rollback|streams17|load|profile|latency|qa"; exit 2 ;;
+  ttft)
+    shift
+    # issue 15's TTFT goal (benchmarks/bench_ttft_index.py). Carry .gpu/faiss (pip install --no-deps
+    # --target /tmp/site, as for retrieval) and the QA data (nq_open_passages/ + wiki_passages_sample/,
+    # e.g. .gpu/qa, passed as --data). One call: the indexes first, in a process on every core (BIG
+    # SYNTHETIC vectors, reusing retrieval's /tmp/synth when it has BIG rows; the IVF's k-means and
+    # assignment on the GPU; ~34 GB on /tmp, kept while the machine is warm, so a second call skips
+    # it), then one dragon-cloud serve per configuration, started one by one (vLLM sizes its KV cache
+    # from the free memory), pinned to cores 4-15, and the device (llama.cpp) of this process on 0-3,
+    # asking until TTFT_BUDGET_S since the script began; results are written before the clouds stop.
+    W=${TTFT_WORK:-/tmp/dragon_ttft}
+    size=(--big ${BIG:-10000000} --nlist ${NLIST:-4096} --nprobe ${NPROBE:-32} --work "$W" --corpus /tmp/synth)
+    python -m benchmarks.bench_ttft_index --build-only "${size[@]}" --build-device cuda --workers 16 "$@" \
+      > "$OUT/ttft_build.log" 2>&1 || { tail -20 "$OUT/ttft_build.log"; exit 1; }
+    tail -2 "$OUT/ttft_build.log" | cut -c1-600
+    python -m benchmarks.bench_ttft_index "${size[@]}" --configs ${CONFIGS:-small big:gpu big:off} --one-by-one \
+      --device-cores 0-3 --cloud-cores 4-15 --gpu-memory-utilization ${GPU_UTIL:-0.25} --questions ${QUESTIONS:-10} \
+      --repeats ${REPEATS:-2} --budget-s $(( ${TTFT_BUDGET_S:-520} - SECONDS )) --out "$OUT/ttft_index_h200.json" \
+      --label "H200 cloud (vLLM 0.26), llama.cpp device on 4 cores" "$@" > "$OUT/ttft.log" 2>&1; rc=$?
+    cp "$W"/cloud-*.log "$OUT"/ 2>/dev/null
+    tail -8 "$OUT/ttft.log" | cut -c1-1500; exit $rc ;;
+  *) echo "usage: $0 tests|streams|rollback|streams17|load|profile|latency|qa|ttft|retrieval"; exit 2 ;;
 esac

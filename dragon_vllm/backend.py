@@ -39,6 +39,7 @@ class DragonCloud:
         self.speculative_retrieval = speculative_retrieval  # RaLMSpec at iterative retrieval's boundaries
         self._ids = 0
         self._retriever = QueryBatcher(index) if index is not None else None
+        self._lookahead = _lookahead_retriever(index)  # TeleRAG's two steps, on a lookahead IVF index
 
     async def warm_up(self) -> float:
         """One retrieval and two decode steps before serving, so that the first user does not pay
@@ -60,7 +61,20 @@ class DragonCloud:
     async def retrieve(self, query: str, k: int):
         if self.index is None or k <= 0:
             return []
-        return await self._retriever.search(query, k)
+        if self._lookahead is None:
+            return await self._retriever.search(query, k)
+        # TeleRAG's lookahead: open (embed, coarse quantizer, start copying the probed clusters)
+        # where the query is first known, search where the passages are first needed. For a
+        # request on the link both are here, back to back: open_request calls this as the request
+        # task's first step (the Open's query is known from that instant) and needs the passages
+        # for the prompt layout right after, which nothing can precede (the admission ticket is
+        # sized by the prompts, the prefill needs them, the device's own prefill runs anyway).
+        # So one request's copy has nothing of its own to overlap; what overlaps is the batching:
+        # queries arriving while a batch is searched are embedded and opened meanwhile, their
+        # copies running beside that scan (lookahead_retriever). The opened query is released
+        # however the block ends (cancelled with its request, the device gone, an error).
+        async with self._lookahead.opened(query) as opened:
+            return await self._lookahead.search(opened, k)
 
     # ------------------------------------------------------------------ device link
     async def open_request(self, req: m.Open) -> OpenedRequest:
@@ -180,6 +194,15 @@ class CloudAnswer:
     async def aclose(self) -> None:
         """Stop decoding (if still running) and free the streams; safe to call twice."""
         await self.stream.close("client closed")
+
+
+def _lookahead_retriever(index):
+    """The two-step retriever of an index loaded with ``lookahead=True``, else None."""
+    if getattr(index, "lookahead", None) is None:
+        return None
+    from dragon_vllm.lookahead_retriever import LookaheadRetriever
+
+    return LookaheadRetriever(index)
 
 
 async def _no_send(msg: m.Message) -> None:  # a solo session has no peer

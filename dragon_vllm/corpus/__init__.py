@@ -28,6 +28,7 @@ from dragon_vllm.corpus.errors import (
     CorpusRetrieverMismatch,
     EmptyCorpus,
     GpuUnavailable,
+    LookaheadSpent,
 )
 from dragon_vllm.corpus.ivf import KINDS, IndexSpec
 from dragon_vllm.corpus.index import PublicIndex
@@ -38,7 +39,7 @@ __all__ = [
     "PublicIndex", "Passage", "Document", "default_nprobe", "read_documents", "detect_format", "resolve_format",
     "read_manifest", "ivf_nlist",
     "CorpusError", "CorpusNotFound", "CorpusCorrupt", "CorpusRetrieverMismatch", "CorpusInputError", "EmptyCorpus",
-    "GpuUnavailable", "KINDS", "IndexSpec",
+    "GpuUnavailable", "LookaheadSpent", "KINDS", "IndexSpec",
     "FORMAT", "FORMAT_VERSION", "MANIFEST", "INDEX_FILE", "PASSAGES_FILE", "INPUT_FORMATS",
     "DEFAULT_IVF_THRESHOLD", "MIN_NPROBE", "EMBED_BLOCK",
 ]

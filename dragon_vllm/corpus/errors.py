@@ -43,3 +43,9 @@ class GpuUnavailable(CorpusError, RuntimeError):
     """The GPU cluster store needs faiss-gpu and a CUDA device; this machine has not both."""
 
     code = "gpu_unavailable"
+
+
+class LookaheadSpent(CorpusError, ValueError):
+    """A lookahead handle was searched or released already: each handle pins its clusters once."""
+
+    code = "lookahead_spent"

@@ -11,6 +11,7 @@ import os
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -97,10 +98,54 @@ class PublicIndex:
         with self._embed_lock:
             q = self.embedder.embed(list(queries))
         ip, ids = self.searcher.search(q, min(k, len(self)))
+        found = self._passages(ip, ids)
+        self._count(len(queries), time.perf_counter() - t0)
+        return found
+
+    # ---------------------------------------------------------- in two steps (TeleRAG's lookahead)
+    @property
+    def lookahead(self):
+        """The :class:`~dragon_vllm.corpus.lookahead.LookaheadSearcher` (loaded with
+        ``lookahead=True``), else None: then :meth:`open_queries` is not available."""
+        return getattr(self.searcher, "lookahead", None)
+
+    def open_queries(self, queries: Sequence[str]) -> list["OpenedQuery"]:
+        """Embed the queries and open each on the lookahead searcher: their probed clusters start
+        copying into the cache now, for a :meth:`search_opened` later. Each must end in
+        ``search_opened`` or :meth:`release` (it pins its clusters until then)."""
+        if self.lookahead is None:
+            raise CorpusError(f"{self.path} was loaded without lookahead=True: nothing to open")
+        t0 = time.perf_counter()
+        with self._embed_lock:
+            q = self.embedder.embed(list(queries))
+        return [OpenedQuery(la, t0) for la in self.lookahead.open_each(q)]
+
+    def search_opened(self, opened: Sequence["OpenedQuery"], k: int) -> list[list[Passage] | None]:
+        """The top-``k`` passages of opened queries, exactly as :meth:`search_many` finds them (one
+        scan for all); None for a query released before (its request is gone)."""
+        if k <= 0:
+            for o in opened:
+                self.release(o)
+            return [[] for _ in opened]
+        found = self.lookahead.search_many([o.lookahead for o in opened], min(k, len(self)))
+        live = [(o, f) for o, f in zip(opened, found) if f is not None]
+        if not live:
+            return [None] * len(opened)
+        ip, ids = np.vstack([f[0] for _, f in live]), np.vstack([f[1] for _, f in live])
+        passages = iter(self._passages(ip, ids))
+        self._count(len(live), time.perf_counter() - min(o.arrived for o, _ in live))
+        return [next(passages) if f is not None else None for f in found]
+
+    def release(self, opened: "OpenedQuery") -> None:
+        """Abandon an opened query (no search will come): its clusters are unpinned. Idempotent,
+        and a no-op once its search has begun (the search unpins them)."""
+        self.lookahead.release(opened.lookahead)
+
+    def _passages(self, ip: np.ndarray, ids: np.ndarray) -> list[list[Passage]]:
+        """faiss's (inner products, ids) rows as passages, best first, with ``R(d)`` scores."""
         # Missing hits (id -1, an IVF probing too few lists) carry -FLT_MAX: zero them before scaling.
         scores = self.embedder.score.from_inner_product(np.where(ids >= 0, ip, 0.0))
         rows = self._rows({int(i) for i in ids.ravel() if i >= 0})
-        self._count(len(queries), time.perf_counter() - t0)
         return [[_passage(int(i), rows[int(i)], float(s)) for i, s in zip(ids_q, sc_q) if i >= 0]
                 for ids_q, sc_q in zip(ids.tolist(), scores.tolist())]
 
@@ -201,6 +246,15 @@ class PublicIndex:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@dataclass
+class OpenedQuery:
+    """A query embedded and opened on the lookahead searcher (its clusters being copied), from
+    its arrival (``arrived``, perf_counter: the retrieval time counted runs from there)."""
+
+    lookahead: object  # dragon_vllm.corpus.lookahead.Lookahead
+    arrived: float
 
 
 def canonical_order(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:

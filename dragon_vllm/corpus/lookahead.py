@@ -4,6 +4,11 @@
     ...                          # the link round trip, the device's retrieval, prefills
     D, I = searcher.search(la, k)  # scan the cached clusters in the store, the misses in host memory, merge
 
+A handle pins its clusters in the cache (no other request evicts them) until its search ends or
+``release(la)`` abandons it (a request cancelled between open and search): every handle ends in
+exactly one of the two, and a second call is a no-op. ``open_each`` / ``search_many`` are the
+same steps for several requests at once (one quantizer call, one scan), each with its own handle.
+
 The result equals ``index.search(q, k)`` with the same nprobe, id for id and score for score
 (``merge.py`` explains the tie rule). The store decides where the cache lives:
 :class:`~dragon_vllm.corpus.cluster_store.CpuClusterStore` (this machine: copies into a sibling
@@ -13,14 +18,17 @@ index in host memory, so on CPU the prefetch buys nothing and costs a copy) or
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
 from dragon_vllm.corpus.cluster_cache import ClusterCache
 from dragon_vllm.corpus.cluster_store import PAIR_SHIFT, CpuClusterStore, HostLists, ivf_of, list_bytes
+from dragon_vllm.corpus.errors import LookaheadSpent
 from dragon_vllm.corpus.merge import replay
 
 DEFAULT_BUDGET_FRACTION = 0.15  # of the lists' bytes: the issue's GPU-memory goal (<= 15%)
@@ -35,6 +43,7 @@ class Lookahead:
     probes: np.ndarray  # (n, nprobe) list numbers
     copied: Future
     opened: float = field(default_factory=time.perf_counter)
+    state: str = "open"  # open -> searching -> released, or open -> released (abandoned)
 
 
 @dataclass
@@ -61,6 +70,7 @@ class LookaheadSearcher:
         # ONE copier: copies run in plan order, so when a request's own copy is done, every cluster
         # an earlier request admitted (which this one may count as a hit) is in the store too
         self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cluster-prefetch")
+        self._states = threading.Lock()  # handles' states: a pin is released exactly once
 
     # ------------------------------------------------------------------ the two steps
     def open(self, x: np.ndarray) -> Lookahead:
@@ -70,23 +80,87 @@ class LookaheadSearcher:
         to_copy, to_drop = self.cache.plan(probes)
         return Lookahead(x, coarse, probes, self._copier.submit(self._copy, to_copy, to_drop))
 
+    def open_each(self, x: np.ndarray) -> list[Lookahead]:
+        """``open`` for several requests at once: one quantizer call, one handle (and pins) per row."""
+        x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
+        coarse, probes = self.ivf.quantizer.search(x, self.nprobe)
+        handles: list[Lookahead] = []
+        try:
+            for row in range(len(x)):  # a plan per request: hotness decays once per request, as with open()
+                one = probes[row : row + 1]
+                to_copy, to_drop = self.cache.plan(one)
+                try:
+                    copied = self._copier.submit(self._copy, to_copy, to_drop)
+                except BaseException:  # the copier is shut down (closing): this row's pins go too
+                    self.cache.release(one)
+                    raise
+                handles.append(Lookahead(x[row : row + 1], coarse[row : row + 1], one, copied))
+        except BaseException:
+            for la in handles:  # nobody will hold them: no pin may outlive this call
+                self.release(la)
+            raise
+        return handles
+
     def search(self, la: Lookahead, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (scores, ids) of the opened queries; releases the request's pins."""
+        found = self.search_many([la], k)[0]
+        if found is None:
+            raise LookaheadSpent("this lookahead handle was searched or released already")
+        return found
+
+    def search_many(self, las: Sequence[Lookahead], k: int) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """``search`` of several handles in one scan; each handle's (scores, ids), or None for a
+        handle released (abandoned) or searched before: its request is gone, nothing to scan."""
+        mine = self._claim(las)
+        if not mine:
+            return [None] * len(las)
         try:
-            la.copied.result()  # normally done: the round trip since open() covers the copy
-            hit = self.cache.split(la.probes)
-            parts = [(where, probes, where.scan_ids(la.x, probes, la.coarse, k)) for where, probes in _parts(la, hit,
-                     self.store, self.host)]
-            D, I = _merge_sorted([res for _, _, res in parts], k)
-            ties = np.flatnonzero(_boundary_ties(D, I, k)) if len(parts) > 1 else np.empty(0, np.int64)
-            D, I = np.ascontiguousarray(D[:, :k]), np.ascontiguousarray(I[:, :k])
-            if ties.size:  # rare: equal scores at the k-th place, resolved as faiss's own scan would
-                self.stats.tie_rows += int(ties.size)
-                D[ties], I[ties] = self._merge_exact(la.x[ties], la.coarse[ties], la.probes[ties],
-                                                     [(where, probes[ties]) for where, probes, _ in parts], k)
+            for la in mine:
+                la.copied.result()  # normally done: the round trip since open() covers the copy
+            D, I = self._search_rows(np.vstack([la.x for la in mine]), np.vstack([la.coarse for la in mine]),
+                                     np.vstack([la.probes for la in mine]), k)
         finally:
-            self.cache.release(la.probes)
-        self._count(len(la.x), time.perf_counter() - la.opened)
+            for la in mine:
+                self._unpin(la)
+        self._count(len(D), time.perf_counter() - min(la.opened for la in mine))
+        rows = np.cumsum([0] + [len(la.x) for la in mine])
+        found = {id(la): (D[a:b], I[a:b]) for la, a, b in zip(mine, rows[:-1], rows[1:])}
+        return [found.get(id(la)) for la in las]
+
+    def release(self, la: Lookahead) -> None:
+        """Abandon a handle that will not be searched (its request ended first): its pins go.
+        A no-op for a handle being searched (the search releases it) or released already."""
+        with self._states:
+            if la.state != "open":
+                return
+            la.state = "released"
+        self.cache.release(la.probes)
+
+    def _claim(self, las: Sequence[Lookahead]) -> list[Lookahead]:
+        """The open handles among ``las``, now marked as being searched (once each)."""
+        with self._states:
+            mine = list({id(la): la for la in las if la.state == "open"}.values())
+            for la in mine:
+                la.state = "searching"
+        return mine
+
+    def _unpin(self, la: Lookahead) -> None:
+        with self._states:
+            la.state = "released"
+        self.cache.release(la.probes)
+
+    def _search_rows(self, x: np.ndarray, coarse: np.ndarray, probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scan the queries' cached clusters in the store and the misses in host memory; merge."""
+        hit = self.cache.split(probes)
+        parts = [(where, part, where.scan_ids(x, part, coarse, k)) for where, part in _parts(probes, hit, self.store,
+                 self.host)]
+        D, I = _merge_sorted([res for _, _, res in parts], k)
+        ties = np.flatnonzero(_boundary_ties(D, I, k)) if len(parts) > 1 else np.empty(0, np.int64)
+        D, I = np.ascontiguousarray(D[:, :k]), np.ascontiguousarray(I[:, :k])
+        if ties.size:  # rare: equal scores at the k-th place, resolved as faiss's own scan would
+            self.stats.tie_rows += int(ties.size)
+            D[ties], I[ties] = self._merge_exact(x[ties], coarse[ties], probes[ties],
+                                                 [(where, part[ties]) for where, part, _ in parts], k)
         return D, I
 
     def search_now(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,14 +216,14 @@ def _make_store(store, index, budget: int):
     return store
 
 
-def _parts(la: Lookahead, hit: np.ndarray, store, host) -> list[tuple[object, np.ndarray]]:
+def _parts(probes: np.ndarray, hit: np.ndarray, store, host) -> list[tuple[object, np.ndarray]]:
     """(where to scan, the probes with the other part's lists masked to -1), non-empty parts only.
     A query whose probed lists are all in one part gets faiss's own result from that part."""
     parts = []
     if hit.any():
-        parts.append((store, np.where(hit, la.probes, -1)))
-    if (~hit & (la.probes >= 0)).any():
-        parts.append((host, np.where(hit, -1, la.probes)))
+        parts.append((store, np.where(hit, probes, -1)))
+    if (~hit & (probes >= 0)).any():
+        parts.append((host, np.where(hit, -1, probes)))
     return parts
 
 
