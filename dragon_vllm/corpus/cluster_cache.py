@@ -66,8 +66,9 @@ class ClusterCache:
             self.hotness[wanted] += 1.0
             self.pins[wanted] += 1  # first: this request's own clusters are never its victims
             to_copy, to_drop = [], []
+            victims = _Victims(self)
             for c in wanted:  # nearest first: under a tight budget the likeliest hits win
-                if not self.resident[c] and self._make_room(c, to_drop):
+                if not self.resident[c] and self._make_room(c, to_drop, victims):
                     self.resident[c] = True
                     self.used_bytes += int(self.sizes[c])
                     to_copy.append(c)
@@ -90,29 +91,44 @@ class ClusterCache:
             self.pins[wanted] -= 1
 
     # ------------------------------------------------------------------ eviction
-    def _make_room(self, c: int, to_drop: list[int]) -> bool:
+    def _make_room(self, c: int, to_drop: list[int], victims: "_Victims") -> bool:
         need = int(self.sizes[c])
         if need > self.budget_bytes:
             self.stats.rejected += 1
             return False
         while self.used_bytes + need > self.budget_bytes:
-            victim = self._coldest_unpinned()
+            victim = victims.peek()
             if victim is None or self.hotness[victim] >= self.hotness[c]:
                 self.stats.rejected += 1
                 return False
+            victims.take()
             self.resident[victim] = False
             self.used_bytes -= int(self.sizes[victim])
             to_drop.append(victim)
         return True
-
-    def _coldest_unpinned(self) -> int | None:
-        candidates = np.flatnonzero(self.resident & (self.pins == 0))
-        if candidates.size == 0:
-            return None
-        return int(candidates[np.argmin(self.hotness[candidates])])
 
     def snapshot(self) -> dict:
         with self._lock:
             return {"resident_clusters": int(self.resident.sum()), "used_bytes": int(self.used_bytes),
                     "budget_bytes": int(self.budget_bytes), "hit_rate": self.stats.hit_rate(),
                     **vars(self.stats)}
+
+
+class _Victims:
+    """The unpinned residents of one plan, coldest first (the lowest list number among equals),
+    sorted once when the first eviction needs them: a plan evicts up to nprobe lists, and a scan
+    of every list per eviction cost more than the rest of the plan. Within one plan the order
+    cannot change: hotness was updated before, and the lists it admits are pinned by it."""
+
+    def __init__(self, cache: ClusterCache) -> None:
+        self._cache, self._order, self._next = cache, None, 0
+
+    def peek(self) -> int | None:
+        if self._order is None:
+            c = self._cache
+            candidates = np.flatnonzero(c.resident & (c.pins == 0))
+            self._order = candidates[np.argsort(c.hotness[candidates], kind="stable")]
+        return int(self._order[self._next]) if self._next < len(self._order) else None
+
+    def take(self) -> None:
+        self._next += 1

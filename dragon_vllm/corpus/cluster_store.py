@@ -76,11 +76,24 @@ def _search_pairs(ivf, x: np.ndarray, probes: np.ndarray, coarse: np.ndarray, k:
     return D, L
 
 
+def split_queries_over_threads(ivf) -> None:
+    """Make faiss's ``search_preassigned`` use every OpenMP thread for a batch of queries.
+
+    Under ``parallel_mode`` 0 (the default) faiss parallelises only ``search()``, by slicing the
+    queries; ``search_preassigned`` called directly then runs on ONE thread (measured on the
+    H200 machine's 16 cores: 755 ms for 64 queries against 87 ms for ``search``). Mode 3 splits
+    the queries over threads inside ``search_preassigned`` too. Each query is still scanned by
+    one thread, in probe order, into its own heap, so the results (ties included) are the same."""
+    if ivf.parallel_mode == 0:
+        ivf.parallel_mode = 3
+
+
 class HostLists:
     """The index's own lists in host memory: where misses are scanned."""
 
     def __init__(self, index) -> None:
         self.ivf = ivf_of(index)
+        split_queries_over_threads(self.ivf)
 
     def scan(self, x, probes, coarse, k):
         return scan(self.ivf, x, probes, coarse, k)
@@ -95,6 +108,7 @@ class CpuClusterStore:
     def __init__(self, index) -> None:
         self.source = ivf_of(index)
         self.ivf = _empty_sibling(self.source)
+        split_queries_over_threads(self.ivf)
         self._lock = threading.Lock()  # copies are serialised; scans of pinned lists run beside them
 
     def copy_in(self, clusters: list[int]) -> None:

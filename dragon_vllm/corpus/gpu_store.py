@@ -5,10 +5,13 @@ The :class:`~dragon_vllm.corpus.lookahead.LookaheadSearcher` calls the same thre
 
 * ``copy_in(clusters)``: host lists -> the buffer. The buffer is carved once, at start, from
   what vLLM leaves (``budget_bytes``), in pages of ``PAGE_ROWS`` vectors: a list takes any free
-  pages, so eviction never fragments it. The host-to-device copy runs on a side CUDA stream
-  (from page-locked host memory where ``pin_host`` registered the lists), so it overlaps the
-  link round trip and the prefills; the copied rows then go to their pages on the default stream,
-  after which every later scan sees them (one stream orders them).
+  pages, so eviction never fragments it. The cache budgets in whole pages
+  (``list_cost_bytes``), so the carve is the budget, not more. All of a request's lists go in
+  one pass on a side CUDA stream, from page-locked host memory where ``pin_host`` registered
+  them: one async copy per list, then one write of every page, row table and norm. It overlaps
+  the link round trip and the prefills; the lists are published to scans only once the side
+  stream is done, and the side stream first waits for the default stream (a reused page's drop
+  and earlier scans come first).
 * ``drop(clusters)``: their pages go back to the free list (the cache decided; nothing moves).
 * ``scan(x, probes, coarse, k)``: for each query, every candidate of its probed, resident
   lists whose score is at least the query's k-th, with its store_pairs label (list << 32 | offset).
@@ -31,6 +34,7 @@ tests do), though only the CUDA device makes it fast. IVF-PQ lists stay on the C
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import threading
 
@@ -42,6 +46,7 @@ from dragon_vllm.corpus.errors import GpuUnavailable
 PAGE_ROWS = 32  # vectors per buffer page: a list wastes < 32 rows (48 KB at 384-d)
 GATHER_SHARE = 0.5  # scan the listed rows alone while they are under this share of the used rows
 QUERY_CHUNK = 16  # queries scored together: bounds the (queries x rows) score block
+ROW_TABLE_BYTES = 16  # per buffer row: its list and its offset in the list (int64 each)
 U = 2.0 ** -24  # float32 unit roundoff
 
 
@@ -87,46 +92,91 @@ class GpuClusterStore:
         self._host = [_list_vectors(faiss, il, c, n, self.d) for c, n in enumerate(self._sizes)]
         self._ids = [_list_ids(faiss, il, c, n) for c, n in enumerate(self._sizes)]
         self.pinned_bytes = self._pin(pin_host)
-        rows = min(int(budget_bytes) // (self.d * 4 + 8), sum(self._sizes))  # never more than the index
-        pages = -(-rows // PAGE_ROWS) + self.nlist  # + one partly used page per resident list
-        self.capacity_bytes = pages * PAGE_ROWS * self.d * 4
+        # a page is its vectors plus the two int64 row tables: everything this store puts on the device
+        self.page_bytes = PAGE_ROWS * (self.d * 4 + ROW_TABLE_BYTES)
+        self._list_pages = np.array([-(-n // PAGE_ROWS) for n in self._sizes], dtype=np.int64)
+        pages = int(min(int(budget_bytes) // self.page_bytes, self._list_pages.sum()))  # never more than the index
+        self.capacity_bytes = pages * self.page_bytes
         self.buf = torch.zeros((pages * PAGE_ROWS, self.d), dtype=torch.float32, device=self.device)
         self.row_list = torch.full((pages * PAGE_ROWS,), self.nlist, dtype=torch.int64, device=self.device)
         self.row_offset = torch.zeros(pages * PAGE_ROWS, dtype=torch.int64, device=self.device)
+        # each list's largest vector norm (rounded up), for the error bound; computed on the device at copy
+        self.list_norm = torch.zeros(self.nlist + 1, dtype=torch.float32, device=self.device)
         self._free = list(range(pages))  # a heap: the lowest pages first, so the used ones stay packed
         self._rows: dict[int, object] = {}  # list -> its rows in the buffer (a device tensor)
         self._pages: dict[int, list[int]] = {}  # list -> its pages
-        self._norms: dict[int, float] = {}  # list -> its largest vector norm (the error bound), once
+        self._is_resident = np.zeros(self.nlist, dtype=bool)
+        self._used_pages = 0
+        self._high_water = 0  # pages below this were ever used: a whole-buffer scan stops here
         self._lock = threading.Lock()  # page bookkeeping; the GPU work is ordered by the default stream
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
+    def list_cost_bytes(self) -> np.ndarray:
+        """What each list takes in the buffer (whole pages with their row tables). The cache budgets
+        with these, so whatever it admits always fits the pages carved here."""
+        return self._list_pages * self.page_bytes
+
     # ------------------------------------------------------------------ residency
     def copy_in(self, clusters: list[int]) -> None:
+        """Copy lists in, all of them in one pass: per list only an async host-to-device copy; the
+        page writes, row tables and norms are one operation each for the whole batch."""
         torch = self.torch
-        for c in clusters:
-            n = self._sizes[c]
-            if c in self._rows:
-                continue
-            with self._lock:
-                pages = [heapq.heappop(self._free) for _ in range(-(-n // PAGE_ROWS))]
-            rows = _page_rows(pages, n)
-            staged = self._stage(c)
-            self._max_norm(c)  # once per list, here in the copier rather than in a scan
-            rows_t = torch.from_numpy(rows).to(self.device)
-            with self._lock:  # enqueued on the default stream: every scan enqueued later sees the rows
-                if n:
-                    self.buf.index_copy_(0, rows_t, staged)
-                    self.row_offset[rows_t] = torch.arange(n, device=self.device)
-                    self.row_list[rows_t] = c
-                self._rows[c], self._pages[c] = rows_t, pages
+        todo = [c for c in dict.fromkeys(int(c) for c in clusters) if c not in self._rows]
+        if not todo:
+            return
+        with self._lock:
+            need = int(self._list_pages[todo].sum())
+            if need > len(self._free):
+                raise RuntimeError(f"GPU cluster store full: {need} pages wanted, {len(self._free)} free "
+                                   f"(the cache budgets with list_cost_bytes(); use it)")
+            pages = {c: [heapq.heappop(self._free) for _ in range(int(self._list_pages[c]))] for c in todo}
+            self._high_water = max([self._high_water] + [p + 1 for ps in pages.values() for p in ps])
+        rows = [_page_rows(pages[c], self._sizes[c]) for c in todo]
+        bounds = np.cumsum([0] + [len(r) for r in rows])
+        rows_t = torch.from_numpy(np.concatenate(rows)).to(self.device)  # one upload; each list keeps a view
+        filled = [c for c in todo if self._sizes[c]]
+        if filled:
+            self._write(filled, pages, rows_t)
+        with self._lock:  # published only now: a scan sees a list once its rows are on the device
+            for c, a, b in zip(todo, bounds[:-1], bounds[1:]):
+                self._rows[c] = rows_t[a:b]
+                self._pages[c] = pages[c]
+                self._is_resident[c] = True
+                self._used_pages += len(pages[c])
+
+    def _write(self, lists: list[int], pages: dict[int, list[int]], rows_t) -> None:
+        torch = self.torch
+        offsets = np.concatenate([np.arange(self._sizes[c]) for c in lists])
+        owner = np.repeat(np.asarray(lists, dtype=np.int64), [self._sizes[c] for c in lists])
+        stream = self._side if self._side is not None else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if stream is not None:  # after every earlier drop and scan on the default stream (page reuse)
+                stream.wait_stream(torch.cuda.default_stream(self.device))
+            staged = torch.empty((len(rows_t), self.d), dtype=torch.float32, device=self.device)
+            start = 0
+            for c in lists:  # from page-locked host memory: async, at full PCIe bandwidth
+                n = self._sizes[c]
+                staged[start:start + n].copy_(torch.from_numpy(self._host[c]), non_blocking=True)
+                start += n
+            owner_t = torch.from_numpy(owner).to(self.device, non_blocking=True)
+            self.buf.index_copy_(0, rows_t, staged)
+            self.row_offset.index_copy_(0, rows_t, torch.from_numpy(offsets).to(self.device, non_blocking=True))
+            self.row_list.index_copy_(0, rows_t, owner_t)
+            # float32 norms are within ~d u of the truth; 1e-3 up makes them upper bounds
+            norms = torch.linalg.vector_norm(staged, dim=1) * (1 + 1e-3)
+            self.list_norm.scatter_reduce_(0, owner_t, norms, reduce="amax")
+        if stream is not None:
+            stream.synchronize()  # the copier thread waits, not the scans: they start after publication
 
     def drop(self, clusters: list[int]) -> None:
         with self._lock:
-            for c in clusters:
-                rows = self._rows.pop(c, None)
-                if rows is None:
-                    continue
-                self.row_list[rows] = self.nlist  # the "not probed" column of every scan's table
+            gone = [c for c in dict.fromkeys(clusters) if c in self._rows]
+            if gone:  # one write: their rows now point at the "not probed" column of every scan's table
+                self.row_list[torch_cat(self.torch, [self._rows[c] for c in gone])] = self.nlist
+            for c in gone:
+                del self._rows[c]
+                self._is_resident[c] = False
+                self._used_pages -= len(self._pages[c])
                 for page in self._pages.pop(c):
                     heapq.heappush(self._free, page)
 
@@ -136,7 +186,7 @@ class GpuClusterStore:
 
     def used_bytes(self) -> int:
         with self._lock:
-            return sum(len(p) for p in self._pages.values()) * PAGE_ROWS * self.d * 4
+            return self._used_pages * self.page_bytes
 
     # ------------------------------------------------------------------ search
     def scan(self, x, probes, coarse, k):
@@ -164,23 +214,25 @@ class GpuClusterStore:
 
     def _scan_chunk(self, x: np.ndarray, probes: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
         torch = self.torch
+        probes = np.asarray(probes, dtype=np.int64)
         with self._lock:
-            wanted = [sorted({int(c) for c in row if c >= 0 and int(c) in self._rows}) for row in probes]
-            lists = sorted(set().union(*wanted))
-            if not lists:
+            # probed and resident, else the table's "never" column (nlist: also where free rows point)
+            wanted = np.where((probes >= 0) & self._is_resident[np.maximum(probes, 0)], probes, self.nlist)
+            lists = np.unique(wanted[wanted < self.nlist])
+            if not lists.size:
                 return [_empty() for _ in x]
-            used = sum(len(p) for p in self._pages.values()) * PAGE_ROWS
-            listed = sum(self._sizes[c] for c in lists)
-            if listed < GATHER_SHARE * used:
-                rows = torch.cat([self._rows[c] for c in lists])
+            listed = int(sum(self._sizes[c] for c in lists))
+            if listed < GATHER_SHARE * self._used_pages * PAGE_ROWS:
+                rows = torch.cat([self._rows[int(c)] for c in lists])
                 vecs, row_list, row_offset = self.buf[rows], self.row_list[rows], self.row_offset[rows]
-            else:  # most of the used buffer: score it all up to its last used page, mask the rest
-                end = (max(max(p) for p in self._pages.values()) + 1) * PAGE_ROWS
+            else:  # most of the used buffer: score it all up to its high-water page, mask the rest
+                end = self._high_water * PAGE_ROWS
                 vecs, row_list, row_offset = self.buf[:end], self.row_list[:end].clone(), self.row_offset[:end]
-            max_norm = max(self._max_norm(c) for c in lists)
+        wanted_t = torch.from_numpy(wanted).to(self.device, non_blocking=True)
         table = torch.zeros((len(x), self.nlist + 1), dtype=torch.bool, device=self.device)
-        for q, cs in enumerate(wanted):
-            table[q, cs] = True
+        table.scatter_(1, wanted_t, True)
+        table[:, self.nlist] = False
+        max_norm = self.list_norm[wanted_t].max()
         xq = torch.from_numpy(x).to(self.device)
         scores = xq @ vecs.T
         scores.masked_fill_(~table[:, row_list], -torch.inf)
@@ -190,8 +242,9 @@ class GpuClusterStore:
         # and the k-th may move by as much the other way: 4; 0.1 more for the float32 norms
         tol = 4.1 * dot_error_bound(self.d) * torch.linalg.vector_norm(xq, dim=1) * max_norm
         keep = (scores >= (kth - tol)[:, None]) & (scores > -torch.inf)
-        q_idx, r_idx = (t.cpu().numpy() for t in keep.nonzero(as_tuple=True))
-        cand_list, cand_off = row_list[r_idx].cpu().numpy(), row_offset[r_idx].cpu().numpy()
+        q_idx, r_idx = keep.nonzero(as_tuple=True)
+        found = torch.stack([q_idx, row_list[r_idx], row_offset[r_idx]]).cpu().numpy()  # the one read back
+        q_idx, cand_list, cand_off = found
         return [self._exact(x[q], cand_list[q_idx == q], cand_off[q_idx == q], k) for q in range(len(x))]
 
     def _exact(self, xq: np.ndarray, lists: np.ndarray, offsets: np.ndarray, k: int):
@@ -208,25 +261,6 @@ class GpuClusterStore:
         return scores, (lists.astype(np.int64) << PAIR_SHIFT) | offsets.astype(np.int64)
 
     # ------------------------------------------------------------------ host side
-    def _max_norm(self, c: int) -> float:
-        if c not in self._norms:
-            v = self._host[c]
-            # an upper bound: float64 sums, rounded up by far more than their error
-            self._norms[c] = float(np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64).max())) * (1 + 1e-6) if len(v) else 0.0
-        return self._norms[c]
-
-    def _stage(self, c: int):
-        """List ``c``'s vectors on the device, copied on the side stream (async from pinned memory)."""
-        torch = self.torch
-        host = torch.from_numpy(self._host[c])
-        if self._side is None:
-            return host.to(self.device)
-        with torch.cuda.stream(self._side):
-            staged = host.to(self.device, non_blocking=True)
-        self._side.synchronize()  # the copy is done before its rows are written on the default stream
-        staged.record_stream(torch.cuda.current_stream(self.device))
-        return staged
-
     def close(self) -> None:
         """Unpin the host lists (the buffer goes with the object)."""
         if self.pinned_bytes:
@@ -265,6 +299,10 @@ def _page_rows(pages: list[int], n: int) -> np.ndarray:
     if not pages:
         return np.zeros(0, dtype=np.int64)
     return (np.asarray(pages, dtype=np.int64)[:, None] * PAGE_ROWS + np.arange(PAGE_ROWS)).ravel()[:n]
+
+
+def torch_cat(torch, tensors: list):
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def _empty() -> tuple[np.ndarray, np.ndarray]:

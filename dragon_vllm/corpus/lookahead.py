@@ -63,8 +63,10 @@ class LookaheadSearcher:
         self.nprobe = int(nprobe or self.ivf.nprobe)
         sizes = list_bytes(index)
         budget = int(sizes.sum() * budget_fraction) if budget_bytes is None else int(budget_bytes)
-        self.cache = ClusterCache(sizes, budget, decay=decay)
         self.store = _make_store(store, index, budget)
+        if hasattr(self.store, "list_cost_bytes"):  # the GPU store's pages: what it admits always fits its carve
+            sizes = self.store.list_cost_bytes()
+        self.cache = ClusterCache(sizes, budget, decay=decay)
         self.host = HostLists(index)
         self.stats = RetrievalStats()
         # ONE copier: copies run in plan order, so when a request's own copy is done, every cluster

@@ -280,7 +280,11 @@ def test_gpu_store_pages_are_reused_and_drops_hide_lists(flat_ivf):
 
     ivf = faiss.extract_index_ivf(flat_ivf)
     sizes = [ivf.invlists.list_size(i) for i in range(ivf.nlist)]
-    store = GpuClusterStore(flat_ivf, budget_bytes=(max(sizes) * 2) * (ivf.d * 4 + 8), device="cpu")
+    page_bytes = g.PAGE_ROWS * (ivf.d * 4 + g.ROW_TABLE_BYTES)
+    store = GpuClusterStore(flat_ivf, budget_bytes=2 * -(-max(sizes) // g.PAGE_ROWS) * page_bytes + page_bytes - 1,
+                            device="cpu")
+    assert store.capacity_bytes == 2 * -(-max(sizes) // g.PAGE_ROWS) * page_bytes  # the carve never exceeds the budget
+    assert (store.list_cost_bytes() == [-(-n // g.PAGE_ROWS) * page_bytes for n in sizes]).all()
     free0 = len(store._free)
     q = tied_queries(8)
     coarse, probes = ivf.quantizer.search(q, 1)
@@ -288,10 +292,13 @@ def test_gpu_store_pages_are_reused_and_drops_hide_lists(flat_ivf):
         lists = sorted({int(p) for p in probes[:, 0]})[:2]
         store.copy_in(lists)
         assert store.resident() == set(lists)
-        assert store.used_bytes() == sum(-(-sizes[c] // g.PAGE_ROWS) for c in lists) * g.PAGE_ROWS * ivf.d * 4
+        assert store.used_bytes() == sum(store.list_cost_bytes()[c] for c in lists)
         store.drop(lists)
         assert store.resident() == set() and len(store._free) == free0
         assert all(len(scores) == 0 for scores, _ in store.scan(q, probes, coarse, 5))  # dropped: not scanned
+    with pytest.raises(RuntimeError, match="store full"):  # more than the carve: refused, typed, nothing moved
+        store.copy_in(list(range(ivf.nlist)))
+    assert store.resident() == set() and len(store._free) == free0
 
 
 # ------------------------------------------------------------------ synthetic corpus
