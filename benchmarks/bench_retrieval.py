@@ -61,6 +61,18 @@ def time_single(search, xq: np.ndarray, k: int) -> tuple[dict, np.ndarray]:
     return _ms(times), np.array(out)
 
 
+def time_spaced(search, xq: np.ndarray, k: int, gap: float) -> dict:
+    """Single queries arriving ``gap`` s apart (idle in between), as the lookahead's own are
+    measured: an idle GPU or OpenMP team wakes up slower than one kept busy back to back."""
+    times = []
+    for i in range(len(xq)):
+        time.sleep(gap)
+        t = time.perf_counter()
+        search(xq[i : i + 1], k)
+        times.append(time.perf_counter() - t)
+    return _ms(times)
+
+
 def time_batched(search, xq: np.ndarray, k: int, batch: int) -> dict:
     times = []
     for s in range(0, len(xq), batch):
@@ -212,7 +224,11 @@ def measure(index, kind: str, nprobe: int | None, info: dict, xq, truth, a) -> d
         ivf = faiss_ivf(index)
         ivf.parallel_mode = 1
         row["single_parallel_lists"] = time_single(index.search, xq, a.k)[0]
+        if a.spaced:
+            row["single_parallel_lists_spaced"] = time_spaced(index.search, xq, a.k, a.rtt_ms / 1e3)
         ivf.parallel_mode = 0
+    if kind != "flat" and a.spaced:
+        row["single_spaced"] = time_spaced(index.search, xq, a.k, a.rtt_ms / 1e3)
     if kind != "flat" and a.lookahead:
         store = a.store if kind == "ivf-flat" else "cpu"  # the GPU store scans IVF-Flat lists only
         row["lookahead"] = bench_lookahead(index, xq, a.k, a.batch, a.rtt_ms / 1e3, ids, a.budget_fraction, store,
@@ -222,6 +238,8 @@ def measure(index, kind: str, nprobe: int | None, info: dict, xq, truth, a) -> d
         g_single, g_ids = time_single(g.search_now, xq, a.k)
         row["gpu_whole_index"] = {**info, "single": g_single, "batched": time_batched(g.search_now, xq, a.k, a.batch),
                                   "equal_to_plain_ivf": bool((g_ids == ids).all())}
+        if a.spaced:
+            row["gpu_whole_index"]["single_spaced"] = time_spaced(g.search_now, xq, a.k, a.rtt_ms / 1e3)
         g.close()
         del g
     row["ratios"] = ratios(row)
@@ -240,6 +258,11 @@ def ratios(row: dict) -> dict:
             la["batched_open_plus_after_rtt"]["queries_per_s"] / row["batched"]["queries_per_s"], 3)
         if whole:
             out["lookahead_over_whole_gpu_single_p50"] = round(crit / whole["single"]["p50_ms"], 3)
+        spaced_cpu = [row[key]["p50_ms"] for key in ("single_spaced", "single_parallel_lists_spaced") if key in row]
+        if spaced_cpu:  # the baselines' queries arriving as the lookahead's do, an RTT apart
+            out["cpu_ivf_spaced_over_lookahead_single_p50"] = round(min(spaced_cpu) / crit, 3)
+        if whole and "single_spaced" in whole:
+            out["lookahead_over_whole_gpu_spaced_single_p50"] = round(crit / whole["single_spaced"]["p50_ms"], 3)
         if la.get("store_bytes") and row["build"].get("index_bytes"):
             out["store_share_of_index"] = round(la["store_bytes"] / row["build"]["index_bytes"], 3)
     return out
@@ -328,6 +351,8 @@ def parser() -> argparse.ArgumentParser:
                    help="faiss OpenMP threads (default 1: on a shared 2-core box 2 threads spin and train ~7x slower)")
     p.add_argument("--rtt-ms", type=float, default=20.0, help="simulated round trip between open and search")
     p.add_argument("--budget-fraction", type=float, default=0.15, help="cluster cache size, fraction of the lists")
+    p.add_argument("--spaced", action="store_true",
+                   help="also time the baselines' single queries arriving --rtt-ms apart, as the lookahead's do")
     p.add_argument("--no-lookahead", dest="lookahead", action="store_false")
     p.add_argument("--store", choices=["cpu", "gpu"], default="cpu", help="cluster store of the lookahead path")
     p.add_argument("--gpu-whole-index", action="store_true",

@@ -29,7 +29,7 @@ if [ "${1:-}" = retrieval ]; then
   shift
   python -m benchmarks.bench_retrieval --n ${N:-10000000} --corpus /tmp/synth --workers 16 --threads 16 \
     --kinds ivf-flat --nlist ${NLIST:-4096} --nprobe ${NPROBE:-32 128} --queries ${QUERIES:-200} --batch 64 \
-    --store gpu --gpu-whole-index --build-device cuda --skip-flat --out "$OUT/retrieval_h200.json" "$@" \
+    --store gpu --gpu-whole-index --spaced --build-device cuda --skip-flat --out "$OUT/retrieval_h200.json" "$@" \
     > "$OUT/retrieval.log" 2>&1; rc=$?
   tail -12 "$OUT/retrieval.log" | cut -c1-1500; exit $rc
 fi
