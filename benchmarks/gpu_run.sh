@@ -16,6 +16,8 @@
 #   bash benchmarks/gpu_run.sh retrieval   # issue 15: TeleRAG at 10M synthetic passages (faiss-cpu only, no vLLM)
 #   bash benchmarks/gpu_run.sh ttft --data .gpu/qa   # issue 15: TTFT with a 1k vs a BIG (10M) passage index, end
 #        to end (dragon-cloud serve --lookahead gpu and plain IVF vs the 1k index; the llama.cpp device)
+#   DATA=.gpu/data bash benchmarks/gpu_run.sh dp   # issue 17 (2 GPUs): data-parallel tests, placement
+#        KV-aware vs round robin (bench_placement), throughput at 1 and 2 ranks (bench_cloud_load)
 # Stage vLLM first (../shared/gpu/README.md); results and logs go under $OUT.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
@@ -126,5 +128,29 @@ case "${1:-}" in
       --label "H200 cloud (vLLM 0.26), llama.cpp device on 4 cores" "$@" > "$OUT/ttft.log" 2>&1; rc=$?
     cp "$W"/cloud-*.log "$OUT"/ 2>/dev/null
     tail -8 "$OUT/ttft.log" | cut -c1-1500; exit $rc ;;
-  *) echo "usage: $0 tests|streams|rollback|streams17|load|profile|latency|qa|ttft|retrieval"; exit 2 ;;
+  dp)
+    # issue 17, on the 2-GPU machine (nvidia-h200-x2): the cloud on vLLM's own data parallel, one
+    # rank per GPU. The CPU-checked tests first (every chunk on its pinned rank, placement by document
+    # blocks, a lost rank), then placement KV-aware vs round robin on real ranks (bench_placement:
+    # the hit rate vLLM reports and TTFT), then throughput through the link at 1 and 2 ranks, 256 and
+    # 512 requests, k = 4 (bench_cloud_load; --data-parallel-size 1 is the single-engine cloud).
+    # ../shared/data is not there: carry nq_open/ and wiki_passages_sample/ under $DATA (.gpu/data).
+    DATA=${DATA:-.gpu/data}
+    timeout 300 python -m pytest -x -v -p no:cacheprovider -o faulthandler_timeout=200 \
+      tests/engines/test_data_parallel.py > "$OUT/dp_tests_h200.log" 2>&1; trc=$?
+    grep -E "passed|failed|error" "$OUT/dp_tests_h200.log" | tail -5
+    timeout 300 python -m benchmarks.bench_placement --ranks 2 --requests 20000 --cache-blocks 2000 20000 \
+      --engine-requests ${DP_REQUESTS:-512} --concurrency ${DP_CONCURRENCY:-64} --max-extra-streams 32 \
+      --data "$DATA" --out "$OUT/placement_h200.json" > "$OUT/placement.log" 2>&1; prc=$?
+    grep '^{' "$OUT/placement.log" | tail -5 | cut -c1-600
+    rc=0
+    for n in 1 2; do
+      python -m benchmarks.bench_cloud_load --device h200_dp$n --device-cores 0-3 --cloud-cores 4-31 \
+        --gpu-memory-utilization 0.85 --levels 256 512 --cloud-k 4 --cloud-args "--data-parallel-size $n" \
+        --questions "$DATA/nq_open/NQ-open.dev.jsonl" --passages "$DATA/wiki_passages_sample/flashrag_wiki18_sample_1000.jsonl" \
+        --out "$OUT/cloud_load_h200_dp$n.json" > "$OUT/load_dp$n.log" 2>&1 || rc=$?
+      grep '^{' "$OUT/load_dp$n.log" | tail -3 | cut -c1-600
+    done
+    exit $(( trc ? trc : (prc ? prc : rc) )) ;;
+  *) echo "usage: $0 tests|streams|rollback|streams17|load|profile|latency|qa|ttft|retrieval|dp"; exit 2 ;;
 esac

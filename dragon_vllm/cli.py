@@ -72,6 +72,15 @@ def serve(
         "Requests with retrieve_every (iterative retrieval): at each boundary decode at once over passages "
         "from the request's cache (RaLMSpec) while the real retrieval runs beside; drafts wait for its "
         "verdict, so answers are the same either way.")),
+    data_parallel_size: int = typer.Option(1, "--data-parallel-size", min=1, help=(
+        "Data-parallel ranks (one engine core, one GPU each). Each request is placed on a rank once "
+        "(--placement) and every chunk of its document streams is pinned there. 1 = one engine, as before.")),
+    data_parallel_backend: str = typer.Option("vllm", "--data-parallel-backend", help=(
+        "'vllm': vLLM's own data parallel (one AsyncLLM; a lost engine core stops every rank). "
+        "'engines': one independent vLLM engine per rank in this process (a lost rank leaves the others).")),
+    placement: str = typer.Option("kv", "--placement", help=(
+        "With --data-parallel-size > 1: 'kv' (the rank whose prefix cache holds the request's document "
+        "blocks, else the least loaded), 'least_loaded' or 'round_robin'.")),
     max_k: int = typer.Option(16, help="Largest k a device may ask for."),
     max_tokens: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
     emulate_decode_ms: float = typer.Option(0.0, help="Experiments: add this to every cloud draft on the "
@@ -120,6 +129,16 @@ def serve(
         raise typer.BadParameter(f"--lookahead must be off, cpu or gpu, not {lookahead!r}")
     if lookahead != "off" and index is None:
         raise typer.BadParameter("--lookahead needs a public index (--index)")
+    if data_parallel_size > 1:
+        from dragon_vllm.data_parallel import DataParallelUnsupported, check_data_parallel
+        from dragon_vllm.placement import POLICIES
+
+        if placement not in POLICIES:
+            raise typer.BadParameter(f"--placement must be one of {', '.join(POLICIES)}, not {placement!r}")
+        try:
+            check_data_parallel(data_parallel_size, data_parallel_backend)
+        except DataParallelUnsupported as exc:
+            raise typer.BadParameter(str(exc)) from None
     if rollback == "in_place" and not in_engine:
         raise typer.BadParameter("--rollback in-place needs the in-engine path (not --per-document)")
     try:
@@ -143,7 +162,8 @@ def serve(
                                  emulate_decode_ms=emulate_decode_ms, mixing=in_engine,
                                  chunk_tokens=chunk_tokens, rollback=rollback, lookahead=lookahead,
                                  lookahead_fraction=lookahead_fraction,
-                                 speculative_retrieval=speculative_retrieval)
+                                 speculative_retrieval=speculative_retrieval,
+                                 **_data_parallel(data_parallel_size, data_parallel_backend, placement))
         limits = LinkLimits(max_k=max_k, max_tokens=max_tokens, peer_timeout_s=peer_timeout_s,
                             request_idle_timeout_s=request_idle_timeout_s,
                             max_requests_per_identity=max_requests_per_identity,
@@ -161,6 +181,13 @@ def serve(
         web.run_app(make_app(), sock=sock, print=lambda msg: typer.echo(msg, err=True), shutdown_timeout=10.0,
                     keepalive_timeout=header_timeout_s,  # aiohttp's deadline for a request's headers too
                     lingering_time=min(10.0, body_timeout_s))  # reading the rest of a refused body: bounded
+
+
+def _data_parallel(size: int, backend: str, placement: str) -> dict:
+    """load_cloud's data-parallel options; none for one rank (the single-engine path, unchanged)."""
+    if size <= 1:
+        return {}
+    return dict(data_parallel_size=size, data_parallel_backend=backend, placement=placement)
 
 
 # add_help_option=False: `dragon-cloud index build --help` is the corpus CLI's help, not typer's

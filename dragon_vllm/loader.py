@@ -19,11 +19,14 @@ async def load_cloud(model: str, index_dir: Path | None = None, *, default_k: in
                      max_num_seqs: int = 128, max_model_len: int = 2048, kv_cache_gib: float | None = None,
                      gpu_memory_utilization: float | None = None, emulate_decode_ms: float = 0.0,
                      warm_up: bool = True, lookahead: str = "off", lookahead_fraction: float = 0.15,
-                     speculative_retrieval: bool = True, **engine_kwargs) -> DragonCloud:
+                     speculative_retrieval: bool = True, data_parallel_size: int = 1,
+                     data_parallel_backend: str = "vllm", placement: str = "kv", **engine_kwargs) -> DragonCloud:
     """Start the engine inside the running event loop (vLLM's AsyncLLM binds to it); ``warm_up``
     runs one retrieval and two decode steps before the server reports healthy. ``lookahead``
     (IVF indexes): "off", or search through TeleRAG's cluster cache held in host memory ("cpu")
-    or GPU memory ("gpu"), ``lookahead_fraction`` of the lists' bytes; the same results."""
+    or GPU memory ("gpu"), ``lookahead_fraction`` of the lists' bytes; the same results.
+    ``data_parallel_size`` > 1: the engine on that many ranks (``dragon_vllm.data_parallel``), each
+    request placed by ``placement`` and pinned to its rank."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
@@ -43,8 +46,16 @@ async def load_cloud(model: str, index_dir: Path | None = None, *, default_k: in
             raise RuntimeError(f"index {index_dir} was built with another retriever ({index.fingerprint})")
         log.info("public index %s: %d passages%s", index_dir, len(index),
                  "" if lookahead == "off" else f", lookahead cluster cache in {lookahead} memory")
-    engine = make_engine(str(hf_dir), logprobs_k=logprobs_k, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                         kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization, **engine_kwargs)
+    if data_parallel_size > 1:
+        from dragon_vllm.data_parallel import make_ranked_engine
+
+        engine = make_ranked_engine(str(hf_dir), data_parallel_size=data_parallel_size, backend=data_parallel_backend,
+                                    policy=placement, logprobs_k=logprobs_k, max_num_seqs=max_num_seqs,
+                                    max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+                                    gpu_memory_utilization=gpu_memory_utilization, **engine_kwargs)
+    else:
+        engine = make_engine(str(hf_dir), logprobs_k=logprobs_k, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                             kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization, **engine_kwargs)
     cloud = DragonCloud(engine, tokenizer, identity, eos_token_ids(tokenizer), index, default_k=default_k,
                         max_model_len=max_model_len, emulate_decode_ms=emulate_decode_ms,
                         speculative_retrieval=speculative_retrieval)

@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from dragon_core import session as s
+from dragon_vllm.rank_metrics import rank_families
 
 
 # cumulative engine counters -> dragon_engine_<name>_total; instantaneous values -> dragon_engine_<name>
@@ -90,6 +91,7 @@ class _EngineCollector:
         for name, doc in ENGINE_GAUGES.items():
             if isinstance(stats.get(name), (int, float)):
                 yield GaugeMetricFamily(f"dragon_engine_{name}", doc, value=float(stats[name]))
+        yield from rank_families(stats.get("ranks"))  # data parallel only (ranked_engine.py)
 
 
 # the public index's retrieval (PublicIndex.retrieval_stats(), read at scrape time): mean retrieval
