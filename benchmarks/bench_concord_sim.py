@@ -34,6 +34,7 @@ from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core.aggregate import cross_side_weights
 from dragon_core.dist import Dist
+from dragon_core.request import RequestSpec
 from dragon_core.speculative import VERIFY, step_rng, synchronous_target
 from dragon_core.testing.netsim import LinkSpec, SideSpec, SimulatedPair
 
@@ -66,13 +67,12 @@ def dense_token(cfg: s.SessionConfig, dev: SideSpec, cloud: SideSpec, prefix: tu
                               step_rng(cfg.seed, VERIFY, len(prefix)))
 
 
-def per_answer_bytes(query_chars: int, case: dict) -> tuple[int, int]:
-    """The ``Open`` (up) and ``Opened`` (down) of one request, as the device and cloud send them."""
-    spec = dict(case)
-    mode = spec.pop("mode")
-    open_msg = m.Open(request_id=1, query="q" * query_chars, k=2, max_tokens=20, seed=0, mode=mode,
-                      scheduling=False, **spec)
-    return len(codec.encode(open_msg)), len(codec.encode(m.Opened(1, ["public:12", "public:873"])))
+def per_answer_bytes(query_chars: int, case: dict, tokens: int) -> tuple[int, int]:
+    """The ``Open`` (up) and ``Opened`` (down) of one request, as the device and cloud send them
+    (the Open from the request's spec, as the SDK builds it)."""
+    spec = RequestSpec(query="q" * query_chars, k=2, max_tokens=tokens, seed=0, max_depth=8, scheduling=False,
+                       **case)
+    return len(codec.encode(spec.to_open(1))), len(codec.encode(m.Opened(1, ["public:12", "public:873"])))
 
 
 def one_run(case: dict, tokens: int, world: int, rtt_ms: float, dev_ms: float, cloud_ms: float,
@@ -114,7 +114,7 @@ def run(tokens_list: list[int], rtts: list[float], runs: int, dev_ms: float, clo
                 kinds: collections.Counter = collections.Counter()
                 for r in rs:
                     kinds.update(r["bytes"])
-                up_open, down_opened = per_answer_bytes(query_chars, case)
+                up_open, down_opened = per_answer_bytes(query_chars, case, tokens)
                 step_up = sum(v for k, v in kinds.items() if k.startswith("up")) / n
                 step_down = sum(v for k, v in kinds.items() if k.startswith("down")) / n
                 fixed = (up_open + down_opened) * runs / n

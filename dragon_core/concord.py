@@ -155,7 +155,7 @@ class ConcordDevice:
             self._tally("certified")
             self._commit_consulted(verdict.token, own)
             return
-        self._asked = 0.0 if verdict.dense else verdict.theta
+        self._asked = 0.0 if verdict.dense else cw.theta_for_wire(verdict.theta)  # the tail merge() sets
         self._supplemented |= not verdict.dense
         self._waits += 1
         self.s.stats.evidence_requests += 1

@@ -74,26 +74,93 @@ def runnable(frame: m.Evidence, guess: int) -> bool:
 
 def pack_run(frames: list[m.Evidence]) -> m.EvidenceRun:
     """Consecutive ``runnable`` frames of one chain as one ``EvidenceRun`` (a single frame too:
-    a one-step run is 3 bytes shorter than its ``Evidence``, which spends a byte on each unset
-    optional field)."""
+    a one-step run is shorter than its ``Evidence``: a varint id, one byte string)."""
     first = frames[0]
     for a, b in zip(frames, frames[1:]):
         if b.step != a.step + 1:
             raise ValueError(f"a run needs consecutive steps, got {a.step} then {b.step}")
-    return m.EvidenceRun(first.request_id, first.step, b"".join(f.ids for f in frames),
-                         b"".join(f.values for f in frames), first.chain)
+    entries = b"".join(_run_entry(int(np.frombuffer(f.ids, dtype="<i4")[0]), f.values) for f in frames)
+    return m.EvidenceRun(first.request_id, first.step, entries, first.chain)
 
 
 # ---------------------------------------------------------------------------- the device
+def theta_for_wire(theta: float) -> float:
+    """The ``θ`` an ``EvidenceRequest`` carries: the largest float32 at or below ``θ`` (5 bytes on
+    the wire, not 9). Rounding *down* keeps the request sound: the cloud lists every id at or
+    above it, a superset of those at or above ``θ``, and the device lowers its tail to the value
+    it sent, which only tightens the bound the next check uses. ``θ <= 0`` (dense) and a ``θ``
+    below float32's range stay as they are."""
+    if theta <= 0:
+        return theta
+    down = np.float32(theta)
+    if float(down) > theta:
+        down = np.nextafter(down, np.float32(0))
+    return float(down) if down > 0 else theta
+
+
 def unpack_run(run: m.EvidenceRun) -> list[m.Evidence]:
     """The ``Evidence`` frames a run stands for (``EvidenceRun``'s chain rule)."""
-    ids = np.frombuffer(run.ids, dtype="<i4")
     basis = chain_basis(m.Evidence(run.request_id, run.step, b"", b"", chain=run.chain))
-    out = []
-    for i in range(ids.size):
-        chain = run.chain if i == 0 else (basis, int(ids[i - 1]))
-        out.append(m.Evidence(run.request_id, run.step + i, run.ids[4 * i:4 * i + 4],
-                              run.values[4 * i:4 * i + 4], chain=chain))
+    out: list[m.Evidence] = []
+    chain = run.chain
+    for i, (token, values) in enumerate(run_entries(run.entries)):
+        out.append(m.Evidence(run.request_id, run.step + i, np.array([token], dtype="<i4").tobytes(), values,
+                              chain=chain))
+        chain = (basis, token)  # the next step was computed on this one's listed id, the guess
+    return out
+
+
+# ---------------------------------------------------------------------------- run entries
+# A run's step: its top id as a varint, then its p^c (float16, nearest: the device widens it by
+# that rounding, as for any Evidence) and its tail bound (float16, rounded up). A one-byte tail
+# (the float16 bound rounded up to 3 mantissa bits) was tried and dropped: it saved ~1.2 B/token
+# in the simulator but the looser bound sent ~15% more steps to a θ request, 1-5% slower.
+RUN_VALUES = 4  # bytes after a run step's id: its p^c, then its tail bound, float16 LE each
+
+
+def _run_entry(token: int, values: bytes) -> bytes:
+    return varint(token) + values
+
+
+def varint(n: int) -> bytes:
+    """``n >= 0`` as an unsigned LEB128 varint: 7 bits a byte, low first, the high bit set on
+    every byte but the last (ids below 128 take 1 byte, below 16,384 2, below 2^21 3)."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it; ``MalformedFrame`` if it is cut short,
+    longer than an id can need, or not in its shortest form (one value, one encoding: a frame
+    reads back to the very bytes it came from)."""
+    value = shift = 0
+    for end in range(pos, min(pos + _MAX_VARINT, len(buf))):
+        byte = buf[end]
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            if byte == 0 and end > pos:
+                raise MalformedFrame("evidence run: a varint id is not in its shortest form")
+            return value, end + 1
+        shift += 7
+    raise MalformedFrame("evidence run: a varint id is cut short or too long")
+
+
+_MAX_VARINT = 4  # bytes: 28 bits hold every id below MAX_VOCAB (2^22)
+
+
+def run_entries(entries: bytes) -> list[tuple[int, bytes]]:
+    """A run's steps as (top id, its p^c and tail bound as two float16 LE)."""
+    out, pos = [], 0
+    while pos < len(entries):
+        token, pos = read_varint(entries, pos)
+        if pos + RUN_VALUES > len(entries):
+            raise MalformedFrame("evidence run: a step's values are cut short")
+        out.append((token, bytes(entries[pos:pos + RUN_VALUES])))
+        pos += RUN_VALUES
     return out
 
 
@@ -164,16 +231,15 @@ def _check_chain(where: str, chain: tuple[int, int] | None, step: int, max_vocab
 
 def check_run(msg: m.EvidenceRun, max_vocab: int) -> None:
     """Sizes, ids, values and chain of an ``EvidenceRun`` frame (the codec calls it)."""
-    n, rest = divmod(len(msg.ids), 4)
-    if rest or not 1 <= n <= MAX_RUN:
-        raise MalformedFrame(f"evidence run: {len(msg.ids)} id bytes is not 1..{MAX_RUN} int32 ids")
-    if len(msg.values) != 4 * n:
-        raise MalformedFrame(f"evidence run: {n} steps need {4 * n} float16 value bytes, got {len(msg.values)}")
+    if len(msg.entries) > MAX_RUN * (_MAX_VARINT + RUN_VALUES):  # before parsing: cheap
+        raise MalformedFrame(f"evidence run: {len(msg.entries)} entry bytes is more than {MAX_RUN} steps")
+    steps = run_entries(msg.entries)
+    if not 1 <= len(steps) <= MAX_RUN:
+        raise MalformedFrame(f"evidence run: {len(steps)} steps is not 1..{MAX_RUN}")
     _check_chain("evidence run", msg.chain, msg.step, max_vocab)
-    ids = np.frombuffer(msg.ids, dtype="<i4")
-    if ids.min() < 0 or ids.max() >= max_vocab:
+    if max(token for token, _ in steps) >= max_vocab:
         raise MalformedFrame(f"evidence run: ids must be in [0, {max_vocab})")
-    values = np.frombuffer(msg.values, dtype="<f2").astype(np.float64)
+    values = np.frombuffer(b"".join(v for _, v in steps), dtype="<f2").astype(np.float64)
     if not np.all((values >= 0) & (values <= 1)):  # NaN fails both
         raise MalformedFrame("evidence run: probabilities and tails must be in [0, 1]")
 

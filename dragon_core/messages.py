@@ -13,9 +13,12 @@ from typing import Literal
 
 import msgspec
 
-PROTOCOL_VERSION = 5  # 2: Evidence carries its chain (basis, prev): the cloud's evidence ahead; 3: EvidenceRun;
+PROTOCOL_VERSION = 6  # 2: Evidence carries its chain (basis, prev): the cloud's evidence ahead; 3: EvidenceRun;
 # 4: Open.retrieve_every (iterative retrieval: a Draft's log_h is its step's retrieval epoch's);
-# 5: every message's tag is a small int (one byte on the wire, not its name: 2-7 bytes a frame)
+# 5: every message's tag is a small int (one byte on the wire, not its name: 2-7 bytes a frame);
+# 6: a one-byte header on request frames, trailing default fields left off and floats as ints or
+# float32 where exact (codec), Open's fields reordered (the often-default ones last), EvidenceRun's
+# steps as one ``entries`` string with varint ids (concord_wire)
 
 Side = Literal["device", "cloud"]
 # Wire modes (baselines of the same link): "cloud" = cloud-only (the cloud decodes alone and
@@ -103,23 +106,26 @@ class SchedulerPrior(msgspec.Struct, frozen=True, array_like=True):
 
 
 class Open(msgspec.Struct, tag=6, frozen=True, array_like=True):
-    """Device asks the cloud to join one request."""
+    """Device asks the cloud to join one request.
+
+    Field order is wire order, and the codec leaves off the trailing fields that equal their
+    defaults: the settings requests usually leave at their defaults come last."""
 
     request_id: int
     query: str
     k: int
     max_tokens: int
     seed: int
-    sampling: Sampling = Sampling()
     mode: Mode = "dragon"
-    aggregator: Side = "device"
-    scheduling: bool = True
     max_depth: int = 8
     dist_top_k: int = 0  # 0: send full distributions (exact mode)
-    retrieval: bool = True
-    prior: SchedulerPrior | None = None
-    concord_top_m: int = 1  # CONCORD: mixture entries the cloud's evidence lists per step
     concord_debt_max: float = 4.0  # CONCORD: wait for evidence while the debt is <= this (inf: always)
+    concord_top_m: int = 1  # CONCORD: mixture entries the cloud's evidence lists per step
+    prior: SchedulerPrior | None = None
+    aggregator: Side = "device"
+    sampling: Sampling = Sampling()
+    scheduling: bool = True
+    retrieval: bool = True
     retrieve_every: int = 0  # iterative retrieval: re-retrieve every n generated tokens (0: once)
 
 
@@ -188,8 +194,9 @@ class Evidence(msgspec.Struct, tag=12, frozen=True, array_like=True):
     listed in this step's evidence so far. A reply to an ``EvidenceRequest`` lists only new ids;
     a dense reply carries the whole canonical mixture in ``dist``. Short tag and packed arrays:
     this frame crosses every step, its bytes are CONCORD's per-token cost. Nothing here is the
-    device's: the cloud's own mixture only, as in DRAGON. (msgspec writes the three optional
-    fields as one nil byte each: 24 bytes for a one-entry frame.)"""
+    device's: the cloud's own mixture only, as in DRAGON. (The codec leaves the unset optional
+    fields at the end off: 18 bytes for a one-entry frame; one computed ahead usually goes as a
+    one-step ``EvidenceRun``.)"""
 
     request_id: int
     step: int
@@ -207,18 +214,18 @@ class Evidence(msgspec.Struct, tag=12, frozen=True, array_like=True):
 
 class EvidenceRun(msgspec.Struct, tag=13, frozen=True, array_like=True):
     """CONCORD, cloud -> device: one-entry ``Evidence`` for ``n`` consecutive steps from ``step``,
-    computed ahead along the cloud's own chain, in one frame (a one-entry ``Evidence`` costs
-    ~31 bytes with its WebSocket header; a step of a run costs 8). Step ``step + i`` lists its
-    top id ``ids[i]`` with ``values[2i]`` (its ``p^c``, nearest float16) and ``values[2i + 1]``
-    (the tail bound, rounded up). The chain: step ``step`` was computed on ``chain`` (as in
-    ``Evidence``; None: the device's ``step`` tokens alone), and every later step on the one
-    before it followed by that step's listed id, which was the cloud's guess there. The device
-    reads it as those ``n`` ``Evidence`` frames (``concord_wire.unpack_run``)."""
+    computed ahead along the cloud's own chain, in one frame. ``entries`` holds, per step
+    ``step + i``, its top id as an unsigned LEB128 varint (1-3 bytes for today's vocabularies,
+    not 4) and then two float16 (little-endian): that id's ``p^c`` (nearest) and the tail bound
+    (rounded up); ~14 bytes for a one-step run, ~6 a further step (``concord_wire.pack_run``).
+    The chain: step ``step`` was computed on ``chain`` (as in ``Evidence``; None: the device's
+    ``step`` tokens alone), and every later step on the one before it followed by that step's
+    listed id, which was the cloud's guess there. The device reads it as those ``n`` ``Evidence``
+    frames (``concord_wire.unpack_run``)."""
 
     request_id: int
     step: int
-    ids: bytes  # n int32, little-endian: each step's top id
-    values: bytes  # 2n float16, little-endian: per step its p^c, then its tail bound
+    entries: bytes  # per step: varint id, float16 p^c, float16 tail bound
     chain: tuple[int, int] | None = None
 
 

@@ -58,7 +58,7 @@ class RequestSpec:
         return engine_temperature(self.sampling)
 
     def to_open(self, request_id: int) -> m.Open:
-        return m.Open(request_id=request_id, **spec_fields(self))
+        return m.Open(request_id=request_id, **wire_settings(self))
 
     @classmethod
     def from_open(cls, msg: m.Open) -> "RequestSpec":
@@ -71,6 +71,17 @@ SPEC_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RequestS
 def spec_fields(spec: RequestSpec) -> dict:
     """The spec's own fields (a ``SessionConfig`` is a spec with more), by name."""
     return {name: getattr(spec, name) for name in SPEC_FIELDS}
+
+
+def wire_settings(spec: RequestSpec) -> dict:
+    """The spec's fields as its ``Open`` carries them. Settings the mode's cloud never reads go
+    at their defaults, which the codec leaves off the end of the frame: CONCORD's cloud paces
+    itself by ``max_depth`` and its aggregator is pinned, so the scheduler's prior (~46 bytes)
+    and ``scheduling`` are of no use to it (the device keeps its own spec)."""
+    fields = spec_fields(spec)
+    if spec.rule.crosses == "evidence":
+        fields.update(prior=None, scheduling=True)
+    return fields
 
 
 def engine_temperature(sampling: m.Sampling) -> float:

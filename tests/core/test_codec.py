@@ -12,6 +12,7 @@ import msgspec
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from codec_strategies import FUZZ, dists, messages
 from dragon_core import codec
@@ -29,7 +30,9 @@ def same_probs(a: Dist, b: Dist) -> bool:
 @given(messages)
 def test_every_message_round_trips(msg):
     frame = codec.encode(msg)
-    assert frame[:3] == b"DG" + bytes([m.PROTOCOL_VERSION])
+    headed = isinstance(msg, (m.Hello, m.Welcome, m.Error))  # what a peer of another version must read
+    assert frame[:3] == b"DG" + bytes([m.PROTOCOL_VERSION]) if headed else isinstance(msgspec.msgpack.decode(frame), list)
+    assert codec.decode(codec.HEADER + (frame[3:] if headed else frame)) == msg  # with the header, it reads too
     assert codec.decode(frame) == msg
     assert codec.decode(bytearray(frame)) == msg and codec.decode(memoryview(frame)) == msg
 
@@ -89,12 +92,54 @@ def test_oversized_frame_is_refused_before_parsing():
             codec.decode(junk, max_size=1 << 10)
 
 
-@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 6, 99, 255])
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 5, 7, 99, 255])
 def test_other_protocol_version_is_unsupported(version):
-    frame = bytearray(codec.encode(m.Ping(1, 0.0)))
-    frame[2] = version
+    """A frame of any other version, in the long header every version has had, is refused as
+    such: an older peer's Hello, or anything it sends, gets the typed error."""
+    frame = b"DG" + bytes([version]) + codec.encode(m.Ping(1, 0.0))
     with pytest.raises(UnsupportedVersion, match=f"version {version}.*supported: {m.PROTOCOL_VERSION}"):
-        codec.decode(bytes(frame))
+        codec.decode(frame)
+
+
+def test_a_protocol_5_peers_frames_are_unsupported_and_ours_are_refused_by_it():
+    """Protocol 5 wrote b"DG\x05" + msgspec's own msgpack of the struct: we refuse it typed;
+    our Hello keeps that long header, so a protocol-5 peer reads our version (6) and refuses it
+    typed too (its decoder checks b"DG", then the version byte, as ours does for the long form)."""
+    old_ping = b"DG\x05" + msgspec.msgpack.encode(m.Ping(1, 0.0))
+    with pytest.raises(UnsupportedVersion, match="version 5"):
+        codec.decode(old_ping)
+    hello = codec.encode(m.Hello(m.PROTOCOL_VERSION, "m", "f", "t", "r", "s", "tok"))
+    assert hello[:3] == b"DG" + bytes([m.PROTOCOL_VERSION]) != b"DG\x05"
+
+
+def test_a_frame_without_a_header_is_a_msgpack_array_and_nothing_else_reads():
+    """Request frames carry no header (the handshake agreed on the version); any first byte
+    that is neither b"D" nor a msgpack array's is refused as not a DRAGON frame."""
+    body = codec.encode(m.Ping(1, 0.5))
+    assert codec.decode(body) == m.Ping(1, 0.5) == codec.decode(codec.HEADER + body)
+    for first in set(range(256)) - set(range(0x90, 0xA0)) - {0xDC, 0xDD, ord("D")}:
+        with pytest.raises(MalformedFrame):
+            codec.decode(bytes([first]) + body[1:])
+
+
+@settings(FUZZ, max_examples=300)
+@given(st.floats(allow_nan=False, allow_infinity=False) | st.floats(width=32, allow_nan=False, allow_infinity=False)
+       | st.integers(-2**53, 2**53).map(float))
+def test_floats_go_as_short_as_they_read_back_exactly(x):
+    """An int or a float32 where it holds the value exactly, float64 otherwise; -0.0 stays -0.0."""
+    frame = codec.encode(m.Ping(1, x))
+    back = codec.decode(frame).sent_at
+    assert back == x and math.copysign(1.0, back) == math.copysign(1.0, x)
+    if x == int(x) and abs(x) < 128 and math.copysign(1.0, x) > 0:
+        assert len(frame) == 4  # array, tag, nonce, then the float as a one-byte int
+    assert len(frame) <= 1 + 1 + 1 + 9
+
+
+def test_trailing_defaults_are_left_off_and_restored():
+    short = codec.encode(m.Opened(1))  # sources, passages, scores: all empty
+    assert len(short) == 3 and codec.decode(short) == m.Opened(1)
+    # a field equal in value but of another kind is not its default: it goes, and reads back as typed
+    assert codec.decode(codec.encode(m.Open(1, "q", 2, 8, 0, concord_debt_max=4))).concord_debt_max == 4.0
 
 
 @pytest.mark.parametrize("data", [b"", b"D", b"DG", b"GD\x01\x80", b"\x00garbage\xff", codec.HEADER,
@@ -137,7 +182,7 @@ def body(msg: m.Message, **changes) -> bytes:
         if isinstance(value, dict):
             changes[key] = msgspec.structs.replace(getattr(msg, key), **value)
     # msgspec does not validate on construction, so replace() can build out-of-bounds messages
-    return codec.HEADER + msgspec.msgpack.encode(msgspec.structs.replace(msg, **changes))
+    return codec.HEADER + msgspec.msgpack.encode(msgspec.structs.replace(msg, **changes))  # the long header reads too
 
 
 GOOD_OPEN = m.Open(1, "q", k=3, max_tokens=8, seed=0)

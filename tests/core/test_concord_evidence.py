@@ -123,7 +123,7 @@ def test_a_peaked_language_model_certifies_from_one_entry_of_per_stream_top_20()
     pd = np.full(vocab, 0.5 / (vocab - 1))
     pd[42] = 0.5
     assert certify(pd, 0.5, 0.5, cw.bounds_from_wire(frame)).token == 42
-    assert len(codec.encode(frame)) == 26  # one interval: 3 bytes more than a point (23)
+    assert len(codec.encode(frame)) == 21  # one interval: 5 bytes more than a point (16): its upper end, a nil for log h
 
 
 def test_bounds_survive_the_float64_rounding_of_their_own_sums():

@@ -20,6 +20,7 @@ from dragon_core import concord_wire as cw
 from dragon_core import messages as m
 from dragon_core.certificate import certify, dense_argmax
 from dragon_core.errors import MalformedFrame, ProtocolError
+from dragon_core.request import RequestSpec
 
 # ------------------------------------------------------------------ round trips and sizes
 @settings(FUZZ, max_examples=400)
@@ -28,15 +29,29 @@ def test_concord_messages_round_trip(msg):
     assert codec.decode(codec.encode(msg)) == msg
 
 
-def test_one_entry_evidence_is_23_bytes_a_one_step_run_20_and_the_first_frame_carries_log_h():
+def test_one_entry_evidence_is_16_bytes_a_one_step_run_11_and_the_first_frame_carries_log_h():
     p = np.array([0.7, 0.2, 0.1])
     first, _ = cw.first_evidence(7, 0, p, 1, log_h=1.25)
     assert codec.decode(codec.encode(first)).log_h == 1.25
-    for step, size in ((100, 23), (300, 25)):  # msgpack: steps past 127 take two bytes more
+    for step, size in ((100, 16), (300, 18)):  # msgpack: steps past 127 take two bytes more
         later, _ = cw.first_evidence(7, step, p, 1, log_h=None)
-        assert len(codec.encode(later)) == size
-        assert len(codec.encode(cw.pack_run([later]))) == size - 3  # no nil for log h, upper, dist
-    assert len(codec.encode(m.EvidenceRequest(7, 300, 0.0123))) == 18
+        assert len(codec.encode(later)) == size  # no header, no bytes for the unset log h, upper, dist
+        assert len(codec.encode(cw.pack_run([later]))) == size - 5  # id 0: a 1-byte varint (not 4), one byte string
+    assert len(codec.encode(m.EvidenceRequest(7, 300, 0.0123))) == 15
+    assert len(codec.encode(m.EvidenceRequest(7, 300, float(np.float32(0.0123))))) == 11  # a float32 θ: 5 bytes
+
+
+def test_a_concord_open_leaves_off_what_the_cloud_does_not_need():
+    """The SDK's CONCORD request: its settings after dist_top_k are at their defaults (left off),
+    greedy sampling is the default, and a concord Open carries no scheduler prior."""
+    prior = m.SchedulerPrior(28.3, 7.9, 101.2, 0.8, 0.9)
+    spec = RequestSpec(query="who wrote the iliad", k=2, max_tokens=20, seed=0, mode="concord", max_depth=32,
+                       dist_top_k=32, prior=prior)
+    msg = spec.to_open(3)
+    assert msg.prior is None and codec.decode(codec.encode(msg)) == msg
+    assert len(codec.encode(msg)) == 1 + 1 + 1 + 20 + 3 + 8 + 2  # array, tag, id, query, k/max/seed, mode, depth/top-k
+    dragon = RequestSpec(query="q", k=2, max_tokens=20, seed=0, prior=prior).to_open(3)
+    assert dragon.prior == prior and codec.decode(codec.encode(dragon)) == dragon  # DRAGON's scheduler reads it
 
 
 def test_open_carries_the_concord_settings_and_refuses_bad_ones():
@@ -155,7 +170,7 @@ def test_evidence_computed_ahead_names_its_chain_and_the_codec_checks_it():
     ahead, _ = cw.first_evidence(7, 100, p, 1, log_h=None, chain=(98, 40_000))
     back = codec.decode(codec.encode(ahead))
     assert back.chain == (98, 40_000) and cw.chain_basis(back) == 98
-    assert len(codec.encode(ahead)) == 23 + 4  # basis and prev: 4 bytes more than on our tokens alone
+    assert len(codec.encode(ahead)) == 16 + 8  # basis and prev, and the three nils before them
     for chain in ((100, 1), (-1, 1), (5, -1), (5, 1 << 23)):
         with pytest.raises(MalformedFrame, match="chain"):
             codec.decode(codec.encode(m.Evidence(7, 100, ahead.ids, ahead.values, chain=chain)))
@@ -179,7 +194,7 @@ def test_a_run_reads_back_as_the_frames_it_packs(data):
     run = cw.pack_run(frames)
     assert isinstance(run, m.EvidenceRun)
     assert cw.unpack_run(codec.decode(codec.encode(run))) == frames
-    assert len(codec.encode(run)) <= 24 + 8 * n  # 8 bytes a step, against 25-29 for a frame each
+    assert len(codec.encode(run)) <= 12 + 5 + 5 * n  # 5 bytes a step (ids < 128), against 16-24 for a frame each
 
 
 def test_only_one_entry_frames_of_the_chain_are_runnable_and_a_single_one_goes_as_a_one_step_run():
@@ -195,23 +210,58 @@ def test_only_one_entry_frames_of_the_chain_are_runnable_and_a_single_one_goes_a
         cw.pack_run([one, later])
 
 
+def _entries(*steps: tuple[int, float, float]) -> bytes:
+    return b"".join(cw.varint(t) + np.array([p, tail], "<f2").tobytes() for t, p, tail in steps)
+
+
 def _run_raw(**changes) -> bytes:
-    run = m.EvidenceRun(7, 10, np.array([1, 2], "<i4").tobytes(), np.array([0.5, 0.25, 0.6, 0.3], "<f2").tobytes(),
-                        (8, 4))
-    return codec.HEADER + msgspec.msgpack.encode(msgspec.structs.replace(run, **changes))
+    run = m.EvidenceRun(7, 10, _entries((1, 0.5, 0.25), (2, 0.6, 0.3)), (8, 4))
+    return msgspec.msgpack.encode(msgspec.structs.replace(run, **changes))  # a request frame: no header
 
 
 @pytest.mark.parametrize("fields", [
-    dict(ids=b""), dict(ids=b"\x01\x00\x00"),  # no step; not whole int32s
-    dict(ids=np.arange(cw.MAX_RUN + 1, dtype="<i4").tobytes(),
-         values=np.full(2 * (cw.MAX_RUN + 1), 0.1, "<f2").tobytes()),  # longer than any window
-    dict(values=np.array([0.5, 0.25, 0.6], "<f2").tobytes()),  # a tail missing
-    dict(ids=np.array([1, -2], "<i4").tobytes()), dict(ids=np.array([1, codec.MAX_VOCAB], "<i4").tobytes()),
-    dict(values=np.array([0.5, 0.25, 1.5, 0.3], "<f2").tobytes()),
-    dict(values=np.array([0.5, np.nan, 0.6, 0.3], "<f2").tobytes()),
+    dict(entries=b""), dict(entries=_entries((1, 0.5, 0.25))[:-1]),  # no step; values cut short
+    dict(entries=_entries(*[(1, 0.1, 0.1)] * (cw.MAX_RUN + 1))),  # longer than any window
+    dict(entries=b"\x81\x80\x80\x80\x00" + bytes(4)),  # a varint longer than any id needs
+    dict(entries=b"\x81\x00" + bytes(4)),  # a varint not in its shortest form
+    dict(entries=b"\x81"),  # a varint cut short
+    dict(entries=_entries((1, 0.5, 0.25), (codec.MAX_VOCAB, 0.5, 0.25))),
+    dict(entries=_entries((1, 0.5, 0.25), (2, 1.5, 0.3))),  # a probability above 1
+    dict(entries=_entries((1, 0.5, 1.5), (2, 0.6, 0.3))),  # a tail above 1
+    dict(entries=_entries((1, 0.5, np.nan), (2, 0.6, 0.3))),
     dict(chain=(10, 4)), dict(chain=(-1, 4)), dict(chain=(8, codec.MAX_VOCAB)), dict(step=-1),
 ])
 def test_run_bounds_are_enforced(fields):
     codec.decode(_run_raw())  # the unchanged frame is fine
     with pytest.raises(MalformedFrame):
         codec.decode(_run_raw(**fields))
+
+
+@settings(FUZZ, max_examples=300)
+@given(st.floats(-1.0, 1.0) | st.floats(0.0, 1e-30) | st.floats(1e-45, 1e-37))
+def test_theta_goes_as_a_float32_at_or_below_it(theta):
+    """θ on the wire never exceeds the device's θ (the cloud then lists a superset of the ids that
+    can settle the step) and is a float32 whenever θ > 0 has one below it."""
+    sent = cw.theta_for_wire(theta)
+    assert sent <= theta and (sent > 0) == (theta > 0)
+    tiniest = float(np.finfo(np.float32).smallest_subnormal)
+    if theta <= 0 or theta < tiniest:  # no positive float32 at or below it: θ goes as it is
+        assert theta <= 0 or sent == theta
+        return
+    assert float(np.float32(sent)) == sent and float(np.nextafter(np.float32(sent), np.float32(np.inf))) > theta
+    assert codec.decode(codec.encode(m.EvidenceRequest(1, 2, sent))).theta == sent
+
+
+@settings(FUZZ, max_examples=500)
+@given(st.lists(st.tuples(st.integers(0, codec.MAX_VOCAB - 1), st.floats(0.0, 1.0), st.floats(0.0, 1.0)),
+                min_size=1, max_size=cw.MAX_RUN))
+def test_run_entries_round_trip_any_id_and_take_one_to_four_bytes_an_id(steps):
+    """Any id below MAX_VOCAB: the varint is its shortest form (1 byte below 128, 2 below 16,384,
+    3 below 2^21, 4 above) and the run reads back to the same ids and float16 values."""
+    run = m.EvidenceRun(1, 5, _entries(*steps))
+    back = codec.decode(codec.encode(run))
+    assert back == run
+    assert [t for t, _ in cw.run_entries(back.entries)] == [t for t, _, _ in steps]
+    sizes = [len(cw.varint(t)) for t, _, _ in steps]
+    assert sizes == [1 if t < 1 << 7 else 2 if t < 1 << 14 else 3 if t < 1 << 21 else 4 for t, _, _ in steps]
+    assert len(run.entries) == sum(sizes) + 4 * len(steps)

@@ -10,6 +10,7 @@ counts per request.
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -108,6 +109,11 @@ REFUSALS = {  # first frame -> (error code, words of the message)
                                        f"protocol version {m.PROTOCOL_VERSION + 1}"),
     "wrong protocol version (frame)": (b"DG\x63" + codec.encode(IDENTITY.hello(TOKEN))[3:], "unsupported_version",
                                        "protocol version 99"),
+    # a protocol-5 device's Hello as it wrote it (DG, 5, msgspec's own msgpack); our reply keeps
+    # the DG + version header, so that device reads it as version 6: typed on both ends
+    "a protocol-5 device": (b"DG\x05" + msgspec.msgpack.encode(msgspec.structs.replace(IDENTITY.hello(TOKEN),
+                                                                                      protocol_version=5)),
+                            "unsupported_version", "protocol version 5"),
     "other model": (hello_with(model="other"), "fingerprint_mismatch", "model differs"),
     "model fingerprint": (hello_with(model_fingerprint="x"), "fingerprint_mismatch", "model fingerprint differs"),
     "tokenizer fingerprint": (hello_with(tokenizer_fingerprint="x"), "fingerprint_mismatch",
@@ -131,6 +137,7 @@ def test_every_handshake_refusal_is_a_typed_error_then_the_end(case):
     (error,) = frames([send])
     assert isinstance(refused, Refused) and refused.error.code == code == error.code
     assert words in error.message and error.request_id is None
+    assert send.frame[:3] == codec.HEADER  # a peer of any version reads the refusal's version
     assert cloud.state is State.CLOSED
     # nothing is served after a refusal, not even a good Hello
     assert cloud.receive(codec.encode(IDENTITY.hello(TOKEN)), T0) == []

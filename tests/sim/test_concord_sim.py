@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dragon_core import codec
+from dragon_core import concord_wire as cw
 from dragon_core import messages as m
 from dragon_core import session as s
 from dragon_core.aggregate import cross_side_weights
@@ -131,11 +132,13 @@ def test_agreeing_sides_certify_mostly_with_the_first_entry():
     frames = [(len(f), codec.decode(f)) for f in pair.down.frames]
     evidence = [(n, msg) for n, msg in frames if isinstance(msg, (m.Evidence, m.EvidenceRun))]
     # log h rides only in the first frame; every other step goes as a run (one step or more):
-    # 20 bytes for one step (steps < 128), 5 more with a chain (computed ahead), 8 a step more
+    # at most 14 bytes for one step (steps < 128, a 3-byte varint id), 5 more with a chain
+    # (computed ahead), 7 a step more
     assert isinstance(evidence[0][1], m.Evidence) and evidence[0][1].log_h is not None
     runs = [(n, msg) for n, msg in evidence[1:] if isinstance(msg, m.EvidenceRun)]
     assert len(runs) == len(evidence) - 1 - stats.steps_supplemented
-    assert all(n <= 25 + 8 * (len(msg.ids) // 4 - 1) for n, msg in runs), [(n, len(msg.ids) // 4) for n, msg in runs]
+    steps = [len(cw.run_entries(msg.entries)) for _, msg in runs]
+    assert all(n <= 19 + 7 * (k - 1) for (n, _), k in zip(runs, steps)), list(zip([n for n, _ in runs], steps))
 
 
 def test_a_late_or_disagreeing_cloud_is_supplemented_or_dense_and_still_exact():
@@ -294,7 +297,8 @@ def test_evidence_ahead_goes_in_runs_fewer_bytes_same_tokens(rtt, monkeypatch):
         """Evidence bytes, and the most steps one run held."""
         msgs = [(len(f), codec.decode(f)) for f in pair.down.frames]
         kept = [(n, msg) for n, msg in msgs if isinstance(msg, (m.Evidence, m.EvidenceRun))]
-        return sum(n for n, _ in kept), max(len(msg.ids) // 4 for _, msg in kept if isinstance(msg, m.EvidenceRun))
+        return sum(n for n, _ in kept), max(len(cw.run_entries(msg.entries)) for _, msg in kept
+                                               if isinstance(msg, m.EvidenceRun))
 
     (ran, longest), (one_by_one, longest1) = evidence_bytes(runs), evidence_bytes(single)
     assert longest > 1 and longest1 == 1
