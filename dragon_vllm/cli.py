@@ -62,6 +62,10 @@ def serve(
         "blocks). 'in-place': truncate the sessions inside the gang scheduler (no new requests); "
         "verified on vLLM 0.32 (sync scheduler) and 0.26 (async), refused elsewhere unless "
         "DRAGON_ALLOW_UNVERIFIED_ROLLBACK=1.")),
+    retriever: str = typer.Option("dense", "--retriever", help=(
+        "How the public passages are selected: 'dense' (the index's faiss search) or 'bm25' (BM25 over "
+        "the index's passages, built in memory at start; the dense R still weighs them, so the device "
+        "mixes both sides' passages as before). Iterative retrieval and RaLMSpec use the same one.")),
     lookahead: str = typer.Option("off", "--lookahead", help=(
         "IVF public index: search through TeleRAG's cluster cache, 'cpu' (a host-memory copy: checks "
         "the path, no speed-up) or 'gpu' (IVF-Flat lists cached in GPU memory, scanned there); the "
@@ -129,6 +133,11 @@ def serve(
         raise typer.BadParameter(f"--lookahead must be off, cpu or gpu, not {lookahead!r}")
     if lookahead != "off" and index is None:
         raise typer.BadParameter("--lookahead needs a public index (--index)")
+    if retriever not in ("dense", "bm25"):
+        raise typer.BadParameter(f"--retriever must be dense or bm25, not {retriever!r}")
+    if retriever == "bm25" and (index is None or lookahead != "off"):
+        raise typer.BadParameter("--retriever bm25 needs a public index (--index) and no --lookahead "
+                                 "(BM25 does not probe IVF clusters)")
     if data_parallel_size > 1:
         from dragon_vllm.data_parallel import DataParallelUnsupported, check_data_parallel
         from dragon_vllm.placement import POLICIES
@@ -162,7 +171,7 @@ def serve(
                                  emulate_decode_ms=emulate_decode_ms, mixing=in_engine,
                                  chunk_tokens=chunk_tokens, rollback=rollback, lookahead=lookahead,
                                  lookahead_fraction=lookahead_fraction,
-                                 speculative_retrieval=speculative_retrieval,
+                                 speculative_retrieval=speculative_retrieval, retriever=retriever,
                                  **_data_parallel(data_parallel_size, data_parallel_backend, placement))
         limits = LinkLimits(max_k=max_k, max_tokens=max_tokens, peer_timeout_s=peer_timeout_s,
                             request_idle_timeout_s=request_idle_timeout_s,

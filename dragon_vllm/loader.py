@@ -19,12 +19,14 @@ async def load_cloud(model: str, index_dir: Path | None = None, *, default_k: in
                      max_num_seqs: int = 128, max_model_len: int = 2048, kv_cache_gib: float | None = None,
                      gpu_memory_utilization: float | None = None, emulate_decode_ms: float = 0.0,
                      warm_up: bool = True, lookahead: str = "off", lookahead_fraction: float = 0.15,
-                     speculative_retrieval: bool = True, data_parallel_size: int = 1,
+                     speculative_retrieval: bool = True, retriever: str = "dense", data_parallel_size: int = 1,
                      data_parallel_backend: str = "vllm", placement: str = "kv", **engine_kwargs) -> DragonCloud:
     """Start the engine inside the running event loop (vLLM's AsyncLLM binds to it); ``warm_up``
     runs one retrieval and two decode steps before the server reports healthy. ``lookahead``
     (IVF indexes): "off", or search through TeleRAG's cluster cache held in host memory ("cpu")
     or GPU memory ("gpu"), ``lookahead_fraction`` of the lists' bytes; the same results.
+    ``retriever``: "dense" (the index's faiss search), or "bm25": BM25 over the index's passages
+    selects, the dense ``R`` still weighs (``dragon_vllm.corpus.bm25``; built at start, in memory).
     ``data_parallel_size`` > 1: the engine on that many ranks (``dragon_vllm.data_parallel``), each
     request placed by ``placement`` and pinned to its rank."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,6 +48,8 @@ async def load_cloud(model: str, index_dir: Path | None = None, *, default_k: in
             raise RuntimeError(f"index {index_dir} was built with another retriever ({index.fingerprint})")
         log.info("public index %s: %d passages%s", index_dir, len(index),
                  "" if lookahead == "off" else f", lookahead cluster cache in {lookahead} memory")
+        if retriever == "bm25":
+            index = await asyncio.to_thread(_bm25_over, index)
     if data_parallel_size > 1:
         from dragon_vllm.data_parallel import make_ranked_engine
 
@@ -62,3 +66,16 @@ async def load_cloud(model: str, index_dir: Path | None = None, *, default_k: in
     if warm_up:
         log.info("warmed up in %.1f s", await cloud.warm_up())
     return cloud
+
+
+def _bm25_over(index):
+    """BM25 over every passage of the public index (their text read from its SQLite file)."""
+    import time
+
+    from dragon_vllm.corpus.bm25 import Bm25Index
+
+    start = time.perf_counter()
+    bm25 = Bm25Index.over(index)
+    log.info("BM25 over %d public passages built in %.1f s (BM25 selects, dense R weighs)", len(bm25),
+             time.perf_counter() - start)
+    return bm25

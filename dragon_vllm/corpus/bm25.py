@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, Sequence
 
@@ -217,6 +219,8 @@ class Bm25Index:
 
     def __init__(self, dense: DenseIndex, searcher: Bm25Searcher) -> None:
         self.dense, self.bm25 = dense, searcher
+        self._stats = {"retrieval_searches": 0, "retrieval_queries": 0, "retrieval_seconds": 0.0}
+        self._stats_lock = threading.Lock()
 
     @classmethod
     def over(cls, dense: DenseIndex, ids: Sequence[int] | None = None) -> "Bm25Index":
@@ -249,6 +253,33 @@ class Bm25Index:
     def rank_scores(self, q: Bm25Query, ids: Sequence[int]) -> np.ndarray:
         """What passages are ranked by: BM25, bitwise as :meth:`search_vector` ranked them."""
         return self.bm25.score_ids(_checked(q).tokens, ids)
+
+    # ---------------------------------------------------------- serving: dragon-cloud serve --retriever bm25
+    def search_many(self, queries: Sequence[str], k: int = 4) -> list[list[Passage]]:
+        """The cloud's retrieval at a request's Open (``QueryBatcher`` calls it from a worker
+        thread): each query's top-``k`` by BM25, weighed by ``R``, as :meth:`search` gives it."""
+        start = time.perf_counter()
+        found = [self.search(q, k) for q in queries]
+        with self._stats_lock:
+            self._stats["retrieval_searches"] += 1
+            self._stats["retrieval_queries"] += len(queries)
+            self._stats["retrieval_seconds"] += time.perf_counter() - start
+        return found
+
+    def retrieval_stats(self) -> dict:
+        """The same counters as ``PublicIndex.retrieval_stats`` (``/metrics``), for BM25's searches."""
+        with self._stats_lock:
+            return dict(self._stats)
+
+    @property
+    def fingerprint(self) -> str:
+        """The dense retriever's: the handshake compares ``R``, which is still the dense one."""
+        return self.dense.fingerprint
+
+    def close(self) -> None:
+        close = getattr(self.dense, "close", None)
+        if close is not None:
+            close()
 
     def _passage(self, pid: int, score: float) -> Passage:
         title, text = self.dense.passage(pid)

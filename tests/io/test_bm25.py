@@ -261,3 +261,41 @@ def test_typed_errors(searcher):
 def test_the_hybrid_refuses_a_dense_query(hybrid, dense):
     with pytest.raises(Bm25Error, match="embed_query"):
         hybrid.search_vector(dense.embed_query("lobster"), 2)
+
+
+# ------------------------------------------------------------------ serving: dragon-cloud serve --retriever bm25
+def test_the_clouds_open_retrieval_through_bm25_is_bm25s_and_is_counted(hybrid):
+    """``QueryBatcher`` (the cloud's retrieval at Open) over the hybrid gives what ``search``
+    gives, query by query, and ``/metrics``' counters see the searches."""
+    from dragon_vllm.query_batcher import QueryBatcher
+
+    qs = queries(12, seed=7)
+    before = hybrid.retrieval_stats()
+
+    async def all_at_once():
+        batcher = QueryBatcher(hybrid)
+        return await asyncio.gather(*(batcher.search(q, 3) for q in qs)), batcher.batches
+
+    got, batches = asyncio.run(all_at_once())
+    assert [[p.id for p in ps] for ps in got] == [[p.id for p in hybrid.search(q, 3)] for q in qs]
+    assert [[p.score for p in ps] for ps in got] == [[p.score for p in hybrid.search(q, 3)] for q in qs]
+    after = hybrid.retrieval_stats()
+    assert after["retrieval_queries"] - before["retrieval_queries"] == len(qs)
+    assert after["retrieval_searches"] - before["retrieval_searches"] == batches >= 1
+    assert after["retrieval_seconds"] > before["retrieval_seconds"]
+    assert hybrid.fingerprint == hybrid.dense.fingerprint  # R is still the dense retriever's
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--retriever", "sparse", "--index", "."], "dense or bm25"),
+    (["--retriever", "bm25"], "needs a public index"),
+    (["--retriever", "bm25", "--index", ".", "--lookahead", "cpu"], "no --lookahead"),
+])
+def test_serve_refuses_a_bad_retriever_before_loading_anything(argv, message):
+    from typer.testing import CliRunner
+
+    from dragon_vllm.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--port", "0", *argv])
+    words = " ".join(result.output.replace("│", " ").split())  # the error box wraps long lines
+    assert result.exit_code == 2 and message in words, result.output
