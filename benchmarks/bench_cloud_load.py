@@ -494,7 +494,10 @@ class CloudProc:
             cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
         if args.kv_cache_gib is not None:
             cmd += ["--kv-cache-gib", str(args.kv_cache_gib)]
+        if args.api_servers > 1:
+            cmd += ["--api-servers", str(args.api_servers)]
         cmd += shlex.split(args.cloud_args or "")
+        self.api_servers = _api_servers(cmd)
         if args.cloud_cores:
             if shutil.which("taskset") is None:
                 raise SystemExit("--cloud-cores needs taskset (util-linux)")
@@ -537,6 +540,8 @@ class CloudProc:
         return json.loads(self._get("/health"))
 
     def snapshot(self) -> dict:
+        if self.api_servers > 1:
+            return merged_snapshot(self._get, self.api_servers)
         return dict(metrics=parse_prometheus(self._get("/metrics").decode()), health=self.health())
 
     def cpu_seconds(self) -> dict[str, float]:
@@ -552,13 +557,13 @@ class CloudProc:
             for c in p.children(recursive=True):
                 try:
                     ct = c.cpu_times()
-                    out[f"child:{c.pid}"] = ct.user + ct.system
+                    out[f"{_child_kind(c.pid)}:{c.pid}"] = ct.user + ct.system
                 except psutil.Error:
                     pass
         except ImportError:
             out["api"] = _proc_cpu_seconds(self.proc.pid)
             for pid in _proc_children(self.proc.pid):
-                out[f"child:{pid}"] = _proc_cpu_seconds(pid)
+                out[f"{_child_kind(pid)}:{pid}"] = _proc_cpu_seconds(pid)
         return out
 
     def wait_idle(self, timeout_s: float = 30.0) -> None:
@@ -566,7 +571,7 @@ class CloudProc:
         after the device): the counters read next include the whole level."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            h = self.health()
+            h = self.snapshot()["health"] if self.api_servers > 1 else self.health()  # every process idle
             if not h.get("link_requests") and not (h.get("engine") or {}).get("open_streams"):
                 return
             time.sleep(0.1)
@@ -594,18 +599,93 @@ def _proc_children(pid: int) -> list[int]:
     return out
 
 
+def _child_kind(pid: int) -> str:
+    """``api`` for an API server process of ``--api-servers N`` (its process title), else ``child``."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "child"
+    return "api" if cmdline.startswith(b"dragon-cloud::api_server_") else "child"
+
+
 def cpu_row(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict:
-    """Cores used over the level: CPU seconds / wall seconds, API process and children apart."""
-    api = after.get("api", 0.0) - before.get("api", 0.0)
+    """Cores used over the level: CPU seconds / wall seconds, API process(es) and children apart
+    (``--api-servers N``: the supervisor and the N API servers are all ``api``; the busiest
+    one is ``cloud_api_cores_busiest``)."""
+    api_each = {k: v - before.get(k, 0.0) for k, v in after.items() if k == "api" or k.startswith("api:")}
     kids = sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith("child:"))
+    api = sum(api_each.values())
     w = max(wall_s, 1e-9)
-    return dict(cloud_api_cores=_r(api / w, 3), cloud_children_cores=_r(kids / w, 3),
-                cloud_total_cores=_r((api + kids) / w, 3))
+    row = dict(cloud_api_cores=_r(api / w, 3), cloud_children_cores=_r(kids / w, 3),
+               cloud_total_cores=_r((api + kids) / w, 3))
+    if len(api_each) > 1:
+        row["cloud_api_cores_busiest"] = _r(max(api_each.values()) / w, 3)
+    return row
+
+
+def _api_servers(cmd: list[str]) -> int:
+    """The ``--api-servers`` the cloud command asks for (also through ``--cloud-args``; last wins)."""
+    n = 1
+    for i, word in enumerate(cmd):
+        if word == "--api-servers" and i + 1 < len(cmd):
+            n = int(cmd[i + 1])
+        elif word.startswith("--api-servers="):
+            n = int(word.split("=", 1)[1])
+    return n
+
+
+def merged_snapshot(get, count: int, tries: int = 400) -> dict:
+    """``--api-servers N``: each process answers /metrics and /health for itself, and a connection
+    reaches one of them (SO_REUSEPORT hash). Scrape on fresh connections until every process has
+    answered, then sum them: counters and engine counts add up (the ``api_server`` label dropped),
+    as ``snapshot`` reads one process."""
+    metrics: dict[str, dict[str, float]] = {}
+    health: dict[str, dict] = {}
+    for _ in range(tries):
+        if len(metrics) >= count and len(health) >= count:
+            break
+        if len(metrics) < count:
+            index, parsed = _without_api_server(parse_prometheus(get("/metrics").decode()))
+            metrics.setdefault(index, parsed)
+        if len(health) < count:
+            h = json.loads(get("/health"))
+            health.setdefault(str(h.get("api_server")), h)
+    else:
+        raise RuntimeError(f"scraped {len(metrics)} /metrics and {len(health)} /health of {count} API servers")
+    summed: dict[str, float] = {}
+    for parsed in metrics.values():
+        for key, value in parsed.items():
+            summed[key] = summed.get(key, 0.0) + value
+    merged = dict(next(iter(health.values())))
+    for key in ("device_links", "link_requests"):
+        merged[key] = sum(h.get(key) or 0 for h in health.values())
+    engine = dict(merged.get("engine") or {})
+    for key, value in engine.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("chunk_tokens", "logprobs_k",
+                                                                                              "block_size"):
+            engine[key] = sum((h.get("engine") or {}).get(key) or 0 for h in health.values())
+    merged["engine"] = engine
+    return dict(metrics=summed, health=merged)
+
+
+def _without_api_server(parsed: dict[str, float]) -> tuple[str, dict[str, float]]:
+    """(the process's index, its metrics with the ``api_server`` label taken out of every key)."""
+    import re
+
+    index, out = "?", {}
+    for key, value in parsed.items():
+        m = re.search(r'api_server="(\d+)",?', key)
+        if m:
+            index = m.group(1)
+            key = key.replace(m.group(0), "").replace(",}", "}").replace("{}", "")
+        out[key] = value
+    return index, out
 
 
 class HealthPoller(threading.Thread):
     """Peaks of the cloud's open streams, queued groups, reserved KV blocks and link requests
-    during a level (``/health`` every ``interval_s``)."""
+    during a level (``/health`` every ``interval_s``). With ``--api-servers N`` each poll reads
+    one process (whichever the connection reaches): the peaks are per process, not the sum."""
 
     KEYS = ("open_streams", "queued_groups", "reserved_blocks")
 
@@ -1276,6 +1356,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--kv-cache-gib", type=float, default=None, help="CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
     ap.add_argument("--cloud-args", default="", help="more dragon-cloud serve options (one shell string)")
+    ap.add_argument("--api-servers", type=int, default=1, help="the cloud's API server processes on one engine "
+                                                               "core (dragon-cloud serve --api-servers; also "
+                                                               "through --cloud-args)")
     ap.add_argument("--cloud-timeout-s", type=float, default=600.0)
     ap.add_argument("--level-timeout-s", type=float, default=600.0,
                     help="give up (and stop the cloud) when a level's devices have not finished this long after "

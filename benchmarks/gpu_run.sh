@@ -6,6 +6,10 @@
 #   bash benchmarks/gpu_run.sh rollback   # issue 10: rollback in place on vLLM 0.26, tests + reopen vs in place
 #   bash benchmarks/gpu_run.sh streams17  # engine level, 1.7B Llama shape, dummy weights
 #   bash benchmarks/gpu_run.sh load       # through the link: bench_cloud_load
+#   bash benchmarks/gpu_run.sh load --levels 256 --cloud-args "--api-servers 4" --out "$OUT/cloud_load_h200_api4.json"
+#        # (next GPU session) the same through 4 API server processes on one engine core; vLLM 0.26
+#        # is unverified for it: run with DRAGON_ALLOW_UNVERIFIED_API_SERVERS=1 and record the result;
+#        # compare to cloud_load_h200.json's 0.11 of plain at 256 (also --api-servers 4 directly)
 #   bash benchmarks/gpu_run.sh profile WHEEL_DIR --questions Q --passages P   # py-spy of the gang at 256 requests,
 #        engine level and through the link (raw stacks -> $OUT/spy_*.txt; benchmarks/pyspy_summary.py reads them)
 #   bash benchmarks/gpu_run.sh latency --conditions rtt300 rtt0 --budget-s 450   # issue 13: bench_latency_rtt,
@@ -66,6 +70,8 @@ case "${1:-}" in
     grep '^{' "$OUT/streams17.log" | tail -6; tail -3 "$OUT/streams17.log"; exit $rc ;;
   load)
     shift
+    # several API server processes (the one-process API thread saturates at 256 devices):
+    #   DRAGON_ALLOW_UNVERIFIED_API_SERVERS=1 bash benchmarks/gpu_run.sh load --levels 256 --cloud-args "--api-servers 4"
     # ../shared/data is not on that machine: carry the passages and questions (e.g. under .gpu/data)
     python -m benchmarks.bench_cloud_load --device h200 --device-cores 0-3 --cloud-cores 4-15 \
       --gpu-memory-utilization 0.85 --out "$OUT/cloud_load_h200.json" "$@" > "$OUT/load.log" 2>&1; rc=$?

@@ -123,3 +123,16 @@ class Admission:
             del self._queues[tenant]
             if queue:
                 self._queues[tenant] = queue  # served: to the back of the round
+
+
+def admission_share(admission: Admission, parts: int) -> Admission:
+    """One of ``parts`` processes' share of ``admission``'s capacity (``--api-servers N``).
+
+    Each API server process admits on its own, without seeing the others, while they all share
+    one engine core: its seats (``max_num_seqs``) and its KV blocks. So each process gets 1/N of
+    both (rounded down, at least one), and N processes together can never admit more than the
+    engine holds, which is what keeps paused sessions from starving each other (above). The
+    price: a process can refuse or queue a group while another process's share is idle."""
+    if parts <= 1:
+        return admission
+    return Admission(max(1, admission.max_slots // parts), max(1, admission.max_blocks // parts))

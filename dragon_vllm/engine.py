@@ -33,16 +33,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from typing import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Sequence
 
 import numpy as np
 
 from dragon_core.dist import Dist
-from dragon_vllm.admission import Admission, Ticket
+from dragon_vllm.admission import Admission, Ticket, admission_share
 from dragon_vllm.drafting import GangStreamGroup
 from dragon_vllm.group import CloudGroup
 from dragon_vllm.plugin import LOGITS_PROCESSOR, SCHEDULER_CLS, SYNC_SCHEDULER_CLS
 from dragon_vllm.streaming import input_chunks, top_k_at
+
+if TYPE_CHECKING:
+    from dragon_vllm.vllm_frontends import FrontendSeat
 
 MIN_VLLM = (0, 26)  # streaming-input sessions, flat_logprobs, processed_logprobs, tokens_input
 ROLLBACKS = ("reopen", "in_place")
@@ -303,7 +306,7 @@ def make_engine(model_dir: str, *, logprobs_k: int = 20, top_k: int | None = Non
                 enforce_eager: bool | None = None, kv_cache_gib: int | None = None,
                 gpu_memory_utilization: float | None = None, kv_reserve_tokens: int = 256, seed: int = 0,
                 mixing: bool = True, chunk_tokens: int = 0, max_num_batched_tokens: int | None = None,
-                max_logprobs: int | None = None, rollback: str = "reopen",
+                max_logprobs: int | None = None, rollback: str = "reopen", api_server: "FrontendSeat | None" = None,
                 **engine_kwargs) -> VllmEngine:
     """Start the shared ``AsyncLLM`` for DRAGON streams.
 
@@ -323,8 +326,45 @@ def make_engine(model_dir: str, *, logprobs_k: int = 20, top_k: int | None = Non
     faster of the two, measured: benchmarks/results/vllm_streams_h200_rollback.json) or
     ``"in_place"`` (the gang scheduler truncates the rows' sessions in place; gangs only; refused
     where it was not verified, ``check_rollback``).
+
+    ``api_server`` (``dragon-cloud serve --api-servers N``, ``dragon_vllm/api_servers.py``): this
+    process is one of N front ends; its ``AsyncLLM`` joins the engine core the supervisor started
+    (``vllm_frontends.FrontendSeat``) instead of starting one. The config is built the same way.
     """
     logprobs_k = logprobs_k if top_k is None else top_k
+    config, rollback = engine_config(model_dir, logprobs_k=logprobs_k, max_num_seqs=max_num_seqs,
+                                     max_model_len=max_model_len, block_size=block_size, dtype=dtype,
+                                     enforce_eager=enforce_eager, kv_cache_gib=kv_cache_gib,
+                                     gpu_memory_utilization=gpu_memory_utilization, seed=seed, mixing=mixing,
+                                     max_num_batched_tokens=max_num_batched_tokens, max_logprobs=max_logprobs,
+                                     rollback=rollback, api_processes=api_server.processes if api_server else None,
+                                     **engine_kwargs)
+    if api_server is None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        llm = AsyncLLM.from_vllm_config(config, disable_log_stats=True)
+    else:
+        llm = api_server.connect(config)
+    engine = VllmEngine(llm, logprobs_k=logprobs_k, max_streams=min(max_streams or max_num_seqs, max_num_seqs),
+                        kv_reserve_tokens=kv_reserve_tokens, mixing=mixing, chunk_tokens=chunk_tokens,
+                        rollback=rollback)
+    if api_server is not None:  # one of N processes on one engine core
+        engine.admission = admission_share(engine.admission, api_server.count)  # why: admission_share
+        # the engine core sees every process's requests, and a group's vLLM request ids and gang key
+        # (dragon-<group>-...) are built from _gids: process i numbers its groups i, i + N, i + 2N, ...
+        engine._gids = itertools.count(api_server.index, api_server.count)
+    return engine
+
+
+def engine_config(model_dir: str, *, logprobs_k: int = 20, max_num_seqs: int = 128, max_model_len: int = 2048,
+                  block_size: int = 32, dtype: str = "auto", enforce_eager: bool | None = None,
+                  kv_cache_gib: int | None = None, gpu_memory_utilization: float | None = None, seed: int = 0,
+                  mixing: bool = True, max_num_batched_tokens: int | None = None, max_logprobs: int | None = None,
+                  rollback: str = "reopen", api_processes: tuple[int, int] | None = None,
+                  **engine_kwargs):
+    """``make_engine``'s vLLM config and its rollback mode, checked: ``(VllmConfig, rollback)``.
+    ``api_processes`` = (count, rank): set for several API servers (rank -1: the supervisor that
+    starts the engine core, ``vllm_frontends.set_api_process``)."""
     from dragon_vllm.plugin import register
 
     register()  # the version gate, also where the package is not installed (PYTHONPATH on the GPU machine)
@@ -336,7 +376,6 @@ def make_engine(model_dir: str, *, logprobs_k: int = 20, top_k: int | None = Non
 
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.platforms import current_platform
-    from vllm.v1.engine.async_llm import AsyncLLM
 
     on_cpu = current_platform.is_cpu()
     if on_cpu:
@@ -353,11 +392,13 @@ def make_engine(model_dir: str, *, logprobs_k: int = 20, top_k: int | None = Non
         disable_log_stats=True, max_num_batched_tokens=max_num_batched_tokens or 4 * max_model_len,
         logits_processors=[LOGITS_PROCESSOR] if mixing else None, **engine_kwargs,
     )
+    if api_processes is not None:
+        from dragon_vllm.vllm_frontends import set_api_process
+
+        set_api_process(args, *api_processes)
     config = args.create_engine_config()
     if mixing:
         sched = config.scheduler_config
         sched.scheduler_cls = SCHEDULER_CLS if sched.async_scheduling else SYNC_SCHEDULER_CLS
     rollback = check_rollback(rollback, async_scheduling=bool(config.scheduler_config.async_scheduling))
-    llm = AsyncLLM.from_vllm_config(config, disable_log_stats=True)
-    return VllmEngine(llm, logprobs_k=logprobs_k, max_streams=min(max_streams or max_num_seqs, max_num_seqs),
-                      kv_reserve_tokens=kv_reserve_tokens, mixing=mixing, chunk_tokens=chunk_tokens, rollback=rollback)
+    return config, rollback

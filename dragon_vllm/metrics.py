@@ -136,6 +136,9 @@ class CloudMetrics:
     def __init__(self, engine_stats: Callable[[], dict] | None = None,
                  retrieval_stats: Callable[[], dict] | None = None) -> None:
         self.registry = CollectorRegistry()
+        # what /metrics renders: the registry, or (--api-servers N) it with each process's label
+        # (api_server_identity.identify)
+        self.exposed = self.registry
         r = self.registry
         self.requests = Counter("dragon_requests", "Requests by front door and outcome", ["kind", "outcome"], registry=r)
         self.tokens = Counter("dragon_tokens", "Committed tokens by front door", ["kind"], registry=r)
@@ -224,5 +227,5 @@ class CloudMetrics:
             self.streams.set(stats.get("open_streams", 0))
             if stats.get("prompt_tokens"):
                 self.prefix_hit.set(stats.get("cached_tokens", 0) / stats["prompt_tokens"])
-        body = generate_latest(self.registry)
+        body = generate_latest(self.exposed)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -32,6 +32,7 @@ class ServerConfig:
     protect_probes: bool = False  # /health and /metrics need an API key too
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    api_server: int | None = None  # this process's index among --api-servers N (None: the only one)
 
 
 def build_app(cloud: DragonCloud, config: ServerConfig, metrics: CloudMetrics | None = None) -> web.Application:
@@ -47,8 +48,12 @@ def build_app(cloud: DragonCloud, config: ServerConfig, metrics: CloudMetrics | 
     OpenAIRoutes(cloud, config.served_model, max_tokens=config.limits.max_tokens, max_k=config.limits.max_k,
                  metrics=metrics, write_timeout_s=config.body_timeout_s).add_routes(app)
     app.router.add_get("/metrics", metrics.handle)
-    app.router.add_get("/health", _health(cloud, link))
+    app.router.add_get("/health", _health(cloud, link, config.api_server))
     app["dragon_link"], app["dragon_cloud"] = link, cloud
+    if config.api_server is not None:
+        from dragon_vllm.api_server_identity import identify
+
+        identify(app, metrics, config.api_server)
 
     async def on_shutdown(app: web.Application) -> None:
         log.info("shutting down: closing %d device link(s)", len(link.connections))
@@ -62,8 +67,10 @@ def build_app(cloud: DragonCloud, config: ServerConfig, metrics: CloudMetrics | 
     return app
 
 
-def _health(cloud: DragonCloud, link: LinkServer):
+def _health(cloud: DragonCloud, link: LinkServer, api_server: int | None = None):
     engine_stats_now = engine_stats(cloud.engine)
+    # --api-servers N: each process answers for itself (its links, its share of the admission)
+    identity = {} if api_server is None else {"api_server": api_server}
 
     async def handle(request: web.Request) -> web.Response:
         stats = engine_stats_now() if engine_stats_now else {}
@@ -77,6 +84,7 @@ def _health(cloud: DragonCloud, link: LinkServer):
             "device_links": len(link.connections),
             "link_requests": link.active_requests,
             "engine": stats,
+            **identity,
         }, status=verdict.http_status, headers=headers)
 
     return handle

@@ -311,3 +311,26 @@ def test_the_cloud_exports_its_engine_stats_in_metrics_and_health():
     assert "dragon_engine_mixing" not in metrics
     counters["chunks"] = 11  # read at scrape time
     assert b.parse_prometheus(generate_latest(CloudMetrics(read).registry).decode())["dragon_engine_chunks_total"] == 11
+
+
+def test_api_servers_snapshots_are_summed_over_every_process():
+    """--api-servers N: each scrape reaches one process; the snapshot sums them all."""
+    import itertools
+    import json
+
+    pages = {"0": ('dragon_tokens_total{api_server="0",kind="link"} 3.0\n',
+                   {"api_server": 0, "link_requests": 1, "engine": {"open_streams": 2, "block_size": 32}}),
+             "1": ('dragon_tokens_total{api_server="1",kind="link"} 4.0\n',
+                   {"api_server": 1, "link_requests": 0, "engine": {"open_streams": 3, "block_size": 32}})}
+    turn = itertools.cycle("0011")
+
+    def get(route: str) -> bytes:
+        text, health = pages[next(turn)]
+        return text.encode() if route == "/metrics" else json.dumps(health).encode()
+
+    snap = b.merged_snapshot(get, 2)
+    assert snap["metrics"] == {'dragon_tokens_total{kind="link"}': 7.0}
+    assert snap["health"]["link_requests"] == 1 and snap["health"]["engine"] == {"open_streams": 5, "block_size": 32}
+    assert b._api_servers(["serve", "--api-servers", "4"]) == 4 and b._api_servers(["serve"]) == 1
+    cpu = b.cpu_row({"api": 1.0, "api:5": 0.0, "api:6": 0.0}, {"api": 1.0, "api:5": 2.0, "api:6": 4.0}, 2.0)
+    assert cpu["cloud_api_cores"] == 3.0 and cpu["cloud_api_cores_busiest"] == 2.0
