@@ -195,7 +195,7 @@ class Evidence(msgspec.Struct, tag=12, frozen=True, array_like=True):
     a dense reply carries the whole canonical mixture in ``dist``. Short tag and packed arrays:
     this frame crosses every step, its bytes are CONCORD's per-token cost. Nothing here is the
     device's: the cloud's own mixture only, as in DRAGON. (The codec leaves the unset optional
-    fields at the end off: 18 bytes for a one-entry frame; one computed ahead usually goes as a
+    fields at the end off: 16 bytes for a one-entry frame; one computed ahead usually goes as a
     one-step ``EvidenceRun``.)"""
 
     request_id: int
@@ -217,7 +217,7 @@ class EvidenceRun(msgspec.Struct, tag=13, frozen=True, array_like=True):
     computed ahead along the cloud's own chain, in one frame. ``entries`` holds, per step
     ``step + i``, its top id as an unsigned LEB128 varint (1-3 bytes for today's vocabularies,
     not 4) and then two float16 (little-endian): that id's ``p^c`` (nearest) and the tail bound
-    (rounded up); ~14 bytes for a one-step run, ~6 a further step (``concord_wire.pack_run``).
+    (rounded up); 11-13 bytes for a one-step run, 5-7 a further step (``concord_wire.pack_run``).
     The chain: step ``step`` was computed on ``chain`` (as in ``Evidence``; None: the device's
     ``step`` tokens alone), and every later step on the one before it followed by that step's
     listed id, which was the cloud's guess there. The device reads it as those ``n`` ``Evidence``
