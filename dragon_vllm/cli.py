@@ -85,6 +85,10 @@ def serve(
     placement: str = typer.Option("kv", "--placement", help=(
         "With --data-parallel-size > 1: 'kv' (the rank whose prefix cache holds the request's document "
         "blocks, else the least loaded), 'least_loaded' or 'round_robin'.")),
+    api_servers: int = typer.Option(1, "--api-servers", min=1, help=(
+        "API server processes on one engine core (as vllm serve --api-server-count): each serves the "
+        "device links and OpenAI requests it accepts on the shared port (SO_REUSEPORT) within 1/N of the "
+        "admission budget; /health and /metrics answer per process. 1 = one process, as before.")),
     max_k: int = typer.Option(16, help="Largest k a device may ask for."),
     max_tokens: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
     emulate_decode_ms: float = typer.Option(0.0, help="Experiments: add this to every cloud draft on the "
@@ -112,7 +116,10 @@ def serve(
     logging.getLogger("dragon").setLevel(logging.INFO)
     # bind before the engine loads: vLLM picks free ports of its own while it starts, and a port
     # chosen but not yet bound could be handed to it
-    sock = socket.create_server((host, port))
+    if api_servers > 1:
+        _check_api_servers(data_parallel_size)
+    # --api-servers N: the port is held (bound, not listening) and each API server listens on it too
+    sock = socket.create_server((host, port)) if api_servers == 1 else _hold_shared_port(host, port)
     port = sock.getsockname()[1]
     if port_file is not None:
         port_file.write_text(f"{port}\n")
@@ -164,32 +171,43 @@ def serve(
     except (OSError, ValueError) as exc:
         raise typer.BadParameter(f"--link-tokens-file: {exc}") from None
 
+    cloud_kwargs = dict(model=model, index_dir=index, default_k=k, logprobs_k=logprobs_k, max_num_seqs=max_num_seqs,
+                        max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+                        gpu_memory_utilization=gpu_memory_utilization,
+                        emulate_decode_ms=emulate_decode_ms, mixing=in_engine,
+                        chunk_tokens=chunk_tokens, rollback=rollback, lookahead=lookahead,
+                        lookahead_fraction=lookahead_fraction,
+                        speculative_retrieval=speculative_retrieval, retriever=retriever,
+                        **_data_parallel(data_parallel_size, data_parallel_backend, placement))
+    limits = LinkLimits(max_k=max_k, max_tokens=max_tokens, peer_timeout_s=peer_timeout_s,
+                        request_idle_timeout_s=request_idle_timeout_s,
+                        max_requests_per_identity=max_requests_per_identity,
+                        max_streams_per_identity=max_streams_per_identity)
+    server_config = ServerConfig(served_model=model, auth_token=auth_token or None, limits=limits, api_keys=api_keys,
+                                 protect_probes=protect_probes, body_timeout_s=body_timeout_s)
+    run_app_kwargs = dict(shutdown_timeout=10.0,
+                          keepalive_timeout=header_timeout_s,  # aiohttp's deadline for a request's headers too
+                          lingering_time=min(10.0, body_timeout_s))  # reading the rest of a refused body: bounded
+
     async def make_app() -> web.Application:
-        cloud = await load_cloud(model, index, default_k=k, logprobs_k=logprobs_k, max_num_seqs=max_num_seqs,
-                                 max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
-                                 gpu_memory_utilization=gpu_memory_utilization,
-                                 emulate_decode_ms=emulate_decode_ms, mixing=in_engine,
-                                 chunk_tokens=chunk_tokens, rollback=rollback, lookahead=lookahead,
-                                 lookahead_fraction=lookahead_fraction,
-                                 speculative_retrieval=speculative_retrieval, retriever=retriever,
-                                 **_data_parallel(data_parallel_size, data_parallel_backend, placement))
-        limits = LinkLimits(max_k=max_k, max_tokens=max_tokens, peer_timeout_s=peer_timeout_s,
-                            request_idle_timeout_s=request_idle_timeout_s,
-                            max_requests_per_identity=max_requests_per_identity,
-                            max_streams_per_identity=max_streams_per_identity)
-        app = build_app(cloud, ServerConfig(served_model=model, auth_token=auth_token or None, limits=limits,
-                                             api_keys=api_keys, protect_probes=protect_probes,
-                                             body_timeout_s=body_timeout_s))
+        cloud = await load_cloud(**cloud_kwargs)
+        app = build_app(cloud, server_config)
         app["dragon_link"].device_tokens.update(device_tokens)
         return app
+
+    if api_servers > 1:
+        from dragon_vllm.api_servers import ServePlan, serve_api_servers
+
+        typer.echo(f"dragon-cloud: starting {model} on http://{host}:{port}, {api_servers} API servers "
+                   "(Ctrl-C stops)", err=True)
+        plan = ServePlan(host, port, cloud_kwargs, server_config, device_tokens, run_app_kwargs, verbose)
+        sys.exit(serve_api_servers(plan, api_servers))  # ``sock`` holds the port until then
 
     typer.echo(f"dragon-cloud: starting {model} on http://{host}:{port} (Ctrl-C stops)", err=True)
     from dragon_vllm.profiling import profiled_if_asked
 
     with profiled_if_asked():  # DRAGON_PROFILE=FILE: where the event loop's time goes
-        web.run_app(make_app(), sock=sock, print=lambda msg: typer.echo(msg, err=True), shutdown_timeout=10.0,
-                    keepalive_timeout=header_timeout_s,  # aiohttp's deadline for a request's headers too
-                    lingering_time=min(10.0, body_timeout_s))  # reading the rest of a refused body: bounded
+        web.run_app(make_app(), sock=sock, print=lambda msg: typer.echo(msg, err=True), **run_app_kwargs)
 
 
 def _data_parallel(size: int, backend: str, placement: str) -> dict:
@@ -197,6 +215,24 @@ def _data_parallel(size: int, backend: str, placement: str) -> dict:
     if size <= 1:
         return {}
     return dict(data_parallel_size=size, data_parallel_backend=backend, placement=placement)
+
+
+def _check_api_servers(data_parallel_size: int) -> None:
+    """--api-servers > 1: refused before anything binds or loads, with the reason."""
+    if data_parallel_size > 1:
+        raise typer.BadParameter("--api-servers > 1 with --data-parallel-size > 1 is not supported yet")
+    from dragon_vllm.vllm_frontends import ApiServersUnsupported, check_api_servers_supported
+
+    try:
+        check_api_servers_supported()
+    except ApiServersUnsupported as exc:
+        raise typer.BadParameter(f"--api-servers: {exc}") from None
+
+
+def _hold_shared_port(host: str, port: int) -> socket.socket:
+    from dragon_vllm.shared_port import reserve
+
+    return reserve(host, port)
 
 
 # add_help_option=False: `dragon-cloud index build --help` is the corpus CLI's help, not typer's
