@@ -522,16 +522,27 @@ def test_baseline_cloud_only_equals_the_clouds_solo_decode(loop, runtime, world,
         [t for t in ids if t not in runtime.eos_ids], skip_special_tokens=True)
 
 
+CUT_ATTEMPTS = 3  # of the cloud-only link cut: a cut after the whole answer arrived is retried
+
+
 def test_baseline_cloud_only_link_cut_device_finishes_from_the_committed_tokens(loop, runtime, cloud,
                                                                                 cloud_only_reference):
-    port = cloud.port
-    proc, pport = spawn_proxy(("127.0.0.1", port), up=Shape(latency_ms=25), down=Shape(latency_ms=25))
-    try:
-        with EngineSpy(runtime) as spy:
-            ids, stats = run(loop, ask(runtime, f"http://127.0.0.1:{pport}", options(mode="cloud", max_tokens=40),
-                                       hook=lambda: cut_proxy(proc)))
-    finally:
-        stop_proxy(proc)
+    for attempt in range(CUT_ATTEMPTS):
+        proc, pport = spawn_proxy(("127.0.0.1", cloud.port), up=Shape(latency_ms=25), down=Shape(latency_ms=25))
+        try:
+            with EngineSpy(runtime) as spy:
+                ids, stats = run(loop, ask(runtime, f"http://127.0.0.1:{pport}", options(mode="cloud", max_tokens=40),
+                                           hook=lambda: cut_proxy(proc)))
+        finally:
+            stop_proxy(proc)
+        if stats.degraded:
+            break
+        # the race this test cannot rule out: on a starved box the cloud had sent its whole answer
+        # before the device, reading slowly, got to its second token and cut the link. Then the
+        # answer is the cloud's, whole (its first MAX_TOKENS are the reference's); anything else is
+        # a failure. Try again.
+        assert ids[:len(cloud_only_reference)] == cloud_only_reference and stats.finish_reason in ("eos", "length"), \
+            (attempt, ids, stats)
     n_cloud = stats.aggregator_steps.get("cloud", 0)
     assert stats.degraded and stats.finish_reason in ("eos", "length") and stats.mode == "cloud"
     assert n_cloud >= 2 and stats.aggregator_steps.get("device", 0) >= 1

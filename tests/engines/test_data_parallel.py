@@ -27,6 +27,7 @@ import vllm  # a missing vLLM fails the file, loudly
 from dragon_core.prompt import document_prompt, document_segments
 from dragon_vllm.data_parallel import make_ranked_engine
 from dragon_vllm.ranked_engine import RankLost
+from tests.engine_loop import close_engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 VLLM_VERSION = vllm.__version__
@@ -62,15 +63,7 @@ def _start(loop, backend: str):
 
 
 def _stop(loop, engine) -> None:
-    loop.run_until_complete(engine.close())
-
-    async def drain():  # vLLM's input-stream readers of aborted sessions
-        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-
-    loop.run_until_complete(drain())
+    close_engine(loop, engine)
 
 
 @pytest.fixture(scope="module")

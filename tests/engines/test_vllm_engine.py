@@ -52,6 +52,7 @@ from dragon_core.engine import Engine, StreamGroup  # noqa: E402
 from dragon_core.prompt import document_prompt, document_segments  # noqa: E402
 from dragon_vllm.admission import Overloaded  # noqa: E402
 from dragon_vllm.engine import make_engine  # noqa: E402
+from tests.engine_loop import close_engine  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -133,15 +134,7 @@ def engine(loop, model_dir):
 
     eng = loop.run_until_complete(start())
     yield eng
-    loop.run_until_complete(eng.close())
-
-    async def drain():  # vLLM's input-stream readers of aborted sessions
-        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-
-    loop.run_until_complete(drain())
+    close_engine(loop, eng)
 
 
 @pytest.fixture(scope="module")
