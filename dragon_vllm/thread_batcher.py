@@ -1,8 +1,9 @@
 """Calls from many coroutines answered in batches by one blocking function on a worker thread.
 
-The shape of ``QueryBatcher``, for any step: the calls that arrive while a batch runs wait for
+One rule for every batched step (``QueryBatcher`` is this over ``search_many``; the lookahead's
+open and search are two more): the calls that arrive while a batch runs wait for
 the next one, and one ``run(args, key)`` call off the event loop answers up to ``max_batch`` of
-them (one run per key, in key order). What it adds: a result can hold something that must be
+them (one run per key, in key order). A result can hold something that must be
 given back (the lookahead's pinned clusters), so a result whose caller is gone (cancelled while
 its batch ran, or just as the result came) goes to ``abandoned(result)`` instead of being
 dropped: whatever happens to the caller, nothing it would have owned leaks.
