@@ -51,26 +51,18 @@ def _ms(xs) -> dict:
             "mean_ms": round(float(a.mean()), 3)}
 
 
-def time_single(search, xq: np.ndarray, k: int) -> tuple[dict, np.ndarray]:
+def time_single(search, xq: np.ndarray, k: int, gap: float = 0.0) -> tuple[dict, np.ndarray]:
+    """Single queries, one after another (``gap`` 0) or arriving ``gap`` s apart, idle in between,
+    as the lookahead's are: an idle GPU or OpenMP team wakes up slower than one kept busy."""
     out, times = [], []
     for i in range(len(xq)):
+        if gap:
+            time.sleep(gap)
         t = time.perf_counter()
         _, ids = search(xq[i : i + 1], k)
         times.append(time.perf_counter() - t)
         out.append(ids[0])
     return _ms(times), np.array(out)
-
-
-def time_spaced(search, xq: np.ndarray, k: int, gap: float) -> dict:
-    """Single queries arriving ``gap`` s apart (idle in between), as the lookahead's own are
-    measured: an idle GPU or OpenMP team wakes up slower than one kept busy back to back."""
-    times = []
-    for i in range(len(xq)):
-        time.sleep(gap)
-        t = time.perf_counter()
-        search(xq[i : i + 1], k)
-        times.append(time.perf_counter() - t)
-    return _ms(times)
 
 
 def time_batched(search, xq: np.ndarray, k: int, batch: int) -> dict:
@@ -225,10 +217,10 @@ def measure(index, kind: str, nprobe: int | None, info: dict, xq, truth, a) -> d
         ivf.parallel_mode = 1
         row["single_parallel_lists"] = time_single(index.search, xq, a.k)[0]
         if a.spaced:
-            row["single_parallel_lists_spaced"] = time_spaced(index.search, xq, a.k, a.rtt_ms / 1e3)
+            row["single_parallel_lists_spaced"] = time_single(index.search, xq, a.k, a.rtt_ms / 1e3)[0]
         ivf.parallel_mode = 0
     if kind != "flat" and a.spaced:
-        row["single_spaced"] = time_spaced(index.search, xq, a.k, a.rtt_ms / 1e3)
+        row["single_spaced"] = time_single(index.search, xq, a.k, a.rtt_ms / 1e3)[0]
     if kind != "flat" and a.lookahead:
         store = a.store if kind == "ivf-flat" else "cpu"  # the GPU store scans IVF-Flat lists only
         row["lookahead"] = bench_lookahead(index, xq, a.k, a.batch, a.rtt_ms / 1e3, ids, a.budget_fraction, store,
@@ -239,7 +231,7 @@ def measure(index, kind: str, nprobe: int | None, info: dict, xq, truth, a) -> d
         row["gpu_whole_index"] = {**info, "single": g_single, "batched": time_batched(g.search_now, xq, a.k, a.batch),
                                   "equal_to_plain_ivf": bool((g_ids == ids).all())}
         if a.spaced:
-            row["gpu_whole_index"]["single_spaced"] = time_spaced(g.search_now, xq, a.k, a.rtt_ms / 1e3)
+            row["gpu_whole_index"]["single_spaced"] = time_single(g.search_now, xq, a.k, a.rtt_ms / 1e3)[0]
         g.close()
         del g
     row["ratios"] = ratios(row)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, Sequence
@@ -34,7 +33,7 @@ import numpy as np
 
 from dragon_core.passage import Passage
 from dragon_vllm.corpus.errors import CorpusError
-from dragon_vllm.corpus.index import canonical_order
+from dragon_vllm.corpus.index import RetrievalCounters, canonical_order
 
 TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # bm25s's default (scikit-learn's): words of 2+ characters
 STOPWORDS = "en"  # bm25s's own English list, shipped in the package
@@ -219,8 +218,7 @@ class Bm25Index:
 
     def __init__(self, dense: DenseIndex, searcher: Bm25Searcher) -> None:
         self.dense, self.bm25 = dense, searcher
-        self._stats = {"retrieval_searches": 0, "retrieval_queries": 0, "retrieval_seconds": 0.0}
-        self._stats_lock = threading.Lock()
+        self._timing = RetrievalCounters()
 
     @classmethod
     def over(cls, dense: DenseIndex, ids: Sequence[int] | None = None) -> "Bm25Index":
@@ -260,16 +258,12 @@ class Bm25Index:
         thread): each query's top-``k`` by BM25, weighed by ``R``, as :meth:`search` gives it."""
         start = time.perf_counter()
         found = [self.search(q, k) for q in queries]
-        with self._stats_lock:
-            self._stats["retrieval_searches"] += 1
-            self._stats["retrieval_queries"] += len(queries)
-            self._stats["retrieval_seconds"] += time.perf_counter() - start
+        self._timing.count(len(queries), time.perf_counter() - start)
         return found
 
     def retrieval_stats(self) -> dict:
         """The same counters as ``PublicIndex.retrieval_stats`` (``/metrics``), for BM25's searches."""
-        with self._stats_lock:
-            return dict(self._stats)
+        return self._timing.snapshot()
 
     @property
     def fingerprint(self) -> str:

@@ -136,7 +136,7 @@ class GpuClusterStore:
         rows_t = torch.from_numpy(np.concatenate(rows)).to(self.device)  # one upload; each list keeps a view
         filled = [c for c in todo if self._sizes[c]]
         if filled:
-            self._write(filled, pages, rows_t)
+            self._write(filled, rows_t)
         with self._lock:  # published only now: a scan sees a list once its rows are on the device
             for c, a, b in zip(todo, bounds[:-1], bounds[1:]):
                 self._rows[c] = rows_t[a:b]
@@ -144,11 +144,11 @@ class GpuClusterStore:
                 self._is_resident[c] = True
                 self._used_pages += len(pages[c])
 
-    def _write(self, lists: list[int], pages: dict[int, list[int]], rows_t) -> None:
+    def _write(self, lists: list[int], rows_t) -> None:
         torch = self.torch
         offsets = np.concatenate([np.arange(self._sizes[c]) for c in lists])
         owner = np.repeat(np.asarray(lists, dtype=np.int64), [self._sizes[c] for c in lists])
-        stream = self._side if self._side is not None else None
+        stream = self._side
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             if stream is not None:  # after every earlier drop and scan on the default stream (page reuse)
                 stream.wait_stream(torch.cuda.default_stream(self.device))

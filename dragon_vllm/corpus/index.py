@@ -36,7 +36,7 @@ class PublicIndex:
         # what answers a batch of query vectors: the faiss index itself, or (IVF, lookahead=True)
         # a LookaheadSearcher whose results are the same, id for id
         self.searcher = searcher
-        self._timing = {"retrieval_searches": 0, "retrieval_queries": 0, "retrieval_seconds": 0.0}
+        self._timing = RetrievalCounters()
         self._conn = conn
         self._db_lock = threading.Lock()  # one sqlite connection shared by threads
         self._embed_lock = threading.Lock()  # HF fast tokenizers fail when used by two threads at once
@@ -220,16 +220,13 @@ class PublicIndex:
         return self.manifest["index"]["kind"]
 
     def _count(self, queries: int, seconds: float) -> None:
-        t = self._timing  # plain adds under the GIL: metrics, not accounting
-        t["retrieval_searches"] += 1
-        t["retrieval_queries"] += queries
-        t["retrieval_seconds"] += seconds
+        self._timing.count(queries, seconds)
 
     def retrieval_stats(self) -> dict:
         """Cumulative retrieval counters for ``/metrics``: searches, queries and seconds (embedding
         + faiss + passages: query arrival -> top-k ready), plus, on the lookahead path, the cluster
         cache's (``cache_hits``, ``cache_misses``, ``cache_hit_rate``, ``cache_used_bytes``, ...)."""
-        out = dict(self._timing)
+        out = self._timing.snapshot()
         snapshot = getattr(self.searcher, "snapshot", None)
         if snapshot is not None:
             out.update({f"cache_{k}": v for k, v in snapshot().items() if not k.startswith("retrieval_")})
@@ -246,6 +243,23 @@ class PublicIndex:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RetrievalCounters:
+    """What ``/metrics`` reads of a retriever: searches, queries, and seconds from query arrival
+    to top-k ready. Plain adds under the GIL: metrics, not accounting."""
+
+    def __init__(self) -> None:
+        self._counts = {"retrieval_searches": 0, "retrieval_queries": 0, "retrieval_seconds": 0.0}
+
+    def count(self, queries: int, seconds: float) -> None:
+        c = self._counts
+        c["retrieval_searches"] += 1
+        c["retrieval_queries"] += queries
+        c["retrieval_seconds"] += seconds
+
+    def snapshot(self) -> dict:
+        return dict(self._counts)
 
 
 @dataclass
