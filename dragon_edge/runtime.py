@@ -28,6 +28,7 @@ from dragon_core.prompt import concatenated_prompt, last_user_message, passage_p
 from dragon_core.request import RequestSpec
 from dragon_core.scheduler import initial_aggregator
 from dragon_edge.baselines import LazyGroup
+from dragon_edge.engines.common import Worker
 from dragon_edge.stats import AnswerStats, Source, Timing, answer_stats
 from dragon_host.answer_stream import AnswerStream
 from dragon_host.documents import Documents
@@ -175,6 +176,9 @@ class EdgeRuntime:
         self.store = store
         self.link = link
         self._local_ids = 0
+        # the private store's searches run here, off the event loop: embedding a query takes
+        # tens of ms on a CPU, and the loop meanwhile serves other answers' tokens and the link
+        self._store_worker = Worker("private-store")
         self.priors: dict[str, m.SchedulerPrior] = {}  # per cloud URL: the last request's estimates
 
     # ------------------------------------------------------------------ the answer backend (dragon_http)
@@ -199,9 +203,17 @@ class EdgeRuntime:
 
     # ------------------------------------------------------------------ retrieval + prompts
     def private_passages(self, query: str, k: int):
+        """The top-``k`` private passages for ``query`` (blocking; ``find_private`` is the
+        event loop's way)."""
         if self.store is None or k <= 0:
             return []
         return self.store.search(query, k)
+
+    async def find_private(self, query: str, k: int):
+        """``private_passages`` on the store's own thread (the store is thread-safe: one lock)."""
+        if self.store is None or k <= 0:
+            return []
+        return await self._store_worker.run(self.store.search, query, k)
 
     # ------------------------------------------------------------------ answering
     async def answer(self, query: str, opts: AnswerOptions, stops: Sequence[str] = ()) -> AsyncIterator[Piece]:
@@ -229,7 +241,7 @@ class EdgeRuntime:
         check_answer_options(opts)  # InvalidOptions / UnknownMode before any work
         v.check_text("query", query)
         rule = mode_rule(opts.mode)
-        passages = self.private_passages(query, opts.k)
+        passages = await self.find_private(query, opts.k)
         prompts, scores = self._prompts(rule, query, passages, None)
         link, degraded = await self._connect(opts, rule)
         rid = link.new_request_id() if link is not None else self._next_local_id()
@@ -355,6 +367,7 @@ class EdgeRuntime:
         if self.link is not None:
             await self.link.close()
         await self.engine.close()
+        self._store_worker.shutdown()
 
 
 def _sender(link):
@@ -376,7 +389,7 @@ class PrivateDocuments:
     async def retrieve(self, prefix) -> Documents:
         rt = self.runtime
         answer = rt.tokenizer.decode(list(prefix), skip_special_tokens=True)
-        passages = rt.private_passages(iterative.query(self.plan.spec.query, answer), self.opts.k)
+        passages = await rt.find_private(iterative.query(self.plan.spec.query, answer), self.opts.k)
         return Documents(tuple(p.id for p in passages), tuple(float(p.score) for p in passages), passages)
 
     async def speculate(self, prefix) -> Documents | None:

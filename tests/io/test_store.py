@@ -467,3 +467,29 @@ def test_killed_ingest_leaves_store_consistent(tmp_path, notes, embedder, pause)
     with DocumentStore(tmp_path / "fresh", embedder) as fresh:
         fresh.ingest(notes, progress=False)
     assert content(root) == content(tmp_path / "fresh")
+
+
+def test_the_runtime_searches_the_store_off_the_event_loop(store: DocumentStore, notes: Path):
+    """An answer's private search (a MiniLM embedding: tens of ms on a CPU) runs on the store's
+    own thread, so the event loop keeps serving other answers meanwhile; same passages."""
+    import asyncio
+    import threading
+
+    from dragon_edge.runtime import EdgeRuntime
+
+    store.ingest(notes, progress=False)
+    threads: list[str] = []
+    search = store.search
+
+    def spy(query: str, k: int = 4):
+        threads.append(threading.current_thread().name)
+        return search(query, k)
+
+    store.search = spy  # type: ignore[method-assign]
+    runtime = EdgeRuntime(engine=None, tokenizer=None, identity=None, eos_ids=[0], store=store)
+    try:
+        found = asyncio.run(runtime.find_private("Where does Lena live?", 2))
+    finally:
+        runtime._store_worker.shutdown()
+    assert [p.id for p in found] == [p.id for p in search("Where does Lena live?", 2)] and found
+    assert threads and threads[0].startswith("private-store") and threads[0] != threading.main_thread().name
