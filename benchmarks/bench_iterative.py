@@ -165,25 +165,36 @@ def build_retriever(real, args: argparse.Namespace):
 
 def source_for(engine, tokenizer, index, question: str, k: int, max_tokens: int, every: int, speculate: bool,
                cache_size: int = CACHE_SIZE):
-    """The request's ``DocumentSource``: the cloud's ``PublicDocuments`` on the llama.cpp engine
-    (``cache_size``: passages of each real retrieval kept for speculation, RaLMSpec's 20)."""
+    """The request's ``DocumentSource``: the cloud's own ``PublicDocuments`` (``cache_size``:
+    passages of each real retrieval kept for speculation, RaLMSpec's 20). On the vLLM engine it
+    opens what ``dragon-cloud serve`` opens (a gang mixed in vLLM, reopened at a boundary over
+    vLLM's prefix cache); on llama.cpp a per-document group, kept while its documents stay."""
     from dragon_core import messages as m
     from dragon_core.prompt import passage_prompts
     from dragon_vllm.public_documents import PublicDocuments
 
     class Backend:
-        pass
+        emulate_decode_ms = 0.0
+
+        def _check_length(self, prompts, max_tokens: int) -> None:
+            pass  # n_ctx / max_model_len are set with room for the answer
 
     backend = Backend()
-    backend.index, backend.tokenizer = index, tokenizer
+    backend.index, backend.tokenizer, backend.engine = index, tokenizer, engine
+    req = m.Open(0, question, k, max_tokens, 0, retrieve_every=every)
+    if _is_vllm(engine):
+        return PublicDocuments(backend, req, speculate=speculate, cache_size=cache_size)
 
     class Documents(PublicDocuments):
         async def open(self, docs):
             prompts, _ = passage_prompts(tokenizer, question, [p.text for p in docs.payload], list(docs.scores))
             return await engine.open_group(prompts, 1.0)
 
-    req = m.Open(0, question, k, max_tokens, 0, retrieve_every=every)
     return Documents(backend, req, speculate=speculate, cache_size=cache_size)
+
+
+def _is_vllm(engine) -> bool:
+    return type(engine).__module__.startswith("dragon_vllm")
 
 
 async def answer(engine, tokenizer, eos_ids, index, question: str, k: int, max_tokens: int, every: int,
@@ -214,6 +225,7 @@ async def answer(engine, tokenizer, eos_ids, index, question: str, k: int, max_t
     return dict(tokens=tokens, text=tokenizer.decode(tokens, skip_special_tokens=True),
                 seconds=time.perf_counter() - t0,
                 waited_s=st.waited_s if st else 0.0, retrievals=st.retrievals if st else 0,
+                swaps=st.swaps if st else 0, swap_s=st.swap_s if st else 0.0,
                 speculated=st.speculated if st else 0, right=st.speculated_right if st else 0,
                 wrong=st.speculated_wrong if st else 0, retrieval_rollbacks=session.stats.retrieval_rollbacks,
                 verifications=st.verifications if st else 0, largest_batch=st.largest_batch if st else 0)
@@ -224,7 +236,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from benchmarks.environment import describe
     from dragon_core.prompt import eos_token_ids
-    from dragon_edge.engines.llamacpp import LlamaCppEngine
     from dragon_edge.loader import load_tokenizer
     from dragon_vllm.corpus import PublicIndex
 
@@ -255,7 +266,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     search_ms = (time.perf_counter() - t0) / 5 * 1e3
     tokenizer = load_tokenizer(args.model)
     eos = eos_token_ids(tokenizer)
-    engine = LlamaCppEngine.from_name(args.model, n_ctx=1024, n_threads=args.threads)
+    engine = await load_engine(args)
     settings = [("once", 0, False)] + [(name, n, spec) for n in args.every
                                         for name, spec in (("iterative", False), ("ralmspec", True))]
     rows: list[dict] = []
@@ -271,7 +282,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await engine.close()
     return dict(benchmark="iterative", setup=dict(
-        model=args.model, engine=f"llama.cpp, {args.threads} threads, solo (no network)", k=args.k,
+        model=args.model, engine=engine_label(args), k=args.k,
         dataset=args.dataset,
         faiss_threads=args.faiss_threads,
         max_tokens=args.max_tokens, max_depth=args.max_depth, every=args.every, questions=len(questions),
@@ -280,6 +291,28 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         build_s=round(build_s, 1), retriever_build_s=round(retriever_build_s, 1), cache_size=CACHE_SIZE, seed=args.seed),
         summary=summarize(rows, args.every), rows=rows, seconds=round(time.time() - t_start, 1),
         environment=describe(["llama_cpp_python", "faiss-cpu", "bm25s", "numpy"]))
+
+
+async def load_engine(args: argparse.Namespace):
+    """The decoding engine: llama.cpp (``--threads``) or the cloud's vLLM engine (bound to
+    ``--engine-cores``, as ``dragon-cloud serve`` runs it: gangs, prefix caching)."""
+    if args.engine == "llamacpp":
+        from dragon_edge.engines.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine.from_name(args.model, n_ctx=1024, n_threads=args.threads)
+    import os
+
+    from dragon_host.models import get_model
+    from dragon_vllm.engine import make_engine
+
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = args.engine_cores
+    return make_engine(str(get_model(args.model).hf_dir()), max_num_seqs=8, max_model_len=1024)
+
+
+def engine_label(args: argparse.Namespace) -> str:
+    if args.engine == "llamacpp":
+        return f"llama.cpp, {args.threads} threads, solo (no network)"
+    return f"vLLM (the cloud's engine: gangs mixed in vLLM, prefix caching), cores {args.engine_cores}, solo (no network)"
 
 
 def load_webquestions(data: Path, n: int, seed: int) -> list:
@@ -310,6 +343,8 @@ def _agg(rows: list[dict], key: str) -> dict:
     spec = sum(x["speculated"] for x in xs)
     return dict(seconds=round(float(np.sum([x["seconds"] for x in xs])), 2),
                 waited_s=round(float(np.sum([x["waited_s"] for x in xs])), 3),
+                swaps=int(np.sum([x.get("swaps", 0) for x in xs])),
+                swap_s=round(float(np.sum([x.get("swap_s", 0.0) for x in xs])), 3),
                 tokens=int(np.sum([len(x["tokens"]) for x in xs])),
                 f1=round(100 * float(np.mean([x["f1"] for x in xs])), 1),
                 contains=round(100 * float(np.mean([x["contains"] for x in xs])), 1),
@@ -364,6 +399,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--retriever", choices=RETRIEVERS, default="flat",
                     help="flat: exact dense; ivf: faiss IVF-Flat (approximate); bm25: BM25 selects, dense R weighs")
     ap.add_argument("--nprobe", type=int, default=8, help="IVF lists searched per query (--retriever ivf)")
+    ap.add_argument("--engine", choices=("llamacpp", "vllm"), default="llamacpp",
+                    help="the decoding engine: llama.cpp, or vLLM as dragon-cloud serve runs it")
+    ap.add_argument("--engine-cores", default="0", help="vLLM's CPU cores (VLLM_CPU_OMP_THREADS_BIND)")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads (decoding)")
     ap.add_argument("--faiss-threads", type=int, default=1,
                     help="faiss threads (retrieval); with --threads 1 each has its own core of two, as a GPU "
@@ -377,7 +415,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.nprobe < 1:
         ap.error("--nprobe must be >= 1")
     if args.out is None:
-        suffix = ("" if args.retriever == "flat" else f"_{args.retriever}") + \
+        suffix = ("" if args.engine == "llamacpp" else f"_{args.engine}") + \
+            ("" if args.retriever == "flat" else f"_{args.retriever}") + \
             ("" if args.dataset == "nq" else f"_{args.dataset}")
         args.out = RESULTS / f"iterative_cpu{suffix}.json"
     return args

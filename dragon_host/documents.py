@@ -63,6 +63,7 @@ class DocumentSource(Protocol):
 class DocumentStats:
     retrievals: int = 0  # real retrievals (the first one, at the open, is not counted)
     swaps: int = 0  # stream groups replaced (the same documents in the same order keep theirs)
+    swap_s: float = 0.0  # time spent opening them (prefill of documents + question + answer so far)
     speculated: int = 0  # boundaries decoded over cached documents first
     speculated_right: int = 0
     speculated_wrong: int = 0
@@ -99,7 +100,7 @@ class IterativeDocuments:
         """None if ``group`` and its scores serve ``step`` as they are, else ``(group, scores)``:
         the same group with the new retrieval's scores (``engine.keeps_streams``), or a new group
         over the new documents with the answer so far (``prefix``) appended, which the caller
-        swaps in (closing the old one)."""
+        swaps in (the old one is closed here, before the new one opens)."""
         key = tuple(prefix[: iterative.boundary(step, self.every)])
         real = self._real.get(self.current)
         wrong = self.current_speculated and real is not None and not real.same(self._current_docs)
@@ -112,6 +113,10 @@ class IterativeDocuments:
         self.current, self.current_speculated, self._current_docs = key, speculated, docs
         if keeps_streams(group, old.ids if old is not None else None, docs.ids):
             return group, list(docs.scores)
+        t0 = time.perf_counter()
+        # the old streams go first: their KV is what the new group can reuse (llama.cpp's idle
+        # contexts, vLLM's prefix cache) and their admission is released before the new one asks
+        await group.close()
         group = await self.source.open(docs)
         try:
             if prefix:
@@ -120,6 +125,7 @@ class IterativeDocuments:
             await group.close()
             raise
         self.stats.swaps += 1
+        self.stats.swap_s += time.perf_counter() - t0
         return group, list(docs.scores)
 
     async def _documents(self, key: tuple[int, ...]) -> tuple[Documents, bool]:

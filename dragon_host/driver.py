@@ -136,9 +136,7 @@ class SessionDriver:
         rollback back across one, speculated documents found wrong); returns the boundary whose
         documents are speculated and unchecked, if any."""
         swapped = await self.documents.swap_if_needed(step, self._prefix, self.group)
-        if swapped is not None:
-            old, (self.group, scores) = self.group, swapped
+        if swapped is not None:  # a replaced group was closed before its successor opened
+            self.group, scores = swapped
             self.scores = np.asarray(scores, dtype=np.float64)
-            if old is not self.group:
-                await old.close()
         return self.documents.speculated_at(step)

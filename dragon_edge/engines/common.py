@@ -70,7 +70,10 @@ def check_temperature(temperature: float) -> float:
 class LockstepGroup(Lockstep, ABC):
     """A lockstep group whose backend holds a KV cache per stream and is fed lazily.
 
-    ``_in_cache`` counts the generated tokens whose KV the engine holds. Backends implement
+    ``_in_cache`` counts the generated tokens whose KV the engine holds (None: nothing is
+    prefilled yet: a backend that opens lazily, ``_open_now``, prefills at the first
+    ``next_dists`` with every token appended by then, so KV it already holds for them is
+    reused instead of recomputed). Backends implement
     ``_feed(start, tails)`` (tails[i] = stream i's tokens from generated index ``start``, where
     ``start == -1`` means "the prompt's last token, then ...") returning (k, V) last-position
     logits, and ``_drop(keep)`` (remove KV from generated index ``keep`` on; -1 drops the prompt's
@@ -82,7 +85,7 @@ class LockstepGroup(Lockstep, ABC):
         super().__init__(prompts)
         self.temperature, self.vocab_size = temperature, vocab_size
         self._max_len, self._worker = max_len, worker
-        self._in_cache = 0
+        self._in_cache: int | None = 0
         # the prompt's last-position dists; a backend that prefills later sets them itself
         self._dists: list[Dist] | None = None if first_logits is None else self._to_dists(first_logits)
         self._lock = asyncio.Lock()  # one engine operation per group at a time, in call order
@@ -92,13 +95,16 @@ class LockstepGroup(Lockstep, ABC):
         async with self._lock:
             self._check_open()
             if self._dists is None:
-                start = self._in_cache
-                if start == len(self._generated):  # nothing pending: recompute the last position
-                    start -= 1
-                    await self._worker.run(self._drop, start)
-                    self._in_cache = start
-                tails = [self._tail(p, start) for p in self.prompts]
-                logits = await self._worker.run(self._feed, start, tails)
+                if self._in_cache is None:  # opened lazily: the prefill, with the tokens appended since
+                    logits = await self._worker.run(self._open_now, list(self._generated))
+                else:
+                    start = self._in_cache
+                    if start == len(self._generated):  # nothing pending: recompute the last position
+                        start -= 1
+                        await self._worker.run(self._drop, start)
+                        self._in_cache = start
+                    tails = [self._tail(p, start) for p in self.prompts]
+                    logits = await self._worker.run(self._feed, start, tails)
                 self._in_cache = len(self._generated)
                 self._dists = self._to_dists(logits)
             return list(self._dists)
@@ -121,7 +127,7 @@ class LockstepGroup(Lockstep, ABC):
             if not self._truncate(length):
                 return
             self._dists = None
-            if self._in_cache > length:
+            if self._in_cache is not None and self._in_cache > length:
                 await self._worker.run(self._drop, length)
                 self._in_cache = length
 
@@ -139,6 +145,11 @@ class LockstepGroup(Lockstep, ABC):
 
     @abstractmethod
     def _release(self) -> None: ...
+
+    def _open_now(self, generated: list[int]) -> np.ndarray:
+        """A lazily opened group's prefill of ``prompt_i + generated`` (worker thread): the
+        last-position logits. Only backends that open with ``_in_cache = None`` need it."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers
     def _tail(self, prompt: list[int], start: int) -> list[int]:

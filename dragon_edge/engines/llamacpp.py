@@ -6,6 +6,13 @@ tokens that reads the weights once. The group's common prompt prefix (the system
 computed once on sequence 0 and shared with ``llama_memory_seq_cp``; rollback is
 ``llama_memory_seq_rm`` of the KV tail. Logits come from ``llama_get_logits_ith`` (full vocab).
 
+Prefix reuse: a closed group's context goes back to an idle pool with its KV and the tokens it
+holds; the next group of the same k takes the idle context that shares the most with its
+prompts, keeps each sequence's common prefix and decodes only the rest (a repeated question over
+the same documents prefills one token a stream; an iterative-retrieval swap keeps the streams
+whose document stayed). That is a rollback and an append on the kept sequence, which the
+bit-exactness below covers.
+
 Bit-exactness: with flash attention on and physical batches (``n_ubatch``) of at most 32
 tokens, a position's logits do not depend on how the tokens were batched (one by one, in
 chunks, several sequences in one batch, prefix copied from another sequence). Larger
@@ -53,11 +60,14 @@ class LlamaCppEngine:
     ``n_ctx`` is per stream. ``n_threads`` defaults to all cores (at most 8); llama.cpp's
     threads spin at barriers, so on an oversubscribed CPU fewer threads can be much faster
     (on this shared 2-core machine one 2-thread step once took 2.5 s). Idle contexts are kept
-    (``max_idle_contexts`` per k) so opening a group does not allocate a KV cache each time.
+    (``max_idle_contexts`` per k) so opening a group does not allocate a KV cache each time,
+    and with ``reuse_prefix`` their KV is reused (the module docstring; ``reused_tokens``
+    counts the prompt tokens not decoded again).
     """
 
     def __init__(self, gguf_path: str | Path, *, n_ctx: int = 2048, n_threads: int | None = None,
-                 n_batch: int = 512, max_idle_contexts: int = 1, verbose: bool = False) -> None:
+                 n_batch: int = 512, max_idle_contexts: int = 2, reuse_prefix: bool = True,
+                 verbose: bool = False) -> None:
         if not verbose:
             _quiet_llama_logs()
         llama_cpp.llama_backend_init()
@@ -68,8 +78,11 @@ class LlamaCppEngine:
         self.n_threads = n_threads or min(usable_cores(), 8)
         self.n_batch = max(n_batch, UBATCH)
         self._vocab_size = self._model.n_vocab()
-        self._idle: dict[int, list[_internals.LlamaContext]] = {}  # k -> reusable contexts
+        # k -> idle contexts, each with the tokens its sequences hold (None: cleared)
+        self._idle: dict[int, list[tuple[_internals.LlamaContext, list[list[int]] | None]]] = {}
         self._max_idle = max_idle_contexts
+        self.reuse_prefix = reuse_prefix
+        self.reused_tokens = 0
         self._worker = Worker("llamacpp")
         self._verbose = verbose
 
@@ -86,8 +99,9 @@ class LlamaCppEngine:
     async def open_group(self, prompts: Sequence[Sequence[int]], temperature: float = 1.0) -> "LlamaCppGroup":
         prompts = check_prompts(prompts, self._vocab_size, self.n_ctx)
         temperature = check_temperature(temperature)
-        ctx, logits = await self._worker.run(self._open, prompts)
-        return LlamaCppGroup(self, ctx, prompts, temperature, logits)
+        # the prefill waits for the first next_dists: what is appended before it (an iterative
+        # swap's answer so far) can then come from an idle context's KV too
+        return LlamaCppGroup(self, prompts, temperature)
 
     async def close(self) -> None:
         await self._worker.run(self._free_all)
@@ -95,17 +109,32 @@ class LlamaCppEngine:
 
     # ------------------------------------------------------------------ worker thread
     def _open(self, prompts: list[list[int]]) -> tuple[_internals.LlamaContext, np.ndarray]:
-        ctx = self._context(len(prompts))
+        ctx, cached = self._context(prompts)
         try:
+            if cached is not None:
+                # each sequence keeps what it shares with its new prompt, less at least the last
+                # token (its logits are the group's first dists)
+                keep = [min(_shared(c, p), len(p) - 1) if self.reuse_prefix else 0 for c, p in zip(cached, prompts)]
+                if any(keep):
+                    for s, n in enumerate(keep):
+                        if not llama_cpp.llama_memory_seq_rm(ctx.memory, s, n, -1):
+                            raise RuntimeError(f"llama.cpp refused to truncate sequence {s}")
+                    self.reused_tokens += sum(keep)
+                    return ctx, self._decode(ctx, [(s, n, p[n:]) for s, (n, p) in enumerate(zip(keep, prompts))])
+                llama_cpp.llama_memory_clear(ctx.memory, True)
             return ctx, self._prefill(ctx, prompts)
         except BaseException:
-            self._recycle(ctx, len(prompts))
+            self._recycle(ctx, len(prompts), None)
             raise
 
-    def _context(self, k: int) -> _internals.LlamaContext:
+    def _context(self, prompts: list[list[int]]) -> tuple[_internals.LlamaContext, list[list[int]] | None]:
+        """An idle context for these k prompts (the one whose KV shares the most with them, and
+        the tokens it holds) or a new one (None: empty)."""
+        k = len(prompts)
         idle = self._idle.get(k)
         if idle:
-            return idle.pop()
+            best = max(range(len(idle)), key=lambda i: _reusable(idle[i][1], prompts))
+            return idle.pop(best)
         p = llama_cpp.llama_context_default_params()
         p.n_ctx = self.n_ctx * k  # split evenly: each sequence gets its own n_ctx KV stream
         p.n_seq_max = k
@@ -114,19 +143,22 @@ class LlamaCppEngine:
         p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         p.n_threads = p.n_threads_batch = self.n_threads
         p.no_perf = True
-        return _internals.LlamaContext(model=self._model, params=p, verbose=self._verbose)
+        return _internals.LlamaContext(model=self._model, params=p, verbose=self._verbose), None
 
-    def _recycle(self, ctx: _internals.LlamaContext, k: int) -> None:
+    def _recycle(self, ctx: _internals.LlamaContext, k: int, held: list[list[int]] | None) -> None:
+        """Back to the idle pool with the tokens its sequences hold (``held``; None when unknown,
+        after a failure: cleared), or freed when the pool is full (the oldest goes first)."""
         idle = self._idle.setdefault(k, [])
-        if len(idle) < self._max_idle:
+        if not (self.reuse_prefix and held is not None):
             llama_cpp.llama_memory_clear(ctx.memory, True)
-            idle.append(ctx)
-        else:
-            ctx.close()
+            held = None
+        idle.append((ctx, held))
+        while len(idle) > self._max_idle:
+            idle.pop(0)[0].close()
 
     def _free_all(self) -> None:
         for idle in self._idle.values():
-            for ctx in idle:
+            for ctx, _ in idle:
                 ctx.close()
         self._idle.clear()
         self._model.close()
@@ -174,12 +206,16 @@ class LlamaCppEngine:
 
 
 class LlamaCppGroup(LockstepGroup):
-    """k streams = k sequence ids of one llama.cpp context."""
+    """k streams = k sequence ids of one llama.cpp context (taken at the first ``next_dists``)."""
 
-    def __init__(self, engine: LlamaCppEngine, ctx: _internals.LlamaContext, prompts: list[list[int]],
-                 temperature: float, first_logits: np.ndarray) -> None:
-        super().__init__(prompts, temperature, engine.vocab_size, engine.n_ctx, engine._worker, first_logits)
-        self._engine, self._ctx = engine, ctx
+    def __init__(self, engine: LlamaCppEngine, prompts: list[list[int]], temperature: float) -> None:
+        super().__init__(prompts, temperature, engine.vocab_size, engine.n_ctx, engine._worker, None)
+        self._engine, self._ctx = engine, None
+        self._in_cache = None  # opened lazily (_open_now)
+
+    def _open_now(self, generated: list[int]) -> np.ndarray:
+        self._ctx, logits = self._engine._open([p + generated for p in self.prompts])
+        return logits
 
     def _feed(self, start: int, tails: list[list[int]]) -> np.ndarray:
         items = [(s, len(p) + start, tail) for s, (p, tail) in enumerate(zip(self.prompts, tails))]
@@ -191,7 +227,12 @@ class LlamaCppGroup(LockstepGroup):
                 raise RuntimeError(f"llama.cpp refused to truncate sequence {s}")
 
     def _release(self) -> None:
-        self._engine._recycle(self._ctx, self.num_streams)
+        if self._ctx is None:  # closed before its first next_dists: it never took a context
+            return
+        # the KV holds each prompt and the generated tokens fed so far (-1: the prompt's last dropped)
+        fed = self._generated[: max(self._in_cache or 0, 0)]
+        held = [p + fed if (self._in_cache or 0) >= 0 else p[:-1] for p in self.prompts]
+        self._engine._recycle(self._ctx, self.num_streams, held)
 
 
 def _common_prefix(prompts: list[list[int]]) -> int:
@@ -204,3 +245,19 @@ def _common_prefix(prompts: list[list[int]]) -> int:
                 n = i
                 break
     return n
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    """The length of the common prefix of two token lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _reusable(held: list[list[int]] | None, prompts: list[list[int]]) -> int:
+    """Prompt tokens an idle context's KV would save these prompts (0 for a cleared one)."""
+    if held is None:
+        return 0
+    return sum(min(_shared(c, p), len(p) - 1) for c, p in zip(held, prompts))

@@ -93,8 +93,9 @@ def engines():
     made: dict[str, object] = {}
 
     def get(kind: str):
-        if kind not in made:
-            made[kind] = load_engine(kind, MODEL)
+        if kind not in made:  # "llamacpp-fresh": llama.cpp that never reuses an idle context's KV
+            made[kind] = load_engine("llamacpp", MODEL, reuse_prefix=False) if kind == "llamacpp-fresh" \
+                else load_engine(kind, MODEL)
         return made[kind]
 
     yield get
@@ -190,11 +191,18 @@ def assert_same(kind: str, got, want) -> None:
 
 
 async def fresh_dists(engine, prompts, generated, temperature=1.0):
+    """The dists of a group opened on the whole context, computed from nothing: llama.cpp's
+    prefix reuse is off for it (it would otherwise start from an idle context's KV)."""
+    reuse = getattr(engine, "reuse_prefix", None)
+    if reuse is not None:
+        engine.reuse_prefix = False
     group = await engine.open_group([p + generated for p in prompts], temperature)
     try:
         return await group.next_dists()
     finally:
         await group.close()
+        if reuse is not None:
+            engine.reuse_prefix = reuse
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
@@ -318,6 +326,53 @@ def test_misuse_raises(tok, engines, kind):
 
 @pytest.mark.llamacpp
 @pytest.mark.slow
+@pytest.mark.llamacpp
+@pytest.mark.slow
+def test_llamacpp_prefix_reuse_is_bit_exact_and_saves_the_shared_tokens(tok, engines):
+    """A group opened where an earlier one closed starts from that context's KV: the same
+    question again prefills one token a stream; an iterative-retrieval swap (one document kept,
+    one replaced, the answer so far appended before the first step) recomputes only the new
+    document's stream; a prompt that diverges mid-way keeps the common part. Every dist equals a
+    group computed from nothing, bit for bit."""
+    engine, fresh = engines("llamacpp"), engines("llamacpp-fresh")
+    q = DOCS[3][1]
+    a, b, c = (P.document_prompt(tok, d, q) for d, _ in DOCS[3:6])
+
+    async def answer(prompts, prefix=(), steps=4):
+        group = await engine.open_group(prompts)
+        if prefix:
+            await group.append(list(prefix))
+        before = engine.reused_tokens
+        out = []
+        for _ in range(steps):
+            d = await group.next_dists()
+            out.append(d)
+            await group.append([d[0].argmax()])
+        got = (before, engine.reused_tokens, list(group._generated))
+        await group.close()
+        return out, got
+
+    async def scenario():
+        first, (_, _, gen) = await answer([a, b])
+        assert_same("llamacpp", first[0], await fresh_dists(fresh, [a, b], []))
+        again, (r0, r1, _) = await answer([a, b])  # the same question: all but the last token reused
+        assert r1 - r0 == len(a) - 1 + len(b) - 1, (r0, r1)
+        assert_same("llamacpp", again[0], first[0])
+        # a swap at a boundary after 4 tokens: stream 0 keeps its document, stream 1 gets another
+        swap, (s0, s1, _) = await answer([a, c], prefix=gen[:4], steps=2)
+        assert s1 - s0 >= len(a) + 4 - 1 and s1 - s0 < len(a) + 4 + len(c), (s0, s1)  # c shares the system turn only
+        assert_same("llamacpp", swap[0], await fresh_dists(fresh, [a, c], gen[:4]))
+        assert_same("llamacpp", swap[1], await fresh_dists(fresh, [a, c], gen[:4] + [swap[0][0].argmax()]))
+        # a prompt that diverges mid-way (another question over the same document)
+        other = P.document_prompt(tok, DOCS[3][0], DOCS[0][1])
+        shared = next(i for i, (x, y) in enumerate(zip(a, other)) if x != y)
+        div, (d0, d1, _) = await answer([other, b], steps=1)
+        assert d1 - d0 >= shared, (d0, d1, shared)
+        assert_same("llamacpp", div[0], await fresh_dists(fresh, [other, b], []))
+
+    run(scenario())
+
+
 def test_llamacpp_event_loop_stays_free_and_groups_are_isolated(tok, engines):
     """Engine work runs on a worker thread (the loop keeps ticking meanwhile); interleaved groups
     with different k, one of them rolling back (into its KV, twice) and appending another token
