@@ -24,16 +24,17 @@ def load_tokenizer(model: str):
 
 
 def load_runtime(model: str, engine: str = "llamacpp", store=None, cloud_url: str | None = None,
-                 auth_token: str = "") -> EdgeRuntime:
+                 auth_token: str = "", **engine_options) -> EdgeRuntime:
     """The engine kind decides which copy of the weights the device runs (and fingerprints):
-    llama.cpp reads the GGUF as shipped, transformers the converted safetensors folder."""
+    llama.cpp reads the GGUF as shipped, transformers the converted safetensors folder.
+    ``engine_options`` go to the engine (e.g. llama.cpp's ``n_threads``, ``max_idle_contexts``)."""
     from dragon_edge.engines import load_engine
 
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     tokenizer = load_tokenizer(model)
     identity = local_identity(model, "gguf" if engine == "llamacpp" else "hf")
-    eng = load_engine(engine, model)
+    eng = load_engine(engine, model, **engine_options)
     link = CloudLink(cloud_url, identity, auth_token) if cloud_url else None
     log.info("device runtime: model %s on %s, store %s, cloud %s", model, engine,
              getattr(store, "path", None), cloud_url or "none (device-only)")
