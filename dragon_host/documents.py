@@ -63,7 +63,6 @@ class DocumentSource(Protocol):
 class DocumentStats:
     retrievals: int = 0  # real retrievals (the first one, at the open, is not counted)
     swaps: int = 0  # stream groups replaced (the same documents in the same order keep theirs)
-    swap_s: float = 0.0  # time spent opening them (prefill of documents + question + answer so far)
     speculated: int = 0  # boundaries decoded over cached documents first
     speculated_right: int = 0
     speculated_wrong: int = 0
@@ -113,7 +112,6 @@ class IterativeDocuments:
         self.current, self.current_speculated, self._current_docs = key, speculated, docs
         if keeps_streams(group, old.ids if old is not None else None, docs.ids):
             return group, list(docs.scores)
-        t0 = time.perf_counter()
         # the old streams go first: their KV is what the new group can reuse (llama.cpp's idle
         # contexts, vLLM's prefix cache) and their admission is released before the new one asks
         await group.close()
@@ -125,7 +123,6 @@ class IterativeDocuments:
             await group.close()
             raise
         self.stats.swaps += 1
-        self.stats.swap_s += time.perf_counter() - t0
         return group, list(docs.scores)
 
     async def _documents(self, key: tuple[int, ...]) -> tuple[Documents, bool]:
