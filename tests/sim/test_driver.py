@@ -71,6 +71,7 @@ class FakeSource:
     def __init__(self, pool, world: int, hit: float | None, retrieve_s: float = 0.01) -> None:
         self.pool, self.world, self.hit, self.retrieve_s = pool, world, hit, retrieve_s
         self.opened: list[ListStreams] = []
+        self.open_while_previous_open = 0
 
     async def retrieve(self, prefix):
         await asyncio.sleep(self.retrieve_s)
@@ -87,6 +88,8 @@ class FakeSource:
         return Documents(tuple(docs), tuple(scores))
 
     async def open(self, docs):
+        # the group it replaces is closed first (its KV is what the new one may reuse)
+        self.open_while_previous_open += bool(self.opened) and not self.opened[-1].closed
         self.opened.append(ListStreams(list(docs.ids), self.world, 0.001))
         return self.opened[-1]
 
@@ -142,6 +145,7 @@ def test_drivers_swap_their_streams_at_retrieval_boundaries(aggregator, hit):
             docs = driver.documents
             assert docs.stats.swaps >= (len(want) - 1) // 3  # every boundary reached (more: rollbacks)
             assert all(g.closed for g in sources[side].opened if g is not driver.group)  # replaced groups closed
+            assert sources[side].open_while_previous_open == 0  # ... before their successors opened
             key = list(docs.current)  # the last boundary's prefix: the answer so far was prefilled
             assert len(key) == 3 * ((len(want) - 1) // 3) and key == want[: len(key)] == driver.group.tokens[: len(key)]
         cloud = drivers["cloud"].documents.stats
