@@ -20,6 +20,8 @@
 #   bash benchmarks/gpu_run.sh retrieval   # issue 15: TeleRAG at 10M synthetic passages (faiss-cpu only, no vLLM)
 #   bash benchmarks/gpu_run.sh ttft --data .gpu/qa   # issue 15: TTFT with a 1k vs a BIG (10M) passage index, end
 #        to end (dragon-cloud serve --lookahead gpu and plain IVF vs the 1k index; the llama.cpp device)
+#   bash benchmarks/gpu_run.sh iterative --data .gpu/qa   # issue 16: RaLMSpec, decoding on the GPU, the
+#        exact 4M index on CPU cores (bench_iterative --engine vllm) -> $OUT/iterative_h200_vllm.json
 #   DATA=.gpu/data bash benchmarks/gpu_run.sh dp   # issue 17 (2 GPUs): data-parallel tests, placement
 #        KV-aware vs round robin (bench_placement), throughput at 1 and 2 ranks (bench_cloud_load)
 # Stage vLLM first (../shared/gpu/README.md); results and logs go under $OUT.
@@ -158,5 +160,16 @@ case "${1:-}" in
       grep '^{' "$OUT/load_dp$n.log" | tail -3 | cut -c1-600
     done
     exit $(( trc ? trc : (prc ? prc : rc) )) ;;
-  *) echo "usage: $0 tests|streams|rollback|streams17|load|profile|latency|qa|ttft|retrieval|dp"; exit 2 ;;
+  iterative)
+    shift
+    # issue 16 on its testbed: RaLMSpec vs plain iterative retrieval with the cloud's own decoding
+    # (vLLM gangs, prefix cache) on the GPU and the exact index (faiss-cpu flat, PAD SYNTHETIC
+    # vectors) on CPU cores, so the verification beside the decoding takes nothing from it (on the
+    # 2-core CI box it did: README "Iterative retrieval"). Carry .gpu/faiss (pip install --no-deps
+    # --target /tmp/site) and the QA data (nq_open_passages/ + wiki_passages_sample/) as --data.
+    taskset -c 2-15 python -m benchmarks.bench_iterative --engine vllm --pad ${PAD:-4000000} \
+      --faiss-threads ${FAISS_THREADS:-8} --questions ${QUESTIONS:-50} --every 4 8 --quiet \
+      --out "$OUT/iterative_h200_vllm.json" "$@" > "$OUT/iterative.log" 2>&1; rc=$?
+    tail -40 "$OUT/iterative.log" | cut -c1-600; exit $rc ;;
+  *) echo "usage: $0 tests|streams|rollback|streams17|load|profile|latency|qa|ttft|retrieval|dp|iterative"; exit 2 ;;
 esac
