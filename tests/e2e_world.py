@@ -126,7 +126,7 @@ def runtime(world):
     # idle llama.cpp contexts kept for prefix reuse: as many as the sampling tests run answers at
     # once (test_e2e.SAMPLING_CONCURRENCY), so each answer of the same question starts from the
     # KV of one before it instead of prefilling its passages again (~94 MB each at n_ctx 2048, k 2)
-    return load_runtime("smollm2-135m", "llamacpp", store=world[2], max_idle_contexts=8)
+    return load_runtime("smollm2-135m", "llamacpp", store=world[2], max_idle_contexts=4)
 
 
 @pytest.fixture(scope="session")
