@@ -42,7 +42,6 @@ How this meets the protocol (``dragon_core``), exactly:
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import TYPE_CHECKING, AsyncIterator, Sequence
 
 import numpy as np
@@ -54,8 +53,6 @@ from dragon_vllm.admission import Ticket
 from dragon_vllm.group import CloudGroup
 from dragon_vllm.mixing import gang_args
 from dragon_vllm.streaming import input_chunks, top_k_at
-
-log = logging.getLogger("dragon.cloud.gang")
 
 if TYPE_CHECKING:
     from dragon_vllm.engine import VllmEngine
@@ -70,7 +67,6 @@ class _Row:
     were read one after another would never be complete in the engine."""
 
     def __init__(self, llm, request_id: str, first: list[int], params, top_k: int) -> None:
-        self.request_id = request_id
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._inbox.put_nowait(first)
         self._top_k = top_k
@@ -467,12 +463,4 @@ class GangStreamGroup(CloudGroup):
                 self.num_cached_tokens[i] = row.num_cached_tokens
                 stats["cached_tokens"] += row.num_cached_tokens
                 stats["prompt_tokens"] += row.prompt_len
-            # one abort for the whole gang first: each reader's cancellation sends its own, and
-            # the engine core may step between two such messages and schedule the gang split
-            # (its remaining row then gets NaN logits; gang.py logs the split). Seen in
-            # bench_iterative, whose gangs close every few tokens.
-            try:
-                await self._engine.llm.abort([row.request_id for row in rows])
-            except Exception as exc:  # the readers' cancellation below still aborts each row
-                log.warning("gang abort of %s failed: %r", rows[0].request_id, exc)
             await asyncio.gather(*(row.abort() for row in rows), return_exceptions=True)
