@@ -211,9 +211,7 @@ class EdgeRuntime:
 
     async def find_private(self, query: str, k: int):
         """``private_passages`` on the store's own thread (the store is thread-safe: one lock)."""
-        if self.store is None or k <= 0:
-            return []
-        return await self._store_worker.run(self.store.search, query, k)
+        return await self._store_worker.run(self.private_passages, query, k)
 
     # ------------------------------------------------------------------ answering
     async def answer(self, query: str, opts: AnswerOptions, stops: Sequence[str] = ()) -> AsyncIterator[Piece]:

@@ -42,6 +42,12 @@ PUBLIC_QUESTION = "What is Lyon famous for?"
 LONG_QUESTION = ("Tell me about my sister Lena: where does she live, what does she do there, "
                  "and what is her city famous for?")
 MAX_TOKENS = 20
+# answers at a time on the link (each waits on the other side's draft). The cloud holds a
+# request's streams until a round trip after the device is done, and admits 16 streams per
+# identity (k = 2: 8 requests): with 8 at a time, an answer that started as soon as the one before
+# it ended (the device's prefill is ~free with llama.cpp's prefix reuse) found the quota full and
+# was answered degraded (`quota_exceeded`). 4 leaves a whole generation of closing requests room.
+SAMPLING_CONCURRENCY = 4  # test_e2e's sampling; the runtime keeps as many idle llama.cpp contexts
 RTTS = (0, 50, 300)
 
 
@@ -124,9 +130,9 @@ def runtime(world):
     from dragon_edge.loader import load_runtime
 
     # idle llama.cpp contexts kept for prefix reuse: as many as the sampling tests run answers at
-    # once (test_e2e.SAMPLING_CONCURRENCY), so each answer of the same question starts from the
-    # KV of one before it instead of prefilling its passages again (~94 MB each at n_ctx 2048, k 2)
-    return load_runtime("smollm2-135m", "llamacpp", store=world[2], max_idle_contexts=4)
+    # once, so each answer of the same question starts from the KV of one before it instead of
+    # prefilling its passages again (~94 MB each at n_ctx 2048, k 2)
+    return load_runtime("smollm2-135m", "llamacpp", store=world[2], max_idle_contexts=SAMPLING_CONCURRENCY)
 
 
 @pytest.fixture(scope="session")

@@ -112,9 +112,7 @@ class LlamaCppEngine:
         ctx, cached = self._context(prompts)
         try:
             if cached is not None:
-                # each sequence keeps what it shares with its new prompt, less at least the last
-                # token (its logits are the group's first dists)
-                keep = [min(_shared(c, p), len(p) - 1) if self.reuse_prefix else 0 for c, p in zip(cached, prompts)]
+                keep = _kept(cached, prompts) if self.reuse_prefix else []
                 if any(keep):
                     for s, n in enumerate(keep):
                         if not llama_cpp.llama_memory_seq_rm(ctx.memory, s, n, -1):
@@ -133,7 +131,7 @@ class LlamaCppEngine:
         k = len(prompts)
         idle = self._idle.get(k)
         if idle:
-            best = max(range(len(idle)), key=lambda i: _reusable(idle[i][1], prompts))
+            best = max(range(len(idle)), key=lambda i: sum(_kept(idle[i][1], prompts)))
             return idle.pop(best)
         p = llama_cpp.llama_context_default_params()
         p.n_ctx = self.n_ctx * k  # split evenly: each sequence gets its own n_ctx KV stream
@@ -229,9 +227,10 @@ class LlamaCppGroup(LockstepGroup):
     def _release(self) -> None:
         if self._ctx is None:  # closed before its first next_dists: it never took a context
             return
-        # the KV holds each prompt and the generated tokens fed so far (-1: the prompt's last dropped)
-        fed = self._generated[: max(self._in_cache or 0, 0)]
-        held = [p + fed if (self._in_cache or 0) >= 0 else p[:-1] for p in self.prompts]
+        # the KV holds each prompt and the generated tokens fed so far (-1: the prompt's last
+        # dropped; None, a prefill that failed after taking the context, claims the prompt alone)
+        n = self._in_cache or 0
+        held = [p + self._generated[:n] if n >= 0 else p[:-1] for p in self.prompts]
         self._engine._recycle(self._ctx, self.num_streams, held)
 
 
@@ -247,17 +246,10 @@ def _common_prefix(prompts: list[list[int]]) -> int:
     return n
 
 
-def _shared(a: list[int], b: list[int]) -> int:
-    """The length of the common prefix of two token lists."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def _reusable(held: list[list[int]] | None, prompts: list[list[int]]) -> int:
-    """Prompt tokens an idle context's KV would save these prompts (0 for a cleared one)."""
+def _kept(held: list[list[int]] | None, prompts: list[list[int]]) -> list[int]:
+    """Per sequence, the tokens an idle context's KV saves its new prompt: their common prefix,
+    less at least the prompt's last token (its logits are the group's first dists); none for a
+    cleared context."""
     if held is None:
-        return 0
-    return sum(min(_shared(c, p), len(p) - 1) for c, p in zip(held, prompts))
+        return [0] * len(prompts)
+    return [min(_common_prefix([c, p]), len(p) - 1) for c, p in zip(held, prompts)]

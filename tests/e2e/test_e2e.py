@@ -42,8 +42,8 @@ from dragon_edge.link import CloudLink
 from dragon_edge.runtime import AnswerOptions
 import independent
 import near_tie
-from e2e_world import (LONG_QUESTION, MAX_TOKENS, PUBLIC_QUESTION, QUESTION, TOKEN, ask, options, reference, run,
-                       side_prompts)
+from e2e_world import (LONG_QUESTION, MAX_TOKENS, PUBLIC_QUESTION, QUESTION, SAMPLING_CONCURRENCY, TOKEN, ask,
+                       options, reference, run, side_prompts)
 
 pytestmark = pytest.mark.slow
 
@@ -263,12 +263,6 @@ def tv(a: dict, b: dict) -> float:
     return 0.5 * sum(abs(a.get(o, 0.0) - b.get(o, 0.0)) for o in set(a) | set(b))
 
 
-# answers at a time on the link (each waits on the other side's draft). The cloud holds a
-# request's streams until a round trip after the device is done, and admits 16 streams per
-# identity (k = 2: 8 requests): with 8 at a time, an answer that started as soon as the one before
-# it ended (the device's prefill is ~free with llama.cpp's prefix reuse) found the quota full and
-# was answered degraded (`quota_exceeded`). 4 leaves a whole generation of closing requests room.
-SAMPLING_CONCURRENCY = 4
 
 
 async def sample(runtime, url: str | None, opts: dict, seeds, concurrency: int = SAMPLING_CONCURRENCY) \
