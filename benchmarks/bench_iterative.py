@@ -243,6 +243,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     faiss.omp_set_num_threads(args.faiss_threads)
     t_start = time.time()
+    # the engine first: vLLM forks its engine core, and a CUDA context made before (the embedder's,
+    # on a GPU machine) cannot be used in a forked child
+    engine = await load_engine(args)
     data = data_dir(args.data)
     questions, docs = load_world_data(data, args.questions, args.wiki, args.seed)
     if args.dataset == "webquestions":  # the same corpus (NQ's gold passages + Wikipedia), other questions
@@ -266,12 +269,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     search_ms = (time.perf_counter() - t0) / 5 * 1e3
     tokenizer = load_tokenizer(args.model)
     eos = eos_token_ids(tokenizer)
-    engine = await load_engine(args)
     settings = [("once", 0, False)] + [(name, n, spec) for n in args.every
                                         for name, spec in (("iterative", False), ("ralmspec", True))]
     rows: list[dict] = []
     try:
         for qn in tqdm(questions, desc="questions", disable=args.quiet):
+            if args.budget_s and time.time() - t_start > args.budget_s:
+                break  # a lent machine's call has a hard limit: keep what was answered
             row = dict(line=qn.line, question=qn.question, answers=qn.answers)
             for name, every, spec in settings:
                 a = await answer(engine, tokenizer, eos, index, qn.question, args.k, args.max_tokens, every, spec,
@@ -285,7 +289,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model, engine=engine_label(args), k=args.k,
         dataset=args.dataset,
         faiss_threads=args.faiss_threads,
-        max_tokens=args.max_tokens, max_depth=args.max_depth, every=args.every, questions=len(questions),
+        max_tokens=args.max_tokens, max_depth=args.max_depth, every=args.every, questions=len(rows),
+        questions_sampled=len(questions), budget_s=args.budget_s,
         corpus_passages=len(real),
         retriever=args.retriever, **retriever_setup, search_ms_top20=round(search_ms, 2),
         build_s=round(build_s, 1), retriever_build_s=round(retriever_build_s, 1), cache_size=CACHE_SIZE, seed=args.seed),
@@ -409,6 +414,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", default="/tmp/dragon_bench_iterative", help="where the index is built")
     ap.add_argument("--out", type=Path, help="result JSON (default results/iterative_cpu.json; other "
                                              "retrievers / datasets: iterative_cpu_<retriever>_<dataset>.json)")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="stop taking new questions this many seconds after the start (0: answer all); the "
+                         "result holds the questions answered, every setting of each")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.nprobe < 1:
