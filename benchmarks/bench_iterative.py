@@ -198,7 +198,7 @@ def _is_vllm(engine) -> bool:
 
 
 async def answer(engine, tokenizer, eos_ids, index, question: str, k: int, max_tokens: int, every: int,
-                 speculate: bool, max_depth: int = 16, cache_size: int = CACHE_SIZE) -> dict:
+                 speculate: bool, max_depth: int = 16, cache_size: int = CACHE_SIZE, when_idle: bool = False) -> dict:
     """One solo answer; its tokens, wall time, and the documents' stats."""
     from dragon_core import session as s
     from dragon_core.aggregate import log_mass
@@ -216,6 +216,8 @@ async def answer(engine, tokenizer, eos_ids, index, question: str, k: int, max_t
         return None
 
     driver = SessionDriver(session, group, list(first.scores), no_send, documents=source if every else None)
+    if driver.documents is not None:
+        driver.documents.policy.when_idle = when_idle  # --verify: asynchronous when idle, or OS³'s stride only
     try:
         await driver.run()
     finally:
@@ -269,17 +271,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     search_ms = (time.perf_counter() - t0) / 5 * 1e3
     tokenizer = load_tokenizer(args.model)
     eos = eos_token_ids(tokenizer)
-    settings = [("once", 0, False)] + [(name, n, spec) for n in args.every
-                                        for name, spec in (("iterative", False), ("ralmspec", True))]
+    policies = {"idle": [("ralmspec", True)], "os3": [("ralmspec", False)],
+                "both": [("ralmspec", True), ("ralmspec_os3", False)]}[args.verify]
+    settings = [("once", 0, False, False)] + [(name, n, spec, idle) for n in args.every
+                                              for name, spec, idle in (("iterative", False, False),
+                                                                       *((p, True, i) for p, i in policies))]
     rows: list[dict] = []
     try:
         for qn in tqdm(questions, desc="questions", disable=args.quiet):
             if args.budget_s and time.time() - t_start > args.budget_s:
                 break  # a lent machine's call has a hard limit: keep what was answered
             row = dict(line=qn.line, question=qn.question, answers=qn.answers)
-            for name, every, spec in settings:
+            for name, every, spec, idle in settings:
                 a = await answer(engine, tokenizer, eos, index, qn.question, args.k, args.max_tokens, every, spec,
-                                 args.max_depth)
+                                 args.max_depth, when_idle=idle)
                 a.update(f1=f1(a["text"], qn.answers), contains=contains(a["text"], qn.answers))
                 row[f"{name}@{every}" if every else name] = a
             rows.append(row)
@@ -288,7 +293,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return dict(benchmark="iterative", setup=dict(
         model=args.model, engine=engine_label(args), k=args.k,
         dataset=args.dataset,
-        faiss_threads=args.faiss_threads,
+        faiss_threads=args.faiss_threads, verify=args.verify,
         max_tokens=args.max_tokens, max_depth=args.max_depth, every=args.every, questions=len(rows),
         questions_sampled=len(questions), budget_s=args.budget_s,
         corpus_passages=len(real),
@@ -340,6 +345,11 @@ def summarize(rows: list[dict], everys) -> dict:
         out[f"every {n}"] = dict(iterative=it, ralmspec=sp, identical_answers=f"{same}/{len(rows)}",
                                  speedup_end_to_end=round(it["seconds"] / sp["seconds"], 3),
                                  speedup_retrieval=round(it["waited_s"] / max(sp["waited_s"], 1e-9), 3))
+        if rows and f"ralmspec_os3@{n}" in rows[0]:  # --verify both: OS³'s stride alone, same questions
+            os3 = _agg(rows, f"ralmspec_os3@{n}")
+            same = sum(r[f"iterative@{n}"]["tokens"] == r[f"ralmspec_os3@{n}"]["tokens"] for r in rows)
+            out[f"every {n}"].update(ralmspec_os3=os3, identical_answers_os3=f"{same}/{len(rows)}",
+                                     speedup_end_to_end_os3=round(it["seconds"] / os3["seconds"], 3))
     return out
 
 
@@ -414,6 +424,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", default="/tmp/dragon_bench_iterative", help="where the index is built")
     ap.add_argument("--out", type=Path, help="result JSON (default results/iterative_cpu.json; other "
                                              "retrievers / datasets: iterative_cpu_<retriever>_<dataset>.json)")
+    ap.add_argument("--verify", choices=("os3", "idle", "both"), default="os3",
+                    help="when RaLMSpec starts a verification: os3 (the default: at OS³'s stride) or idle (also "
+                         "whenever none is running); both: each on the same questions (idle as ralmspec, os3 as "
+                         "ralmspec_os3)")
     ap.add_argument("--budget-s", type=float, default=0.0,
                     help="stop taking new questions this many seconds after the start (0: answer all); the "
                          "result holds the questions answered, every setting of each")

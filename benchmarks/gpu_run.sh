@@ -21,7 +21,7 @@
 #   bash benchmarks/gpu_run.sh ttft --data .gpu/qa   # issue 15: TTFT with a 1k vs a BIG (10M) passage index, end
 #        to end (dragon-cloud serve --lookahead gpu and plain IVF vs the 1k index; the llama.cpp device)
 #   bash benchmarks/gpu_run.sh iterative --data .gpu/qa   # issue 16: RaLMSpec, decoding on the GPU, the
-#        exact 4M index on CPU cores (bench_iterative --engine vllm) -> $OUT/iterative_h200_vllm.json
+#        exact 10M index on CPU cores (bench_iterative --engine vllm) -> $OUT/iterative_h200_vllm.json
 #   DATA=.gpu/data bash benchmarks/gpu_run.sh dp   # issue 17 (2 GPUs): data-parallel tests, placement
 #        KV-aware vs round robin (bench_placement), throughput at 1 and 2 ranks (bench_cloud_load)
 # Stage vLLM first (../shared/gpu/README.md); results and logs go under $OUT.
@@ -167,9 +167,14 @@ case "${1:-}" in
     # vectors) on CPU cores, so the verification beside the decoding takes nothing from it (on the
     # 2-core CI box it did: README "Iterative retrieval"). Carry .gpu/faiss (pip install --no-deps
     # --target /tmp/site) and the QA data (nq_open_passages/ + wiki_passages_sample/) as --data.
-    taskset -c 2-15 python -m benchmarks.bench_iterative --engine vllm --pad ${PAD:-4000000} \
-      --faiss-threads ${FAISS_THREADS:-8} --questions ${QUESTIONS:-50} --every 4 8 --quiet \
-      --out "$OUT/iterative_h200_vllm.json" "$@" > "$OUT/iterative.log" 2>&1; rc=$?
+    # 2026-12-02 (results/iterative_h200_vllm*.json): at 4M pads (a 190 ms search) 1.5-1.6x at every 4;
+    # a boundary there costs 4 decoded tokens + a gang reopen (~70 ms), so the search must be several
+    # times that for 2x: the next run is 10M (the TeleRAG size, ~475 ms; ~10 s a question, so
+    # --budget-s cuts it at what one call answers; run every 4 and every 8 in two calls: EVERY=8).
+    # --max-depth 32: the whole answer may run ahead of its verifications (16 held it at 4M)
+    taskset -c 2-15 python -m benchmarks.bench_iterative --engine vllm --pad ${PAD:-10000000} \
+      --faiss-threads ${FAISS_THREADS:-8} --questions ${QUESTIONS:-50} --every ${EVERY:-4} --max-depth 32 \
+      --budget-s ${BUDGET_S:-470} --quiet --out "$OUT/iterative_h200_vllm.json" "$@" > "$OUT/iterative.log" 2>&1; rc=$?
     tail -40 "$OUT/iterative.log" | cut -c1-600; exit $rc ;;
   *) echo "usage: $0 tests|streams|rollback|streams17|load|profile|latency|qa|ttft|retrieval|dp|iterative"; exit 2 ;;
 esac

@@ -13,7 +13,15 @@ system's. This module holds the rules the hosts (``dragon_host.documents``) and 
 * ``optimal_stride`` (OS³): the stride ``s`` maximising the expected verified steps per unit of
   time, ``(1 − γ^s) / ((1 − γ)(s·a + b))``, with ``a`` one decoding + cache-retrieval step and
   ``b`` one verification (a batched real retrieval);
-* ``StridePolicy``: OS³ fed with one request's measured costs and accuracy.
+* ``StridePolicy``: OS³ fed with one request's measured costs and accuracy, and when to start a
+  verification (``should_verify``).
+
+OS³'s rate assumes each verification stalls the decoding (``s·a + b``). ``when_idle`` (off by
+default) also starts a verification whenever none is running, on the idea that a verifier on
+cores the decoding does not use costs nothing while idle. Measured, it does not pay: on the H200
+(decoding on the GPU, searches on CPU cores; ``benchmarks/results/iterative_h200_vllm_verify.json``)
+OS³'s stride alone was faster on 4 of 5 questions (3.80 s vs 4.08 s in all, 15 verifications
+against 35), and on 2 CPU cores the two were even. The stride stays the rule.
 """
 
 from __future__ import annotations
@@ -89,6 +97,7 @@ class StridePolicy:
     measures, this only averages (no clock here)."""
 
     max_stride: int = MAX_STRIDE
+    when_idle: bool = False
     accuracy: SpeculationAccuracy = field(default_factory=SpeculationAccuracy)
     step_cost: float | None = None
     verify_cost: float | None = None
@@ -99,6 +108,12 @@ class StridePolicy:
     def note_verification(self, seconds: float, verified: int, right: int) -> None:
         self.verify_cost = _ewma(self.verify_cost, seconds)
         self.accuracy.record(verified, right)
+
+    def should_verify(self, pending: int, running: int) -> bool:
+        """Whether to start a batched verification of the ``pending`` speculations now, with
+        ``running`` verifications in flight: at the OS³ stride, or at once when the verifier is
+        idle (``when_idle``)."""
+        return pending > 0 and (pending >= self.stride or (self.when_idle and running == 0))
 
     @property
     def stride(self) -> int:

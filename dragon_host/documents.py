@@ -12,9 +12,10 @@ session holds their drafts), and when the real retrieval comes back the session 
 real documents in. Exactness never depends on the cache.
 
 Verification is batched (RaLMSpec's OS³): speculated boundaries wait until there are ``s`` of
-them (``ralmspec.StridePolicy``: from the measured step and verification costs and the
-speculation accuracy), then one batched real retrieval (``DocumentSource.retrieve_many`` when the
-source has it) verifies them all, beside the decoding. The driver calls ``flush`` whenever the
+them (``ralmspec.StridePolicy.should_verify``: ``s`` from the measured step and verification
+costs and the speculation accuracy; optionally also whenever no verification runs), then one
+batched real retrieval (``DocumentSource.retrieve_many`` when the source has it) verifies them
+all, beside the decoding. The driver calls ``flush`` whenever the
 session cannot go on without a verdict, so a batch never waits for boundaries that cannot come.
 """
 
@@ -134,8 +135,7 @@ class IterativeDocuments:
             if spec is not None:
                 self.stats.speculated += 1
                 self._pending[key] = spec
-                if len(self._pending) >= self.policy.stride:
-                    self.flush()
+                self._verify_if_due()
                 return spec, True
         real = await self.source.retrieve(key)
         self.stats.retrievals += 1
@@ -145,6 +145,10 @@ class IterativeDocuments:
     def note_step(self, seconds: float) -> None:
         """One step's cost (decoding + the cache's retrieval), for OS³."""
         self.policy.note_step(seconds)
+
+    def _verify_if_due(self) -> None:
+        if self.policy.should_verify(len(self._pending), len(set(self._checking.values()))):
+            self.flush()
 
     def flush(self) -> None:
         """Verify every pending speculation now, in one batch, beside the decoding."""
@@ -179,6 +183,7 @@ class IterativeDocuments:
         self.stats.largest_batch = max(self.stats.largest_batch, len(keys))
         self.stats.speculated_right += right
         self.stats.speculated_wrong += len(keys) - right
+        self._verify_if_due()  # what piled up while this one ran
 
     async def _retrieve_many(self, keys: list[tuple[int, ...]]) -> list[Documents]:
         many = getattr(self.source, "retrieve_many", None)

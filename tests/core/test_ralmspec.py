@@ -82,3 +82,18 @@ def test_stride_policy_averages_its_costs():
     policy.note_step(1.0)
     policy.note_step(2.0)
     assert policy.step_cost == pytest.approx(0.7 * 1.0 + 0.3 * 2.0)
+
+
+def test_a_verification_starts_at_the_stride_or_whenever_the_verifier_is_idle():
+    policy = StridePolicy(max_stride=8, when_idle=True)
+    policy.note_step(0.01)
+    policy.note_verification(1.0, 4, 4)  # a slow verifier: OS³ batches several
+    s = policy.stride
+    assert s > 1
+    assert not policy.should_verify(0, 0)  # nothing to verify
+    assert policy.should_verify(1, 0)  # idle: at once, whatever the stride
+    assert not policy.should_verify(s - 1, 1)  # one running: wait for the stride
+    assert policy.should_verify(s, 1)
+    policy.when_idle = False  # the paper's synchronous rule: the stride alone
+    assert not policy.should_verify(1, 0)
+    assert policy.should_verify(s, 0)
