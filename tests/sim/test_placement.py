@@ -254,3 +254,27 @@ def test_a_failure_on_a_dead_rank_is_rank_lost_and_the_rank_is_avoided():
     assert later.rank == 1
     stats = engine.stats()
     assert stats["ranks"][0]["alive"] is False and stats["ranks"][0]["lost_requests"] == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 7), min_size=1, max_size=4), max_size=40),
+       st.sampled_from(["kv", "least_loaded", "round_robin"]), st.integers(0, 8))
+def test_the_same_history_gives_the_same_places(requests, policy, slack):
+    """Ties are broken by rank, never by chance: two placements fed the same requests (two open at
+    a time) pin every request to the same single rank; under ``kv`` no two ranks' loads part by
+    more than the slack plus the largest request (a rank is chosen only within the slack)."""
+    runs = []
+    for _ in range(2):
+        p = Placement(2, B, cache_blocks=12, policy=policy, max_extra_streams=slack)
+        open_pins, ranks = [], []
+        for docs in requests:
+            if len(open_pins) == 2:
+                p.release(open_pins.pop(0))
+            pin = p.place([doc(n) for n in docs])
+            loads = [c.open_streams for c in p.ranks]
+            if policy == "kv":
+                assert max(loads) - min(loads) <= slack + 4
+            open_pins.append(pin)
+            ranks.append(pin.rank)
+        runs.append(ranks)
+    assert runs[0] == runs[1]
