@@ -13,6 +13,8 @@ a step boundary), and a token budget or seat limit can cut a group in two. So th
   chunked-prefill split); a gang that does not fit waits whole (queue, never split);
 * **moves gang rows to the front** of the running list, so their one-token decodes are
   scheduled before any other request's prefill can use up the budget;
+* **holds back** the rows left of a gang that lost a member (it is being closed row by row), so
+  the step between two of its rows' aborts does not split it;
 * **checks** each step's output and counts any gang found split (``split_steps``; preemption under
   KV pressure is the one path left that can do it: the cloud's admission reserves KV per group
   to keep it from happening).
@@ -94,9 +96,30 @@ class GangMixin:
     def schedule(self, *args, **kwargs):
         self._gang_rows_first()
         self._release_ready_gangs()
-        output = super().schedule(*args, **kwargs)
+        dying = self._hold_dying_gangs()
+        try:
+            output = super().schedule(*args, **kwargs)
+        finally:
+            self.running.extend(dying)
         self._check_whole(output)
         return output
+
+    def _hold_dying_gangs(self) -> list[Request]:
+        """Take out of this step the running rows of gangs that lost a member. A gang is closed
+        row by row (each row's abort reaches the engine on its own), so the engine can step
+        between two aborts; scheduling the rows left would split the gang (NaN logits, an error
+        logged) for rows that are about to be aborted anyway. They sit the step out and are put
+        back in ``running``, where their own abort finds them."""
+        if not self.running or not any(self.gang_live[k] < self.gang_size[k] for k in self.gang_live):
+            return []
+        keep, dying = [], []
+        for r in self.running:
+            key = self.gang_of_request.get(r.request_id)
+            (dying if key is not None and self.gang_live[key] < self.gang_size[key] else keep).append(r)
+        if dying:
+            self.running[:] = keep
+            self.gang_stats["dying_held"] = self.gang_stats.get("dying_held", 0) + len(dying)
+        return dying
 
     def _gang_rows_first(self) -> None:
         if self.gang_of_request and self.running:

@@ -254,3 +254,45 @@ def test_rollback_and_a_chunk_stopped_early_give_what_a_fresh_gang_gives(e2e_loo
             await group.close()
 
     run(e2e_loop, check())
+
+
+@pytest.mark.slow
+def test_a_gang_that_lost_a_row_sits_out_instead_of_decoding_split(e2e_loop, reference_engine, tokenizer):
+    """A gang is closed row by row, and the engine can step between two rows' aborts. The rows
+    left must not be scheduled: before, they went on decoding as a split gang (NaN logits, an
+    error logged per step). Here one row of a gang decoding a long chunk is aborted alone; the
+    others get at most the tokens already in flight, then nothing, and closing the gang still
+    works and frees everything (the next gang decodes as usual)."""
+    prompts, scores = _prompts(tokenizer, "What is Lyon famous for?"), [1.2, 0.4, -0.3]
+
+    async def check():
+        gang = await reference_engine.open_group(prompts, 1.0, scores, 400)
+        try:
+            await gang.next_side_dist(20)
+            await asyncio.sleep(0.3)  # the chunk decodes on by itself (no round trip per token)
+            before = [len(r.tokens) for r in gang._rows]
+            assert before[0] >= 2, "the chunk should be decoding ahead"
+            await reference_engine.llm.abort(f"{gang._gang}-1")
+            held = await _settled(gang, timeout_s=5.0)  # the abort reached the engine; in-flight tokens landed
+            await asyncio.sleep(1.5)  # a split gang would decode dozens of tokens meanwhile
+            after = [len(r.tokens) for r in gang._rows]
+            assert held is not None, f"the rows left kept decoding: {before} -> {after}"
+            assert after[0] == held[0] and after[2] == held[2], (before, held, after)
+        finally:
+            await gang.close()
+        tokens, group = await _greedy(reference_engine, prompts, scores, 4)
+        assert len(tokens) == 4 and group.repairs == 0
+
+    run(e2e_loop, check())
+
+
+async def _settled(gang, timeout_s: float) -> list[int] | None:
+    """The rows' token counts once two samples 0.3 s apart agree (None: still growing at the timeout)."""
+    last = [len(r.tokens) for r in gang._rows]
+    for _ in range(int(timeout_s / 0.3)):
+        await asyncio.sleep(0.3)
+        now = [len(r.tokens) for r in gang._rows]
+        if now == last:
+            return now
+        last = now
+    return None
