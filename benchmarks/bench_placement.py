@@ -130,14 +130,18 @@ async def measure(args, prompts: list[list[list[int]]]) -> list[dict]:
     # --engine-cache-blocks: vLLM's num_gpu_blocks_override, a small cache for eviction to matter
     # within a few hundred requests (the admission control budgets the same blocks)
     override = dict(num_gpu_blocks_override=args.engine_cache_blocks) if args.engine_cache_blocks else {}
-    engine = make_ranked_engine(args.model, data_parallel_size=args.ranks, backend="vllm", top_k=5,
+    engine = make_ranked_engine(args.model, data_parallel_size=args.ranks, backend=args.backend,
+                                ranks_per_gpu=args.ranks_per_gpu, top_k=5,
                                 max_num_seqs=args.k * args.concurrency, max_model_len=1024, block_size=BLOCK,
                                 kv_cache_gib=args.kv_cache_gib, kv_reserve_tokens=32, **override)
     try:
         rows = []
         for policy in ENGINE_POLICIES:
             t_start = time.perf_counter()
-            await engine.ranks[0].llm.reset_prefix_cache()  # every rank's (a utility call to all engines)
+            # every rank's: vLLM's data parallel resets all its engines in one utility call; the
+            # engines backend has one vLLM per rank
+            for rank in (engine.ranks[:1] if args.backend == "vllm" else engine.ranks):
+                await rank.llm.reset_prefix_cache()
             engine.placement = Placement(args.ranks, BLOCK, engine.placement.cache_blocks, policy=policy,
                                          max_extra_streams=args.max_extra_streams)
             # the warm-up fills the caches under this policy; only the requests after it are measured
@@ -232,6 +236,10 @@ def main() -> None:
     ap.add_argument("--data", default=None)
     ap.add_argument("--model", default=os.environ.get("DRAGON_HF_DIR"))
     ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--backend", choices=("vllm", "engines"), default="vllm",
+                    help="engines part: vLLM's own data parallel, or one vLLM per rank")
+    ap.add_argument("--ranks-per-gpu", type=int, default=1,
+                    help="engines part, --backend engines: ranks sharing a GPU (two on one GPU: 2)")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--zipf", type=float, default=1.1)
     ap.add_argument("--passages", type=int, default=1000)
@@ -285,6 +293,8 @@ def main() -> None:
         result["setup"]["engine_cache_blocks_per_rank"] = args.engine_cache_blocks
         result["setup"]["engine_requests"] = args.engine_requests
         result["setup"]["engine_warmup"] = args.engine_warmup
+        result["setup"]["engine_backend"] = args.backend
+        result["setup"]["engine_ranks_per_gpu"] = args.ranks_per_gpu
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out.with_suffix(".png"))

@@ -24,6 +24,7 @@
 #        exact 10M index on CPU cores (bench_iterative --engine vllm) -> $OUT/iterative_h200_vllm.json
 #   DATA=.gpu/data bash benchmarks/gpu_run.sh dp   # issue 17 (2 GPUs): data-parallel tests, placement
 #        KV-aware vs round robin (bench_placement), throughput at 1 and 2 ranks (bench_cloud_load)
+#   DATA=.gpu/data bash benchmarks/gpu_run.sh dp1  # issue 17 on one GPU: two ranks on it (--ranks-per-gpu 2)
 # Stage vLLM first (../shared/gpu/README.md); results and logs go under $OUT.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
@@ -160,6 +161,30 @@ case "${1:-}" in
       grep '^{' "$OUT/load_dp$n.log" | tail -3 | cut -c1-600
     done
     exit $(( trc ? trc : (prc ? prc : rc) )) ;;
+  dp1)
+    # issue 17 when only one GPU is lent: two ranks on it (--data-parallel-backend engines
+    # --ranks-per-gpu 2, each engine with half the memory), the same three parts as dp: the
+    # data-parallel tests, placement KV-aware vs round robin on the real ranks (steady state:
+    # --engine-warmup), then the cloud through the link at 1 rank and at 2 ranks on the one GPU.
+    # Throughput gains need the second GPU (dp); this measures the placement and that the path runs.
+    DATA=${DATA:-.gpu/data}
+    timeout 240 python -m pytest -x -v -p no:cacheprovider -o faulthandler_timeout=200 \
+      tests/engines/test_data_parallel.py > "$OUT/dp1_tests_h200.log" 2>&1; trc=$?
+    grep -E "passed|failed|error" "$OUT/dp1_tests_h200.log" | tail -5
+    timeout 240 python -m benchmarks.bench_placement --ranks 2 --backend engines --ranks-per-gpu 2 \
+      --engine-requests ${DP_REQUESTS:-512} --engine-warmup ${DP_WARMUP:-256} --concurrency ${DP_CONCURRENCY:-64} \
+      --max-extra-streams 32 --data "$DATA" --out "$OUT/placement_h200_1gpu.json" > "$OUT/placement.log" 2>&1; prc=$?
+    grep '^{' "$OUT/placement.log" | tail -5 | cut -c1-600
+    rc=0
+    for n in 1 2; do
+      python -m benchmarks.bench_cloud_load --device h200_1gpu_dp$n --device-cores 0-3 --cloud-cores 4-15 \
+        --gpu-memory-utilization 0.85 --levels 256 --cloud-k 4 \
+        --cloud-args "--data-parallel-size $n --data-parallel-backend engines --ranks-per-gpu $n" \
+        --questions "$DATA/nq_open/NQ-open.dev.jsonl" --passages "$DATA/wiki_passages_sample/flashrag_wiki18_sample_1000.jsonl" \
+        --out "$OUT/cloud_load_h200_1gpu_dp$n.json" > "$OUT/load_dp$n.log" 2>&1 || rc=$?
+      grep '^{' "$OUT/load_dp$n.log" | tail -3 | cut -c1-600
+    done
+    exit $(( trc ? trc : (prc ? prc : rc) )) ;;
   iterative)
     shift
     # issue 16 on its testbed: RaLMSpec vs plain iterative retrieval with the cloud's own decoding
@@ -176,5 +201,5 @@ case "${1:-}" in
       --faiss-threads ${FAISS_THREADS:-8} --questions ${QUESTIONS:-50} --every ${EVERY:-4} --max-depth 32 \
       --budget-s ${BUDGET_S:-470} --quiet --out "$OUT/iterative_h200_vllm.json" "$@" > "$OUT/iterative.log" 2>&1; rc=$?
     tail -40 "$OUT/iterative.log" | cut -c1-600; exit $rc ;;
-  *) echo "usage: $0 tests|streams|rollback|streams17|load|profile|latency|qa|ttft|retrieval|dp|iterative"; exit 2 ;;
+  *) echo "usage: $0 tests|streams|rollback|streams17|load|profile|latency|qa|ttft|retrieval|dp|dp1|iterative"; exit 2 ;;
 esac

@@ -82,6 +82,9 @@ def serve(
     data_parallel_backend: str = typer.Option("vllm", "--data-parallel-backend", help=(
         "'vllm': vLLM's own data parallel (one AsyncLLM; a lost engine core stops every rank). "
         "'engines': one independent vLLM engine per rank in this process (a lost rank leaves the others).")),
+    ranks_per_gpu: int = typer.Option(1, "--ranks-per-gpu", min=1, help=(
+        "With --data-parallel-backend engines: put this many ranks on each GPU, each with that share of "
+        "--gpu-memory-utilization (e.g. two ranks on one GPU when no second GPU is there).")),
     placement: str = typer.Option("kv", "--placement", help=(
         "With --data-parallel-size > 1: 'kv' (the rank whose prefix cache holds the request's document "
         "blocks, else the least loaded), 'least_loaded' or 'round_robin'.")),
@@ -152,7 +155,7 @@ def serve(
         if placement not in POLICIES:
             raise typer.BadParameter(f"--placement must be one of {', '.join(POLICIES)}, not {placement!r}")
         try:
-            check_data_parallel(data_parallel_size, data_parallel_backend)
+            check_data_parallel(data_parallel_size, data_parallel_backend, ranks_per_gpu)
         except DataParallelUnsupported as exc:
             raise typer.BadParameter(str(exc)) from None
     if rollback == "in_place" and not in_engine:
@@ -178,7 +181,7 @@ def serve(
                         chunk_tokens=chunk_tokens, rollback=rollback, lookahead=lookahead,
                         lookahead_fraction=lookahead_fraction,
                         speculative_retrieval=speculative_retrieval, retriever=retriever,
-                        **_data_parallel(data_parallel_size, data_parallel_backend, placement))
+                        **_data_parallel(data_parallel_size, data_parallel_backend, placement, ranks_per_gpu))
     limits = LinkLimits(max_k=max_k, max_tokens=max_tokens, peer_timeout_s=peer_timeout_s,
                         request_idle_timeout_s=request_idle_timeout_s,
                         max_requests_per_identity=max_requests_per_identity,
@@ -210,11 +213,12 @@ def serve(
         web.run_app(make_app(), sock=sock, print=lambda msg: typer.echo(msg, err=True), **run_app_kwargs)
 
 
-def _data_parallel(size: int, backend: str, placement: str) -> dict:
+def _data_parallel(size: int, backend: str, placement: str, ranks_per_gpu: int = 1) -> dict:
     """load_cloud's data-parallel options; none for one rank (the single-engine path, unchanged)."""
     if size <= 1:
         return {}
-    return dict(data_parallel_size=size, data_parallel_backend=backend, placement=placement)
+    return dict(data_parallel_size=size, data_parallel_backend=backend, placement=placement,
+                ranks_per_gpu=ranks_per_gpu)
 
 
 def _check_api_servers(data_parallel_size: int) -> None:

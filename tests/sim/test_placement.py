@@ -278,3 +278,35 @@ def test_the_same_history_gives_the_same_places(requests, policy, slack):
             ranks.append(pin.rank)
         runs.append(ranks)
     assert runs[0] == runs[1]
+
+
+def test_ranks_fill_each_gpu_in_order_and_share_its_memory():
+    """--ranks-per-gpu (the engines backend): ranks 0..N-1 go ranks_per_gpu to a GPU, in the
+    order CUDA_VISIBLE_DEVICES lists them; each takes its share of the memory utilization; a rank
+    beyond the GPUs, and the option with vLLM's own data parallel, are refused with the reason."""
+    from dragon_vllm.data_parallel import (DataParallelUnsupported, check_data_parallel, gpu_for_rank,
+                                           memory_share)
+
+    assert [gpu_for_rank(r, 1, ["3", "5"]) for r in range(2)] == ["3", "5"]
+    assert [gpu_for_rank(r, 2, ["0"]) for r in range(2)] == ["0", "0"]
+    assert [gpu_for_rank(r, 2, ["0", "1"]) for r in range(4)] == ["0", "0", "1", "1"]
+    with pytest.raises(DataParallelUnsupported, match="rank 2 needs GPU 1"):
+        gpu_for_rank(2, 2, ["0"])
+    with pytest.raises(DataParallelUnsupported, match="rank 1 needs GPU 1"):
+        gpu_for_rank(1, 1, ["0"])
+    assert memory_share(0.85, 2) == 0.425 and memory_share(None, 2) == 0.45 and memory_share(0.5, 1) == 0.5
+    check_data_parallel(2, "engines", 2)
+    with pytest.raises(DataParallelUnsupported, match="needs --data-parallel-backend engines"):
+        check_data_parallel(2, "vllm", 2)
+    with pytest.raises(DataParallelUnsupported, match="must be >= 1"):
+        check_data_parallel(2, "engines", 0)
+
+
+def test_serve_refuses_ranks_per_gpu_without_the_engines_backend():
+    from typer.testing import CliRunner
+
+    from dragon_vllm.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--port", "0", "--data-parallel-size", "2", "--ranks-per-gpu", "2"])
+    words = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "needs --data-parallel-backend engines" in words, result.output
