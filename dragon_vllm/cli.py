@@ -82,6 +82,13 @@ def serve(
     data_parallel_backend: str = typer.Option("vllm", "--data-parallel-backend", help=(
         "'vllm': vLLM's own data parallel (one AsyncLLM; a lost engine core stops every rank). "
         "'engines': one independent vLLM engine per rank in this process (a lost rank leaves the others).")),
+    data_parallel_size_local: Optional[int] = typer.Option(None, "--data-parallel-size-local", min=1, help=(
+        "Several nodes (vLLM's multi-node data parallel): the ranks on this node (the first ones); the "
+        "others run `dragon-cloud headless` on their nodes and join at --data-parallel-address.")),
+    data_parallel_address: Optional[str] = typer.Option(None, "--data-parallel-address", help=(
+        "Several nodes: this node's address, which the other nodes' engine cores dial.")),
+    data_parallel_rpc_port: Optional[int] = typer.Option(None, "--data-parallel-rpc-port", help=(
+        "Several nodes: the port they dial (vLLM's data-parallel handshake).")),
     ranks_per_gpu: int = typer.Option(1, "--ranks-per-gpu", min=1, help=(
         "With --data-parallel-backend engines: put this many ranks on each GPU, each with that share of "
         "--gpu-memory-utilization (e.g. two ranks on one GPU when no second GPU is there).")),
@@ -158,6 +165,8 @@ def serve(
             check_data_parallel(data_parallel_size, data_parallel_backend, ranks_per_gpu)
         except DataParallelUnsupported as exc:
             raise typer.BadParameter(str(exc)) from None
+    nodes = _nodes(data_parallel_size, data_parallel_backend, data_parallel_size_local, data_parallel_address,
+                   data_parallel_rpc_port)
     if rollback == "in_place" and not in_engine:
         raise typer.BadParameter("--rollback in-place needs the in-engine path (not --per-document)")
     try:
@@ -181,7 +190,7 @@ def serve(
                         chunk_tokens=chunk_tokens, rollback=rollback, lookahead=lookahead,
                         lookahead_fraction=lookahead_fraction,
                         speculative_retrieval=speculative_retrieval, retriever=retriever,
-                        **_data_parallel(data_parallel_size, data_parallel_backend, placement, ranks_per_gpu))
+                        **_data_parallel(data_parallel_size, data_parallel_backend, placement, ranks_per_gpu), **nodes)
     limits = LinkLimits(max_k=max_k, max_tokens=max_tokens, peer_timeout_s=peer_timeout_s,
                         request_idle_timeout_s=request_idle_timeout_s,
                         max_requests_per_identity=max_requests_per_identity,
@@ -219,6 +228,65 @@ def _data_parallel(size: int, backend: str, placement: str, ranks_per_gpu: int =
         return {}
     return dict(data_parallel_size=size, data_parallel_backend=backend, placement=placement,
                 ranks_per_gpu=ranks_per_gpu)
+
+
+def _nodes(size: int, backend: str, size_local: int | None, address: str | None, rpc_port: int | None) -> dict:
+    """The head node's multi-node options (vLLM's own), checked; none on one node."""
+    given = {k: v for k, v in dict(data_parallel_size_local=size_local, data_parallel_address=address,
+                                   data_parallel_rpc_port=rpc_port).items() if v is not None}
+    if not given:
+        return {}
+    if size <= 1 or backend != "vllm":
+        raise typer.BadParameter("--data-parallel-size-local/-address/-rpc-port need --data-parallel-size > 1 and "
+                                 "--data-parallel-backend vllm (vLLM's multi-node data parallel)")
+    if size_local is None or address is None or rpc_port is None:
+        raise typer.BadParameter("several nodes need all three: --data-parallel-size-local, --data-parallel-address "
+                                 "and --data-parallel-rpc-port")
+    if size_local >= size:
+        raise typer.BadParameter(f"--data-parallel-size-local {size_local} leaves no rank of {size} to other nodes")
+    return given
+
+
+@app.command()
+def headless(
+    model: str = typer.Option("smollm2-135m", help="Registered model name: the head's --model."),
+    data_parallel_size: int = typer.Option(..., "--data-parallel-size", min=2, help="All ranks, on every node."),
+    data_parallel_size_local: int = typer.Option(1, "--data-parallel-size-local", min=1,
+                                                 help="Ranks on this node."),
+    data_parallel_start_rank: int = typer.Option(..., "--data-parallel-start-rank", min=1,
+                                                 help="This node's first rank."),
+    data_parallel_address: str = typer.Option(..., "--data-parallel-address", help="The head node's address."),
+    data_parallel_rpc_port: int = typer.Option(..., "--data-parallel-rpc-port", help="The head node's port."),
+    logprobs_k: int = typer.Option(20, "--logprobs-k", "--top-k", help="As the head's."),
+    max_num_seqs: int = typer.Option(128, help="As the head's."),
+    max_model_len: int = typer.Option(2048, help="As the head's."),
+    kv_cache_gib: Optional[float] = typer.Option(None, help="CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None),
+    in_engine: bool = typer.Option(True, "--in-engine/--per-document", help="As the head's."),
+    rollback: str = typer.Option("reopen", "--rollback", help="As the head's."),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+) -> None:
+    """Run data-parallel ranks for a `dragon-cloud serve` on another node (vLLM's multi-node data
+    parallel): this node's engine cores join the head at --data-parallel-address; requests are
+    placed and pinned by the head, and devices connect to the head. The engine options must
+    equal the head's."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from dragon_host.models import get_model
+    from dragon_vllm.headless import HeadlessUnsupported, check_headless, run_headless
+
+    try:
+        check_headless(data_parallel_size, data_parallel_size_local, data_parallel_start_rank)
+    except HeadlessUnsupported as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(f"dragon-cloud: ranks {data_parallel_start_rank}..{data_parallel_start_rank + data_parallel_size_local - 1}"
+               f" of {data_parallel_size} for the head at {data_parallel_address}:{data_parallel_rpc_port} "
+               "(Ctrl-C stops)", err=True)
+    run_headless(str(get_model(model).hf_dir()), data_parallel_size=data_parallel_size,
+                 data_parallel_size_local=data_parallel_size_local, data_parallel_start_rank=data_parallel_start_rank,
+                 data_parallel_address=data_parallel_address, data_parallel_rpc_port=data_parallel_rpc_port,
+                 logprobs_k=logprobs_k, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                 kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization, mixing=in_engine,
+                 rollback=rollback)
 
 
 def _check_api_servers(data_parallel_size: int) -> None:

@@ -360,11 +360,12 @@ def engine_config(model_dir: str, *, logprobs_k: int = 20, max_num_seqs: int = 1
                   block_size: int = 32, dtype: str = "auto", enforce_eager: bool | None = None,
                   kv_cache_gib: int | None = None, gpu_memory_utilization: float | None = None, seed: int = 0,
                   mixing: bool = True, max_num_batched_tokens: int | None = None, max_logprobs: int | None = None,
-                  rollback: str = "reopen", api_processes: tuple[int, int] | None = None,
+                  rollback: str = "reopen", api_processes: tuple[int, int] | None = None, headless: bool = False,
                   **engine_kwargs):
     """``make_engine``'s vLLM config and its rollback mode, checked: ``(VllmConfig, rollback)``.
     ``api_processes`` = (count, rank): set for several API servers (rank -1: the supervisor that
-    starts the engine core, ``vllm_frontends.set_api_process``)."""
+    starts the engine core, ``vllm_frontends.set_api_process``). ``headless``: the config of a
+    node that runs data-parallel engine cores for another node's client (``dragon_vllm.headless``)."""
     from dragon_vllm.plugin import register
 
     register()  # the version gate, also where the package is not installed (PYTHONPATH on the GPU machine)
@@ -396,7 +397,7 @@ def engine_config(model_dir: str, *, logprobs_k: int = 20, max_num_seqs: int = 1
         from dragon_vllm.vllm_frontends import set_api_process
 
         set_api_process(args, *api_processes)
-    config = args.create_engine_config()
+    config = args.create_engine_config(headless=True) if headless else args.create_engine_config()
     if mixing:
         sched = config.scheduler_config
         sched.scheduler_cls = SCHEDULER_CLS if sched.async_scheduling else SYNC_SCHEDULER_CLS
