@@ -208,3 +208,49 @@ def test_a_boundary_with_the_same_documents_keeps_the_streams_and_takes_the_new_
         kept += boundaries - driver.documents.stats.swaps
         assert driver.documents.stats.swaps <= boundaries
     assert kept >= 3, kept
+
+
+class LostRankStreams(ListStreams):
+    """The cloud's streams on a data-parallel rank that is lost after ``good`` steps: the next
+    step raises ``RankLost``, as ``dragon_vllm.ranked_engine`` does for a dead engine core."""
+
+    def __init__(self, *args, good: int) -> None:
+        super().__init__(*args)
+        self.good = good
+
+    async def next_dists(self):
+        from dragon_vllm.ranked_engine import RankLost
+
+        if self.good <= 0:
+            raise RankLost("rank 1 is lost (its engine core died)")
+        self.good -= 1
+        return await super().next_dists()
+
+
+@pytest.mark.parametrize("aggregator", ["device", "cloud"])
+def test_a_lost_rank_on_the_cloud_finishes_the_answer_degraded_on_the_device(aggregator):
+    """Issue 17: a request whose cloud rank is lost mid-answer (the engine raises ``RankLost``)
+    ends on the cloud, which tells the device (``Cancel``), and the device finishes the answer
+    alone, flagged degraded, whichever side aggregated: as when the cloud dies. Nothing hangs."""
+    world = 1
+    config = s.SessionConfig(request_id=9, max_tokens=20, seed=world, eos_ids=frozenset({EOS}),
+                             aggregator=aggregator, scheduling=False, max_depth=5)
+    dev_docs, dev_scores = [1, 2], [3.0, 2.5]
+    cloud_docs, cloud_scores = [3, 4, 5], [2.8, 2.0, 1.0]
+
+    async def scenario():
+        sessions = {side: s.Session(side, config, side_spec(docs, scores, world).log_h)
+                    for side, docs, scores in (("device", dev_docs, dev_scores), ("cloud", cloud_docs, cloud_scores))}
+        drivers: dict[str, SessionDriver] = {}
+        committed: list[int] = []
+        drivers["device"] = SessionDriver(sessions["device"], ListStreams(dev_docs, world, 0.002), dev_scores,
+                                          wire_to(drivers, "cloud", 0.003), on_commit=committed.extend)
+        drivers["cloud"] = SessionDriver(sessions["cloud"], LostRankStreams(cloud_docs, world, 0.001, good=4),
+                                         cloud_scores, wire_to(drivers, "device", 0.003))
+        fins = await asyncio.wait_for(asyncio.gather(drivers["device"].run(), drivers["cloud"].run()), timeout=30)
+        return committed, fins
+
+    committed, (fin_dev, fin_cloud) = asyncio.run(scenario())
+    assert fin_cloud.reason == "cancelled" and "RankLost" in fin_cloud.detail, fin_cloud
+    assert fin_dev.degraded and fin_dev.reason in ("eos", "length"), fin_dev
+    assert committed and (committed[-1] == EOS or len(committed) == config.max_tokens)
