@@ -32,6 +32,7 @@ at its next token. Updates without ``rewind_to`` pass through untouched (the def
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -43,6 +44,8 @@ from dragon_vllm.mixing import gang_of
 from dragon_vllm.rewind import drop_stale_block_hashes, rewind_session
 
 log = logging.getLogger("dragon.gang")
+
+DYING_HOLD_S = 5.0  # how long the rows left of a gang that lost a member wait for their own aborts
 
 # vLLM's waiting queues other than ``waiting``, by version (0.26: skipped_waiting; 0.32: kv_holding_waiting)
 _OTHER_QUEUES = ("skipped_waiting", "kv_holding_waiting")
@@ -73,6 +76,7 @@ class GangMixin:
         self.gang_stats = dict(released=0, split_steps=0, held_steps=0, rewinds=0, rewinds_refetched=0,
                                chunks_stopped=0)
         self.gang_members: dict[str, set[str]] = {}  # gang key -> ids of its live requests
+        self._dying_since: dict[str, float] = {}  # gang key -> when it was first held (lost a member)
 
     # ------------------------------------------------------------------ parking
     def _enqueue_waiting_request(self, request: Request) -> None:
@@ -109,13 +113,21 @@ class GangMixin:
         row by row (each row's abort reaches the engine on its own), so the engine can step
         between two aborts; scheduling the rows left would split the gang (NaN logits, an error
         logged) for rows that are about to be aborted anyway. They sit the step out and are put
-        back in ``running``, where their own abort finds them."""
+        back in ``running``, where their own abort finds them. Only for ``DYING_HOLD_S``: a
+        member lost any other way (no abort of the rest coming) is then scheduled split as
+        before, and the Python side sees the NaN rows and repairs the gang, rather than wait on
+        rows that never step."""
         if not self.running or not any(self.gang_live[k] < self.gang_size[k] for k in self.gang_live):
             return []
+        # a gang with a row running was released whole: fewer live members now means one was lost
+        # (a gang still arriving has none running)
+        lost = {key for r in self.running if (key := self.gang_of_request.get(r.request_id)) is not None
+                and self.gang_live[key] < self.gang_size[key]}
+        now = time.monotonic()
+        held = {key for key in lost if now - self._dying_since.setdefault(key, now) <= DYING_HOLD_S}
         keep, dying = [], []
         for r in self.running:
-            key = self.gang_of_request.get(r.request_id)
-            (dying if key is not None and self.gang_live[key] < self.gang_size[key] else keep).append(r)
+            (dying if self.gang_of_request.get(r.request_id) in held else keep).append(r)
         if dying:
             self.running[:] = keep
             self.gang_stats["dying_held"] = self.gang_stats.get("dying_held", 0) + len(dying)
@@ -195,6 +207,7 @@ class GangMixin:
         if not self.gang_live[key]:
             del self.gang_live[key], self.gang_size[key]
             self.gang_members.pop(key, None)
+            self._dying_since.pop(key, None)
         gang = self.lobby.get(key)
         if gang is not None:
             gang.members = {i: r for i, r in gang.members.items() if r is not request}
