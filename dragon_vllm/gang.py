@@ -74,9 +74,9 @@ class GangMixin:
         self.gang_size: dict[str, int] = {}
         self.gang_live: dict[str, int] = {}  # members not yet freed
         self.gang_stats = dict(released=0, split_steps=0, held_steps=0, rewinds=0, rewinds_refetched=0,
-                               chunks_stopped=0)
+                               chunks_stopped=0, dying_held=0)
         self.gang_members: dict[str, set[str]] = {}  # gang key -> ids of its live requests
-        self._dying_since: dict[str, float] = {}  # gang key -> when it was first held (lost a member)
+        self._dying_since: dict[str, float] = {}  # gang key -> when it lost its first member (others live)
 
     # ------------------------------------------------------------------ parking
     def _enqueue_waiting_request(self, request: Request) -> None:
@@ -117,20 +117,16 @@ class GangMixin:
         member lost any other way (no abort of the rest coming) is then scheduled split as
         before, and the Python side sees the NaN rows and repairs the gang, rather than wait on
         rows that never step."""
-        if not self.running or not any(self.gang_live[k] < self.gang_size[k] for k in self.gang_live):
+        if not self._dying_since or not self.running:
             return []
-        # a gang with a row running was released whole: fewer live members now means one was lost
-        # (a gang still arriving has none running)
-        lost = {key for r in self.running if (key := self.gang_of_request.get(r.request_id)) is not None
-                and self.gang_live[key] < self.gang_size[key]}
         now = time.monotonic()
-        held = {key for key in lost if now - self._dying_since.setdefault(key, now) <= DYING_HOLD_S}
+        held = {key for key, since in self._dying_since.items() if now - since <= DYING_HOLD_S}
         keep, dying = [], []
         for r in self.running:
             (dying if self.gang_of_request.get(r.request_id) in held else keep).append(r)
         if dying:
             self.running[:] = keep
-            self.gang_stats["dying_held"] = self.gang_stats.get("dying_held", 0) + len(dying)
+            self.gang_stats["dying_held"] += len(dying)
         return dying
 
     def _gang_rows_first(self) -> None:
@@ -208,6 +204,8 @@ class GangMixin:
             del self.gang_live[key], self.gang_size[key]
             self.gang_members.pop(key, None)
             self._dying_since.pop(key, None)
+        else:
+            self._dying_since.setdefault(key, time.monotonic())  # the rest are being closed too
         gang = self.lobby.get(key)
         if gang is not None:
             gang.members = {i: r for i, r in gang.members.items() if r is not request}

@@ -263,8 +263,6 @@ def tv(a: dict, b: dict) -> float:
     return 0.5 * sum(abs(a.get(o, 0.0) - b.get(o, 0.0)) for o in set(a) | set(b))
 
 
-
-
 async def sample(runtime, url: str | None, opts: dict, seeds, concurrency: int = SAMPLING_CONCURRENCY) \
         -> list[tuple[int, ...]]:
     """One answer per seed over one link (a real WebSocket connection, reused), a few at once.
